@@ -1,0 +1,213 @@
+//! PEM in, `Arc<CertifiedKey>` out: the one place certificates are parsed and validated.
+//!
+//! Parsing a key costs tens of microseconds, so it happens once per cache fill, never per handshake. Validation
+//! is strict because a plugin's answer is untrusted input: the key must match the leaf and the leaf must cover
+//! the name it is served for.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
+
+use crate::sni::ServerName;
+
+/// A parsed certificate with what the cache and operators need to know about it.
+#[derive(Debug)]
+pub struct ParsedCert {
+    /// What rustls serves.
+    pub certified: Arc<CertifiedKey>,
+    /// DNS names in the leaf's subjectAltName (wildcards as `*.example.com`).
+    pub dns_names: Vec<String>,
+    /// The leaf's issuer, for logs and operators.
+    pub issuer: String,
+    /// The leaf's notAfter.
+    pub not_after: SystemTime,
+    /// Estimated memory held: certificate DER, key material and bookkeeping.
+    pub bytes: usize,
+}
+
+/// Why a certificate or key was refused. Messages never contain key material.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CertError {
+    /// The chain holds no `CERTIFICATE` PEM block.
+    #[error("no PEM certificate in the chain")]
+    NoCertificate,
+    /// The chain's PEM is malformed.
+    #[error("malformed certificate PEM: {0}")]
+    CertificatePem(String),
+    /// No private key PEM block, or a malformed one.
+    #[error("no usable PEM private key ({0})")]
+    KeyPem(String),
+    /// The key is of a type or curve rustls cannot sign with.
+    #[error("unsupported private key: {0}")]
+    UnsupportedKey(String),
+    /// The leaf certificate cannot be parsed as X.509.
+    #[error("leaf certificate is not valid X.509: {0}")]
+    BadLeaf(String),
+    /// The private key does not belong to the leaf certificate.
+    #[error("private key does not match the leaf certificate")]
+    KeyMismatch,
+    /// The leaf does not cover the requested name.
+    #[error("certificate does not cover {servername} (it covers: {covers})")]
+    NameMismatch {
+        /// The name it was to be served for.
+        servername: String,
+        /// The names it does cover.
+        covers: String,
+    },
+}
+
+/// Parses a PEM chain (leaf first) and PEM private key, and checks that they belong together.
+pub fn parse(chain_pem: &[u8], key_pem: &[u8]) -> Result<ParsedCert, CertError> {
+    let chain = CertificateDer::pem_slice_iter(chain_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CertError::CertificatePem(e.to_string()))?;
+    let leaf = chain.first().ok_or(CertError::NoCertificate)?;
+    // pem errors describe the PEM framing, never the key bytes.
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| CertError::KeyPem(e.to_string()))?;
+    let key_len = key.secret_der().len();
+    let (dns_names, issuer, not_after) = describe_leaf(leaf)?;
+    let chain_len: usize = chain.iter().map(|c| c.len()).sum();
+
+    let provider = crate::tls::provider();
+    let signing_key =
+        provider.key_provider.load_private_key(key).map_err(|e| CertError::UnsupportedKey(e.to_string()))?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    match certified.keys_match() {
+        Ok(()) => {}
+        Err(rustls::Error::InconsistentKeys(_)) => return Err(CertError::KeyMismatch),
+        Err(other) => return Err(CertError::BadLeaf(other.to_string())),
+    }
+    Ok(ParsedCert {
+        certified: Arc::new(certified),
+        // Parsed key schedules and bookkeeping weigh about as much again as the key DER, plus fixed overhead.
+        bytes: chain_len + 2 * key_len + dns_names.iter().map(|n| n.len() + 24).sum::<usize>() + 512,
+        dns_names,
+        issuer,
+        not_after,
+    })
+}
+
+impl ParsedCert {
+    /// Checks that the leaf covers `name`, following RFC 6125 wildcard rules (webpki's implementation).
+    pub fn check_covers(&self, name: &ServerName) -> Result<(), CertError> {
+        let mismatch = || CertError::NameMismatch {
+            servername: name.to_string(),
+            covers: if self.dns_names.is_empty() { "no DNS names".into() } else { self.dns_names.join(", ") },
+        };
+        let leaf = self.certified.end_entity_cert().map_err(|_| CertError::NoCertificate)?;
+        let cert = webpki::EndEntityCert::try_from(leaf).map_err(|e| CertError::BadLeaf(format!("{e:?}")))?;
+        let dns = rustls::pki_types::ServerName::try_from(name.as_str()).map_err(|_| mismatch())?;
+        cert.verify_is_valid_for_subject_name(&dns).map_err(|_| mismatch())
+    }
+
+    /// How long the leaf stays valid from now (zero if it already expired).
+    pub fn remaining_validity(&self) -> Duration {
+        self.not_after.duration_since(SystemTime::now()).unwrap_or_default()
+    }
+}
+
+/// Reads and parses a PEM chain and key from files (static certificates at start-up).
+pub fn load_files(cert: &std::path::Path, key: &std::path::Path) -> Result<ParsedCert, LoadError> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| LoadError::Read { path: path.to_path_buf(), message: e.to_string() })
+    };
+    parse(&read(cert)?, &read(key)?).map_err(|source| LoadError::Invalid { path: cert.to_path_buf(), source })
+}
+
+/// A static certificate that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// A file could not be read.
+    #[error("{}: {message}", path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        message: String,
+    },
+    /// The files do not hold a usable certificate and key.
+    #[error("{}: {source}", path.display())]
+    Invalid {
+        /// The certificate file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        source: CertError,
+    },
+}
+
+fn describe_leaf(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, String, SystemTime), CertError> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(leaf).map_err(|e| CertError::BadLeaf(e.to_string()))?;
+    let dns_names = match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|name| match name {
+                GeneralName::DNSName(dns) => Some(dns.to_ascii_lowercase()),
+                _ => None,
+            })
+            .collect(),
+        Ok(None) => Vec::new(),
+        Err(e) => return Err(CertError::BadLeaf(format!("subjectAltName: {e}"))),
+    };
+    let not_after_secs = cert.validity().not_after.timestamp();
+    let not_after = u64::try_from(not_after_secs)
+        .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    Ok((dns_names, cert.issuer().to_string(), not_after))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn self_signed(names: &[&str]) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(names).unwrap().self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn name(s: &str) -> ServerName {
+        ServerName::parse(s).unwrap()
+    }
+
+    #[test]
+    fn parses_and_covers_exact_and_wildcard_names() {
+        let (chain, key) = self_signed(&["a.example.com", "*.example.net"]);
+        let parsed = parse(chain.as_bytes(), key.as_bytes()).unwrap();
+        assert_eq!(parsed.dns_names, ["a.example.com", "*.example.net"]);
+        assert!(parsed.check_covers(&name("a.example.com")).is_ok());
+        assert!(parsed.check_covers(&name("x.example.net")).is_ok());
+        assert!(matches!(parsed.check_covers(&name("b.example.com")), Err(CertError::NameMismatch { .. })));
+        // A wildcard covers exactly one label.
+        assert!(parsed.check_covers(&name("x.y.example.net")).is_err());
+        assert!(parsed.check_covers(&name("example.net")).is_err());
+        assert!(parsed.remaining_validity() > Duration::from_secs(3600));
+        assert!(parsed.bytes > chain.len() / 2);
+    }
+
+    #[test]
+    fn key_of_another_certificate_is_refused() {
+        let (chain, _) = self_signed(&["a.example.com"]);
+        let (_, other_key) = self_signed(&["a.example.com"]);
+        assert_eq!(parse(chain.as_bytes(), other_key.as_bytes()).unwrap_err(), CertError::KeyMismatch);
+    }
+
+    #[test]
+    fn garbage_is_refused_without_echoing_it() {
+        let (chain, key) = self_signed(&["a.example.com"]);
+        assert_eq!(parse(b"not pem", key.as_bytes()).unwrap_err(), CertError::NoCertificate);
+        let err = parse(chain.as_bytes(), b"SECRET-NOT-A-KEY").unwrap_err();
+        assert!(matches!(err, CertError::KeyPem(_)), "{err:?}");
+        assert!(!err.to_string().contains("SECRET"));
+        let truncated = &chain[..chain.len() / 2];
+        assert!(parse(truncated.as_bytes(), key.as_bytes()).is_err());
+    }
+}

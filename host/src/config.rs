@@ -1,0 +1,711 @@
+//! The config file, in two stages: [`raw`] mirrors the TOML (serde, unknown keys refused), [`Config`] holds
+//! validated, typed values. Every error names the file and the key.
+//!
+//! Relative paths in the file are resolved against the folder that holds the file.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::sni::ServerName;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Limits that apply to the whole process.
+    pub server: ServerSettings,
+    /// The certificate cache.
+    pub cache: CacheSettings,
+    /// Reverse-proxy behaviour.
+    pub proxy: ProxySettings,
+    /// Listeners, in file order; at least one.
+    pub listeners: Vec<ListenerSettings>,
+    /// Certificates named in the file: served for their names without a plugin, and usable as a listener's
+    /// default certificate.
+    pub certificates: Vec<StaticCertSettings>,
+    /// Plugins by name.
+    pub plugins: Vec<PluginSettings>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// One deadline for reading the ClientHello, selecting the certificate and finishing the handshake.
+    pub handshake_timeout: Duration,
+    /// Open client connections per listener; further connections wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// TLS 1.2 session-ID cache entries per listener.
+    pub session_cache_entries: usize,
+}
+
+/// `[cache]`
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    /// At most this many names cached (certificates and "not found" answers together).
+    pub max_entries: u64,
+    /// At most this many bytes of certificates and keys cached (estimated).
+    pub max_bytes: u64,
+    /// How long a plugin's certificate is served from cache when the plugin gives no TTL hint.
+    pub ttl: Duration,
+    /// The longest TTL a plugin hint may ask for.
+    pub max_ttl: Duration,
+    /// How long a "no certificate for this name" answer is cached.
+    pub negative_ttl: Duration,
+}
+
+/// `[proxy]`
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// Connecting to a backend gives up after this long (then 502).
+    pub connect_timeout: Duration,
+    /// Waiting for a backend's response headers gives up after this long (then 504).
+    pub response_timeout: Duration,
+    /// Idle pooled backend connections are closed after this long.
+    pub pool_idle_timeout: Duration,
+}
+
+/// `[[listener]]`
+#[derive(Debug, Clone)]
+pub struct ListenerSettings {
+    /// Name used in logs and metrics.
+    pub name: String,
+    /// Address to listen on.
+    pub bind: SocketAddr,
+    /// Plugin that selects certificates for names no static certificate serves.
+    pub plugin: Option<String>,
+    /// What to do with names nobody has a certificate for.
+    pub fallback: Fallback,
+    /// ALPN protocols offered, in preference order.
+    pub alpn: Vec<Vec<u8>>,
+    /// Where requests go: an `http://host:port` origin.
+    pub backend: http::Uri,
+}
+
+/// A listener's answer for clients without SNI and for names neither static certificates nor the plugin know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fallback {
+    /// Serve the static certificate of this name.
+    DefaultCertificate(String),
+    /// Refuse the handshake with a TLS alert.
+    Strict,
+}
+
+/// `[[certificate]]`
+#[derive(Debug, Clone)]
+pub struct StaticCertSettings {
+    /// Name the certificate is referred to by (e.g. from `default_certificate`).
+    pub name: String,
+    /// PEM chain file, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key file.
+    pub key: PathBuf,
+    /// Server names to serve it for without asking a plugin. `None`: every DNS name in the certificate.
+    /// `Some(empty)`: none (only usable as a default certificate).
+    pub serve_names: Option<Vec<String>>,
+}
+
+/// `[[plugin]]`
+#[derive(Debug, Clone)]
+pub struct PluginSettings {
+    /// Name listeners refer to it by.
+    pub name: String,
+    /// The component (`.wasm`, built for wasm32-wasip2).
+    pub path: PathBuf,
+    /// Wall-clock deadline of one `select-certificate` call.
+    pub timeout: Duration,
+    /// Linear-memory cap of one instance.
+    pub memory_limit: usize,
+    /// Calls in flight at once; more wait for a slot (within the handshake deadline).
+    pub max_concurrency: usize,
+    /// The plugin's own settings, handed to it through the `config` interface.
+    pub settings: BTreeMap<String, String>,
+    /// Capabilities granted to the plugin; none by default.
+    pub grants: Grants,
+}
+
+/// Capabilities granted to one plugin.
+#[derive(Debug, Clone, Default)]
+pub struct Grants {
+    /// A host directory the plugin may read, mounted read-only at `/`.
+    pub files: Option<PathBuf>,
+}
+
+/// A configuration error, naming the file and the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {key}: {message}", file.display())]
+pub struct ConfigError {
+    /// The config file.
+    pub file: PathBuf,
+    /// The key (e.g. `listener[0].bind`, `plugin "files".timeout`), or `(file)` for syntax errors.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Defaults, documented in the README's config reference.
+pub mod defaults {
+    use std::time::Duration;
+    /// `server.handshake_timeout`
+    pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `server.max_connections`
+    pub const MAX_CONNECTIONS: usize = 10_000;
+    /// `server.session_cache_entries`
+    pub const SESSION_CACHE_ENTRIES: usize = 10_000;
+    /// `cache.max_entries`
+    pub const CACHE_MAX_ENTRIES: u64 = 100_000;
+    /// `cache.max_bytes`: 256 MiB
+    pub const CACHE_MAX_BYTES: u64 = 256 << 20;
+    /// `cache.ttl`
+    pub const CACHE_TTL: Duration = Duration::from_secs(3600);
+    /// `cache.max_ttl`
+    pub const CACHE_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+    /// `cache.negative_ttl`
+    pub const CACHE_NEGATIVE_TTL: Duration = Duration::from_secs(60);
+    /// `proxy.connect_timeout`
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// `proxy.response_timeout`
+    pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+    /// `proxy.pool_idle_timeout`
+    pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+    /// `plugin.timeout`
+    pub const PLUGIN_TIMEOUT: Duration = Duration::from_secs(1);
+    /// `plugin.memory_limit`: 64 MiB
+    pub const PLUGIN_MEMORY_LIMIT: usize = 64 << 20;
+    /// `plugin.max_concurrency`
+    pub const PLUGIN_MAX_CONCURRENCY: usize = 64;
+    /// `listener.alpn`
+    pub const ALPN: [&str; 2] = ["h2", "http/1.1"];
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
+            file: path.to_path_buf(),
+            key: "(file)".into(),
+            message: format!("cannot read: {err}"),
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses and validates config text; `path` names the file in errors and anchors relative paths.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let raw: raw::File = toml::from_str(text).map_err(|err| ConfigError {
+            file: path.to_path_buf(),
+            key: err.span().map_or_else(|| "(file)".to_string(), |span| key_at(text, span.start)),
+            message: err.message().to_string(),
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Validator { file: path, base: &base }.validate(raw)
+    }
+
+    /// The static certificate settings of this name.
+    pub fn certificate(&self, name: &str) -> Option<&StaticCertSettings> {
+        self.certificates.iter().find(|c| c.name == name)
+    }
+}
+
+/// Names the line of a syntax error by its text, since toml's messages name the field but not its table.
+fn key_at(text: &str, offset: usize) -> String {
+    let line_no = text[..offset.min(text.len())].matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or_default().trim();
+    format!("line {line_no} `{line}`")
+}
+
+/// The file's shape, exactly as written. Defaults are applied during validation.
+pub mod raw {
+    use serde::Deserialize;
+    use std::collections::BTreeMap;
+
+    /// The whole file.
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct File {
+        #[serde(default)]
+        pub server: Server,
+        #[serde(default)]
+        pub cache: Cache,
+        #[serde(default)]
+        pub proxy: Proxy,
+        #[serde(default)]
+        pub listener: Vec<Listener>,
+        #[serde(default)]
+        pub certificate: Vec<Certificate>,
+        #[serde(default)]
+        pub plugin: Vec<Plugin>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Server {
+        pub handshake_timeout: Option<String>,
+        pub max_connections: Option<usize>,
+        pub session_cache_entries: Option<usize>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Cache {
+        pub max_entries: Option<u64>,
+        pub max_bytes: Option<Size>,
+        pub ttl: Option<String>,
+        pub max_ttl: Option<String>,
+        pub negative_ttl: Option<String>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Proxy {
+        pub connect_timeout: Option<String>,
+        pub response_timeout: Option<String>,
+        pub pool_idle_timeout: Option<String>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Listener {
+        pub name: Option<String>,
+        pub bind: String,
+        pub plugin: Option<String>,
+        pub default_certificate: Option<String>,
+        #[serde(default)]
+        pub strict: bool,
+        pub alpn: Option<Vec<String>>,
+        pub backend: String,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Certificate {
+        pub name: String,
+        pub cert: String,
+        pub key: String,
+        pub names: Option<Vec<String>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Plugin {
+        pub name: String,
+        pub path: String,
+        pub timeout: Option<String>,
+        pub memory_limit: Option<Size>,
+        pub max_concurrency: Option<usize>,
+        #[serde(default)]
+        pub settings: BTreeMap<String, toml::Value>,
+        #[serde(default)]
+        pub grants: Grants,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Grants {
+        pub files: Option<String>,
+    }
+
+    /// A size: a number of bytes, or a string such as `"64MiB"`.
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(untagged)]
+    pub enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+}
+
+struct Validator<'a> {
+    file: &'a Path,
+    base: &'a Path,
+}
+
+impl Validator<'_> {
+    fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError { file: self.file.to_path_buf(), key: key.into(), message: message.into() }
+    }
+
+    fn duration(&self, key: &str, raw: Option<&String>, default: Duration) -> Result<Duration, ConfigError> {
+        match raw {
+            None => Ok(default),
+            Some(text) => parse_duration(text).map_err(|message| self.err(key, message)),
+        }
+    }
+
+    fn size(&self, key: &str, raw: Option<&raw::Size>, default: u64) -> Result<u64, ConfigError> {
+        match raw {
+            None => Ok(default),
+            Some(raw::Size::Bytes(n)) => Ok(*n),
+            Some(raw::Size::Text(text)) => parse_size(text).map_err(|message| self.err(key, message)),
+        }
+    }
+
+    fn positive<T: PartialOrd + Default + Copy>(&self, key: &str, value: T) -> Result<T, ConfigError> {
+        if value > T::default() { Ok(value) } else { Err(self.err(key, "must be greater than zero")) }
+    }
+
+    fn path(&self, raw: &str) -> PathBuf {
+        self.base.join(raw)
+    }
+
+    fn validate(&self, raw: raw::File) -> Result<Config, ConfigError> {
+        let server = ServerSettings {
+            handshake_timeout: self.duration(
+                "server.handshake_timeout",
+                raw.server.handshake_timeout.as_ref(),
+                defaults::HANDSHAKE_TIMEOUT,
+            )?,
+            max_connections: self
+                .positive("server.max_connections", raw.server.max_connections.unwrap_or(defaults::MAX_CONNECTIONS))?,
+            session_cache_entries: raw.server.session_cache_entries.unwrap_or(defaults::SESSION_CACHE_ENTRIES),
+        };
+        self.positive("server.handshake_timeout", server.handshake_timeout)?;
+        let cache = CacheSettings {
+            max_entries: self
+                .positive("cache.max_entries", raw.cache.max_entries.unwrap_or(defaults::CACHE_MAX_ENTRIES))?,
+            max_bytes: self.positive(
+                "cache.max_bytes",
+                self.size("cache.max_bytes", raw.cache.max_bytes.as_ref(), defaults::CACHE_MAX_BYTES)?,
+            )?,
+            ttl: self.duration("cache.ttl", raw.cache.ttl.as_ref(), defaults::CACHE_TTL)?,
+            max_ttl: self.duration("cache.max_ttl", raw.cache.max_ttl.as_ref(), defaults::CACHE_MAX_TTL)?,
+            negative_ttl: self.duration(
+                "cache.negative_ttl",
+                raw.cache.negative_ttl.as_ref(),
+                defaults::CACHE_NEGATIVE_TTL,
+            )?,
+        };
+        if cache.ttl > cache.max_ttl {
+            return Err(self.err("cache.ttl", "is longer than cache.max_ttl"));
+        }
+        if cache.max_bytes / cache.max_entries > u64::from(u32::MAX) {
+            return Err(self.err("cache.max_bytes", "more than 4 GiB per entry on average; raise cache.max_entries"));
+        }
+        let proxy = ProxySettings {
+            connect_timeout: self.duration(
+                "proxy.connect_timeout",
+                raw.proxy.connect_timeout.as_ref(),
+                defaults::CONNECT_TIMEOUT,
+            )?,
+            response_timeout: self.duration(
+                "proxy.response_timeout",
+                raw.proxy.response_timeout.as_ref(),
+                defaults::RESPONSE_TIMEOUT,
+            )?,
+            pool_idle_timeout: self.duration(
+                "proxy.pool_idle_timeout",
+                raw.proxy.pool_idle_timeout.as_ref(),
+                defaults::POOL_IDLE_TIMEOUT,
+            )?,
+        };
+
+        let certificates = self.certificates(raw.certificate)?;
+        let plugins = self.plugins(raw.plugin)?;
+        let listeners = self.listeners(raw.listener, &certificates, &plugins)?;
+        Ok(Config { server, cache, proxy, listeners, certificates, plugins })
+    }
+
+    fn certificates(&self, raw: Vec<raw::Certificate>) -> Result<Vec<StaticCertSettings>, ConfigError> {
+        let mut seen = HashSet::new();
+        raw.into_iter()
+            .map(|c| {
+                let key = format!("certificate {:?}", c.name);
+                if !seen.insert(c.name.clone()) {
+                    return Err(self.err(key, "defined twice"));
+                }
+                let serve_names = match c.names {
+                    None => None,
+                    Some(names) => Some(
+                        names
+                            .iter()
+                            .map(|n| normalise_pattern(n).map_err(|m| self.err(format!("{key}.names"), m)))
+                            .collect::<Result<_, _>>()?,
+                    ),
+                };
+                Ok(StaticCertSettings { name: c.name, cert: self.path(&c.cert), key: self.path(&c.key), serve_names })
+            })
+            .collect()
+    }
+
+    fn plugins(&self, raw: Vec<raw::Plugin>) -> Result<Vec<PluginSettings>, ConfigError> {
+        let mut seen = HashSet::new();
+        raw.into_iter()
+            .map(|p| {
+                let key = format!("plugin {:?}", p.name);
+                if !seen.insert(p.name.clone()) {
+                    return Err(self.err(key, "defined twice"));
+                }
+                let timeout = self.duration(&format!("{key}.timeout"), p.timeout.as_ref(), defaults::PLUGIN_TIMEOUT)?;
+                self.positive(&format!("{key}.timeout"), timeout)?;
+                let memory_limit = self.size(
+                    &format!("{key}.memory_limit"),
+                    p.memory_limit.as_ref(),
+                    defaults::PLUGIN_MEMORY_LIMIT as u64,
+                )?;
+                // Below one Wasm page nothing can run; above 4 GiB is beyond 32-bit linear memory.
+                if !(64 << 10..=4 << 30).contains(&memory_limit) {
+                    return Err(self.err(format!("{key}.memory_limit"), "must be between 64KiB and 4GiB"));
+                }
+                let max_concurrency = self.positive(
+                    &format!("{key}.max_concurrency"),
+                    p.max_concurrency.unwrap_or(defaults::PLUGIN_MAX_CONCURRENCY),
+                )?;
+                let settings = p
+                    .settings
+                    .into_iter()
+                    .map(|(k, v)| match v {
+                        toml::Value::String(s) => Ok((k, s)),
+                        toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) => {
+                            Ok((k, v.to_string()))
+                        }
+                        _ => Err(self.err(format!("{key}.settings.{k}"), "must be a string, number or boolean")),
+                    })
+                    .collect::<Result<_, _>>()?;
+                let files = p.grants.files.map(|dir| self.path(&dir));
+                Ok(PluginSettings {
+                    name: p.name,
+                    path: self.path(&p.path),
+                    timeout,
+                    memory_limit: usize::try_from(memory_limit).unwrap_or(usize::MAX),
+                    max_concurrency,
+                    settings,
+                    grants: Grants { files },
+                })
+            })
+            .collect()
+    }
+
+    fn listeners(
+        &self,
+        raw: Vec<raw::Listener>,
+        certificates: &[StaticCertSettings],
+        plugins: &[PluginSettings],
+    ) -> Result<Vec<ListenerSettings>, ConfigError> {
+        if raw.is_empty() {
+            return Err(self.err("listener", "at least one [[listener]] is required"));
+        }
+        let mut names = HashSet::new();
+        raw.into_iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let name = l.name.unwrap_or_else(|| format!("listener-{i}"));
+                let key = format!("listener {name:?}");
+                if !names.insert(name.clone()) {
+                    return Err(self.err(key, "defined twice"));
+                }
+                let bind = l
+                    .bind
+                    .parse()
+                    .map_err(|_| self.err(format!("{key}.bind"), format!("{:?} is not an address:port", l.bind)))?;
+                if let Some(plugin) = &l.plugin
+                    && !plugins.iter().any(|p| &p.name == plugin)
+                {
+                    return Err(self.err(format!("{key}.plugin"), format!("no [[plugin]] named {plugin:?}")));
+                }
+                let fallback = match (l.default_certificate, l.strict) {
+                    (Some(_), true) => {
+                        return Err(self.err(
+                            format!("{key}.strict"),
+                            "strict listeners refuse unknown names: remove default_certificate or strict",
+                        ));
+                    }
+                    (Some(cert), false) => {
+                        if !certificates.iter().any(|c| c.name == cert) {
+                            return Err(self.err(
+                                format!("{key}.default_certificate"),
+                                format!("no [[certificate]] named {cert:?}"),
+                            ));
+                        }
+                        Fallback::DefaultCertificate(cert)
+                    }
+                    (None, true) => Fallback::Strict,
+                    (None, false) => {
+                        return Err(self.err(
+                            format!("{key}.default_certificate"),
+                            "missing: name a [[certificate]] to serve unknown names, or set strict = true",
+                        ));
+                    }
+                };
+                let alpn = l
+                    .alpn
+                    .unwrap_or_else(|| defaults::ALPN.iter().map(|s| s.to_string()).collect())
+                    .into_iter()
+                    .map(|p| match p.as_str() {
+                        "h2" | "http/1.1" => Ok(p.into_bytes()),
+                        _ => Err(self.err(format!("{key}.alpn"), format!("{p:?}: only \"h2\" and \"http/1.1\""))),
+                    })
+                    .collect::<Result<_, _>>()?;
+                let backend = parse_backend(&l.backend).map_err(|m| self.err(format!("{key}.backend"), m))?;
+                Ok(ListenerSettings { name, bind, plugin: l.plugin, fallback, alpn, backend })
+            })
+            .collect()
+    }
+}
+
+/// A server name or a `*.` wildcard pattern from the config, normalised.
+fn normalise_pattern(raw: &str) -> Result<String, String> {
+    let (prefix, rest) = match raw.strip_prefix("*.") {
+        Some(rest) => ("*.", rest),
+        None => ("", raw),
+    };
+    ServerName::parse(rest).map(|n| format!("{prefix}{n}")).map_err(|e| format!("{raw:?}: {e}"))
+}
+
+fn parse_backend(raw: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = raw.parse().map_err(|e| format!("{raw:?}: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!("{raw:?}: only http:// backends are supported"));
+    }
+    if uri.authority().is_none() {
+        return Err(format!("{raw:?}: needs a host"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!("{raw:?}: give an origin only (no path or query)"));
+    }
+    Ok(uri)
+}
+
+/// Parses `"250ms"`, `"10s"`, `"5m"`, `"1h"`, `"1d"` (whole numbers).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|_| format!("{text:?}: expected a duration such as \"500ms\" or \"10s\""))?;
+    let unit_ms = match unit.trim() {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("{text:?}: unit must be ms, s, m, h or d")),
+    };
+    n.checked_mul(unit_ms).map(Duration::from_millis).ok_or_else(|| format!("{text:?}: too long"))
+}
+
+/// Parses `"512"`, `"64KiB"`, `"64MiB"`, `"1GiB"` (also `KB`/`MB`/`GB` as powers of 1000).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|_| format!("{text:?}: expected a size such as \"64MiB\""))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" => 1000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => {
+            return Err(format!("{text:?}: unit must be B, KiB, MiB, GiB, KB, MB or GB"));
+        }
+    };
+    n.checked_mul(factor).ok_or_else(|| format!("{text:?}: too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("/etc/tern/tern.toml"))
+    }
+
+    const MINIMAL: &str = r#"
+        [[certificate]]
+        name = "fallback"
+        cert = "certs/fallback.crt"
+        key = "certs/fallback.key"
+
+        [[plugin]]
+        name = "files"
+        path = "plugins/file_path.wasm"
+        grants.files = "/srv/certs"
+        settings = { cert_template = "{name}.pem", ttl_seconds = 30 }
+
+        [[listener]]
+        bind = "127.0.0.1:8443"
+        plugin = "files"
+        default_certificate = "fallback"
+        backend = "http://127.0.0.1:8080"
+    "#;
+
+    #[test]
+    fn minimal_file_gets_defaults_and_resolved_paths() {
+        let config = load(MINIMAL).unwrap();
+        assert_eq!(config.server.handshake_timeout, defaults::HANDSHAKE_TIMEOUT);
+        assert_eq!(config.cache.max_entries, defaults::CACHE_MAX_ENTRIES);
+        let plugin = &config.plugins[0];
+        assert_eq!(plugin.path, Path::new("/etc/tern/plugins/file_path.wasm"));
+        assert_eq!(plugin.grants.files.as_deref(), Some(Path::new("/srv/certs")));
+        assert_eq!(plugin.settings["ttl_seconds"], "30");
+        assert_eq!(plugin.timeout, defaults::PLUGIN_TIMEOUT);
+        let listener = &config.listeners[0];
+        assert_eq!(listener.name, "listener-0");
+        assert_eq!(listener.fallback, Fallback::DefaultCertificate("fallback".into()));
+        assert_eq!(listener.alpn, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
+        assert_eq!(config.certificates[0].cert, Path::new("/etc/tern/certs/fallback.crt"));
+    }
+
+    fn error_of(text: &str) -> String {
+        load(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_line() {
+        let err = error_of(&MINIMAL.replace("bind =", "bnid ="));
+        assert!(err.starts_with("/etc/tern/tern.toml: "), "{err}");
+        assert!(err.contains("unknown field `bnid`"), "{err}");
+        assert!(err.contains("line 14 `bnid = \"127.0.0.1:8443\"`"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let cases = [
+            (MINIMAL.replace("127.0.0.1:8443", "localhost"), "listener \"listener-0\".bind"),
+            (MINIMAL.replace("[[plugin]]", "[[plugin]]\ntimeout = \"soon\""), "plugin \"files\".timeout"),
+            (MINIMAL.replace("[[plugin]]", "[[plugin]]\nmemory_limit = \"1TiB\""), "plugin \"files\".memory_limit"),
+            (MINIMAL.replace("plugin = \"files\"", "plugin = \"nope\""), "listener \"listener-0\".plugin"),
+            (
+                MINIMAL.replace("default_certificate = \"fallback\"", "default_certificate = \"x\""),
+                "listener \"listener-0\".default_certificate",
+            ),
+            (MINIMAL.replace("default_certificate = \"fallback\"", ""), "listener \"listener-0\".default_certificate"),
+            (MINIMAL.replace("http://127.0.0.1:8080", "https://b:1"), "listener \"listener-0\".backend"),
+            (MINIMAL.replace("http://127.0.0.1:8080", "http://b:1/api"), "listener \"listener-0\".backend"),
+            (format!("{MINIMAL}\n[cache]\nttl = \"0x\""), "cache.ttl"),
+            (format!("{MINIMAL}\n[cache]\nmax_entries = 0"), "cache.max_entries"),
+            (format!("{MINIMAL}\n[server]\nhandshake_timeout = \"0s\""), "server.handshake_timeout"),
+            (
+                MINIMAL.replace("key = \"certs/fallback.key\"", "key = \"k\"\nnames = [\"a/b\"]"),
+                "certificate \"fallback\".names",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = error_of(&text);
+            assert!(err.contains(&format!(": {key}: ")), "expected key {key} in: {err}");
+        }
+    }
+
+    #[test]
+    fn strict_and_default_certificate_exclude_each_other() {
+        let err = error_of(&MINIMAL.replace("plugin = \"files\"", "plugin = \"files\"\nstrict = true"));
+        assert!(err.contains(".strict: "), "{err}");
+        let config = load(&MINIMAL.replace("default_certificate = \"fallback\"", "strict = true")).unwrap();
+        assert_eq!(config.listeners[0].fallback, Fallback::Strict);
+    }
+
+    #[test]
+    fn no_listener_is_an_error() {
+        assert!(error_of("").contains(": listener: "));
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("1.5s").is_err());
+        assert!(parse_duration("10").is_err());
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("12XB").is_err());
+    }
+}

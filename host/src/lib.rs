@@ -1,0 +1,21 @@
+//! tern: a TLS terminator whose certificates are chosen at handshake time by a sandboxed WebAssembly plugin.
+//!
+//! The flow of one connection: [`tls::accept`] reads the ClientHello, [`select::Selector`] picks the certificate
+//! (static certificates, then [`cache`], then a [`plugin`] call whose answer [`certs`] parses and validates), the
+//! handshake completes, and [`proxy`] forwards HTTP to the backend. [`server`] wires it together from a
+//! [`config`] file.
+
+pub mod cache;
+pub mod certs;
+pub mod config;
+pub mod demo;
+pub mod metrics;
+pub mod plugin;
+pub mod proxy;
+pub mod select;
+pub mod server;
+pub mod sni;
+pub mod tls;
+
+pub use config::Config;
+pub use server::Server;

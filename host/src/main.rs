@@ -1,0 +1,207 @@
+//! The `tern` command line.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use tern::config::{Config, Grants, PluginSettings, defaults};
+use tern::plugin::{self, Selection};
+use tern::sni::ServerName;
+
+/// A TLS terminator whose certificates are chosen per handshake by a sandboxed WebAssembly plugin.
+#[derive(Debug, Parser)]
+#[command(name = "tern", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server from a config file.
+    Run {
+        /// Config file (TOML).
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Validate a config file: settings, static certificates, and plugins (compiled and linked).
+    Check {
+        /// Config file (TOML).
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Plugin tools.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+    /// Run a self-contained demo: generated certificates, the file-path plugin, a built-in backend.
+    Demo(tern::demo::DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum PluginCommand {
+    /// Call a plugin once, without a server, and print what it returned (a plugin author's debugging tool).
+    Call {
+        /// The plugin component (.wasm).
+        plugin: PathBuf,
+        /// The server name to select a certificate for.
+        servername: String,
+        /// A plugin setting, as key=value; repeatable.
+        #[arg(long = "setting", value_name = "KEY=VALUE")]
+        settings: Vec<String>,
+        /// Grant the plugin read-only access to this directory (mounted at /).
+        #[arg(long)]
+        files: Option<PathBuf>,
+        /// Deadline of the call.
+        #[arg(long, default_value = "1s")]
+        timeout: String,
+        /// Memory cap of the instance.
+        #[arg(long, default_value = "64MiB")]
+        memory_limit: String,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run { config } => run(config).await,
+            Command::Check { config } => check(config).await,
+            Command::Plugin(PluginCommand::Call { plugin, servername, settings, files, timeout, memory_limit }) => {
+                plugin_call(plugin, servername, settings, files, &timeout, &memory_limit).await
+            }
+            Command::Demo(args) => tern::demo::run(args).await,
+        }
+    })
+}
+
+async fn run(path: PathBuf) -> Result<()> {
+    let config = Config::load(&path)?;
+    let started = Instant::now();
+    let server = tern::Server::bind(config).await?;
+    tracing::info!(elapsed = ?started.elapsed(), "ready");
+    server.run(shutdown_signal()).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+}
+
+async fn check(path: PathBuf) -> Result<()> {
+    let config = Config::load(&path)?;
+    let certs = config.certificates.clone();
+    tokio::task::spawn_blocking(move || tern::select::StaticCerts::load(&certs)).await??;
+    let runtime = plugin::runtime_for(&config.plugins)?;
+    let plugins = plugin::load_all(&runtime, &config.plugins).await?;
+    println!(
+        "{}: ok ({} listener(s), {} certificate(s), {} plugin(s) compiled)",
+        path.display(),
+        config.listeners.len(),
+        config.certificates.len(),
+        plugins.len()
+    );
+    Ok(())
+}
+
+async fn plugin_call(
+    path: PathBuf,
+    servername: String,
+    raw_settings: Vec<String>,
+    files: Option<PathBuf>,
+    timeout: &str,
+    memory_limit: &str,
+) -> Result<()> {
+    let name = ServerName::parse(&servername).map_err(|e| anyhow::anyhow!("server name {servername:?}: {e}"))?;
+    let mut settings = std::collections::BTreeMap::new();
+    for pair in raw_settings {
+        let Some((k, v)) = pair.split_once('=') else { bail!("--setting {pair:?}: expected KEY=VALUE") };
+        settings.insert(k.to_string(), v.to_string());
+    }
+    let plugin_settings = PluginSettings {
+        name: path.file_stem().map_or_else(|| "plugin".into(), |s| s.to_string_lossy().into_owned()),
+        path: path.clone(),
+        timeout: tern::config::parse_duration(timeout).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?,
+        memory_limit: usize::try_from(
+            tern::config::parse_size(memory_limit).map_err(|e| anyhow::anyhow!("--memory-limit: {e}"))?,
+        )?,
+        max_concurrency: 1,
+        settings,
+        grants: Grants { files },
+    };
+    let runtime = plugin::PluginRuntime::new(plugin_settings.memory_limit.max(defaults::PLUGIN_MEMORY_LIMIT), 4)?;
+    let compile_started = Instant::now();
+    let loaded = plugin::load_all(&runtime, std::slice::from_ref(&plugin_settings)).await?;
+    let compiled_in = compile_started.elapsed();
+    let plugin = loaded.first().context("plugin did not load")?;
+    let call_started = Instant::now();
+    let answer = plugin.select(&name).await;
+    let called_in = call_started.elapsed();
+    println!("plugin:     {} (compiled in {compiled_in:.1?})", path.display());
+    println!("servername: {name}");
+    println!("call took:  {called_in:.1?}");
+    match answer {
+        Err(err) => {
+            println!("result:     FAILED ({}): {err}", err.kind());
+            std::process::exit(1);
+        }
+        Ok(Selection::NotFound) => {
+            println!("result:     not-found (the listener's default certificate or strict alert applies)")
+        }
+        Ok(Selection::Found { chain, key, ttl }) => {
+            println!(
+                "result:     found, {} bytes of chain, ttl hint {}",
+                chain.len(),
+                ttl.map_or("none".into(), |t| format!("{t:?}"))
+            );
+            match tern::certs::parse(chain.as_bytes(), key.as_bytes()) {
+                Err(err) => {
+                    println!("validation: REJECTED: {err}");
+                    std::process::exit(1);
+                }
+                Ok(parsed) => {
+                    println!("subject alt names: {}", parsed.dns_names.join(", "));
+                    println!("issuer:     {}", parsed.issuer);
+                    println!("expires in: {}", humanize(parsed.remaining_validity()));
+                    println!("key:        matches the leaf");
+                    match parsed.check_covers(&name) {
+                        Ok(()) => println!("validation: ok, covers {name}"),
+                        Err(err) => {
+                            println!("validation: REJECTED: {err}");
+                            std::process::exit(1);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn humanize(d: std::time::Duration) -> String {
+    let days = d.as_secs() / 86_400;
+    if days > 0 { format!("{days} days") } else { format!("{:?}", d) }
+}

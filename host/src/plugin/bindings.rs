@@ -1,0 +1,126 @@
+//! The one `bindgen!` of the plugin world, and the host side of the interfaces plugins import.
+
+use std::sync::Arc;
+
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::limits::CallLimiter;
+use crate::sni::ServerName;
+
+#[allow(unsafe_code, missing_debug_implementations, clippy::all)]
+mod generated {
+    wasmtime::component::bindgen!({
+        path: "../wit/tern-plugin-0.1.0",
+        world: "cert-selector",
+        imports: {
+            // Key-value calls will wait on the network: async, so a slow store never holds a worker thread.
+            "tern:plugin/kv": async,
+            default: async,
+        },
+        exports: { default: async },
+    });
+}
+
+pub use generated::tern::plugin::types::Selection as WitSelection;
+use generated::tern::plugin::{config, kv, log};
+pub use generated::{CertSelector, CertSelectorPre};
+
+/// Longest log line a plugin may write; longer ones are cut.
+const MAX_LOG_LINE: usize = 1024;
+/// Lines a plugin may log per call, so a chatty or hostile plugin cannot flood the host's log.
+const MAX_LOG_LINES_PER_CALL: u32 = 64;
+
+/// Everything one plugin call's `Store` holds. Created fresh for every call and dropped after it.
+pub struct CallState {
+    pub(super) wasi: WasiCtx,
+    pub(super) table: ResourceTable,
+    /// The plugin's stderr, kept to explain traps.
+    pub(super) stderr: wasmtime_wasi::p2::pipe::MemoryOutputPipe,
+    pub(super) limiter: CallLimiter,
+    pub(super) plugin: Arc<str>,
+    pub(super) servername: Option<ServerName>,
+    pub(super) settings: Arc<std::collections::BTreeMap<String, String>>,
+    pub(super) log_lines: u32,
+}
+
+impl WasiView for CallState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// Adds the tern interfaces (log, config, kv) to a linker.
+pub fn add_to_linker(linker: &mut wasmtime::component::Linker<CallState>) -> wasmtime::Result<()> {
+    CertSelector::add_to_linker::<_, wasmtime::component::HasSelf<_>>(linker, |state| state)
+}
+
+impl generated::tern::plugin::types::Host for CallState {}
+
+impl log::Host for CallState {
+    async fn log(&mut self, level: log::Level, message: String) {
+        self.log_lines += 1;
+        if self.log_lines > MAX_LOG_LINES_PER_CALL {
+            return;
+        }
+        let mut message = message;
+        if message.len() > MAX_LOG_LINE {
+            let mut cut = MAX_LOG_LINE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push_str("...");
+        }
+        let plugin = &*self.plugin;
+        let servername = self.servername.as_ref().map(ServerName::as_str).unwrap_or("");
+        match level {
+            log::Level::Trace => {
+                tracing::trace!(target: "tern::plugin", plugin, servername, "{message}")
+            }
+            log::Level::Debug => {
+                tracing::debug!(target: "tern::plugin", plugin, servername, "{message}")
+            }
+            log::Level::Info => {
+                tracing::info!(target: "tern::plugin", plugin, servername, "{message}")
+            }
+            log::Level::Warn => {
+                tracing::warn!(target: "tern::plugin", plugin, servername, "{message}")
+            }
+            log::Level::Error => {
+                tracing::error!(target: "tern::plugin", plugin, servername, "{message}")
+            }
+        }
+    }
+}
+
+impl config::Host for CallState {
+    async fn get(&mut self, key: String) -> Option<String> {
+        self.settings.get(&key).cloned()
+    }
+
+    async fn get_all(&mut self) -> Vec<(String, String)> {
+        self.settings.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+impl kv::Host for CallState {
+    async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, kv::Error> {
+        Err(self.no_kv_grant(&key))
+    }
+
+    async fn get_many(&mut self, keys: Vec<String>) -> Result<Vec<Option<Vec<u8>>>, kv::Error> {
+        Err(self.no_kv_grant(keys.first().map(String::as_str).unwrap_or("")))
+    }
+
+    async fn hash_get(&mut self, key: String, _fields: Vec<String>) -> Result<Vec<Option<Vec<u8>>>, kv::Error> {
+        Err(self.no_kv_grant(&key))
+    }
+}
+
+impl CallState {
+    /// This release has no key-value grant to give: every key is outside the (empty) grant.
+    fn no_kv_grant(&self, key: &str) -> kv::Error {
+        kv::Error::Denied(format!("plugin {} has no key-value grant (key {key:?})", self.plugin))
+    }
+}

@@ -1,0 +1,442 @@
+//! The plugin runtime: wasmtime components compiled once, pre-instantiated once, and run in a fresh `Store`
+//! for every call, bounded by a deadline, a memory cap and a concurrency cap.
+//!
+//! A fresh store per call (the `wasmtime serve` pattern) means no state leaks between names and a trapped
+//! instance is simply dropped. Calls only happen on cache misses, and with the pooling allocator a fresh
+//! instantiation costs a few microseconds.
+
+mod bindings;
+mod limits;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Engine, Store, UpdateDeadline};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{FsPerms, WasiCtx};
+
+use self::bindings::{CallState, CertSelectorPre, WitSelection};
+use self::limits::CallLimiter;
+use crate::config::PluginSettings;
+use crate::sni::ServerName;
+
+/// How often the epoch advances. A running plugin yields to the async executor at every tick, so a plugin that
+/// spins holds a worker thread for at most this long at a time.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// Bytes of a plugin's stderr kept per call, to explain traps (a panic message fits easily).
+const STDERR_CAPTURE: usize = 2048;
+
+/// What a plugin answered.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Selection {
+    /// A certificate, still unparsed.
+    Found {
+        /// PEM chain, leaf first.
+        chain: String,
+        /// PEM private key.
+        key: String,
+        /// Cache TTL hint.
+        ttl: Option<Duration>,
+    },
+    /// The plugin does not know the name.
+    NotFound,
+}
+
+// Written by hand: the derived form would print the private key.
+impl std::fmt::Debug for Selection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Selection::Found { chain, ttl, .. } => f
+                .debug_struct("Found")
+                .field("chain_bytes", &chain.len())
+                .field("key", &"<redacted>")
+                .field("ttl", ttl)
+                .finish(),
+            Selection::NotFound => f.write_str("NotFound"),
+        }
+    }
+}
+
+/// Why a plugin call failed. Each variant is the plugin's (or its configuration's) fault, never the client's.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum PluginError {
+    /// The plugin returned `err(message)`.
+    #[error("plugin returned an error: {0}")]
+    Returned(String),
+    /// The plugin trapped (panic, unreachable, out-of-bounds access...).
+    #[error("plugin trapped: {0}")]
+    Trap(String),
+    /// The plugin tried to grow its memory past the cap and trapped.
+    #[error("plugin exceeded its memory limit of {limit} bytes")]
+    MemoryLimit {
+        /// The cap.
+        limit: usize,
+    },
+    /// The call ran past its deadline and was abandoned.
+    #[error("plugin did not answer within {0:?}")]
+    Timeout(Duration),
+    /// A fresh instance could not be set up (sandbox directory missing, instantiation failed).
+    #[error("plugin could not be instantiated: {0}")]
+    Instantiate(String),
+}
+
+impl PluginError {
+    /// Short, stable label for metrics and log fields.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PluginError::Returned(_) => "error",
+            PluginError::Trap(_) => "trap",
+            PluginError::MemoryLimit { .. } => "memory",
+            PluginError::Timeout(_) => "timeout",
+            PluginError::Instantiate(_) => "instantiate",
+        }
+    }
+}
+
+/// A plugin that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// The file could not be read or compiled as a component.
+    #[error("plugin {name:?} ({}): cannot compile: {message}", path.display())]
+    Compile {
+        /// Plugin name.
+        name: String,
+        /// Component file.
+        path: PathBuf,
+        /// Compiler message.
+        message: String,
+    },
+    /// The component does not fit the `tern:plugin/cert-selector` world, or imports what the host lacks.
+    #[error("plugin {name:?} ({}): not a tern:plugin@0.1.0 cert-selector: {message}", path.display())]
+    Link {
+        /// Plugin name.
+        name: String,
+        /// Component file.
+        path: PathBuf,
+        /// Linker message.
+        message: String,
+    },
+    /// A granted directory does not exist or is not a directory.
+    #[error("plugin {name:?}: grants.files {}: {message}", path.display())]
+    Grant {
+        /// Plugin name.
+        name: String,
+        /// The granted directory.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The runtime itself could not be set up.
+    #[error("plugin runtime: {0}")]
+    Runtime(String),
+}
+
+/// Counters of one plugin's calls.
+#[derive(Debug, Default)]
+pub struct PluginStats {
+    /// Calls started.
+    pub calls: AtomicU64,
+    /// Calls that answered with a certificate.
+    pub found: AtomicU64,
+    /// Calls that answered "not found".
+    pub not_found: AtomicU64,
+    /// Calls that returned an error message.
+    pub errors: AtomicU64,
+    /// Calls that trapped (memory-limit traps included).
+    pub traps: AtomicU64,
+    /// Calls that hit the memory cap.
+    pub memory_limits: AtomicU64,
+    /// Calls abandoned at the deadline.
+    pub timeouts: AtomicU64,
+    /// Total time spent in calls, microseconds.
+    pub busy_micros: AtomicU64,
+}
+
+/// The shared engine: compiler, pooling allocator and the epoch ticker.
+#[derive(Clone)]
+pub struct PluginRuntime {
+    engine: Engine,
+    linker: Arc<Linker<CallState>>,
+    _ticker: Arc<EpochTicker>,
+}
+
+impl std::fmt::Debug for PluginRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginRuntime").finish_non_exhaustive()
+    }
+}
+
+impl PluginRuntime {
+    /// A runtime sized for plugins using at most `max_memory` bytes each and `max_instances` instances at once.
+    pub fn new(max_memory: usize, max_instances: u32) -> Result<Self, LoadError> {
+        let engine = match Engine::new(&engine_config(Some((max_memory, max_instances)))) {
+            Ok(engine) => engine,
+            Err(err) => {
+                // The pooling allocator reserves address space up front; where that is not allowed (a low
+                // `ulimit -v`), fall back to allocating per instance, which is slower but works.
+                tracing::warn!(error = %err, "pooling allocator unavailable, allocating plugin instances on demand");
+                Engine::new(&engine_config(None)).map_err(|e| LoadError::Runtime(e.to_string()))?
+            }
+        };
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| LoadError::Runtime(e.to_string()))?;
+        bindings::add_to_linker(&mut linker).map_err(|e| LoadError::Runtime(e.to_string()))?;
+        let ticker = Arc::new(EpochTicker::start(engine.clone()));
+        Ok(Self { engine, linker: Arc::new(linker), _ticker: ticker })
+    }
+
+    /// Compiles and links a plugin. CPU-heavy (tens of milliseconds): call it off the async workers.
+    pub fn load(&self, settings: &PluginSettings) -> Result<Plugin, LoadError> {
+        let bytes = std::fs::read(&settings.path).map_err(|e| LoadError::Compile {
+            name: settings.name.clone(),
+            path: settings.path.clone(),
+            message: e.to_string(),
+        })?;
+        self.load_bytes(settings, &bytes)
+    }
+
+    /// Like [`PluginRuntime::load`], from the component's bytes.
+    pub fn load_bytes(&self, settings: &PluginSettings, bytes: &[u8]) -> Result<Plugin, LoadError> {
+        let component = Component::from_binary(&self.engine, bytes).map_err(|e| LoadError::Compile {
+            name: settings.name.clone(),
+            path: settings.path.clone(),
+            message: format!("{e:#}"),
+        })?;
+        let link_err = |e: wasmtime::Error| LoadError::Link {
+            name: settings.name.clone(),
+            path: settings.path.clone(),
+            message: format!("{e:#}"),
+        };
+        let instance_pre = self.linker.instantiate_pre(&component).map_err(link_err)?;
+        let pre = CertSelectorPre::new(instance_pre).map_err(link_err)?;
+        if let Some(dir) = &settings.grants.files
+            && !dir.is_dir()
+        {
+            return Err(LoadError::Grant {
+                name: settings.name.clone(),
+                path: dir.clone(),
+                message: "not a directory".into(),
+            });
+        }
+        Ok(Plugin {
+            name: Arc::from(settings.name.as_str()),
+            runtime: self.clone(),
+            pre,
+            settings: Arc::new(settings.settings.clone()),
+            files: settings.grants.files.clone(),
+            timeout: settings.timeout,
+            memory_limit: settings.memory_limit,
+            permits: Arc::new(Semaphore::new(settings.max_concurrency)),
+            stats: Arc::new(PluginStats::default()),
+        })
+    }
+}
+
+/// A compiled, linked plugin, ready to be called.
+pub struct Plugin {
+    name: Arc<str>,
+    /// Keeps the engine and its epoch ticker alive as long as the plugin can be called: without the ticker a
+    /// spinning plugin would never yield and its deadline would never fire.
+    runtime: PluginRuntime,
+    pre: CertSelectorPre<CallState>,
+    settings: Arc<BTreeMap<String, String>>,
+    files: Option<PathBuf>,
+    timeout: Duration,
+    memory_limit: usize,
+    permits: Arc<Semaphore>,
+    stats: Arc<PluginStats>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin").field("name", &self.name).field("timeout", &self.timeout).finish_non_exhaustive()
+    }
+}
+
+impl Plugin {
+    /// The plugin's configured name.
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// Its call counters.
+    pub fn stats(&self) -> &Arc<PluginStats> {
+        &self.stats
+    }
+
+    /// Calls `select-certificate(servername)` in a fresh instance, within the plugin's limits.
+    pub async fn select(&self, servername: &ServerName) -> Result<Selection, PluginError> {
+        // Waiting for a slot is bounded by the caller's handshake deadline, not by the plugin's own timeout.
+        let _permit = self.permits.acquire().await.map_err(|_| PluginError::Instantiate("plugin closed".into()))?;
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let result = match tokio::time::timeout(self.timeout, self.call(servername)).await {
+            Ok(result) => result,
+            Err(_) => Err(PluginError::Timeout(self.timeout)),
+        };
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.stats.busy_micros.fetch_add(micros, Ordering::Relaxed);
+        let counter = match &result {
+            Ok(Selection::Found { .. }) => &self.stats.found,
+            Ok(Selection::NotFound) => &self.stats.not_found,
+            Err(PluginError::Returned(_) | PluginError::Instantiate(_)) => &self.stats.errors,
+            Err(PluginError::Trap(_)) => &self.stats.traps,
+            Err(PluginError::MemoryLimit { .. }) => {
+                self.stats.traps.fetch_add(1, Ordering::Relaxed);
+                &self.stats.memory_limits
+            }
+            Err(PluginError::Timeout(_)) => &self.stats.timeouts,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        result
+    }
+
+    async fn call(&self, servername: &ServerName) -> Result<Selection, PluginError> {
+        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
+        let wasi = self.wasi_ctx(stderr.clone()).await?;
+        let state = CallState {
+            wasi,
+            stderr,
+            table: ResourceTable::new(),
+            limiter: CallLimiter::new(self.memory_limit),
+            plugin: self.name.clone(),
+            servername: Some(servername.clone()),
+            settings: self.settings.clone(),
+            log_lines: 0,
+        };
+        let mut store = Store::new(&self.runtime.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        // Yield to the executor at every tick: a spinning plugin shares its worker thread, and the timeout
+        // around this future can fire and drop it.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
+
+        let instance =
+            self.pre.instantiate_async(&mut store).await.map_err(|e| self.classify(&store, e, "instantiate"))?;
+        let answer = instance
+            .call_select_certificate(&mut store, servername.as_str())
+            .await
+            .map_err(|e| self.classify(&store, e, "call"))?;
+        match answer {
+            Ok(WitSelection::Found(cert)) => Ok(Selection::Found {
+                chain: cert.chain,
+                key: cert.private_key,
+                ttl: cert.ttl_seconds.map(|s| Duration::from_secs(u64::from(s))),
+            }),
+            Ok(WitSelection::NotFound) => Ok(Selection::NotFound),
+            Err(message) => Err(PluginError::Returned(message)),
+        }
+    }
+
+    /// The WASI context of one call: nothing inherited, the granted directory (if any) read-only at `/`.
+    async fn wasi_ctx(&self, stderr: MemoryOutputPipe) -> Result<WasiCtx, PluginError> {
+        let Some(dir) = self.files.clone() else {
+            return Ok(WasiCtx::builder().stderr(stderr).build());
+        };
+        // Opening the directory is a filesystem call: keep it off the async workers.
+        tokio::task::spawn_blocking(move || {
+            let mut builder = WasiCtx::builder();
+            builder
+                .stderr(stderr)
+                .preopened_dir(&dir, "/", FsPerms::ReadOnly)
+                .map_err(|e| PluginError::Instantiate(format!("granted directory {}: {e}", dir.display())))?;
+            Ok(builder.build())
+        })
+        .await
+        .map_err(|e| PluginError::Instantiate(e.to_string()))?
+    }
+
+    fn classify(&self, store: &Store<CallState>, err: wasmtime::Error, stage: &str) -> PluginError {
+        if store.data().limiter.memory_exceeded {
+            return PluginError::MemoryLimit { limit: store.data().limiter.memory_limit() };
+        }
+        if err.downcast_ref::<wasmtime::Trap>().is_some() || stage == "call" {
+            // A Rust plugin's panic message goes to stderr just before the trap: it says what went wrong.
+            let stderr = store.data().stderr.contents();
+            let stderr = String::from_utf8_lossy(&stderr);
+            let stderr = stderr.trim();
+            return PluginError::Trap(if stderr.is_empty() {
+                format!("{err:#}")
+            } else {
+                format!("{stderr} ({err:#})")
+            });
+        }
+        PluginError::Instantiate(format!("{err:#}"))
+    }
+}
+
+fn engine_config(pooling: Option<(usize, u32)>) -> wasmtime::Config {
+    let mut config = wasmtime::Config::new();
+    config.wasm_component_model(true);
+    config.epoch_interruption(true);
+    if let Some((max_memory, instances)) = pooling {
+        let mut pool = wasmtime::PoolingAllocationConfig::default();
+        pool.total_component_instances(instances);
+        // A Rust component holds a handful of core instances; other languages' runtimes a few more.
+        pool.total_core_instances(instances.saturating_mul(8));
+        pool.total_memories(instances.saturating_mul(2));
+        pool.total_tables(instances.saturating_mul(4));
+        pool.total_stacks(instances);
+        pool.max_memory_size(max_memory);
+        config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+    }
+    config
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] on a plain thread, until dropped.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let spawned = std::thread::Builder::new().name("tern-epoch".into()).spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(EPOCH_TICK);
+                engine.increment_epoch();
+            }
+        });
+        if let Err(err) = spawned {
+            // Without the ticker, plugins still run but cannot be interrupted: say so loudly.
+            tracing::error!(error = %err, "could not start the epoch thread; plugin deadlines will not interrupt");
+        }
+        Self { stop }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Loads every configured plugin, compiling them on blocking threads. Used by the server and by `tern check`.
+pub async fn load_all(runtime: &PluginRuntime, plugins: &[PluginSettings]) -> Result<Vec<Arc<Plugin>>, LoadError> {
+    let mut loaded = Vec::with_capacity(plugins.len());
+    for settings in plugins {
+        let (runtime, settings) = (runtime.clone(), settings.clone());
+        let plugin = tokio::task::spawn_blocking(move || runtime.load(&settings))
+            .await
+            .map_err(|e| LoadError::Runtime(e.to_string()))??;
+        loaded.push(Arc::new(plugin));
+    }
+    Ok(loaded)
+}
+
+/// Sizes a runtime for a set of plugins: the largest memory cap and the sum of concurrency caps (plus headroom
+/// for one-off calls).
+pub fn runtime_for(plugins: &[PluginSettings]) -> Result<PluginRuntime, LoadError> {
+    let max_memory =
+        plugins.iter().map(|p| p.memory_limit).max().unwrap_or(crate::config::defaults::PLUGIN_MEMORY_LIMIT);
+    let instances: usize = plugins.iter().map(|p| p.max_concurrency).sum::<usize>() + 8;
+    PluginRuntime::new(max_memory, u32::try_from(instances).unwrap_or(u32::MAX))
+}

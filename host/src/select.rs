@@ -1,0 +1,268 @@
+//! Choosing the certificate for one handshake: static certificates, then the cache, then the plugin, then the
+//! listener's fallback. Runs as async code after the ClientHello was read, never inside rustls's synchronous
+//! resolver.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rustls::sign::CertifiedKey;
+
+use crate::cache::{Answer, CacheKey, Cached, CertCache, Lookup};
+use crate::certs::{self, CertError, ParsedCert};
+use crate::config::StaticCertSettings;
+use crate::metrics::{Metrics, inc};
+use crate::plugin::{Plugin, PluginError, Selection};
+use crate::sni::{MalformedName, ServerName};
+
+/// Why no certificate was chosen. The handshake then fails with a TLS alert.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum SelectError {
+    /// The client sent no SNI and the listener is strict.
+    #[error("client sent no server name and the listener is strict")]
+    NoServerName,
+    /// The SNI is not a valid host name.
+    #[error("malformed server name: {0}")]
+    Malformed(MalformedName),
+    /// Nobody has a certificate for the name and the listener is strict.
+    #[error("no certificate for {servername} and the listener is strict")]
+    UnknownName {
+        /// The name asked for.
+        servername: ServerName,
+    },
+    /// The plugin failed (error, trap, timeout, memory cap).
+    #[error("plugin {plugin} failed for {servername}: {source}")]
+    Plugin {
+        /// Plugin name.
+        plugin: Arc<str>,
+        /// The name asked for.
+        servername: ServerName,
+        /// What happened.
+        source: PluginError,
+    },
+    /// The plugin's certificate is unusable (bad PEM, key mismatch, wrong name).
+    #[error("plugin {plugin} returned an unusable certificate for {servername}: {source}")]
+    BadCertificate {
+        /// Plugin name.
+        plugin: Arc<str>,
+        /// The name asked for.
+        servername: ServerName,
+        /// What is wrong with it.
+        source: CertError,
+    },
+}
+
+/// Whose fault a failed selection was: decides the log level (client faults are routine noise on the internet,
+/// plugin faults need an operator).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// The client asked for something we do not serve.
+    Client,
+    /// The plugin, or what it read, misbehaved.
+    Plugin,
+}
+
+impl SelectError {
+    /// Metric and log label; one per variant.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SelectError::NoServerName => "no_sni",
+            SelectError::Malformed(_) => "malformed_sni",
+            SelectError::UnknownName { .. } => "unknown_name",
+            SelectError::Plugin { .. } => "plugin",
+            SelectError::BadCertificate { .. } => "bad_certificate",
+        }
+    }
+
+    /// Whose fault it was.
+    pub fn blame(&self) -> Blame {
+        match self {
+            SelectError::NoServerName | SelectError::Malformed(_) | SelectError::UnknownName { .. } => Blame::Client,
+            SelectError::Plugin { .. } | SelectError::BadCertificate { .. } => Blame::Plugin,
+        }
+    }
+}
+
+/// Where a chosen certificate came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A `[[certificate]]` serving the name.
+    Static,
+    /// The cache, without calling the plugin.
+    CacheHit,
+    /// The plugin, just now (or a concurrent call to it for the same name).
+    Plugin,
+    /// The listener's default certificate.
+    Default,
+}
+
+/// A listener's selection policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// The plugin asked about names static certificates do not serve.
+    pub plugin: Option<Arc<Plugin>>,
+    /// The default certificate; `None` is strict mode.
+    pub default: Option<Arc<ParsedCert>>,
+}
+
+/// Static certificates, by the names they serve.
+#[derive(Debug, Default)]
+pub struct StaticCerts {
+    /// By server name or `*.` wildcard pattern.
+    by_pattern: HashMap<String, Arc<ParsedCert>>,
+    /// By the certificate's name in the config.
+    by_id: HashMap<String, Arc<ParsedCert>>,
+}
+
+/// A static certificate that cannot serve.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StaticCertError {
+    /// Its files could not be loaded.
+    #[error("certificate {name:?}: {source}")]
+    Load {
+        /// Its name in the config.
+        name: String,
+        /// What went wrong.
+        source: certs::LoadError,
+    },
+    /// It is listed for a name it does not cover.
+    #[error("certificate {name:?}: names: {source}")]
+    Coverage {
+        /// Its name in the config.
+        name: String,
+        /// The mismatch.
+        source: CertError,
+    },
+}
+
+impl StaticCerts {
+    /// Loads and checks static certificates. Reads files: call it off the async workers.
+    pub fn load(settings: &[StaticCertSettings]) -> Result<Self, StaticCertError> {
+        let mut certs = StaticCerts::default();
+        for s in settings {
+            let parsed = certs::load_files(&s.cert, &s.key)
+                .map_err(|source| StaticCertError::Load { name: s.name.clone(), source })?;
+            let parsed = Arc::new(parsed);
+            let patterns = s.serve_names.clone().unwrap_or_else(|| parsed.dns_names.clone());
+            for pattern in patterns {
+                // A wildcard pattern is checked through a name it must cover.
+                let probe = pattern.replacen("*.", "tern-wildcard-probe.", 1);
+                let Ok(probe) = ServerName::parse(&probe) else {
+                    continue;
+                };
+                parsed
+                    .check_covers(&probe)
+                    .map_err(|source| StaticCertError::Coverage { name: s.name.clone(), source })?;
+                certs.by_pattern.insert(pattern, parsed.clone());
+            }
+            certs.by_id.insert(s.name.clone(), parsed);
+        }
+        Ok(certs)
+    }
+
+    /// The static certificate named `id` in the config.
+    pub fn by_id(&self, id: &str) -> Option<&Arc<ParsedCert>> {
+        self.by_id.get(id)
+    }
+
+    /// The static certificate serving `name`: an exact entry, else the wildcard one label up.
+    pub fn lookup(&self, name: &ServerName) -> Option<&Arc<ParsedCert>> {
+        self.by_pattern.get(name.as_str()).or_else(|| self.by_pattern.get(&name.wildcard()?))
+    }
+}
+
+/// Chooses certificates. One per process, shared by all listeners.
+#[derive(Debug)]
+pub struct Selector {
+    statics: StaticCerts,
+    cache: CertCache,
+    metrics: Arc<Metrics>,
+}
+
+/// Why a plugin load failed, before it is tied to a name for reporting.
+#[derive(Debug)]
+enum LoadFailure {
+    Plugin(PluginError),
+    Certificate(CertError),
+}
+
+impl Selector {
+    /// A selector over these static certificates and this cache.
+    pub fn new(statics: StaticCerts, cache: CertCache, metrics: Arc<Metrics>) -> Self {
+        Self { statics, cache, metrics }
+    }
+
+    /// The static certificates.
+    pub fn statics(&self) -> &StaticCerts {
+        &self.statics
+    }
+
+    /// The plugin-answer cache.
+    pub fn cache(&self) -> &CertCache {
+        &self.cache
+    }
+
+    /// Chooses the certificate for a ClientHello's SNI (`None`: the client sent none).
+    pub async fn select(&self, policy: &Policy, sni: Option<&str>) -> Result<(Arc<CertifiedKey>, Source), SelectError> {
+        let Some(raw) = sni else {
+            return self.fallback(policy, SelectError::NoServerName);
+        };
+        let name = ServerName::parse(raw).map_err(SelectError::Malformed)?;
+        if let Some(cert) = self.statics.lookup(&name) {
+            inc(&self.metrics.static_hits);
+            return Ok((cert.certified.clone(), Source::Static));
+        }
+        let Some(plugin) = &policy.plugin else {
+            return self.fallback(policy, SelectError::UnknownName { servername: name });
+        };
+        let key = CacheKey { plugin: plugin.name().clone(), name: name.clone() };
+        let loaded = self.cache.get_or_load(key, load(plugin, &name)).await;
+        let (lookup, cached) = loaded.map_err(|failure| match &*failure {
+            LoadFailure::Plugin(source) => {
+                SelectError::Plugin { plugin: plugin.name().clone(), servername: name.clone(), source: source.clone() }
+            }
+            LoadFailure::Certificate(source) => SelectError::BadCertificate {
+                plugin: plugin.name().clone(),
+                servername: name.clone(),
+                source: source.clone(),
+            },
+        })?;
+        match (lookup, cached) {
+            (Lookup::Hit, Cached::Found { cert, .. }) => {
+                inc(&self.metrics.cache_hits);
+                Ok((cert.certified.clone(), Source::CacheHit))
+            }
+            (Lookup::Miss, Cached::Found { cert, .. }) => {
+                inc(&self.metrics.cache_misses);
+                Ok((cert.certified.clone(), Source::Plugin))
+            }
+            (lookup, Cached::NotFound { .. }) => {
+                inc(if lookup == Lookup::Hit { &self.metrics.cache_negative_hits } else { &self.metrics.cache_misses });
+                self.fallback(policy, SelectError::UnknownName { servername: name })
+            }
+        }
+    }
+
+    fn fallback(&self, policy: &Policy, strict_error: SelectError) -> Result<(Arc<CertifiedKey>, Source), SelectError> {
+        match &policy.default {
+            Some(cert) => {
+                inc(&self.metrics.default_served);
+                Ok((cert.certified.clone(), Source::Default))
+            }
+            None => Err(strict_error),
+        }
+    }
+}
+
+/// Calls the plugin and validates its answer for `name`.
+async fn load(plugin: &Plugin, name: &ServerName) -> Result<Answer, LoadFailure> {
+    match plugin.select(name).await.map_err(LoadFailure::Plugin)? {
+        Selection::NotFound => Ok(Answer::NotFound),
+        Selection::Found { chain, key, ttl } => {
+            let parsed = certs::parse(chain.as_bytes(), key.as_bytes()).map_err(LoadFailure::Certificate)?;
+            parsed.check_covers(name).map_err(LoadFailure::Certificate)?;
+            Ok(Answer::Found(Arc::new(parsed), ttl))
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! Wiring: load certificates and plugins, bind listeners, accept connections, hand them to TLS and the proxy.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::cache::CertCache;
+use crate::config::{Config, Fallback, ListenerSettings};
+use crate::metrics::{Metrics, inc};
+use crate::plugin::{self, LoadError, Plugin};
+use crate::proxy::Proxy;
+use crate::select::{Blame, Policy, Selector, StaticCertError, StaticCerts};
+use crate::tls::{self, Outcome, Refusal, TlsTemplate};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// A static certificate is unusable.
+    #[error(transparent)]
+    StaticCert(#[from] StaticCertError),
+    /// A plugin could not be loaded.
+    #[error(transparent)]
+    Plugin(#[from] LoadError),
+    /// A listener could not bind its address.
+    #[error("listener {listener:?}: cannot bind {addr}: {source}")]
+    Bind {
+        /// Listener name.
+        listener: String,
+        /// Its address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// TLS settings were refused by rustls.
+    #[error("listener {listener:?}: TLS settings: {source}")]
+    Tls {
+        /// Listener name.
+        listener: String,
+        /// The rustls error.
+        source: rustls::Error,
+    },
+}
+
+/// A configured, bound server, ready to run.
+#[derive(Debug)]
+pub struct Server {
+    listeners: Vec<Listener>,
+    selector: Arc<Selector>,
+    plugins: HashMap<String, Arc<Plugin>>,
+    metrics: Arc<Metrics>,
+    handshake_timeout: Duration,
+}
+
+#[derive(Debug)]
+struct Listener {
+    name: Arc<str>,
+    tcp: TcpListener,
+    ctx: Arc<ListenerCtx>,
+    connections: Arc<Semaphore>,
+}
+
+#[derive(Debug)]
+struct ListenerCtx {
+    name: Arc<str>,
+    policy: Policy,
+    tls: TlsTemplate,
+    proxy: Arc<Proxy>,
+    selector: Arc<Selector>,
+    metrics: Arc<Metrics>,
+    handshake_timeout: Duration,
+}
+
+impl Server {
+    /// Loads static certificates and plugins (off the async workers) and binds every listener.
+    pub async fn bind(config: Config) -> Result<Self, StartError> {
+        let certificate_settings = config.certificates.clone();
+        let statics = tokio::task::spawn_blocking(move || StaticCerts::load(&certificate_settings))
+            .await
+            .map_err(|e| LoadError::Runtime(e.to_string()))??;
+        let runtime = plugin::runtime_for(&config.plugins)?;
+        let plugins: HashMap<String, Arc<Plugin>> =
+            plugin::load_all(&runtime, &config.plugins).await?.into_iter().map(|p| (p.name().to_string(), p)).collect();
+        let metrics = Arc::new(Metrics::default());
+        let selector = Arc::new(Selector::new(statics, CertCache::new(&config.cache), metrics.clone()));
+
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        for settings in &config.listeners {
+            listeners.push(Self::listener(&config, settings, &selector, &plugins, &metrics).await?);
+        }
+        Ok(Self { listeners, selector, plugins, metrics, handshake_timeout: config.server.handshake_timeout })
+    }
+
+    async fn listener(
+        config: &Config,
+        settings: &ListenerSettings,
+        selector: &Arc<Selector>,
+        plugins: &HashMap<String, Arc<Plugin>>,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Listener, StartError> {
+        let name: Arc<str> = Arc::from(settings.name.as_str());
+        let default = match &settings.fallback {
+            // Validated in config: the named certificate exists.
+            Fallback::DefaultCertificate(id) => selector.statics().by_id(id).cloned(),
+            Fallback::Strict => None,
+        };
+        let policy = Policy { plugin: settings.plugin.as_ref().and_then(|p| plugins.get(p).cloned()), default };
+        let tls = TlsTemplate::new(&settings.alpn, config.server.session_cache_entries)
+            .map_err(|source| StartError::Tls { listener: settings.name.clone(), source })?;
+        let tcp = TcpListener::bind(settings.bind).await.map_err(|source| StartError::Bind {
+            listener: settings.name.clone(),
+            addr: settings.bind,
+            source,
+        })?;
+        let ctx = Arc::new(ListenerCtx {
+            name: name.clone(),
+            policy,
+            tls,
+            proxy: Arc::new(Proxy::new(settings.backend.clone(), &config.proxy)),
+            selector: selector.clone(),
+            metrics: metrics.clone(),
+            handshake_timeout: config.server.handshake_timeout,
+        });
+        Ok(Listener { name, tcp, ctx, connections: Arc::new(Semaphore::new(config.server.max_connections)) })
+    }
+
+    /// Bound addresses by listener name (useful when binding port 0).
+    pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.listeners.iter().filter_map(|l| Some((l.name.to_string(), l.tcp.local_addr().ok()?))).collect()
+    }
+
+    /// The process's counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// A loaded plugin by name.
+    pub fn plugin(&self, name: &str) -> Option<&Arc<Plugin>> {
+        self.plugins.get(name)
+    }
+
+    /// The certificate selector (static certificates and cache).
+    pub fn selector(&self) -> &Arc<Selector> {
+        &self.selector
+    }
+
+    /// The handshake deadline in force.
+    pub fn handshake_timeout(&self) -> Duration {
+        self.handshake_timeout
+    }
+
+    /// Accepts connections on every listener until `shutdown` completes.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for listener in self.listeners {
+            tracing::info!(listener = %listener.name, addr = ?listener.tcp.local_addr().ok(), "listening");
+            tasks.spawn(accept_loop(listener));
+        }
+        shutdown.await;
+        tasks.abort_all();
+    }
+}
+
+async fn accept_loop(listener: Listener) {
+    loop {
+        // Taking the slot before accepting leaves excess connections in the kernel's backlog.
+        let Ok(permit) = listener.connections.clone().acquire_owned().await else {
+            return;
+        };
+        match listener.tcp.accept().await {
+            Ok((tcp, peer)) => {
+                let ctx = listener.ctx.clone();
+                tokio::spawn(async move {
+                    ctx.handle(tcp, peer).await;
+                    drop(permit);
+                });
+            }
+            Err(err) => {
+                // Out of file descriptors and similar: back off instead of spinning on the error.
+                tracing::warn!(listener = %listener.name, error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+impl ListenerCtx {
+    async fn handle(&self, tcp: TcpStream, peer: SocketAddr) {
+        let _ = tcp.set_nodelay(true);
+        let handshake = async {
+            match tls::accept(tcp, &self.selector, &self.policy, &self.tls).await {
+                Ok(Outcome::Accepted(accepted)) => Some(accepted),
+                Ok(Outcome::Refused(refusal)) => {
+                    self.refused(peer, &refusal);
+                    refusal.send_alert().await;
+                    None
+                }
+                Err((servername, err)) => {
+                    inc(&self.metrics.handshakes_tls_error);
+                    let servername = servername.as_deref().unwrap_or("");
+                    tracing::info!(listener = %self.name, %peer, servername, cause = %err, "handshake failed");
+                    None
+                }
+            }
+        };
+        let accepted = match tokio::time::timeout(self.handshake_timeout, handshake).await {
+            Ok(Some(accepted)) => accepted,
+            Ok(None) => return,
+            Err(_) => {
+                inc(&self.metrics.handshakes_timeout);
+                tracing::info!(listener = %self.name, %peer, timeout = ?self.handshake_timeout, "handshake timed out");
+                return;
+            }
+        };
+        inc(&self.metrics.handshakes_ok);
+        let h2 = accepted.stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        tracing::debug!(listener = %self.name, %peer, servername = ?accepted.servername, source = ?accepted.source, h2, "handshake done");
+        if let Err(err) = self.proxy.clone().serve(accepted.stream, peer, h2).await {
+            tracing::debug!(listener = %self.name, %peer, error = %err, "connection ended with an error");
+        }
+    }
+
+    /// One log line and one counter per refused handshake; plugin faults at warn, client faults at info.
+    fn refused(&self, peer: SocketAddr, refusal: &Refusal) {
+        let err = &refusal.error;
+        if let Some(counter) = self.metrics.handshake_failures.by_kind(err.kind()) {
+            inc(counter);
+        }
+        let (listener, servername, kind) = (&*self.name, refusal.servername.as_deref().unwrap_or(""), err.kind());
+        match err.blame() {
+            Blame::Client => {
+                tracing::info!(listener, %peer, servername, kind, cause = %err, "handshake refused")
+            }
+            Blame::Plugin => {
+                tracing::warn!(listener, %peer, servername, kind, cause = %err, "handshake failed")
+            }
+        }
+    }
+}

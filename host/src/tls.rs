@@ -1,0 +1,154 @@
+//! TLS acceptance: read the ClientHello, choose the certificate asynchronously, then finish the handshake.
+//!
+//! rustls's `ResolvesServerCert` is synchronous and meant for selection without I/O, so the choice happens
+//! before rustls resumes: [`LazyConfigAcceptor`] hands over the ClientHello, [`Selector::select`] may wait on a
+//! plugin, and the `ServerConfig` that finishes the handshake carries a resolver that just returns the chosen
+//! key. One template config per listener keeps the session cache and ticketer shared across handshakes.
+
+use std::sync::{Arc, OnceLock};
+
+use rustls::ServerConfig;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{Acceptor, ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::{LazyConfigAcceptor, StartHandshake};
+
+use crate::select::{Policy, SelectError, Selector, Source};
+
+/// The crypto provider used everywhere in tern (ring).
+pub fn provider() -> &'static Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+}
+
+/// A listener's TLS settings, from which each handshake's config is cloned.
+#[derive(Debug, Clone)]
+pub struct TlsTemplate {
+    base: Arc<ServerConfig>,
+    reject: Arc<ServerConfig>,
+}
+
+impl TlsTemplate {
+    /// TLS 1.2 and 1.3, the given ALPN protocols, a session-ID cache of `session_entries` and a ticketer of its
+    /// own (sessions resume within this listener only).
+    pub fn new(alpn: &[Vec<u8>], session_entries: usize) -> Result<Self, rustls::Error> {
+        let mut base = ServerConfig::builder_with_provider(provider().clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(NoCertificate));
+        base.alpn_protocols = alpn.to_vec();
+        base.session_storage = rustls::server::ServerSessionMemoryCache::new(session_entries);
+        base.ticketer = rustls::crypto::ring::Ticketer::new()?;
+        let reject = Arc::new(base.clone());
+        Ok(Self { base: Arc::new(base), reject })
+    }
+
+    /// The config that serves `key` (a clone of the template: ~0.1 µs, shares session state).
+    pub fn serving(&self, key: Arc<CertifiedKey>) -> Arc<ServerConfig> {
+        let mut config = (*self.base).clone();
+        config.cert_resolver = Arc::new(Chosen(key));
+        Arc::new(config)
+    }
+}
+
+/// Outcome of a successful handshake.
+#[derive(Debug)]
+pub struct Accepted {
+    /// The TLS stream, ready for HTTP.
+    pub stream: TlsStream<TcpStream>,
+    /// The name the client asked for, lowercased, without a trailing dot.
+    pub servername: Option<String>,
+    /// Where the certificate came from.
+    pub source: Source,
+}
+
+/// A handshake for which no certificate was chosen. The caller records it, then sends the alert, so that logs and
+/// counters are settled before the client learns the outcome.
+pub struct Refusal {
+    start: StartHandshake<TcpStream>,
+    reject: Arc<ServerConfig>,
+    /// The SNI as the client sent it.
+    pub servername: Option<String>,
+    /// Why nothing was chosen.
+    pub error: SelectError,
+}
+
+impl std::fmt::Debug for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Refusal").field("servername", &self.servername).field("error", &self.error).finish()
+    }
+}
+
+impl Refusal {
+    /// Ends the handshake with a fatal alert: a config whose resolver finds nothing makes rustls send one, which
+    /// the client sees instead of a bare EOF.
+    pub async fn send_alert(self) {
+        let _ = self.start.into_stream(self.reject).await;
+    }
+}
+
+/// What became of a ClientHello.
+// The accepted stream is moved once per handshake; boxing it would add an allocation to every handshake.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Outcome {
+    /// Handshake completed.
+    Accepted(Accepted),
+    /// No certificate: to be recorded, then refused. Boxed: it holds the buffered ClientHello and is the rare path.
+    Refused(Box<Refusal>),
+}
+
+/// A handshake that failed in TLS itself.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandshakeError {
+    /// The ClientHello could not be read (not TLS, malformed, or the client left). rustls has sent its alert.
+    #[error("reading ClientHello: {0}")]
+    Hello(std::io::Error),
+    /// The handshake failed after selection.
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
+}
+
+/// Accepts one TLS connection on `tcp`. The caller bounds it with the handshake deadline.
+pub async fn accept(
+    tcp: TcpStream,
+    selector: &Selector,
+    policy: &Policy,
+    tls: &TlsTemplate,
+) -> Result<Outcome, (Option<String>, HandshakeError)> {
+    let start =
+        LazyConfigAcceptor::new(Acceptor::default(), tcp).await.map_err(|e| (None, HandshakeError::Hello(e)))?;
+    let servername = start.client_hello().server_name().map(str::to_owned);
+    match selector.select(policy, servername.as_deref()).await {
+        Ok((key, source)) => {
+            let stream =
+                start.into_stream(tls.serving(key)).await.map_err(|e| (servername.clone(), HandshakeError::Tls(e)))?;
+            let servername = servername.map(|raw| raw.trim_end_matches('.').to_ascii_lowercase());
+            Ok(Outcome::Accepted(Accepted { stream, servername, source }))
+        }
+        Err(error) => Ok(Outcome::Refused(Box::new(Refusal { start, reject: tls.reject.clone(), servername, error }))),
+    }
+}
+
+/// Hands rustls the certificate chosen before the handshake resumed.
+#[derive(Debug)]
+struct Chosen(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Chosen {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// The template's resolver, and the one that makes rustls refuse the handshake.
+#[derive(Debug)]
+struct NoCertificate;
+
+impl ResolvesServerCert for NoCertificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        None
+    }
+}

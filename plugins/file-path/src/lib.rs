@@ -1,0 +1,107 @@
+//! The file-path plugin: serves `<dir>/<servername>.crt` and `.key` from the directory the operator granted to
+//! the plugin (mounted read-only at `/`), falling back to the wildcard files for `*.<parent>`.
+//!
+//! Settings (all optional):
+//! - `dir`: folder inside the granted directory, default `/`.
+//! - `cert_template`, `key_template`: file names, `{name}` replaced by the server name (or the wildcard name);
+//!   defaults `{name}.crt` and `{name}.key`.
+//! - `wildcard`: `true` (default) to try `*.<parent>` when the exact name has no files.
+//! - `wildcard_label`: what stands for `*` in wildcard file names, default `*` (e.g. `_wildcard` gives
+//!   `_wildcard.example.com.crt`).
+//! - `ttl_seconds`: cache TTL hint for every answer; default: the host's TTL.
+//!
+//! The host guarantees the server name is plain DNS syntax (no `/`, no `..`), and the WASI sandbox confines every
+//! path to the granted directory whatever the templates say.
+
+use std::io::ErrorKind;
+use std::time::Duration;
+use tern_guest::{Certificate, Selection, Selector, config, log, wildcard_of};
+
+struct FilePath;
+
+impl Selector for FilePath {
+    fn select(servername: &str) -> Result<Selection, String> {
+        let settings = Settings::load()?;
+        if let Some(cert) = settings.read_pair(servername)? {
+            return Ok(Selection::Found(cert));
+        }
+        if settings.wildcard {
+            if let Some(wildcard) = wildcard_of(servername) {
+                let file_name = wildcard.replacen('*', &settings.wildcard_label, 1);
+                if let Some(cert) = settings.read_pair(&file_name)? {
+                    log::debug(&format!("serving wildcard {wildcard}"));
+                    return Ok(Selection::Found(cert));
+                }
+            }
+        }
+        Ok(Selection::NotFound)
+    }
+}
+
+tern_guest::export_selector!(FilePath);
+
+struct Settings {
+    dir: String,
+    cert_template: String,
+    key_template: String,
+    wildcard: bool,
+    wildcard_label: String,
+    ttl: Option<Duration>,
+}
+
+impl Settings {
+    fn load() -> Result<Self, String> {
+        let wildcard = match config::get_or("wildcard", "true").as_str() {
+            "true" => true,
+            "false" => false,
+            other => {
+                return Err(format!("setting wildcard: expected true or false, got {other:?}"));
+            }
+        };
+        let ttl = match config::get("ttl_seconds") {
+            None => None,
+            Some(raw) => Some(Duration::from_secs(
+                raw.parse().map_err(|_| format!("setting ttl_seconds: expected whole seconds, got {raw:?}"))?,
+            )),
+        };
+        let settings = Settings {
+            dir: config::get_or("dir", "/").trim_end_matches('/').to_string(),
+            cert_template: config::get_or("cert_template", "{name}.crt"),
+            key_template: config::get_or("key_template", "{name}.key"),
+            wildcard,
+            wildcard_label: config::get_or("wildcard_label", "*"),
+            ttl,
+        };
+        for (key, template) in [("cert_template", &settings.cert_template), ("key_template", &settings.key_template)] {
+            if !template.contains("{name}") {
+                return Err(format!("setting {key}: {template:?} does not contain {{name}}"));
+            }
+        }
+        Ok(settings)
+    }
+
+    /// Both files for `name`, `None` if either is missing. Other I/O errors are errors: a permission problem must
+    /// not look like "unknown name" and silently fall back to the default certificate.
+    fn read_pair(&self, name: &str) -> Result<Option<Certificate>, String> {
+        let Some(chain) = self.read(&self.cert_template, name)? else {
+            return Ok(None);
+        };
+        let Some(key) = self.read(&self.key_template, name)? else {
+            return Ok(None);
+        };
+        let cert = Certificate::new(chain, key);
+        Ok(Some(match self.ttl {
+            Some(ttl) => cert.with_ttl(ttl),
+            None => cert,
+        }))
+    }
+
+    fn read(&self, template: &str, name: &str) -> Result<Option<String>, String> {
+        let path = format!("{}/{}", self.dir, template.replace("{name}", name));
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(text)),
+            Err(err) if err.kind() == ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(format!("reading {path}: {err}")),
+        }
+    }
+}

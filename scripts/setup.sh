@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what building and testing tern needs on a machine that has only rustup/cargo and Debian:
+# the wasm32-wasip2 Rust target (plugins) and, for the test suite, the openssl and curl clients.
+# Usage: scripts/setup.sh [demo|test]    (idempotent; quiet when everything is present)
+set -euo pipefail
+mode="${1:-demo}"
+
+if ! rustup target list --installed | grep -qx wasm32-wasip2; then
+  echo "setup: adding the wasm32-wasip2 Rust target" >&2
+  rustup target add wasm32-wasip2
+fi
+
+if [ "$mode" = test ]; then
+  missing=()
+  for tool in openssl curl; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup: installing ${missing[*]} from Debian packages" >&2
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+  fi
+fi

@@ -1,0 +1,47 @@
+//! Builds the plugins workspace for wasm32-wasip2 and tells the tests where the components are
+//! (`TERN_PLUGIN_<NAME>` environment variables at compile time).
+
+// A build script reports failure by panicking.
+#![allow(clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// (package, file stem) of every plugin the tests use.
+const PLUGINS: [(&str, &str); 2] = [("file-path", "file_path"), ("chaos", "chaos")];
+
+fn main() {
+    let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root = manifest_dir.parent().expect("tests/ sits in the repository root").to_path_buf();
+    for watched in
+        ["plugins/Cargo.toml", "plugins/Cargo.lock", "plugins/file-path", "plugins/testing", "guest-sdk", "wit"]
+    {
+        println!("cargo:rerun-if-changed={}", root.join(watched).display());
+    }
+    let plugins = root.join("plugins");
+    let target_dir = plugins.join("target");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    // Cargo reads .cargo/config.toml from the current directory, not the manifest's: name the target explicitly.
+    command.current_dir(&plugins).args(["build", "--release", "--target", "wasm32-wasip2", "--manifest-path"]);
+    command.arg(plugins.join("Cargo.toml"));
+    // The outer build's settings (flags, wrappers, target dir, profile) must not leak into the wasm build.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if (key.starts_with("CARGO_") && key != "CARGO_HOME" && key != "CARGO_MAKEFLAGS")
+            || key.starts_with("RUSTC")
+            || key == "RUSTFLAGS"
+            || key == "RUSTDOCFLAGS"
+        {
+            command.env_remove(key.as_ref());
+        }
+    }
+    command.env("CARGO_TARGET_DIR", &target_dir);
+    let status = command.status().expect("running cargo for the plugins");
+    assert!(status.success(), "building the plugins failed (is the wasm32-wasip2 target installed?)");
+    for (package, stem) in PLUGINS {
+        let path = target_dir.join("wasm32-wasip2/release").join(format!("{stem}.wasm"));
+        assert!(Path::new(&path).is_file(), "{package}: {} missing after the build", path.display());
+        println!("cargo:rustc-env=TERN_PLUGIN_{}={}", stem.to_uppercase(), path.display());
+    }
+}

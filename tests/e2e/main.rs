@@ -1,0 +1,12 @@
+//! End-to-end tests: tern over real sockets with real TLS clients (rustls, openssl, curl), real Wasm plugins
+//! and a real HTTP backend. One test binary, so the plugins and the host link once.
+
+// Test helpers report failure by panicking, like the tests themselves.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod caching;
+mod cli;
+mod plugin_failures;
+mod proxy;
+mod selection;
+mod support;
