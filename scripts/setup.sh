@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing tern needs on a machine that has only rustup/cargo and Debian:
-# the wasm32-wasip2 Rust target (plugins) and, for the test suite, the openssl and curl clients.
+# the wasm32-wasip2 Rust target (plugins) and, for the test suite, the openssl and curl clients and
+# redis-server / redis-cli (the tests start their own Redis servers and clusters).
 # Usage: scripts/setup.sh [demo|test]    (idempotent; quiet when everything is present)
 set -euo pipefail
 mode="${1:-demo}"
@@ -12,8 +13,13 @@ fi
 
 if [ "$mode" = test ]; then
   missing=()
-  for tool in openssl curl; do
-    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+  for tool in openssl curl redis-server redis-cli; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+      case "$tool" in
+        redis-cli) missing+=(redis-tools) ;;
+        *) missing+=("$tool") ;;
+      esac
+    fi
   done
   if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing ${missing[*]} from Debian packages" >&2

@@ -8,14 +8,20 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// (package, file stem) of every plugin the tests use.
-const PLUGINS: [(&str, &str); 2] = [("file-path", "file_path"), ("chaos", "chaos")];
+const PLUGINS: [(&str, &str); 3] = [("file-path", "file_path"), ("redis-plugin", "redis_plugin"), ("chaos", "chaos")];
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let root = manifest_dir.parent().expect("tests/ sits in the repository root").to_path_buf();
-    for watched in
-        ["plugins/Cargo.toml", "plugins/Cargo.lock", "plugins/file-path", "plugins/testing", "guest-sdk", "wit"]
-    {
+    for watched in [
+        "plugins/Cargo.toml",
+        "plugins/Cargo.lock",
+        "plugins/file-path",
+        "plugins/redis",
+        "plugins/testing",
+        "guest-sdk",
+        "wit",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     let plugins = root.join("plugins");

@@ -26,6 +26,21 @@ pub struct Config {
     pub certificates: Vec<StaticCertSettings>,
     /// Plugins by name.
     pub plugins: Vec<PluginSettings>,
+    /// Redis stores plugins may be granted.
+    pub redis: Vec<RedisSettings>,
+}
+
+/// `[[redis]]`: a Redis deployment, standalone or cluster.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// Name grants refer to it by.
+    pub name: String,
+    /// `redis://` URLs: one for a standalone server, any number of seed nodes for a cluster.
+    pub urls: Vec<String>,
+    /// Whether the URLs are Redis Cluster nodes.
+    pub cluster: bool,
+    /// Connect and per-command timeout.
+    pub timeout: Duration,
 }
 
 /// `[server]`
@@ -129,6 +144,17 @@ pub struct PluginSettings {
 pub struct Grants {
     /// A host directory the plugin may read, mounted read-only at `/`.
     pub files: Option<PathBuf>,
+    /// Read access to a Redis store, limited to key prefixes.
+    pub kv: Option<KvGrant>,
+}
+
+/// `grants.kv`: which store a plugin may read, and which keys.
+#[derive(Debug, Clone)]
+pub struct KvGrant {
+    /// The `[[redis]]` store's name.
+    pub store: String,
+    /// Key prefixes the plugin may read; `""` allows every key.
+    pub prefixes: Vec<String>,
 }
 
 /// A configuration error, naming the file and the key.
@@ -174,6 +200,8 @@ pub mod defaults {
     pub const PLUGIN_MEMORY_LIMIT: usize = 64 << 20;
     /// `plugin.max_concurrency`
     pub const PLUGIN_MAX_CONCURRENCY: usize = 64;
+    /// `redis.timeout`
+    pub const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
     /// `listener.alpn`
     pub const ALPN: [&str; 2] = ["h2", "http/1.1"];
 }
@@ -234,6 +262,18 @@ pub mod raw {
         pub certificate: Vec<Certificate>,
         #[serde(default)]
         pub plugin: Vec<Plugin>,
+        #[serde(default)]
+        pub redis: Vec<Redis>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Redis {
+        pub name: String,
+        pub urls: Vec<String>,
+        #[serde(default)]
+        pub cluster: bool,
+        pub timeout: Option<String>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -302,6 +342,14 @@ pub mod raw {
     #[serde(deny_unknown_fields)]
     pub struct Grants {
         pub files: Option<String>,
+        pub kv: Option<KvGrant>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct KvGrant {
+        pub redis: String,
+        pub prefixes: Vec<String>,
     }
 
     /// A size: a number of bytes, or a string such as `"64MiB"`.
@@ -398,9 +446,33 @@ impl Validator<'_> {
         };
 
         let certificates = self.certificates(raw.certificate)?;
-        let plugins = self.plugins(raw.plugin)?;
+        let redis = self.redis(raw.redis)?;
+        let plugins = self.plugins(raw.plugin, &redis)?;
         let listeners = self.listeners(raw.listener, &certificates, &plugins)?;
-        Ok(Config { server, cache, proxy, listeners, certificates, plugins })
+        Ok(Config { server, cache, proxy, listeners, certificates, plugins, redis })
+    }
+
+    fn redis(&self, raw: Vec<raw::Redis>) -> Result<Vec<RedisSettings>, ConfigError> {
+        let mut seen = HashSet::new();
+        raw.into_iter()
+            .map(|r| {
+                let key = format!("redis {:?}", r.name);
+                if !seen.insert(r.name.clone()) {
+                    return Err(self.err(key, "defined twice"));
+                }
+                if r.urls.is_empty() || (!r.cluster && r.urls.len() > 1) {
+                    return Err(self.err(format!("{key}.urls"), "one URL, or several with cluster = true"));
+                }
+                for url in &r.urls {
+                    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                        return Err(self.err(format!("{key}.urls"), format!("{url:?}: expected redis://host:port")));
+                    }
+                }
+                let timeout = self.duration(&format!("{key}.timeout"), r.timeout.as_ref(), defaults::REDIS_TIMEOUT)?;
+                self.positive(&format!("{key}.timeout"), timeout)?;
+                Ok(RedisSettings { name: r.name, urls: r.urls, cluster: r.cluster, timeout })
+            })
+            .collect()
     }
 
     fn certificates(&self, raw: Vec<raw::Certificate>) -> Result<Vec<StaticCertSettings>, ConfigError> {
@@ -425,7 +497,7 @@ impl Validator<'_> {
             .collect()
     }
 
-    fn plugins(&self, raw: Vec<raw::Plugin>) -> Result<Vec<PluginSettings>, ConfigError> {
+    fn plugins(&self, raw: Vec<raw::Plugin>, redis: &[RedisSettings]) -> Result<Vec<PluginSettings>, ConfigError> {
         let mut seen = HashSet::new();
         raw.into_iter()
             .map(|p| {
@@ -460,6 +532,24 @@ impl Validator<'_> {
                     })
                     .collect::<Result<_, _>>()?;
                 let files = p.grants.files.map(|dir| self.path(&dir));
+                let kv = match p.grants.kv {
+                    None => None,
+                    Some(grant) => {
+                        if !redis.iter().any(|r| r.name == grant.redis) {
+                            return Err(self.err(
+                                format!("{key}.grants.kv.redis"),
+                                format!("no [[redis]] named {:?}", grant.redis),
+                            ));
+                        }
+                        if grant.prefixes.is_empty() {
+                            return Err(self.err(
+                                format!("{key}.grants.kv.prefixes"),
+                                "list the key prefixes the plugin may read ([\"\"] for every key)",
+                            ));
+                        }
+                        Some(KvGrant { store: grant.redis, prefixes: grant.prefixes })
+                    }
+                };
                 Ok(PluginSettings {
                     name: p.name,
                     path: self.path(&p.path),
@@ -467,7 +557,7 @@ impl Validator<'_> {
                     memory_limit: usize::try_from(memory_limit).unwrap_or(usize::MAX),
                     max_concurrency,
                     settings,
-                    grants: Grants { files },
+                    grants: Grants { files, kv },
                 })
             })
             .collect()
@@ -691,6 +781,22 @@ mod tests {
         assert!(err.contains(".strict: "), "{err}");
         let config = load(&MINIMAL.replace("default_certificate = \"fallback\"", "strict = true")).unwrap();
         assert_eq!(config.listeners[0].fallback, Fallback::Strict);
+    }
+
+    #[test]
+    fn kv_grant_names_an_existing_store_and_prefixes() {
+        let with_store = format!("{MINIMAL}\n[[redis]]\nname = \"certs\"\nurls = [\"redis://127.0.0.1:6379\"]\n");
+        let grant = |g: &str| with_store.replace("grants.files = \"/srv/certs\"", g);
+        let config = load(&grant("grants.kv = { redis = \"certs\", prefixes = [\"cert:\"] }")).unwrap();
+        let kv = config.plugins[0].grants.kv.as_ref().unwrap();
+        assert_eq!((kv.store.as_str(), kv.prefixes.as_slice()), ("certs", &["cert:".to_string()][..]));
+        assert_eq!(config.redis[0].timeout, defaults::REDIS_TIMEOUT);
+        let err = load(&grant("grants.kv = { redis = \"nope\", prefixes = [\"\"] }")).unwrap_err().to_string();
+        assert!(err.contains("plugin \"files\".grants.kv.redis: no [[redis]] named \"nope\""), "{err}");
+        let err = load(&grant("grants.kv = { redis = \"certs\", prefixes = [] }")).unwrap_err().to_string();
+        assert!(err.contains(".grants.kv.prefixes"), "{err}");
+        let err = load(&with_store.replace("redis://127.0.0.1:6379", "127.0.0.1:6379")).unwrap_err().to_string();
+        assert!(err.contains("redis \"certs\".urls"), "{err}");
     }
 
     #[test]

@@ -15,7 +15,9 @@ pub mod proxy;
 pub mod select;
 pub mod server;
 pub mod sni;
+pub mod store;
 pub mod tls;
+pub mod tools;
 
 pub use config::Config;
 pub use server::Server;

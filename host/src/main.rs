@@ -34,6 +34,9 @@ enum Command {
     /// Plugin tools.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Certificate store tools.
+    #[command(subcommand)]
+    Certs(CertsCommand),
     /// Run a self-contained demo: generated certificates, the file-path plugin, a built-in backend.
     Demo(tern::demo::DemoArgs),
 }
@@ -41,24 +44,58 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum PluginCommand {
     /// Call a plugin once, without a server, and print what it returned (a plugin author's debugging tool).
-    Call {
-        /// The plugin component (.wasm).
-        plugin: PathBuf,
-        /// The server name to select a certificate for.
-        servername: String,
-        /// A plugin setting, as key=value; repeatable.
-        #[arg(long = "setting", value_name = "KEY=VALUE")]
-        settings: Vec<String>,
-        /// Grant the plugin read-only access to this directory (mounted at /).
+    Call(CallArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Load a directory of <name>.crt / <name>.key pairs into Redis in the Redis plugin's layout. Every pair is
+    /// validated first (key matches certificate, certificate covers <name>); invalid pairs are skipped and listed.
+    Import {
+        /// Directory holding the pairs (wildcards as *.<parent>.crt / .key).
+        dir: PathBuf,
+        /// Redis URL (redis://host:port); with --cluster, any node of the cluster.
         #[arg(long)]
-        files: Option<PathBuf>,
-        /// Deadline of the call.
-        #[arg(long, default_value = "1s")]
-        timeout: String,
-        /// Memory cap of the instance.
-        #[arg(long, default_value = "64MiB")]
-        memory_limit: String,
+        redis: String,
+        /// The URL is a Redis Cluster node.
+        #[arg(long)]
+        cluster: bool,
+        /// Key layout: `keys` (<prefix><name>.crt / .key) or `hash` (<prefix><name> with fields crt, key).
+        #[arg(long, value_enum, default_value = "keys")]
+        layout: tern::tools::Layout,
+        /// Prefix put before every key.
+        #[arg(long, default_value = "")]
+        prefix: String,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct CallArgs {
+    /// The plugin component (.wasm).
+    plugin: PathBuf,
+    /// The server name to select a certificate for.
+    servername: String,
+    /// A plugin setting, as key=value; repeatable.
+    #[arg(long = "setting", value_name = "KEY=VALUE")]
+    settings: Vec<String>,
+    /// Grant the plugin read-only access to this directory (mounted at /).
+    #[arg(long)]
+    files: Option<PathBuf>,
+    /// Grant the plugin key-value reads from this Redis (redis://host:port).
+    #[arg(long)]
+    redis: Option<String>,
+    /// With --redis: the URL is a Redis Cluster node.
+    #[arg(long, requires = "redis")]
+    cluster: bool,
+    /// With --redis: a key prefix the plugin may read; repeatable; default: every key.
+    #[arg(long = "kv-prefix", value_name = "PREFIX", requires = "redis")]
+    kv_prefixes: Vec<String>,
+    /// Deadline of the call.
+    #[arg(long, default_value = "1s")]
+    timeout: String,
+    /// Memory cap of the instance.
+    #[arg(long, default_value = "64MiB")]
+    memory_limit: String,
 }
 
 fn main() -> Result<()> {
@@ -76,10 +113,11 @@ fn main() -> Result<()> {
         match cli.command {
             Command::Run { config } => run(config).await,
             Command::Check { config } => check(config).await,
-            Command::Plugin(PluginCommand::Call { plugin, servername, settings, files, timeout, memory_limit }) => {
-                plugin_call(plugin, servername, settings, files, &timeout, &memory_limit).await
-            }
+            Command::Plugin(PluginCommand::Call(args)) => plugin_call(args).await,
             Command::Demo(args) => tern::demo::run(args).await,
+            Command::Certs(CertsCommand::Import { dir, redis, cluster, layout, prefix }) => {
+                certs_import(dir, redis, cluster, layout, &prefix).await
+            }
         }
     })
 }
@@ -111,12 +149,41 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+async fn certs_import(
+    dir: PathBuf,
+    url: String,
+    cluster: bool,
+    layout: tern::tools::Layout,
+    prefix: &str,
+) -> Result<()> {
+    let settings = tern::config::RedisSettings {
+        name: "import".into(),
+        urls: vec![url],
+        cluster,
+        timeout: defaults::REDIS_TIMEOUT,
+    };
+    let store = tern::store::RedisStore::new(settings);
+    let report = tern::tools::import_dir(&dir, &store, layout, prefix).await?;
+    for (file, reason) in &report.skipped {
+        println!("skipped {}: {reason}", file.display());
+    }
+    let rate = report.imported as f64 / report.write_time.as_secs_f64().max(1e-9);
+    println!(
+        "imported {} pair(s), skipped {}; validated in {:.2?}, written in {:.2?} ({rate:.0} pairs/s)",
+        report.imported,
+        report.skipped.len(),
+        report.validate_time,
+        report.write_time
+    );
+    Ok(())
+}
+
 async fn check(path: PathBuf) -> Result<()> {
     let config = Config::load(&path)?;
     let certs = config.certificates.clone();
     tokio::task::spawn_blocking(move || tern::select::StaticCerts::load(&certs)).await??;
     let runtime = plugin::runtime_for(&config.plugins)?;
-    let plugins = plugin::load_all(&runtime, &config.plugins).await?;
+    let plugins = plugin::load_all(&runtime, &config.plugins, &tern::server::stores_for(&config)).await?;
     println!(
         "{}: ok ({} listener(s), {} certificate(s), {} plugin(s) compiled)",
         path.display(),
@@ -127,34 +194,40 @@ async fn check(path: PathBuf) -> Result<()> {
     Ok(())
 }
 
-async fn plugin_call(
-    path: PathBuf,
-    servername: String,
-    raw_settings: Vec<String>,
-    files: Option<PathBuf>,
-    timeout: &str,
-    memory_limit: &str,
-) -> Result<()> {
+async fn plugin_call(args: CallArgs) -> Result<()> {
+    let CallArgs { plugin: path, servername, settings: raw_settings, files, redis, cluster, kv_prefixes, .. } = args;
     let name = ServerName::parse(&servername).map_err(|e| anyhow::anyhow!("server name {servername:?}: {e}"))?;
     let mut settings = std::collections::BTreeMap::new();
     for pair in raw_settings {
         let Some((k, v)) = pair.split_once('=') else { bail!("--setting {pair:?}: expected KEY=VALUE") };
         settings.insert(k.to_string(), v.to_string());
     }
+    let mut stores = plugin::Stores::new();
+    let kv = redis.map(|url| {
+        let store = tern::config::RedisSettings {
+            name: "cli".into(),
+            urls: vec![url],
+            cluster,
+            timeout: defaults::REDIS_TIMEOUT,
+        };
+        stores.insert("cli".into(), std::sync::Arc::new(tern::store::RedisStore::new(store)));
+        let prefixes = if kv_prefixes.is_empty() { vec![String::new()] } else { kv_prefixes };
+        tern::config::KvGrant { store: "cli".into(), prefixes }
+    });
     let plugin_settings = PluginSettings {
         name: path.file_stem().map_or_else(|| "plugin".into(), |s| s.to_string_lossy().into_owned()),
         path: path.clone(),
-        timeout: tern::config::parse_duration(timeout).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?,
+        timeout: tern::config::parse_duration(&args.timeout).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?,
         memory_limit: usize::try_from(
-            tern::config::parse_size(memory_limit).map_err(|e| anyhow::anyhow!("--memory-limit: {e}"))?,
+            tern::config::parse_size(&args.memory_limit).map_err(|e| anyhow::anyhow!("--memory-limit: {e}"))?,
         )?,
         max_concurrency: 1,
         settings,
-        grants: Grants { files },
+        grants: Grants { files, kv },
     };
     let runtime = plugin::PluginRuntime::new(plugin_settings.memory_limit.max(defaults::PLUGIN_MEMORY_LIMIT), 4)?;
     let compile_started = Instant::now();
-    let loaded = plugin::load_all(&runtime, std::slice::from_ref(&plugin_settings)).await?;
+    let loaded = plugin::load_all(&runtime, std::slice::from_ref(&plugin_settings), &stores).await?;
     let compiled_in = compile_started.elapsed();
     let plugin = loaded.first().context("plugin did not load")?;
     let call_started = Instant::now();

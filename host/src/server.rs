@@ -83,8 +83,11 @@ impl Server {
             .await
             .map_err(|e| LoadError::Runtime(e.to_string()))??;
         let runtime = plugin::runtime_for(&config.plugins)?;
-        let plugins: HashMap<String, Arc<Plugin>> =
-            plugin::load_all(&runtime, &config.plugins).await?.into_iter().map(|p| (p.name().to_string(), p)).collect();
+        let plugins: HashMap<String, Arc<Plugin>> = plugin::load_all(&runtime, &config.plugins, &stores_for(&config))
+            .await?
+            .into_iter()
+            .map(|p| (p.name().to_string(), p))
+            .collect();
         let metrics = Arc::new(Metrics::default());
         let selector = Arc::new(Selector::new(statics, CertCache::new(&config.cache), metrics.clone()));
 
@@ -163,6 +166,11 @@ impl Server {
         shutdown.await;
         tasks.abort_all();
     }
+}
+
+/// One client per `[[redis]]` section (they connect on first use).
+pub fn stores_for(config: &Config) -> plugin::Stores {
+    config.redis.iter().map(|r| (r.name.clone(), Arc::new(crate::store::RedisStore::new(r.clone())))).collect()
 }
 
 async fn accept_loop(listener: Listener) {

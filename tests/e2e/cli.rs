@@ -1,23 +1,12 @@
 //! The `tern` binary: `check`, `plugin call`, and `run` until SIGTERM.
 
 use std::process::{Command, Stdio};
+
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::support::*;
-
-const TERN: &str = env!("CARGO_BIN_EXE_tern-cli-under-test");
-
-fn tern(args: &[&str]) -> Command {
-    let mut command = Command::new(TERN);
-    command.args(args).env("TERN_LOG", "info");
-    command
-}
-
-fn text(output: &std::process::Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_accepts_a_good_config_and_names_file_and_key_of_a_bad_one() -> anyhow::Result<()> {

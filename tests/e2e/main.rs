@@ -8,5 +8,7 @@ mod caching;
 mod cli;
 mod plugin_failures;
 mod proxy;
+mod redis;
+mod redis_support;
 mod selection;
 mod support;

@@ -257,3 +257,20 @@ pub async fn eventually_equals(c: &std::sync::atomic::AtomicU64, want: u64) -> u
     }
     counter(c)
 }
+
+/// The `tern` binary under test.
+pub const TERN: &str = env!("CARGO_BIN_EXE_tern-cli-under-test");
+
+/// A `tern` command line.
+pub fn tern(args: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(TERN);
+    command.args(args).env("TERN_LOG", "info");
+    command
+}
+
+/// Everything a command printed.
+pub fn text(output: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+pub const REDIS_PLUGIN: &str = env!("TERN_PLUGIN_REDIS_PLUGIN");

@@ -41,6 +41,7 @@ pub struct CallState {
     pub(super) plugin: Arc<str>,
     pub(super) servername: Option<ServerName>,
     pub(super) settings: Arc<std::collections::BTreeMap<String, String>>,
+    pub(super) kv: Option<Arc<KvAccess>>,
     pub(super) log_lines: u32,
 }
 
@@ -106,21 +107,49 @@ impl config::Host for CallState {
 
 impl kv::Host for CallState {
     async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, kv::Error> {
-        Err(self.no_kv_grant(&key))
+        let grant = self.kv_grant(std::slice::from_ref(&key))?;
+        grant.store.get(&key).await.map_err(to_wit)
     }
 
     async fn get_many(&mut self, keys: Vec<String>) -> Result<Vec<Option<Vec<u8>>>, kv::Error> {
-        Err(self.no_kv_grant(keys.first().map(String::as_str).unwrap_or("")))
+        let grant = self.kv_grant(&keys)?;
+        grant.store.get_many(&keys).await.map_err(to_wit)
     }
 
-    async fn hash_get(&mut self, key: String, _fields: Vec<String>) -> Result<Vec<Option<Vec<u8>>>, kv::Error> {
-        Err(self.no_kv_grant(&key))
+    async fn hash_get(&mut self, key: String, fields: Vec<String>) -> Result<Vec<Option<Vec<u8>>>, kv::Error> {
+        let grant = self.kv_grant(std::slice::from_ref(&key))?;
+        grant.store.hash_get(&key, &fields).await.map_err(to_wit)
     }
 }
 
 impl CallState {
-    /// This release has no key-value grant to give: every key is outside the (empty) grant.
-    fn no_kv_grant(&self, key: &str) -> kv::Error {
-        kv::Error::Denied(format!("plugin {} has no key-value grant (key {key:?})", self.plugin))
+    /// The plugin's grant, if it covers every key asked for.
+    fn kv_grant(&self, keys: &[String]) -> Result<Arc<KvAccess>, kv::Error> {
+        let Some(grant) = &self.kv else {
+            return Err(kv::Error::Denied(format!("plugin {} has no key-value grant", self.plugin)));
+        };
+        if let Some(outside) = keys.iter().find(|key| !grant.prefixes.iter().any(|p| key.starts_with(p.as_str()))) {
+            return Err(kv::Error::Denied(format!(
+                "key {outside:?} is outside the prefixes granted to plugin {}",
+                self.plugin
+            )));
+        }
+        Ok(grant.clone())
+    }
+}
+
+/// A plugin's key-value grant: the store and the key prefixes it may read.
+#[derive(Debug)]
+pub struct KvAccess {
+    /// The store.
+    pub store: Arc<crate::store::RedisStore>,
+    /// Allowed key prefixes (`""` allows all).
+    pub prefixes: Vec<String>,
+}
+
+fn to_wit(err: crate::store::StoreError) -> kv::Error {
+    match err {
+        crate::store::StoreError::Unavailable { .. } => kv::Error::Unavailable(err.to_string()),
+        _ => kv::Error::Other(err.to_string()),
     }
 }

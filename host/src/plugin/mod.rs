@@ -20,6 +20,7 @@ use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, WasiCtx};
 
+pub use self::bindings::KvAccess;
 use self::bindings::{CallState, CertSelectorPre, WitSelection};
 use self::limits::CallLimiter;
 use crate::config::PluginSettings;
@@ -193,17 +194,18 @@ impl PluginRuntime {
     }
 
     /// Compiles and links a plugin. CPU-heavy (tens of milliseconds): call it off the async workers.
-    pub fn load(&self, settings: &PluginSettings) -> Result<Plugin, LoadError> {
+    /// `stores` holds the Redis stores by name, for the plugin's `kv` grant.
+    pub fn load(&self, settings: &PluginSettings, stores: &Stores) -> Result<Plugin, LoadError> {
         let bytes = std::fs::read(&settings.path).map_err(|e| LoadError::Compile {
             name: settings.name.clone(),
             path: settings.path.clone(),
             message: e.to_string(),
         })?;
-        self.load_bytes(settings, &bytes)
+        self.load_bytes(settings, &bytes, stores)
     }
 
     /// Like [`PluginRuntime::load`], from the component's bytes.
-    pub fn load_bytes(&self, settings: &PluginSettings, bytes: &[u8]) -> Result<Plugin, LoadError> {
+    pub fn load_bytes(&self, settings: &PluginSettings, bytes: &[u8], stores: &Stores) -> Result<Plugin, LoadError> {
         let component = Component::from_binary(&self.engine, bytes).map_err(|e| LoadError::Compile {
             name: settings.name.clone(),
             path: settings.path.clone(),
@@ -225,8 +227,20 @@ impl PluginRuntime {
                 message: "not a directory".into(),
             });
         }
+        let kv = match &settings.grants.kv {
+            None => None,
+            Some(grant) => {
+                let store = stores.get(&grant.store).cloned().ok_or_else(|| LoadError::Grant {
+                    name: settings.name.clone(),
+                    path: PathBuf::from(&grant.store),
+                    message: "no such [[redis]] store".into(),
+                })?;
+                Some(Arc::new(KvAccess { store, prefixes: grant.prefixes.clone() }))
+            }
+        };
         Ok(Plugin {
             name: Arc::from(settings.name.as_str()),
+            kv,
             runtime: self.clone(),
             pre,
             settings: Arc::new(settings.settings.clone()),
@@ -248,6 +262,7 @@ pub struct Plugin {
     pre: CertSelectorPre<CallState>,
     settings: Arc<BTreeMap<String, String>>,
     files: Option<PathBuf>,
+    kv: Option<Arc<KvAccess>>,
     timeout: Duration,
     memory_limit: usize,
     permits: Arc<Semaphore>,
@@ -309,6 +324,7 @@ impl Plugin {
             plugin: self.name.clone(),
             servername: Some(servername.clone()),
             settings: self.settings.clone(),
+            kv: self.kv.clone(),
             log_lines: 0,
         };
         let mut store = Store::new(&self.runtime.engine, state);
@@ -419,12 +435,19 @@ impl Drop for EpochTicker {
     }
 }
 
+/// Redis stores by their config name.
+pub type Stores = std::collections::HashMap<String, Arc<crate::store::RedisStore>>;
+
 /// Loads every configured plugin, compiling them on blocking threads. Used by the server and by `tern check`.
-pub async fn load_all(runtime: &PluginRuntime, plugins: &[PluginSettings]) -> Result<Vec<Arc<Plugin>>, LoadError> {
+pub async fn load_all(
+    runtime: &PluginRuntime,
+    plugins: &[PluginSettings],
+    stores: &Stores,
+) -> Result<Vec<Arc<Plugin>>, LoadError> {
     let mut loaded = Vec::with_capacity(plugins.len());
     for settings in plugins {
-        let (runtime, settings) = (runtime.clone(), settings.clone());
-        let plugin = tokio::task::spawn_blocking(move || runtime.load(&settings))
+        let (runtime, settings, stores) = (runtime.clone(), settings.clone(), stores.clone());
+        let plugin = tokio::task::spawn_blocking(move || runtime.load(&settings, &stores))
             .await
             .map_err(|e| LoadError::Runtime(e.to_string()))??;
         loaded.push(Arc::new(plugin));

@@ -25,14 +25,12 @@ impl Selector for FilePath {
         if let Some(cert) = settings.read_pair(servername)? {
             return Ok(Selection::Found(cert));
         }
-        if settings.wildcard {
-            if let Some(wildcard) = wildcard_of(servername) {
-                let file_name = wildcard.replacen('*', &settings.wildcard_label, 1);
-                if let Some(cert) = settings.read_pair(&file_name)? {
-                    log::debug(&format!("serving wildcard {wildcard}"));
-                    return Ok(Selection::Found(cert));
-                }
-            }
+        if settings.wildcard
+            && let Some(wildcard) = wildcard_of(servername)
+            && let Some(cert) = settings.read_pair(&wildcard.replacen('*', &settings.wildcard_label, 1))?
+        {
+            log::debug(&format!("serving wildcard {wildcard}"));
+            return Ok(Selection::Found(cert));
         }
         Ok(Selection::NotFound)
     }

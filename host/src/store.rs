@@ -1,0 +1,186 @@
+//! The host's Redis client: one per `[[redis]]` section, shared by every plugin granted it.
+//!
+//! Plugins in any language get Redis through the `kv` interface without linking a client of their own; the host
+//! owns connection reuse (one multiplexed connection, or a cluster connection that follows slot moves), timeouts
+//! and reconnection. tern starts even when Redis is down: the first command connects, a failed connect is retried
+//! by the next command, and an established connection reconnects by itself.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use tokio::sync::OnceCell;
+
+use crate::config::RedisSettings;
+
+/// A store command that failed. Messages never include values.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Redis could not be reached or did not answer within the timeout.
+    #[error("redis {store}: unavailable: {message}")]
+    Unavailable {
+        /// The store's name.
+        store: String,
+        /// What happened.
+        message: String,
+    },
+    /// Redis answered with an error.
+    #[error("redis {store}: {message}")]
+    Command {
+        /// The store's name.
+        store: String,
+        /// The error Redis reported.
+        message: String,
+    },
+}
+
+#[derive(Clone)]
+enum Connection {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// One Redis deployment.
+pub struct RedisStore {
+    settings: RedisSettings,
+    connection: OnceCell<Connection>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("name", &self.settings.name)
+            .field("cluster", &self.settings.cluster)
+            .finish()
+    }
+}
+
+impl RedisStore {
+    /// A store for these settings; nothing connects until the first command.
+    pub fn new(settings: RedisSettings) -> Self {
+        Self { settings, connection: OnceCell::new() }
+    }
+
+    /// The store's name from the config.
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    /// `GET key`.
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.query(redis::cmd("GET").arg(key)).await
+    }
+
+    /// `MGET keys...` (split by slot on a cluster).
+    pub async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.query(redis::cmd("MGET").arg(keys)).await
+    }
+
+    /// `HMGET key fields...`.
+    pub async fn hash_get(&self, key: &str, fields: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        if fields.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.query(redis::cmd("HMGET").arg(key).arg(fields)).await
+    }
+
+    /// Runs write commands in bulk (operator tools): pipelines of 1,000 on a standalone server; on a cluster, where
+    /// a pipeline must stay within one slot, up to 256 single commands in flight over the multiplexed connection.
+    pub async fn write_all(&self, commands: Vec<redis::Cmd>) -> Result<(), StoreError> {
+        use futures_util::StreamExt;
+        let connection = self.connection().await?.clone();
+        // Bulk writes queue behind each other: give them more time than a handshake-path read.
+        let timeout = self.settings.timeout.max(Duration::from_secs(30));
+        match connection {
+            Connection::Standalone(mut c) => {
+                for chunk in commands.chunks(1000) {
+                    let mut pipeline = redis::pipe();
+                    for command in chunk {
+                        pipeline.add_command(command.clone()).ignore();
+                    }
+                    self.finish(tokio::time::timeout(timeout, pipeline.query_async::<()>(&mut c)).await)?;
+                }
+                Ok(())
+            }
+            Connection::Cluster(c) => {
+                let mut replies = futures_util::stream::iter(commands)
+                    .map(|command| {
+                        let mut c = c.clone();
+                        async move { tokio::time::timeout(timeout, command.query_async::<()>(&mut c)).await }
+                    })
+                    .buffer_unordered(256);
+                while let Some(reply) = replies.next().await {
+                    self.finish(reply)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// `PUBLISH channel message`; returns how many subscribers received it.
+    pub async fn publish(&self, channel: &str, message: &str) -> Result<u64, StoreError> {
+        self.query(redis::cmd("PUBLISH").arg(channel).arg(message)).await
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
+        let mut connection = self.connection().await?.clone();
+        let reply = tokio::time::timeout(self.settings.timeout, async {
+            match &mut connection {
+                Connection::Standalone(c) => cmd.query_async::<T>(c).await,
+                Connection::Cluster(c) => cmd.query_async::<T>(c).await,
+            }
+        })
+        .await;
+        self.finish(reply)
+    }
+
+    fn finish<T>(&self, reply: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>) -> Result<T, StoreError> {
+        match reply {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) if err.is_io_error() || err.is_connection_dropped() || err.is_timeout() => {
+                Err(self.unavailable(err.to_string()))
+            }
+            Ok(Err(err)) => Err(StoreError::Command { store: self.settings.name.clone(), message: err.to_string() }),
+            Err(_) => Err(self.unavailable(format!("no answer within {:?}", self.settings.timeout))),
+        }
+    }
+
+    fn unavailable(&self, message: String) -> StoreError {
+        StoreError::Unavailable { store: self.settings.name.clone(), message }
+    }
+
+    /// The connection, connecting on first use; a failed connect leaves the cell empty so the next call retries.
+    async fn connection(&self) -> Result<&Connection, StoreError> {
+        self.connection
+            .get_or_try_init(|| async {
+                tokio::time::timeout(self.settings.timeout.max(Duration::from_secs(1)), self.connect())
+                    .await
+                    .map_err(|_| self.unavailable("connect timed out".into()))?
+            })
+            .await
+    }
+
+    async fn connect(&self) -> Result<Connection, StoreError> {
+        let s = &self.settings;
+        let failed = |e: redis::RedisError| self.unavailable(e.to_string());
+        if s.cluster {
+            let client = redis::cluster::ClusterClientBuilder::new(s.urls.clone())
+                .connection_timeout(s.timeout)
+                .response_timeout(s.timeout)
+                .build()
+                .map_err(failed)?;
+            Ok(Connection::Cluster(client.get_async_connection().await.map_err(failed)?))
+        } else {
+            let url = s.urls.first().ok_or_else(|| self.unavailable("no URL".into()))?;
+            let client = redis::Client::open(url.as_str()).map_err(failed)?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(s.timeout))
+                .set_response_timeout(Some(s.timeout));
+            Ok(Connection::Standalone(ConnectionManager::new_with_config(client, config).await.map_err(failed)?))
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! Certificates from Redis: the Redis plugin through the host's kv capability, standalone and cluster,
+//! `tern certs import`, grants, and Redis going away.
+
+use std::time::{Duration, Instant};
+
+use tern::demo::spawn_echo_backend;
+
+use crate::redis_support::{RedisCluster, RedisServer};
+use crate::support::*;
+
+/// A tern config using the Redis plugin over `urls`, reading keys under `cert:`.
+fn redis_config(pki: &Pki, backend: std::net::SocketAddr, urls: &[String], cluster: bool, settings: &str) -> String {
+    let urls = urls.iter().map(|u| format!("{u:?}")).collect::<Vec<_>>().join(", ");
+    let plugin_keys = format!(
+        "settings = {{ cert_key = \"cert:{{name}}.crt\", key_key = \"cert:{{name}}.key\"{settings} }}\n\
+         grants.kv = {{ redis = \"certs\", prefixes = [\"cert:\"] }}\n\
+         [[redis]]\nname = \"certs\"\nurls = [{urls}]\ncluster = {cluster}\n"
+    );
+    // The kv grant replaces the files grant of the common config.
+    config_with(pki, backend, REDIS_PLUGIN, &plugin_keys, "default_certificate = \"default\"").replacen(
+        &format!("grants.files = \"{}\"", pki.certs().display()),
+        "",
+        1,
+    )
+}
+
+async fn import(pki: &Pki, extra: &[&str]) -> anyhow::Result<String> {
+    let dir = pki.certs().to_string_lossy().into_owned();
+    let mut args = vec!["certs", "import", &dir, "--prefix", "cert:"];
+    args.extend_from_slice(extra);
+    let output = run_command(tern(&args)).await?;
+    anyhow::ensure!(output.status.success(), "certs import failed: {}", text(&output));
+    Ok(text(&output))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_plugin_serves_each_name_its_certificate_after_certs_import() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let pki = Pki::new(&["default.test", "a.example.test", "b.example.test", "*.wild.example.test"])?;
+    // A pair that must be skipped: b's certificate filed under another name.
+    std::fs::copy(pki.certs().join("b.example.test.crt"), pki.certs().join("liar.example.test.crt"))?;
+    std::fs::copy(pki.certs().join("b.example.test.key"), pki.certs().join("liar.example.test.key"))?;
+    let report = import(&pki, &["--redis", &redis.url()]).await?;
+    assert!(report.contains("imported 4 pair(s), skipped 1"), "{report}");
+    assert!(report.contains("liar.example.test.crt: certificate does not cover liar.example.test"), "{report}");
+
+    let config = redis_config(&pki, spawn_echo_backend().await?, &[redis.url()], false, "");
+    let server = TestServer::start(&config, pki.dir.path()).await?;
+    let client = pki.client(&[]);
+    for (sni, file) in [
+        ("a.example.test", "a.example.test"),
+        ("b.example.test", "b.example.test"),
+        ("x.wild.example.test", "*.wild.example.test"),
+    ] {
+        assert_eq!(served_leaf(&connect(server.addr, &client, sni).await?), pki.leaf(file), "{sni}");
+    }
+    // Unknown names get the default certificate; the liar pair was never imported.
+    let stream = handshake(server.addr, &client, None, "default.test").await?;
+    assert_eq!(served_leaf(&stream), pki.leaf("default.test"));
+    assert!(connect(server.addr, &client, "liar.example.test").await.is_err());
+    let stats = server.plugin_stats();
+    assert_eq!((counter(&stats.found), counter(&stats.errors)), (3, 0));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_layout_with_a_stored_ttl_expires_from_the_cache() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let pki = Pki::new(&["default.test", "h.example.test"])?;
+    let chain = std::fs::read_to_string(pki.certs().join("h.example.test.crt"))?;
+    let key = std::fs::read_to_string(pki.certs().join("h.example.test.key"))?;
+    let reply = redis.command(&["HSET", "cert:h.example.test", "crt", &chain, "key", &key, "ttl", "1"]).await?;
+    assert!(reply.starts_with(":3"), "{reply}");
+    let settings = ", layout = \"hash\", hash_key = \"cert:{name}\"";
+    let server = TestServer::start(
+        &redis_config(&pki, spawn_echo_backend().await?, &[redis.url()], false, settings),
+        pki.dir.path(),
+    )
+    .await?;
+    let client = pki.client(&[]);
+    connect(server.addr, &client, "h.example.test").await?;
+    connect(server.addr, &client, "h.example.test").await?;
+    assert_eq!(counter(&server.plugin_stats().calls), 1, "second handshake within the TTL is a cache hit");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    connect(server.addr, &client, "h.example.test").await?;
+    assert_eq!(counter(&server.plugin_stats().calls), 2, "the stored 1 s TTL must expire the entry");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_outside_the_granted_prefixes_are_refused_to_the_plugin() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let pki = Pki::new(&["default.test", "a.example.test"])?;
+    import(&pki, &["--redis", &redis.url()]).await?;
+    // The plugin is pointed at keys outside its grant ("cert:" only).
+    let config = redis_config(&pki, spawn_echo_backend().await?, &[redis.url()], false, "")
+        .replace("cert_key = \"cert:{name}.crt\"", "cert_key = \"secret:{name}.crt\"");
+    let server = TestServer::start(&config, pki.dir.path()).await?;
+    let err = connect(server.addr, &pki.client(&[]), "a.example.test").await.unwrap_err();
+    assert_eq!(alert_of(&err), Some(REFUSED), "{err}");
+    assert_eq!(counter(&server.plugin_stats().errors), 1);
+    // The same through `tern plugin call`, which shows the plugin's message.
+    let output = run_command(tern(&[
+        "plugin",
+        "call",
+        REDIS_PLUGIN,
+        "a.example.test",
+        "--redis",
+        &redis.url(),
+        "--kv-prefix",
+        "cert:",
+        "--setting",
+        "cert_key=secret:{name}.crt",
+    ]))
+    .await?;
+    assert!(text(&output).contains("outside the prefixes granted"), "{}", text(&output));
+    let output = run_command(tern(&[
+        "plugin",
+        "call",
+        REDIS_PLUGIN,
+        "a.example.test",
+        "--redis",
+        &redis.url(),
+        "--kv-prefix",
+        "cert:",
+        "--setting",
+        "cert_key=cert:{name}.crt",
+        "--setting",
+        "key_key=cert:{name}.key",
+    ]))
+    .await?;
+    assert!(text(&output).contains("validation: ok, covers a.example.test"), "{}", text(&output));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_certificates_spread_over_slots_all_resolve() -> anyhow::Result<()> {
+    let cluster = RedisCluster::start().await?;
+    let names: Vec<String> = (0..24).map(|i| format!("site{i}.example.test")).collect();
+    let pki = Pki::new(&["default.test"])?;
+    for name in &names {
+        pki.issue_as(name, &[name])?;
+    }
+    let report = import(&pki, &["--redis", &cluster.urls()[0], "--cluster"]).await?;
+    assert!(report.contains("imported 25 pair(s), skipped 0"), "{report}");
+    for node in &cluster.nodes {
+        let size = node.command(&["DBSIZE"]).await?;
+        assert!(!size.starts_with(":0"), "every master holds some keys, node {} has {size}", node.port);
+    }
+    let config = redis_config(&pki, spawn_echo_backend().await?, &cluster.urls(), true, "");
+    let server = TestServer::start(&config, pki.dir.path()).await?;
+    let client = pki.client(&[]);
+    for name in &names {
+        assert_eq!(served_leaf(&connect(server.addr, &client, name).await?), pki.leaf(name), "{name}");
+    }
+    assert_eq!(counter(&server.plugin_stats().found), names.len() as u64);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_cached_names_keep_working_misses_fail_fast_and_service_recovers() -> anyhow::Result<()> {
+    let mut redis = RedisServer::start().await?;
+    let pki = Pki::new(&["default.test", "cached.example.test", "later.example.test"])?;
+    import(&pki, &["--redis", &redis.url()]).await?;
+    let server =
+        TestServer::start(&redis_config(&pki, spawn_echo_backend().await?, &[redis.url()], false, ""), pki.dir.path())
+            .await?;
+    let client = pki.client(&[]);
+    connect(server.addr, &client, "cached.example.test").await?;
+
+    redis.kill().await?;
+    // Cached: served without Redis.
+    connect(server.addr, &client, "cached.example.test").await?;
+    // Not cached: fails within the store timeout (250 ms), with an alert, not a hang.
+    let started = Instant::now();
+    let err = connect(server.addr, &client, "later.example.test").await.unwrap_err();
+    assert_eq!(alert_of(&err), Some(REFUSED), "{err}");
+    println!("miss with Redis down failed after {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(5), "a miss with Redis down must fail fast");
+
+    redis.restart().await?;
+    import(&pki, &["--redis", &redis.url()]).await?;
+    // The host's client reconnects by itself.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match connect(server.addr, &client, "later.example.test").await {
+            Ok(stream) => {
+                assert_eq!(served_leaf(&stream), pki.leaf("later.example.test"));
+                break;
+            }
+            Err(err) if Instant::now() < deadline => {
+                println!("not yet recovered: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(err) => anyhow::bail!("tern did not recover after Redis came back: {err}"),
+        }
+    }
+    Ok(())
+}
