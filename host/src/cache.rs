@@ -19,21 +19,26 @@ pub enum Cached {
     Found {
         /// The certificate.
         cert: Arc<ParsedCert>,
-        /// How long it is served from cache.
-        ttl: Duration,
+        /// Served without asking the plugin until then.
+        fresh_until: Instant,
     },
     /// The plugin does not know the name.
     NotFound {
-        /// How long that answer is kept.
-        ttl: Duration,
+        /// Answered without asking the plugin until then.
+        fresh_until: Instant,
     },
 }
 
 impl Cached {
-    fn ttl(&self) -> Duration {
+    fn fresh_until(&self) -> Instant {
         match self {
-            Cached::Found { ttl, .. } | Cached::NotFound { ttl } => *ttl,
+            Cached::Found { fresh_until, .. } | Cached::NotFound { fresh_until } => *fresh_until,
         }
+    }
+
+    /// Whether the entry may be served without asking the plugin.
+    pub fn is_fresh(&self) -> bool {
+        Instant::now() < self.fresh_until()
     }
 
     fn bytes(&self) -> usize {
@@ -53,13 +58,26 @@ pub struct CacheKey {
     pub name: ServerName,
 }
 
-/// Whether a lookup was answered from the cache.
+/// How a lookup was answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lookup {
-    /// Served from the cache without calling the plugin.
+    /// A fresh entry, without calling the plugin.
     Hit,
-    /// Loaded (by this caller, or by a concurrent caller whose load this one waited for).
+    /// Loaded now (by this caller, or by a concurrent caller whose load this one waited for).
     Miss,
+    /// The entry was stale and refreshing it failed: served stale (bounded by `cache.max_stale`).
+    Stale,
+}
+
+/// A lookup's answer; `refresh_error` says why a stale entry was served.
+#[derive(Debug)]
+pub struct Loaded<E> {
+    /// How it was answered.
+    pub lookup: Lookup,
+    /// The entry.
+    pub value: Cached,
+    /// With [`Lookup::Stale`]: the refresh failure.
+    pub refresh_error: Option<E>,
 }
 
 /// The bounded, TTL-aware cache of plugin answers.
@@ -87,32 +105,95 @@ impl CertCache {
                 let bytes = value.bytes().saturating_add(key.name.as_str().len() + 48);
                 u32::try_from(bytes).unwrap_or(u32::MAX).max(slot)
             })
-            .expire_after(PerEntryTtl)
+            .expire_after(KeepUntilStaleLimit { max_stale: settings.max_stale })
+            .support_invalidation_closures()
             .build();
         Self { inner, settings: settings.clone() }
     }
 
-    /// The cached answer for `key`, or the result of `load` (run once however many callers miss at once).
+    /// The cached answer for `key`, or the result of `load`.
     ///
-    /// `load` returns the plugin's parsed answer with the TTL the plugin asked for (`None` for the default);
-    /// this applies the configured bounds. Errors are handed to every waiting caller and are not cached.
-    pub async fn get_or_load<E, F>(&self, key: CacheKey, load: F) -> Result<(Lookup, Cached), Arc<E>>
+    /// A missing entry is loaded once however many callers miss at once; the error of a failed load goes to every
+    /// waiting caller and is not cached. A stale entry (past its TTL, within `cache.max_stale`) is refreshed once;
+    /// if that refresh fails, the stale entry is served and the error reported alongside.
+    pub async fn get_or_load<E, F>(&self, key: CacheKey, load: F) -> Result<Loaded<Arc<E>>, Arc<E>>
     where
         E: Send + Sync + 'static,
         F: Future<Output = Result<Answer, E>>,
     {
-        if let Some(hit) = self.inner.get(&key).await {
-            return Ok((Lookup::Hit, hit));
+        match self.inner.get(&key).await {
+            Some(value) if value.is_fresh() => {
+                return Ok(Loaded { lookup: Lookup::Hit, value, refresh_error: None });
+            }
+            Some(_stale) => return self.refresh(key, load).await,
+            None => {}
         }
         let settings = &self.settings;
-        let value =
-            self.inner.try_get_with(key, async move { load.await.map(|answer| answer.into_cached(settings)) }).await?;
-        Ok((Lookup::Miss, value))
+        let value = self.inner.try_get_with(key, async move { load.await.map(|a| a.into_cached(settings)) }).await?;
+        Ok(Loaded { lookup: Lookup::Miss, value, refresh_error: None })
+    }
+
+    /// Refreshes a stale entry under moka's per-key lock: concurrent callers queue, and those behind the first
+    /// find the entry fresh again (or find that the refresh failed only after trying it themselves).
+    async fn refresh<E, F>(&self, key: CacheKey, load: F) -> Result<Loaded<Arc<E>>, Arc<E>>
+    where
+        E: Send + Sync + 'static,
+        F: Future<Output = Result<Answer, E>>,
+    {
+        let mut outcome = None;
+        let slot = &mut outcome;
+        let settings = &self.settings;
+        self.inner
+            .entry(key)
+            .and_compute_with(move |entry| async move {
+                let current = entry.map(|e| e.into_value());
+                if let Some(value) = current.as_ref().filter(|v| v.is_fresh()) {
+                    *slot = Some(Ok(Loaded { lookup: Lookup::Hit, value: value.clone(), refresh_error: None }));
+                    return moka::ops::compute::Op::Nop;
+                }
+                match (load.await, current) {
+                    (Ok(answer), _) => {
+                        let value = answer.into_cached(settings);
+                        *slot = Some(Ok(Loaded { lookup: Lookup::Miss, value: value.clone(), refresh_error: None }));
+                        moka::ops::compute::Op::Put(value)
+                    }
+                    (Err(err), Some(stale)) => {
+                        let refresh_error = Some(Arc::new(err));
+                        *slot = Some(Ok(Loaded { lookup: Lookup::Stale, value: stale, refresh_error }));
+                        moka::ops::compute::Op::Nop
+                    }
+                    (Err(err), None) => {
+                        *slot = Some(Err(Arc::new(err)));
+                        moka::ops::compute::Op::Nop
+                    }
+                }
+            })
+            .await;
+        // The closure above sets the outcome on every path; moka always runs it.
+        outcome.unwrap_or_else(unreachable_outcome)
     }
 
     /// Drops the cached answer for `key`, if any.
     pub async fn invalidate(&self, key: &CacheKey) {
         self.inner.invalidate(key).await;
+    }
+
+    /// Drops every plugin's answer for `name`; a `*.parent` pattern drops every name one label below `parent`.
+    pub fn invalidate_name(&self, name: &str) {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let result = match name.strip_prefix("*.") {
+            Some(parent) => {
+                let parent = parent.to_string();
+                self.inner.invalidate_entries_if(move |key, _| {
+                    key.name.as_str().split_once('.').is_some_and(|(_, rest)| rest == parent)
+                })
+            }
+            None => self.inner.invalidate_entries_if(move |key, _| key.name.as_str() == name),
+        };
+        if let Err(err) = result {
+            // Only possible without support_invalidation_closures, which the builder always sets.
+            tracing::error!(error = %err, "cache invalidation refused");
+        }
     }
 
     /// Cached names (approximate until pending maintenance has run).
@@ -131,6 +212,11 @@ impl CertCache {
     }
 }
 
+#[cold]
+fn unreachable_outcome<T, E>() -> Result<T, E> {
+    panic!("cache refresh closure did not run")
+}
+
 /// A plugin's answer before the cache applies its bounds.
 #[derive(Debug)]
 pub enum Answer {
@@ -142,21 +228,41 @@ pub enum Answer {
 
 impl Answer {
     fn into_cached(self, settings: &CacheSettings) -> Cached {
+        let now = Instant::now();
         match self {
             Answer::Found(cert, hint) => {
                 let ttl = hint.unwrap_or(settings.ttl).min(settings.max_ttl).min(cert.remaining_validity());
-                Cached::Found { cert, ttl }
+                Cached::Found { cert, fresh_until: now + ttl }
             }
-            Answer::NotFound => Cached::NotFound { ttl: settings.negative_ttl },
+            Answer::NotFound => Cached::NotFound { fresh_until: now + settings.negative_ttl },
         }
     }
 }
 
-struct PerEntryTtl;
+/// Keeps an entry until its TTL plus `max_stale`, so it can be served stale while the plugin's store is down.
+struct KeepUntilStaleLimit {
+    max_stale: Duration,
+}
 
-impl moka::Expiry<CacheKey, Cached> for PerEntryTtl {
-    fn expire_after_create(&self, _key: &CacheKey, value: &Cached, _now: Instant) -> Option<Duration> {
-        Some(value.ttl())
+impl KeepUntilStaleLimit {
+    fn lifetime(&self, value: &Cached, now: Instant) -> Duration {
+        value.fresh_until().saturating_duration_since(now) + self.max_stale
+    }
+}
+
+impl moka::Expiry<CacheKey, Cached> for KeepUntilStaleLimit {
+    fn expire_after_create(&self, _key: &CacheKey, value: &Cached, now: Instant) -> Option<Duration> {
+        Some(self.lifetime(value, now))
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &CacheKey,
+        value: &Cached,
+        now: Instant,
+        _current: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(self.lifetime(value, now))
     }
 }
 
@@ -172,6 +278,7 @@ mod tests {
             ttl: Duration::from_secs(60),
             max_ttl: Duration::from_secs(120),
             negative_ttl: Duration::from_millis(50),
+            max_stale: Duration::from_secs(60),
         }
     }
 
@@ -184,14 +291,14 @@ mod tests {
         let cache = CertCache::new(&settings(100, 1 << 20));
         let loads = AtomicUsize::new(0);
         for want in [Lookup::Miss, Lookup::Hit, Lookup::Hit] {
-            let (lookup, _) = cache
+            let loaded = cache
                 .get_or_load(key("a.example"), async {
                     loads.fetch_add(1, Ordering::SeqCst);
                     Ok::<_, ()>(Answer::NotFound)
                 })
                 .await
                 .unwrap();
-            assert_eq!(lookup, want);
+            assert_eq!(loaded.lookup, want);
         }
         assert_eq!(loads.load(Ordering::SeqCst), 1);
     }
@@ -226,8 +333,8 @@ mod tests {
         let cache = CertCache::new(&settings(100, 1 << 20));
         let err = cache.get_or_load(key("c.example"), async { Err::<Answer, _>("down") }).await.unwrap_err();
         assert_eq!(*err, "down");
-        let (lookup, _) = cache.get_or_load(key("c.example"), async { Ok::<_, ()>(Answer::NotFound) }).await.unwrap();
-        assert_eq!(lookup, Lookup::Miss);
+        let loaded = cache.get_or_load(key("c.example"), async { Ok::<_, ()>(Answer::NotFound) }).await.unwrap();
+        assert_eq!(loaded.lookup, Lookup::Miss);
     }
 
     #[tokio::test]
@@ -236,8 +343,41 @@ mod tests {
         let load = || async { Ok::<_, ()>(Answer::NotFound) };
         cache.get_or_load(key("d.example"), load()).await.unwrap();
         tokio::time::sleep(Duration::from_millis(120)).await;
-        let (lookup, _) = cache.get_or_load(key("d.example"), load()).await.unwrap();
-        assert_eq!(lookup, Lookup::Miss);
+        let loaded = cache.get_or_load(key("d.example"), load()).await.unwrap();
+        assert_eq!(loaded.lookup, Lookup::Miss);
+    }
+
+    #[tokio::test]
+    async fn stale_entry_is_served_when_its_refresh_fails_and_replaced_when_it_succeeds() {
+        let cache = CertCache::new(&settings(100, 1 << 20));
+        cache.get_or_load(key("e.example"), async { Ok::<_, &str>(Answer::NotFound) }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        let loaded = cache.get_or_load(key("e.example"), async { Err::<Answer, _>("store down") }).await.unwrap();
+        assert_eq!(loaded.lookup, Lookup::Stale);
+        assert_eq!(loaded.refresh_error.as_deref(), Some(&"store down"));
+        let loaded = cache.get_or_load(key("e.example"), async { Ok::<_, &str>(Answer::NotFound) }).await.unwrap();
+        assert_eq!(loaded.lookup, Lookup::Miss, "a successful refresh replaces the stale entry");
+        let loaded = cache.get_or_load(key("e.example"), async { Err::<Answer, _>("unused") }).await.unwrap();
+        assert_eq!(loaded.lookup, Lookup::Hit);
+    }
+
+    #[tokio::test]
+    async fn invalidation_by_name_and_by_wildcard_pattern() {
+        let cache = CertCache::new(&settings(100, 1 << 20));
+        let load = || async { Ok::<_, ()>(Answer::NotFound) };
+        for name in ["a.example", "b.shop.example", "c.shop.example", "x.c.shop.example"] {
+            cache.get_or_load(key(name), load()).await.unwrap();
+        }
+        cache.invalidate_name("A.Example.");
+        cache.invalidate_name("*.shop.example");
+        for (name, want) in [
+            ("a.example", Lookup::Miss),
+            ("b.shop.example", Lookup::Miss),
+            ("c.shop.example", Lookup::Miss),
+            ("x.c.shop.example", Lookup::Hit),
+        ] {
+            assert_eq!(cache.get_or_load(key(name), load()).await.unwrap().lookup, want, "{name}");
+        }
     }
 
     #[tokio::test]

@@ -28,6 +28,18 @@ pub struct Config {
     pub plugins: Vec<PluginSettings>,
     /// Redis stores plugins may be granted.
     pub redis: Vec<RedisSettings>,
+    /// Where cache invalidations arrive from, if anywhere.
+    pub invalidation: Option<InvalidationSettings>,
+}
+
+/// `[invalidation]`: a Redis pub/sub channel carrying server names (or `*.parent` patterns) whose cached
+/// answers every node drops at once.
+#[derive(Debug, Clone)]
+pub struct InvalidationSettings {
+    /// The `[[redis]]` store to subscribe through.
+    pub store: String,
+    /// The channel.
+    pub channel: String,
 }
 
 /// `[[redis]]`: a Redis deployment, standalone or cluster.
@@ -67,6 +79,8 @@ pub struct CacheSettings {
     pub max_ttl: Duration,
     /// How long a "no certificate for this name" answer is cached.
     pub negative_ttl: Duration,
+    /// How long past its TTL an entry may still be served while refreshing it fails (stale-if-error).
+    pub max_stale: Duration,
 }
 
 /// `[proxy]`
@@ -188,6 +202,8 @@ pub mod defaults {
     pub const CACHE_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
     /// `cache.negative_ttl`
     pub const CACHE_NEGATIVE_TTL: Duration = Duration::from_secs(60);
+    /// `cache.max_stale`
+    pub const CACHE_MAX_STALE: Duration = Duration::from_secs(3600);
     /// `proxy.connect_timeout`
     pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
     /// `proxy.response_timeout`
@@ -202,6 +218,8 @@ pub mod defaults {
     pub const PLUGIN_MAX_CONCURRENCY: usize = 64;
     /// `redis.timeout`
     pub const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+    /// `invalidation.channel`
+    pub const INVALIDATION_CHANNEL: &str = "tern:invalidate";
     /// `listener.alpn`
     pub const ALPN: [&str; 2] = ["h2", "http/1.1"];
 }
@@ -264,6 +282,14 @@ pub mod raw {
         pub plugin: Vec<Plugin>,
         #[serde(default)]
         pub redis: Vec<Redis>,
+        pub invalidation: Option<Invalidation>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Invalidation {
+        pub redis: String,
+        pub channel: Option<String>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -292,6 +318,7 @@ pub mod raw {
         pub ttl: Option<String>,
         pub max_ttl: Option<String>,
         pub negative_ttl: Option<String>,
+        pub max_stale: Option<String>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -420,6 +447,7 @@ impl Validator<'_> {
                 raw.cache.negative_ttl.as_ref(),
                 defaults::CACHE_NEGATIVE_TTL,
             )?,
+            max_stale: self.duration("cache.max_stale", raw.cache.max_stale.as_ref(), defaults::CACHE_MAX_STALE)?,
         };
         if cache.ttl > cache.max_ttl {
             return Err(self.err("cache.ttl", "is longer than cache.max_ttl"));
@@ -449,7 +477,17 @@ impl Validator<'_> {
         let redis = self.redis(raw.redis)?;
         let plugins = self.plugins(raw.plugin, &redis)?;
         let listeners = self.listeners(raw.listener, &certificates, &plugins)?;
-        Ok(Config { server, cache, proxy, listeners, certificates, plugins, redis })
+        let invalidation = match raw.invalidation {
+            None => None,
+            Some(i) => {
+                if !redis.iter().any(|r| r.name == i.redis) {
+                    return Err(self.err("invalidation.redis", format!("no [[redis]] named {:?}", i.redis)));
+                }
+                let channel = i.channel.unwrap_or_else(|| defaults::INVALIDATION_CHANNEL.to_string());
+                Some(InvalidationSettings { store: i.redis, channel })
+            }
+        };
+        Ok(Config { server, cache, proxy, listeners, certificates, plugins, redis, invalidation })
     }
 
     fn redis(&self, raw: Vec<raw::Redis>) -> Result<Vec<RedisSettings>, ConfigError> {

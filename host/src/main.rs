@@ -49,6 +49,22 @@ enum PluginCommand {
 
 #[derive(Debug, Subcommand)]
 enum CertsCommand {
+    /// Tell every tern node subscribed to the channel to drop its cached answers for these names
+    /// (`*.parent` drops every name one label below parent).
+    Invalidate {
+        /// Server names or `*.parent` patterns.
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Redis URL (redis://host:port); with --cluster, any node of the cluster.
+        #[arg(long)]
+        redis: String,
+        /// The URL is a Redis Cluster node.
+        #[arg(long)]
+        cluster: bool,
+        /// The channel the nodes subscribe to (`[invalidation] channel`).
+        #[arg(long, default_value = defaults::INVALIDATION_CHANNEL)]
+        channel: String,
+    },
     /// Load a directory of <name>.crt / <name>.key pairs into Redis in the Redis plugin's layout. Every pair is
     /// validated first (key matches certificate, certificate covers <name>); invalid pairs are skipped and listed.
     Import {
@@ -118,6 +134,9 @@ fn main() -> Result<()> {
             Command::Certs(CertsCommand::Import { dir, redis, cluster, layout, prefix }) => {
                 certs_import(dir, redis, cluster, layout, &prefix).await
             }
+            Command::Certs(CertsCommand::Invalidate { names, redis, cluster, channel }) => {
+                certs_invalidate(names, redis, cluster, &channel).await
+            }
         }
     })
 }
@@ -149,6 +168,30 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+async fn certs_invalidate(names: Vec<String>, url: String, cluster: bool, channel: &str) -> Result<()> {
+    for name in &names {
+        let plain = name.strip_prefix("*.").unwrap_or(name);
+        ServerName::parse(plain)
+            .map_err(|e| anyhow::anyhow!("{name:?} is not a server name or *.parent pattern: {e}"))?;
+    }
+    let store = redis_store(url, cluster);
+    for name in &names {
+        let receivers = store.publish(channel, &name.to_ascii_lowercase()).await?;
+        println!("invalidated {name}: received by {receivers} node(s)");
+    }
+    Ok(())
+}
+
+/// A store for a one-off command-line operation.
+fn redis_store(url: String, cluster: bool) -> tern::store::RedisStore {
+    tern::store::RedisStore::new(tern::config::RedisSettings {
+        name: "cli".into(),
+        urls: vec![url],
+        cluster,
+        timeout: defaults::REDIS_TIMEOUT,
+    })
+}
+
 async fn certs_import(
     dir: PathBuf,
     url: String,
@@ -156,13 +199,7 @@ async fn certs_import(
     layout: tern::tools::Layout,
     prefix: &str,
 ) -> Result<()> {
-    let settings = tern::config::RedisSettings {
-        name: "import".into(),
-        urls: vec![url],
-        cluster,
-        timeout: defaults::REDIS_TIMEOUT,
-    };
-    let store = tern::store::RedisStore::new(settings);
+    let store = redis_store(url, cluster);
     let report = tern::tools::import_dir(&dir, &store, layout, prefix).await?;
     for (file, reason) in &report.skipped {
         println!("skipped {}: {reason}", file.display());
@@ -204,13 +241,7 @@ async fn plugin_call(args: CallArgs) -> Result<()> {
     }
     let mut stores = plugin::Stores::new();
     let kv = redis.map(|url| {
-        let store = tern::config::RedisSettings {
-            name: "cli".into(),
-            urls: vec![url],
-            cluster,
-            timeout: defaults::REDIS_TIMEOUT,
-        };
-        stores.insert("cli".into(), std::sync::Arc::new(tern::store::RedisStore::new(store)));
+        stores.insert("cli".into(), std::sync::Arc::new(redis_store(url, cluster)));
         let prefixes = if kv_prefixes.is_empty() { vec![String::new()] } else { kv_prefixes };
         tern::config::KvGrant { store: "cli".into(), prefixes }
     });

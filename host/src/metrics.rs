@@ -21,6 +21,8 @@ pub struct Metrics {
     pub cache_negative_hits: AtomicU64,
     /// Selections that needed the plugin (or waited for a concurrent call to it).
     pub cache_misses: AtomicU64,
+    /// Selections served from an entry past its TTL because refreshing it failed (also counted as hits).
+    pub stale_serves: AtomicU64,
     /// Selections answered with the listener's default certificate.
     pub default_served: AtomicU64,
 }

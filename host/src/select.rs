@@ -90,6 +90,8 @@ pub enum Source {
     Static,
     /// The cache, without calling the plugin.
     CacheHit,
+    /// The cache, past the entry's TTL, because refreshing it failed.
+    Stale,
     /// The plugin, just now (or a concurrent call to it for the same name).
     Plugin,
     /// The listener's default certificate.
@@ -218,7 +220,7 @@ impl Selector {
         };
         let key = CacheKey { plugin: plugin.name().clone(), name: name.clone() };
         let loaded = self.cache.get_or_load(key, load(plugin, &name)).await;
-        let (lookup, cached) = loaded.map_err(|failure| match &*failure {
+        let describe = |failure: &LoadFailure| match failure {
             LoadFailure::Plugin(source) => {
                 SelectError::Plugin { plugin: plugin.name().clone(), servername: name.clone(), source: source.clone() }
             }
@@ -227,18 +229,29 @@ impl Selector {
                 servername: name.clone(),
                 source: source.clone(),
             },
-        })?;
-        match (lookup, cached) {
-            (Lookup::Hit, Cached::Found { cert, .. }) => {
-                inc(&self.metrics.cache_hits);
-                Ok((cert.certified.clone(), Source::CacheHit))
+        };
+        let loaded = loaded.map_err(|failure| describe(&failure))?;
+        if let Some(failure) = &loaded.refresh_error {
+            inc(&self.metrics.stale_serves);
+            let cause = describe(failure);
+            tracing::warn!(servername = %name, %cause, "refresh failed, serving the cached answer past its TTL");
+        }
+        let (lookup, source) = match loaded.lookup {
+            Lookup::Hit => (&self.metrics.cache_hits, Source::CacheHit),
+            Lookup::Stale => (&self.metrics.cache_hits, Source::Stale),
+            Lookup::Miss => (&self.metrics.cache_misses, Source::Plugin),
+        };
+        match loaded.value {
+            Cached::Found { cert, .. } => {
+                inc(lookup);
+                Ok((cert.certified.clone(), source))
             }
-            (Lookup::Miss, Cached::Found { cert, .. }) => {
-                inc(&self.metrics.cache_misses);
-                Ok((cert.certified.clone(), Source::Plugin))
-            }
-            (lookup, Cached::NotFound { .. }) => {
-                inc(if lookup == Lookup::Hit { &self.metrics.cache_negative_hits } else { &self.metrics.cache_misses });
+            Cached::NotFound { .. } => {
+                inc(if source == Source::Plugin {
+                    &self.metrics.cache_misses
+                } else {
+                    &self.metrics.cache_negative_hits
+                });
                 self.fallback(policy, SelectError::UnknownName { servername: name })
             }
         }

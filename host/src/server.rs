@@ -50,6 +50,8 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Server {
     listeners: Vec<Listener>,
+    /// The store and channel cache invalidations arrive on.
+    invalidation: Option<(Arc<crate::store::RedisStore>, String)>,
     selector: Arc<Selector>,
     plugins: HashMap<String, Arc<Plugin>>,
     metrics: Arc<Metrics>,
@@ -82,8 +84,11 @@ impl Server {
         let statics = tokio::task::spawn_blocking(move || StaticCerts::load(&certificate_settings))
             .await
             .map_err(|e| LoadError::Runtime(e.to_string()))??;
+        let stores = stores_for(&config);
+        let invalidation =
+            config.invalidation.as_ref().and_then(|i| Some((stores.get(&i.store)?.clone(), i.channel.clone())));
         let runtime = plugin::runtime_for(&config.plugins)?;
-        let plugins: HashMap<String, Arc<Plugin>> = plugin::load_all(&runtime, &config.plugins, &stores_for(&config))
+        let plugins: HashMap<String, Arc<Plugin>> = plugin::load_all(&runtime, &config.plugins, &stores)
             .await?
             .into_iter()
             .map(|p| (p.name().to_string(), p))
@@ -95,7 +100,14 @@ impl Server {
         for settings in &config.listeners {
             listeners.push(Self::listener(&config, settings, &selector, &plugins, &metrics).await?);
         }
-        Ok(Self { listeners, selector, plugins, metrics, handshake_timeout: config.server.handshake_timeout })
+        Ok(Self {
+            listeners,
+            invalidation,
+            selector,
+            plugins,
+            metrics,
+            handshake_timeout: config.server.handshake_timeout,
+        })
     }
 
     async fn listener(
@@ -159,6 +171,9 @@ impl Server {
     /// Accepts connections on every listener until `shutdown` completes.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let mut tasks = tokio::task::JoinSet::new();
+        if let Some((store, channel)) = self.invalidation {
+            tasks.spawn(listen_for_invalidations(store, channel, self.selector.cache().clone()));
+        }
         for listener in self.listeners {
             tracing::info!(listener = %listener.name, addr = ?listener.tcp.local_addr().ok(), "listening");
             tasks.spawn(accept_loop(listener));
@@ -171,6 +186,32 @@ impl Server {
 /// One client per `[[redis]]` section (they connect on first use).
 pub fn stores_for(config: &Config) -> plugin::Stores {
     config.redis.iter().map(|r| (r.name.clone(), Arc::new(crate::store::RedisStore::new(r.clone())))).collect()
+}
+
+/// Drops cached answers for the names published on `channel`, resubscribing (with backoff) whenever the
+/// subscription drops. Names published while the subscription is down are missed; their TTL still bounds how
+/// long they are served.
+async fn listen_for_invalidations(store: Arc<crate::store::RedisStore>, channel: String, cache: CertCache) {
+    use futures_util::StreamExt;
+    const FIRST_RETRY: Duration = Duration::from_millis(100);
+    let mut retry = FIRST_RETRY;
+    loop {
+        match store.subscribe(&channel).await {
+            Ok(messages) => {
+                tracing::info!(store = store.name(), channel, "subscribed to certificate invalidations");
+                retry = FIRST_RETRY;
+                let mut messages = std::pin::pin!(messages);
+                while let Some(name) = messages.next().await {
+                    tracing::info!(servername = %name.trim(), "cache invalidated");
+                    cache.invalidate_name(name.trim());
+                }
+                tracing::warn!(store = store.name(), channel, "invalidation subscription lost, resubscribing");
+            }
+            Err(err) => tracing::warn!(channel, error = %err, retry = ?retry, "cannot subscribe to invalidations"),
+        }
+        tokio::time::sleep(retry).await;
+        retry = (retry * 2).min(Duration::from_secs(5));
+    }
 }
 
 async fn accept_loop(listener: Listener) {

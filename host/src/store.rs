@@ -121,6 +121,29 @@ impl RedisStore {
         }
     }
 
+    /// Subscribes to `channel` on a dedicated connection and yields its messages as text. The stream ends when
+    /// the connection drops; the caller resubscribes. On a cluster, any node will do: Redis Cluster forwards
+    /// every `PUBLISH` to all nodes.
+    pub async fn subscribe(
+        &self,
+        channel: &str,
+    ) -> Result<impl futures_util::Stream<Item = String> + Send + use<>, StoreError> {
+        use futures_util::StreamExt;
+        let url = self.settings.urls.first().ok_or_else(|| self.unavailable("no URL".into()))?;
+        let failed = |e: redis::RedisError| self.unavailable(e.to_string());
+        let client = redis::Client::open(url.as_str()).map_err(failed)?;
+        let connect = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        let pubsub = tokio::time::timeout(self.settings.timeout.max(Duration::from_secs(1)), connect)
+            .await
+            .map_err(|_| self.unavailable("subscribe timed out".into()))?
+            .map_err(failed)?;
+        Ok(pubsub.into_on_message().filter_map(|msg| async move { msg.get_payload::<String>().ok() }))
+    }
+
     /// `PUBLISH channel message`; returns how many subscribers received it.
     pub async fn publish(&self, channel: &str, message: &str) -> Result<u64, StoreError> {
         self.query(redis::cmd("PUBLISH").arg(channel).arg(message)).await

@@ -197,3 +197,68 @@ async fn redis_killed_cached_names_keep_working_misses_fail_fast_and_service_rec
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidation_reaches_every_node_sharing_the_redis() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let pki = Pki::new(&["default.test", "a.example.test"])?;
+    import(&pki, &["--redis", &redis.url()]).await?;
+    let config = format!(
+        "{}\n[invalidation]\nredis = \"certs\"\n",
+        redis_config(&pki, spawn_echo_backend().await?, &[redis.url()], false, "")
+    );
+    let nodes = [TestServer::start(&config, pki.dir.path()).await?, TestServer::start(&config, pki.dir.path()).await?];
+    let client = pki.client(&[]);
+    let old = pki.leaf("a.example.test");
+    for node in &nodes {
+        assert_eq!(served_leaf(&connect(node.addr, &client, "a.example.test").await?), old);
+    }
+    // The certificate changes in the store; the nodes still serve the cached one (TTL: one hour).
+    pki.issue_as("a.example.test", &["a.example.test"])?;
+    let new = pki.leaf("a.example.test");
+    assert_ne!(old, new);
+    import(&pki, &["--redis", &redis.url()]).await?;
+    for node in &nodes {
+        assert_eq!(served_leaf(&connect(node.addr, &client, "a.example.test").await?), old);
+    }
+    // Subscriptions are set up as the servers start: publish until both nodes hear it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let output = run_command(tern(&["certs", "invalidate", "a.example.test", "--redis", &redis.url()])).await?;
+        if text(&output).contains("received by 2 node(s)") {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "nodes never subscribed: {}", text(&output));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for node in &nodes {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while served_leaf(&connect(node.addr, &client, "a.example.test").await?) != new {
+            anyhow::ensure!(Instant::now() < deadline, "node {} still serves the old certificate", node.addr);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_entries_are_served_stale_while_redis_is_down() -> anyhow::Result<()> {
+    let mut redis = RedisServer::start().await?;
+    let pki = Pki::new(&["default.test", "a.example.test"])?;
+    import(&pki, &["--redis", &redis.url()]).await?;
+    // Every answer expires after one second, but may be served stale for a minute if refreshing fails.
+    let config = format!(
+        "{}\n[cache]\nttl = \"1s\"\nmax_stale = \"1m\"\n",
+        redis_config(&pki, spawn_echo_backend().await?, &[redis.url()], false, "")
+    );
+    let server = TestServer::start(&config, pki.dir.path()).await?;
+    let client = pki.client(&[]);
+    connect(server.addr, &client, "a.example.test").await?;
+    redis.kill().await?;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let stream = connect(server.addr, &client, "a.example.test").await?;
+    assert_eq!(served_leaf(&stream), pki.leaf("a.example.test"));
+    assert_eq!(counter(&server.metrics.stale_serves), 1);
+    assert_eq!(counter(&server.plugin_stats().errors), 1, "the refresh was tried and failed");
+    Ok(())
+}
