@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// (package, file stem) of every plugin the tests use.
-const PLUGINS: [(&str, &str); 3] = [("file-path", "file_path"), ("redis-plugin", "redis_plugin"), ("chaos", "chaos")];
+const PLUGINS: [(&str, &str); 4] =
+    [("file-path", "file_path"), ("redis-plugin", "redis_plugin"), ("http-api", "http_api"), ("chaos", "chaos")];
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
@@ -18,6 +19,7 @@ fn main() {
         "plugins/Cargo.lock",
         "plugins/file-path",
         "plugins/redis",
+        "plugins/http-api",
         "plugins/testing",
         "guest-sdk",
         "wit",

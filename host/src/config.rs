@@ -160,6 +160,19 @@ pub struct Grants {
     pub files: Option<PathBuf>,
     /// Read access to a Redis store, limited to key prefixes.
     pub kv: Option<KvGrant>,
+    /// Outgoing HTTP through `wasi:http`, limited to listed authorities.
+    pub http: Option<HttpGrant>,
+}
+
+/// `grants.http`: where a plugin may send HTTP requests, and within which limits.
+#[derive(Debug, Clone)]
+pub struct HttpGrant {
+    /// Authorities (`host:port`, lowercase) the plugin may reach; a request anywhere else is refused.
+    pub allow: Vec<String>,
+    /// Connect, first-byte and between-bytes timeout of each request.
+    pub timeout: Duration,
+    /// Largest response body accepted; a longer one fails the read.
+    pub max_response_bytes: u64,
 }
 
 /// `grants.kv`: which store a plugin may read, and which keys.
@@ -218,6 +231,10 @@ pub mod defaults {
     pub const PLUGIN_MAX_CONCURRENCY: usize = 64;
     /// `redis.timeout`
     pub const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+    /// `grants.http.timeout`
+    pub const HTTP_TIMEOUT: Duration = Duration::from_millis(500);
+    /// `grants.http.max_response_bytes`: 1 MiB
+    pub const HTTP_MAX_RESPONSE_BYTES: u64 = 1 << 20;
     /// `invalidation.channel`
     pub const INVALIDATION_CHANNEL: &str = "tern:invalidate";
     /// `listener.alpn`
@@ -370,6 +387,15 @@ pub mod raw {
     pub struct Grants {
         pub files: Option<String>,
         pub kv: Option<KvGrant>,
+        pub http: Option<HttpGrant>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct HttpGrant {
+        pub allow: Vec<String>,
+        pub timeout: Option<String>,
+        pub max_response_bytes: Option<Size>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -566,7 +592,21 @@ impl Validator<'_> {
                         toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) => {
                             Ok((k, v.to_string()))
                         }
-                        _ => Err(self.err(format!("{key}.settings.{k}"), "must be a string, number or boolean")),
+                        // `{ env = "NAME" }`: the value comes from tern's environment (for secrets such as API
+                        // tokens, which then live in neither the file nor any log).
+                        toml::Value::Table(t) if t.len() == 1 && t.get("env").is_some_and(toml::Value::is_str) => {
+                            let var = t.get("env").and_then(toml::Value::as_str).unwrap_or_default();
+                            std::env::var(var).map(|value| (k.clone(), value)).map_err(|_| {
+                                self.err(
+                                    format!("{key}.settings.{k}"),
+                                    format!("environment variable {var} is not set"),
+                                )
+                            })
+                        }
+                        _ => Err(self.err(
+                            format!("{key}.settings.{k}"),
+                            "must be a string, number, boolean or { env = \"VARIABLE\" }",
+                        )),
                     })
                     .collect::<Result<_, _>>()?;
                 let files = p.grants.files.map(|dir| self.path(&dir));
@@ -588,6 +628,27 @@ impl Validator<'_> {
                         Some(KvGrant { store: grant.redis, prefixes: grant.prefixes })
                     }
                 };
+                let http = match p.grants.http {
+                    None => None,
+                    Some(grant) => {
+                        let allow = grant
+                            .allow
+                            .iter()
+                            .map(|a| {
+                                normalise_authority(a).map_err(|m| self.err(format!("{key}.grants.http.allow"), m))
+                            })
+                            .collect::<Result<_, _>>()?;
+                        let timeout_key = format!("{key}.grants.http.timeout");
+                        let timeout = self.duration(&timeout_key, grant.timeout.as_ref(), defaults::HTTP_TIMEOUT)?;
+                        self.positive(&timeout_key, timeout)?;
+                        let max_response_bytes = self.size(
+                            &format!("{key}.grants.http.max_response_bytes"),
+                            grant.max_response_bytes.as_ref(),
+                            defaults::HTTP_MAX_RESPONSE_BYTES,
+                        )?;
+                        Some(HttpGrant { allow, timeout, max_response_bytes })
+                    }
+                };
                 Ok(PluginSettings {
                     name: p.name,
                     path: self.path(&p.path),
@@ -595,7 +656,7 @@ impl Validator<'_> {
                     memory_limit: usize::try_from(memory_limit).unwrap_or(usize::MAX),
                     max_concurrency,
                     settings,
-                    grants: Grants { files, kv },
+                    grants: Grants { files, kv, http },
                 })
             })
             .collect()
@@ -675,6 +736,15 @@ fn normalise_pattern(raw: &str) -> Result<String, String> {
         None => ("", raw),
     };
     ServerName::parse(rest).map(|n| format!("{prefix}{n}")).map_err(|e| format!("{raw:?}: {e}"))
+}
+
+/// `host:port` as written in an allow-list, lowercased; the port is required so that the grant is exact.
+fn normalise_authority(raw: &str) -> Result<String, String> {
+    let authority: http::uri::Authority = raw.parse().map_err(|e| format!("{raw:?}: {e}"))?;
+    if authority.port_u16().is_none() {
+        return Err(format!("{raw:?}: give host:port (e.g. \"api.example.com:443\")"));
+    }
+    Ok(authority.as_str().to_ascii_lowercase())
 }
 
 fn parse_backend(raw: &str) -> Result<http::Uri, String> {
@@ -835,6 +905,31 @@ mod tests {
         assert!(err.contains(".grants.kv.prefixes"), "{err}");
         let err = load(&with_store.replace("redis://127.0.0.1:6379", "127.0.0.1:6379")).unwrap_err().to_string();
         assert!(err.contains("redis \"certs\".urls"), "{err}");
+    }
+
+    #[test]
+    fn settings_can_come_from_the_environment_and_http_grants_need_ports() {
+        // PATH is set in every environment tests run in; the variable below in none.
+        let with = |settings: &str| {
+            MINIMAL.replace("settings = { cert_template = \"{name}.pem\", ttl_seconds = 30 }", settings)
+        };
+        let config = load(&with("settings = { token = { env = \"PATH\" } }")).unwrap();
+        assert_eq!(config.plugins[0].settings["token"], std::env::var("PATH").unwrap());
+        let err = load(&with("settings = { token = { env = \"TERN_TEST_SURELY_UNSET_VARIABLE\" } }")).unwrap_err();
+        assert!(
+            err.to_string().contains(".settings.token: environment variable TERN_TEST_SURELY_UNSET_VARIABLE"),
+            "{err}"
+        );
+        let grant = |g: &str| MINIMAL.replace("grants.files = \"/srv/certs\"", g);
+        let config = load(&grant("grants.http = { allow = [\"API.example.com:443\"] }")).unwrap();
+        let http = config.plugins[0].grants.http.as_ref().unwrap();
+        assert_eq!(http.allow, ["api.example.com:443"]);
+        assert_eq!(
+            (http.timeout, http.max_response_bytes),
+            (defaults::HTTP_TIMEOUT, defaults::HTTP_MAX_RESPONSE_BYTES)
+        );
+        let err = load(&grant("grants.http = { allow = [\"api.example.com\"] }")).unwrap_err().to_string();
+        assert!(err.contains(".grants.http.allow: \"api.example.com\": give host:port"), "{err}");
     }
 
     #[test]

@@ -254,7 +254,7 @@ async fn plugin_call(args: CallArgs) -> Result<()> {
         )?,
         max_concurrency: 1,
         settings,
-        grants: Grants { files, kv },
+        grants: Grants { files, kv, http: None },
     };
     let runtime = plugin::PluginRuntime::new(plugin_settings.memory_limit.max(defaults::PLUGIN_MEMORY_LIMIT), 4)?;
     let compile_started = Instant::now();

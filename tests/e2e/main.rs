@@ -6,6 +6,7 @@
 
 mod caching;
 mod cli;
+mod http_api;
 mod plugin_failures;
 mod proxy;
 mod redis;

@@ -274,3 +274,4 @@ pub fn text(output: &std::process::Output) -> String {
 }
 
 pub const REDIS_PLUGIN: &str = env!("TERN_PLUGIN_REDIS_PLUGIN");
+pub const HTTP_API_PLUGIN: &str = env!("TERN_PLUGIN_HTTP_API");

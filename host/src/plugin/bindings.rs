@@ -42,12 +42,20 @@ pub struct CallState {
     pub(super) servername: Option<ServerName>,
     pub(super) settings: Arc<std::collections::BTreeMap<String, String>>,
     pub(super) kv: Option<Arc<KvAccess>>,
+    pub(super) http: wasmtime_wasi_http::WasiHttpCtx,
+    pub(super) http_hooks: super::http::HttpHooks,
     pub(super) log_lines: u32,
 }
 
 impl WasiView for CallState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl wasmtime_wasi_http::WasiHttpView for CallState {
+    fn http(&mut self) -> wasmtime_wasi_http::WasiHttpCtxView<'_> {
+        wasmtime_wasi_http::WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.http_hooks }
     }
 }
 

@@ -6,6 +6,7 @@
 //! instantiation costs a few microseconds.
 
 mod bindings;
+mod http;
 mod limits;
 
 use std::collections::BTreeMap;
@@ -188,6 +189,8 @@ impl PluginRuntime {
         };
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| LoadError::Runtime(e.to_string()))?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+            .map_err(|e| LoadError::Runtime(e.to_string()))?;
         bindings::add_to_linker(&mut linker).map_err(|e| LoadError::Runtime(e.to_string()))?;
         let ticker = Arc::new(EpochTicker::start(engine.clone()));
         Ok(Self { engine, linker: Arc::new(linker), _ticker: ticker })
@@ -241,6 +244,7 @@ impl PluginRuntime {
         Ok(Plugin {
             name: Arc::from(settings.name.as_str()),
             kv,
+            http: settings.grants.http.clone().map(Arc::new),
             runtime: self.clone(),
             pre,
             settings: Arc::new(settings.settings.clone()),
@@ -263,6 +267,7 @@ pub struct Plugin {
     settings: Arc<BTreeMap<String, String>>,
     files: Option<PathBuf>,
     kv: Option<Arc<KvAccess>>,
+    http: Option<Arc<crate::config::HttpGrant>>,
     timeout: Duration,
     memory_limit: usize,
     permits: Arc<Semaphore>,
@@ -325,6 +330,8 @@ impl Plugin {
             servername: Some(servername.clone()),
             settings: self.settings.clone(),
             kv: self.kv.clone(),
+            http: wasmtime_wasi_http::WasiHttpCtx::new(),
+            http_hooks: http::HttpHooks { grant: self.http.clone() },
             log_lines: 0,
         };
         let mut store = Store::new(&self.runtime.engine, state);

@@ -1,0 +1,123 @@
+//! Certificates from an HTTP API through `wasi:http`: a real local API server, the allow-list, the size cap.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tern::demo::spawn_echo_backend;
+
+use crate::support::*;
+
+const TOKEN: &str = "Bearer test-token";
+
+/// A certificate API: `GET /v1/certs/<name>` → 200 JSON from `<dir>/<name>.crt|.key`, 404 if unknown, 401
+/// without the token; `big.*` answers 2 MiB.
+struct Api {
+    addr: SocketAddr,
+    requests: Arc<AtomicU64>,
+}
+
+async fn start_api(dir: PathBuf) -> anyhow::Result<Api> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let requests = Arc::new(AtomicU64::new(0));
+    let counter = requests.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (dir, counter) = (dir.clone(), counter.clone());
+            let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let dir = dir.clone();
+                async move { Ok::<_, Infallible>(answer(&dir, &req)) }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tcp), service),
+            );
+        }
+    });
+    Ok(Api { addr, requests })
+}
+
+fn answer(dir: &std::path::Path, req: &http::Request<Incoming>) -> http::Response<Full<Bytes>> {
+    let respond = |status: u16, body: Vec<u8>| {
+        http::Response::builder().status(status).body(Full::new(Bytes::from(body))).expect("valid response")
+    };
+    if req.headers().get("authorization").is_none_or(|v| v != TOKEN) {
+        return respond(401, b"unauthorized".to_vec());
+    }
+    let Some(name) = req.uri().path().strip_prefix("/v1/certs/") else { return respond(404, Vec::new()) };
+    if name.starts_with("big.") {
+        return respond(200, vec![b' '; 2 << 20]);
+    }
+    match (
+        std::fs::read_to_string(dir.join(format!("{name}.crt"))),
+        std::fs::read_to_string(dir.join(format!("{name}.key"))),
+    ) {
+        (Ok(chain), Ok(key)) => {
+            let json = format!("{{\"chain\": {chain:?}, \"key\": {key:?}, \"ttl\": 300}}");
+            respond(200, json.into_bytes())
+        }
+        _ => respond(404, Vec::new()),
+    }
+}
+
+fn api_config(pki: &Pki, backend: SocketAddr, api: SocketAddr, allow: &str, extra_settings: &str) -> String {
+    let plugin_keys = format!(
+        "settings = {{ url_template = \"http://{api}/v1/certs/{{name}}\", auth_header = \"authorization\", \
+         auth_value = \"{TOKEN}\"{extra_settings} }}\n\
+         grants.http = {{ allow = [\"{allow}\"], max_response_bytes = \"64KiB\" }}\n"
+    );
+    config_with(pki, backend, HTTP_API_PLUGIN, &plugin_keys, "default_certificate = \"default\"").replacen(
+        &format!("grants.files = \"{}\"", pki.certs().display()),
+        "",
+        1,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_api_plugin_serves_each_name_its_certificate() -> anyhow::Result<()> {
+    let pki = Pki::new(&["default.test", "a.example.test", "*.wild.example.test"])?;
+    let api = start_api(pki.certs()).await?;
+    let config = api_config(&pki, spawn_echo_backend().await?, api.addr, &api.addr.to_string(), "");
+    let server = TestServer::start(&config, pki.dir.path()).await?;
+    let client = pki.client(&[]);
+    assert_eq!(served_leaf(&connect(server.addr, &client, "a.example.test").await?), pki.leaf("a.example.test"));
+    assert_eq!(
+        served_leaf(&connect(server.addr, &client, "x.wild.example.test").await?),
+        pki.leaf("*.wild.example.test")
+    );
+    // 404 for the name and its wildcard: the default certificate.
+    let stream = handshake(server.addr, &client, None, "default.test").await?;
+    assert_eq!(served_leaf(&stream), pki.leaf("default.test"));
+    assert_eq!(counter(&server.plugin_stats().found), 2);
+    assert_eq!(api.requests.load(Ordering::SeqCst), 3, "a, x.wild (404) and *.wild");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_outside_the_allow_list_are_refused_and_big_answers_are_cut_off() -> anyhow::Result<()> {
+    let pki = Pki::new(&["default.test", "a.example.test"])?;
+    let api = start_api(pki.certs()).await?;
+    let backend = spawn_echo_backend().await?;
+    // The grant names another port of the same host: the request never leaves tern.
+    let config = api_config(&pki, backend, api.addr, "127.0.0.1:1", "");
+    let server = TestServer::start(&config, pki.dir.path()).await?;
+    let err = connect(server.addr, &pki.client(&[]), "a.example.test").await.unwrap_err();
+    assert_eq!(alert_of(&err), Some(REFUSED), "{err}");
+    assert_eq!(counter(&server.plugin_stats().errors), 1);
+    assert_eq!(api.requests.load(Ordering::SeqCst), 0, "a refused request must not reach the network");
+    drop(server);
+
+    let config = api_config(&pki, backend, api.addr, &api.addr.to_string(), ", wildcard = false");
+    let server = TestServer::start(&config, pki.dir.path()).await?;
+    let err = connect(server.addr, &pki.client(&[]), "big.example.test").await.unwrap_err();
+    assert_eq!(alert_of(&err), Some(REFUSED), "{err}");
+    assert_eq!(counter(&server.plugin_stats().errors), 1, "a 2 MiB answer exceeds the 64 KiB cap");
+    connect(server.addr, &pki.client(&[]), "a.example.test").await?;
+    Ok(())
+}
