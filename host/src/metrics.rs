@@ -38,6 +38,8 @@ pub struct FailureCounters {
     pub unknown_name: AtomicU64,
     /// `plugin`
     pub plugin: AtomicU64,
+    /// `store_unavailable`
+    pub store_unavailable: AtomicU64,
     /// `bad_certificate`
     pub bad_certificate: AtomicU64,
 }
@@ -50,6 +52,7 @@ impl FailureCounters {
             "malformed_sni" => &self.malformed_sni,
             "unknown_name" => &self.unknown_name,
             "plugin" => &self.plugin,
+            "store_unavailable" => &self.store_unavailable,
             "bad_certificate" => &self.bad_certificate,
             _ => return None,
         })

@@ -30,6 +30,16 @@ pub enum SelectError {
         /// The name asked for.
         servername: ServerName,
     },
+    /// A store the plugin reads from is down and the listener is strict.
+    #[error("plugin {plugin} could not reach its store for {servername}: {source}")]
+    StoreUnavailable {
+        /// Plugin name.
+        plugin: Arc<str>,
+        /// The name asked for.
+        servername: ServerName,
+        /// What happened.
+        source: PluginError,
+    },
     /// The plugin failed (error, trap, timeout, memory cap).
     #[error("plugin {plugin} failed for {servername}: {source}")]
     Plugin {
@@ -60,6 +70,8 @@ pub enum Blame {
     Client,
     /// The plugin, or what it read, misbehaved.
     Plugin,
+    /// A store the plugin depends on is down.
+    Store,
 }
 
 impl SelectError {
@@ -69,6 +81,7 @@ impl SelectError {
             SelectError::NoServerName => "no_sni",
             SelectError::Malformed(_) => "malformed_sni",
             SelectError::UnknownName { .. } => "unknown_name",
+            SelectError::StoreUnavailable { .. } => "store_unavailable",
             SelectError::Plugin { .. } => "plugin",
             SelectError::BadCertificate { .. } => "bad_certificate",
         }
@@ -79,6 +92,7 @@ impl SelectError {
         match self {
             SelectError::NoServerName | SelectError::Malformed(_) | SelectError::UnknownName { .. } => Blame::Client,
             SelectError::Plugin { .. } | SelectError::BadCertificate { .. } => Blame::Plugin,
+            SelectError::StoreUnavailable { .. } => Blame::Store,
         }
     }
 }
@@ -221,6 +235,11 @@ impl Selector {
         let key = CacheKey { plugin: plugin.name().clone(), name: name.clone() };
         let loaded = self.cache.get_or_load(key, load(plugin, &name)).await;
         let describe = |failure: &LoadFailure| match failure {
+            LoadFailure::Plugin(source @ PluginError::StoreUnavailable(_)) => SelectError::StoreUnavailable {
+                plugin: plugin.name().clone(),
+                servername: name.clone(),
+                source: source.clone(),
+            },
             LoadFailure::Plugin(source) => {
                 SelectError::Plugin { plugin: plugin.name().clone(), servername: name.clone(), source: source.clone() }
             }
@@ -230,7 +249,17 @@ impl Selector {
                 source: source.clone(),
             },
         };
-        let loaded = loaded.map_err(|failure| describe(&failure))?;
+        let loaded = match loaded {
+            Ok(loaded) => loaded,
+            // A store outage is not the name's fault: the listener's fallback applies, as for an unknown name.
+            Err(failure) => match describe(&failure) {
+                outage @ SelectError::StoreUnavailable { .. } => {
+                    tracing::warn!(servername = %name, cause = %outage, "store unavailable, applying the listener's fallback");
+                    return self.fallback(policy, outage);
+                }
+                other => return Err(other),
+            },
+        };
         if let Some(failure) = &loaded.refresh_error {
             inc(&self.metrics.stale_serves);
             let cause = describe(failure);

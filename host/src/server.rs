@@ -284,7 +284,7 @@ impl ListenerCtx {
             Blame::Client => {
                 tracing::info!(listener, %peer, servername, kind, cause = %err, "handshake refused")
             }
-            Blame::Plugin => {
+            Blame::Plugin | Blame::Store => {
                 tracing::warn!(listener, %peer, servername, kind, cause = %err, "handshake failed")
             }
         }

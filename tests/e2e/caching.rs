@@ -1,9 +1,6 @@
 //! The certificate cache: hits never call the plugin, concurrent misses share one call; latency figures.
 
-use std::time::{Duration, Instant};
-
 use tern::demo::spawn_echo_backend;
-use tern::select::Policy;
 
 use crate::support::*;
 
@@ -60,29 +57,7 @@ async fn selection_latency_figures() -> anyhow::Result<()> {
     }
     let server =
         TestServer::start(&basic_config(&pki, spawn_echo_backend().await?, "strict = true"), pki.dir.path()).await?;
-    let selector = server.selector.clone();
-    let policy = Policy { plugin: Some(server.plugins[0].1.clone()), default: None };
-    let mut misses = Vec::with_capacity(N);
-    let mut hits = Vec::with_capacity(N);
-    for round in [&mut misses, &mut hits] {
-        for name in &names {
-            let started = Instant::now();
-            selector.select(&policy, Some(name)).await?;
-            round.push(started.elapsed());
-        }
-    }
-    let (miss50, miss99) = percentiles(&mut misses);
-    let (hit50, hit99) = percentiles(&mut hits);
-    let build = if cfg!(debug_assertions) { "debug build" } else { "release build" };
-    println!("selection latency over {N} names ({build}):");
-    println!("  cache miss (plugin call + parse): median {miss50:?}, p99 {miss99:?}");
-    println!("  cache hit:                        median {hit50:?}, p99 {hit99:?}");
+    print_selection_latency(&server, &names, "file-path plugin").await?;
     assert_eq!(counter(&server.plugin_stats().calls), N as u64);
     Ok(())
-}
-
-fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
-    samples.sort();
-    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-    (at(0.5), at(0.99))
 }

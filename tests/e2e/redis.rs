@@ -100,35 +100,17 @@ async fn keys_outside_the_granted_prefixes_are_refused_to_the_plugin() -> anyhow
     assert_eq!(alert_of(&err), Some(REFUSED), "{err}");
     assert_eq!(counter(&server.plugin_stats().errors), 1);
     // The same through `tern plugin call`, which shows the plugin's message.
-    let output = run_command(tern(&[
-        "plugin",
-        "call",
-        REDIS_PLUGIN,
-        "a.example.test",
-        "--redis",
-        &redis.url(),
-        "--kv-prefix",
-        "cert:",
-        "--setting",
-        "cert_key=secret:{name}.crt",
-    ]))
-    .await?;
+    let url = redis.url();
+    let call = |settings: &[&str]| {
+        let mut args = vec!["plugin", "call", REDIS_PLUGIN, "a.example.test", "--redis", &url, "--kv-prefix", "cert:"];
+        for setting in settings {
+            args.extend(["--setting", setting]);
+        }
+        run_command(tern(&args))
+    };
+    let output = call(&["cert_key=secret:{name}.crt"]).await?;
     assert!(text(&output).contains("outside the prefixes granted"), "{}", text(&output));
-    let output = run_command(tern(&[
-        "plugin",
-        "call",
-        REDIS_PLUGIN,
-        "a.example.test",
-        "--redis",
-        &redis.url(),
-        "--kv-prefix",
-        "cert:",
-        "--setting",
-        "cert_key=cert:{name}.crt",
-        "--setting",
-        "key_key=cert:{name}.key",
-    ]))
-    .await?;
+    let output = call(&["cert_key=cert:{name}.crt", "key_key=cert:{name}.key"]).await?;
     assert!(text(&output).contains("validation: ok, covers a.example.test"), "{}", text(&output));
     Ok(())
 }
@@ -162,21 +144,30 @@ async fn redis_killed_cached_names_keep_working_misses_fail_fast_and_service_rec
     let mut redis = RedisServer::start().await?;
     let pki = Pki::new(&["default.test", "cached.example.test", "later.example.test"])?;
     import(&pki, &["--redis", &redis.url()]).await?;
-    let server =
-        TestServer::start(&redis_config(&pki, spawn_echo_backend().await?, &[redis.url()], false, ""), pki.dir.path())
-            .await?;
+    let backend = spawn_echo_backend().await?;
+    let config = format!(
+        "{}\n[[listener]]\nname = \"strict\"\nbind = \"127.0.0.1:0\"\nplugin = \"files\"\nstrict = true\nbackend = \"http://{backend}\"\n",
+        redis_config(&pki, backend, &[redis.url()], false, "")
+    );
+    let server = TestServer::start(&config, pki.dir.path()).await?;
     let client = pki.client(&[]);
     connect(server.addr, &client, "cached.example.test").await?;
 
     redis.kill().await?;
     // Cached: served without Redis.
     connect(server.addr, &client, "cached.example.test").await?;
-    // Not cached: fails within the store timeout (250 ms), with an alert, not a hang.
+    // Not cached: within the store timeout (250 ms) the listener's policy applies, not a hang: the default
+    // certificate on this listener, an alert on the strict one.
     let started = Instant::now();
-    let err = connect(server.addr, &client, "later.example.test").await.unwrap_err();
-    assert_eq!(alert_of(&err), Some(REFUSED), "{err}");
-    println!("miss with Redis down failed after {:?}", started.elapsed());
+    let stream = sni_verified_as(server.addr, &pki, "later.example.test", "default.test").await?;
+    assert_eq!(served_leaf(&stream), pki.leaf("default.test"));
+    println!("miss with Redis down answered after {:?}", started.elapsed());
     assert!(started.elapsed() < Duration::from_secs(5), "a miss with Redis down must fail fast");
+    let strict = server.addrs.iter().find(|(n, _)| n == "strict").map(|(_, a)| *a).expect("strict listener");
+    let err = connect(strict, &client, "later.example.test").await.unwrap_err();
+    assert_eq!(alert_of(&err), Some(REFUSED), "{err}");
+    assert_eq!(counter(&server.plugin_stats().store_unavailable), 2);
+    assert_eq!(counter(&server.metrics.handshake_failures.store_unavailable), 1);
 
     redis.restart().await?;
     import(&pki, &["--redis", &redis.url()]).await?;
@@ -260,5 +251,24 @@ async fn expired_entries_are_served_stale_while_redis_is_down() -> anyhow::Resul
     assert_eq!(served_leaf(&stream), pki.leaf("a.example.test"));
     assert_eq!(counter(&server.metrics.stale_serves), 1);
     assert_eq!(counter(&server.plugin_stats().errors), 1, "the refresh was tried and failed");
+    Ok(())
+}
+
+/// Prints (does not assert) the miss path through Redis: plugin call + `MGET` on loopback + parse. For real
+/// figures: `cargo test --release -p tern-e2e --test e2e -- --nocapture redis_selection_latency`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_selection_latency_figures() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let names: Vec<String> = (0..300).map(|i| format!("host{i}.example.test")).collect();
+    let pki = Pki::new(&["default.test"])?;
+    for name in &names {
+        pki.issue_as(name, &[name])?;
+    }
+    import(&pki, &["--redis", &redis.url()]).await?;
+    let server =
+        TestServer::start(&redis_config(&pki, spawn_echo_backend().await?, &[redis.url()], false, ""), pki.dir.path())
+            .await?;
+    print_selection_latency(&server, &names, "Redis plugin").await?;
+    assert_eq!(counter(&server.plugin_stats().found), names.len() as u64);
     Ok(())
 }

@@ -275,3 +275,94 @@ pub fn text(output: &std::process::Output) -> String {
 
 pub const REDIS_PLUGIN: &str = env!("TERN_PLUGIN_REDIS_PLUGIN");
 pub const HTTP_API_PLUGIN: &str = env!("TERN_PLUGIN_HTTP_API");
+
+/// Selects every name twice straight through the selector (no TLS): first round misses (plugin call, store
+/// reads, parse, validation), second round hits. Prints median and p99 of each; asserts nothing about time.
+pub async fn print_selection_latency(server: &TestServer, names: &[String], what: &str) -> Result<()> {
+    let policy = tern::select::Policy { plugin: Some(server.plugins[0].1.clone()), default: None };
+    let mut rounds = [Vec::with_capacity(names.len()), Vec::with_capacity(names.len())];
+    for round in &mut rounds {
+        for name in names {
+            let started = std::time::Instant::now();
+            server.selector.select(&policy, Some(name)).await?;
+            round.push(started.elapsed());
+        }
+    }
+    let build = if cfg!(debug_assertions) { "debug build" } else { "release build" };
+    println!("selection latency, {what}, {} names ({build}):", names.len());
+    for (label, samples) in ["cache miss (plugin call + parse)", "cache hit"].iter().zip(&mut rounds) {
+        samples.sort();
+        let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+        println!("  {label:<33} median {:?}, p99 {:?}", at(0.5), at(0.99));
+    }
+    Ok(())
+}
+
+/// Sends SNI `sni` but verifies the certificate against `verify_as`.
+pub async fn sni_verified_as(
+    addr: std::net::SocketAddr,
+    pki: &Pki,
+    sni: &str,
+    verify_as: &str,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    // rustls sends the verification name as SNI, so a verifier that checks another name does the trick.
+    let verifier = NameOverride::new(&pki.ca, verify_as)?;
+    let mut config = (*pki.client(&[])).clone();
+    config.dangerous().set_certificate_verifier(verifier);
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string())?;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await?)
+}
+
+/// Verifies the chain with the normal WebPKI verifier, but against a fixed name instead of the SNI.
+#[derive(Debug)]
+pub struct NameOverride {
+    inner: std::sync::Arc<rustls::client::WebPkiServerVerifier>,
+    name: rustls::pki_types::ServerName<'static>,
+}
+
+impl NameOverride {
+    fn new(ca: &tern::demo::TestCa, name: &str) -> anyhow::Result<std::sync::Arc<Self>> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.der())?;
+        let inner =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), tern::tls::provider().clone())
+                .build()?;
+        Ok(std::sync::Arc::new(Self { inner, name: rustls::pki_types::ServerName::try_from(name.to_string())? }))
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for NameOverride {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.inner.verify_server_cert(end_entity, intermediates, &self.name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}

@@ -44,6 +44,8 @@ pub struct CallState {
     pub(super) kv: Option<Arc<KvAccess>>,
     pub(super) http: wasmtime_wasi_http::WasiHttpCtx,
     pub(super) http_hooks: super::http::HttpHooks,
+    /// Set when a granted store could not be reached during this call.
+    pub(super) store_down: Arc<std::sync::atomic::AtomicBool>,
     pub(super) log_lines: u32,
 }
 
@@ -116,21 +118,35 @@ impl config::Host for CallState {
 impl kv::Host for CallState {
     async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, kv::Error> {
         let grant = self.kv_grant(std::slice::from_ref(&key))?;
-        grant.store.get(&key).await.map_err(to_wit)
+        let result = grant.store.get(&key).await;
+        self.kv_result(result)
     }
 
     async fn get_many(&mut self, keys: Vec<String>) -> Result<Vec<Option<Vec<u8>>>, kv::Error> {
         let grant = self.kv_grant(&keys)?;
-        grant.store.get_many(&keys).await.map_err(to_wit)
+        let result = grant.store.get_many(&keys).await;
+        self.kv_result(result)
     }
 
     async fn hash_get(&mut self, key: String, fields: Vec<String>) -> Result<Vec<Option<Vec<u8>>>, kv::Error> {
         let grant = self.kv_grant(std::slice::from_ref(&key))?;
-        grant.store.hash_get(&key, &fields).await.map_err(to_wit)
+        let result = grant.store.hash_get(&key, &fields).await;
+        self.kv_result(result)
     }
 }
 
 impl CallState {
+    /// Converts a store reply for the guest, remembering an outage so the host can tell "store down" from a
+    /// plugin's own error.
+    fn kv_result<T>(&self, result: Result<T, crate::store::StoreError>) -> Result<T, kv::Error> {
+        result.map_err(|err| {
+            if matches!(err, crate::store::StoreError::Unavailable { .. }) {
+                self.store_down.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            to_wit(err)
+        })
+    }
+
     /// The plugin's grant, if it covers every key asked for.
     fn kv_grant(&self, keys: &[String]) -> Result<Arc<KvAccess>, kv::Error> {
         let Some(grant) = &self.kv else {

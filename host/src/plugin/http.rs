@@ -15,6 +15,8 @@ use crate::config::HttpGrant;
 /// The per-call hooks: they see every request the plugin sends.
 pub struct HttpHooks {
     pub(super) grant: Option<Arc<HttpGrant>>,
+    /// Set when the API could not be reached (connect failure or timeout).
+    pub(super) store_down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 type ResponseFuture = Box<
@@ -41,8 +43,10 @@ impl WasiHttpHooks for HttpHooks {
             first_byte_timeout: Some(grant.timeout),
             between_bytes_timeout: Some(grant.timeout),
         };
+        let store_down = self.store_down.clone();
         Box::new(async move {
-            let (response, io) = wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
+            let sent = wasmtime_wasi_http::default_send_request(request, Some(options)).await;
+            let (response, io) = sent.inspect_err(|_| store_down.store(true, std::sync::atomic::Ordering::Relaxed))?;
             let cap = grant.max_response_bytes;
             let declared = response.body().size_hint().exact();
             if declared.is_some_and(|len| len > cap) {

@@ -71,6 +71,9 @@ pub enum PluginError {
     /// The plugin returned `err(message)`.
     #[error("plugin returned an error: {0}")]
     Returned(String),
+    /// The plugin returned an error after a store it was granted (Redis, an HTTP API) could not be reached.
+    #[error("store unavailable: {0}")]
+    StoreUnavailable(String),
     /// The plugin trapped (panic, unreachable, out-of-bounds access...).
     #[error("plugin trapped: {0}")]
     Trap(String),
@@ -93,6 +96,7 @@ impl PluginError {
     pub fn kind(&self) -> &'static str {
         match self {
             PluginError::Returned(_) => "error",
+            PluginError::StoreUnavailable(_) => "store_unavailable",
             PluginError::Trap(_) => "trap",
             PluginError::MemoryLimit { .. } => "memory",
             PluginError::Timeout(_) => "timeout",
@@ -149,8 +153,10 @@ pub struct PluginStats {
     pub found: AtomicU64,
     /// Calls that answered "not found".
     pub not_found: AtomicU64,
-    /// Calls that returned an error message.
+    /// Calls that returned an error message (store outages included).
     pub errors: AtomicU64,
+    /// Calls that failed because a granted store could not be reached.
+    pub store_unavailable: AtomicU64,
     /// Calls that trapped (memory-limit traps included).
     pub traps: AtomicU64,
     /// Calls that hit the memory cap.
@@ -307,6 +313,10 @@ impl Plugin {
             Ok(Selection::Found { .. }) => &self.stats.found,
             Ok(Selection::NotFound) => &self.stats.not_found,
             Err(PluginError::Returned(_) | PluginError::Instantiate(_)) => &self.stats.errors,
+            Err(PluginError::StoreUnavailable(_)) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                &self.stats.store_unavailable
+            }
             Err(PluginError::Trap(_)) => &self.stats.traps,
             Err(PluginError::MemoryLimit { .. }) => {
                 self.stats.traps.fetch_add(1, Ordering::Relaxed);
@@ -320,6 +330,8 @@ impl Plugin {
 
     async fn call(&self, servername: &ServerName) -> Result<Selection, PluginError> {
         let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
+        // Set by the kv and HTTP capabilities when the store behind them cannot be reached.
+        let store_down = Arc::new(AtomicBool::new(false));
         let wasi = self.wasi_ctx(stderr.clone()).await?;
         let state = CallState {
             wasi,
@@ -331,7 +343,8 @@ impl Plugin {
             settings: self.settings.clone(),
             kv: self.kv.clone(),
             http: wasmtime_wasi_http::WasiHttpCtx::new(),
-            http_hooks: http::HttpHooks { grant: self.http.clone() },
+            http_hooks: http::HttpHooks { grant: self.http.clone(), store_down: store_down.clone() },
+            store_down: store_down.clone(),
             log_lines: 0,
         };
         let mut store = Store::new(&self.runtime.engine, state);
@@ -354,6 +367,7 @@ impl Plugin {
                 ttl: cert.ttl_seconds.map(|s| Duration::from_secs(u64::from(s))),
             }),
             Ok(WitSelection::NotFound) => Ok(Selection::NotFound),
+            Err(message) if store_down.load(Ordering::Relaxed) => Err(PluginError::StoreUnavailable(message)),
             Err(message) => Err(PluginError::Returned(message)),
         }
     }
