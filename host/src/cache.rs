@@ -95,7 +95,7 @@ impl std::fmt::Debug for CertCache {
 
 impl CertCache {
     /// An empty cache with these bounds.
-    pub fn new(settings: &CacheSettings) -> Self {
+    pub fn new(settings: &CacheSettings, metrics: Arc<crate::metrics::Metrics>) -> Self {
         // Every entry weighs at least one "slot" of max_bytes / max_entries, so a weighted capacity of max_bytes
         // bounds the bytes and the entry count at once. Config validation keeps the slot within u32.
         let slot = u32::try_from((settings.max_bytes / settings.max_entries).max(1)).unwrap_or(u32::MAX);
@@ -107,6 +107,11 @@ impl CertCache {
             })
             .expire_after(KeepUntilStaleLimit { max_stale: settings.max_stale })
             .support_invalidation_closures()
+            .eviction_listener(move |_key, _value, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    crate::metrics::inc(&metrics.cache_evictions);
+                }
+            })
             .build();
         Self { inner, settings: settings.clone() }
     }
@@ -192,6 +197,24 @@ impl CertCache {
         };
         if let Err(err) = result {
             // Only possible without support_invalidation_closures, which the builder always sets.
+            tracing::error!(error = %err, "cache invalidation refused");
+        }
+    }
+
+    /// The entry for `key`, fresh or stale, without loading anything.
+    pub async fn peek(&self, key: &CacheKey) -> Option<Cached> {
+        self.inner.get(key).await
+    }
+
+    /// Drops every cached answer.
+    pub fn invalidate_all(&self) {
+        self.inner.invalidate_all();
+    }
+
+    /// Drops every answer of one plugin (a swap with `on_swap = "flush"`).
+    pub fn invalidate_plugin(&self, plugin: &str) {
+        let plugin: Arc<str> = Arc::from(plugin);
+        if let Err(err) = self.inner.invalidate_entries_if(move |key, _| key.plugin == plugin) {
             tracing::error!(error = %err, "cache invalidation refused");
         }
     }
@@ -288,7 +311,7 @@ mod tests {
 
     #[tokio::test]
     async fn hit_does_not_load_again() {
-        let cache = CertCache::new(&settings(100, 1 << 20));
+        let cache = CertCache::new(&settings(100, 1 << 20), Arc::default());
         let loads = AtomicUsize::new(0);
         for want in [Lookup::Miss, Lookup::Hit, Lookup::Hit] {
             let loaded = cache
@@ -305,7 +328,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_misses_share_one_load() {
-        let cache = CertCache::new(&settings(100, 1 << 20));
+        let cache = CertCache::new(&settings(100, 1 << 20), Arc::default());
         let loads = Arc::new(AtomicUsize::new(0));
         let tasks: Vec<_> = (0..16)
             .map(|_| {
@@ -330,7 +353,7 @@ mod tests {
 
     #[tokio::test]
     async fn errors_are_shared_but_not_cached() {
-        let cache = CertCache::new(&settings(100, 1 << 20));
+        let cache = CertCache::new(&settings(100, 1 << 20), Arc::default());
         let err = cache.get_or_load(key("c.example"), async { Err::<Answer, _>("down") }).await.unwrap_err();
         assert_eq!(*err, "down");
         let loaded = cache.get_or_load(key("c.example"), async { Ok::<_, ()>(Answer::NotFound) }).await.unwrap();
@@ -339,7 +362,7 @@ mod tests {
 
     #[tokio::test]
     async fn negative_answers_expire() {
-        let cache = CertCache::new(&settings(100, 1 << 20));
+        let cache = CertCache::new(&settings(100, 1 << 20), Arc::default());
         let load = || async { Ok::<_, ()>(Answer::NotFound) };
         cache.get_or_load(key("d.example"), load()).await.unwrap();
         tokio::time::sleep(Duration::from_millis(120)).await;
@@ -349,7 +372,7 @@ mod tests {
 
     #[tokio::test]
     async fn stale_entry_is_served_when_its_refresh_fails_and_replaced_when_it_succeeds() {
-        let cache = CertCache::new(&settings(100, 1 << 20));
+        let cache = CertCache::new(&settings(100, 1 << 20), Arc::default());
         cache.get_or_load(key("e.example"), async { Ok::<_, &str>(Answer::NotFound) }).await.unwrap();
         tokio::time::sleep(Duration::from_millis(80)).await;
         let loaded = cache.get_or_load(key("e.example"), async { Err::<Answer, _>("store down") }).await.unwrap();
@@ -363,7 +386,7 @@ mod tests {
 
     #[tokio::test]
     async fn invalidation_by_name_and_by_wildcard_pattern() {
-        let cache = CertCache::new(&settings(100, 1 << 20));
+        let cache = CertCache::new(&settings(100, 1 << 20), Arc::default());
         let load = || async { Ok::<_, ()>(Answer::NotFound) };
         for name in ["a.example", "b.shop.example", "c.shop.example", "x.c.shop.example"] {
             cache.get_or_load(key(name), load()).await.unwrap();
@@ -382,7 +405,7 @@ mod tests {
 
     #[tokio::test]
     async fn entry_bound_holds_under_a_flood_of_names() {
-        let cache = CertCache::new(&settings(100, 1 << 20));
+        let cache = CertCache::new(&settings(100, 1 << 20), Arc::default());
         for i in 0..5_000 {
             cache.get_or_load(key(&format!("n{i}.example")), async { Ok::<_, ()>(Answer::NotFound) }).await.unwrap();
         }

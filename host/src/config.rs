@@ -30,6 +30,60 @@ pub struct Config {
     pub redis: Vec<RedisSettings>,
     /// Where cache invalidations arrive from, if anywhere.
     pub invalidation: Option<InvalidationSettings>,
+    /// The admin listener, if enabled.
+    pub admin: Option<AdminSettings>,
+    /// Automatic reloads.
+    pub reload: ReloadSettings,
+    /// Logging.
+    pub log: LogSettings,
+    /// The file this config was read from (reloads read it again).
+    pub source: PathBuf,
+}
+
+/// `[admin]`: health, metrics, reload, cache and plugin endpoints.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    /// Address to listen on; loopback by default.
+    pub bind: SocketAddr,
+    /// If set, every endpoint but `/healthz` and `/readyz` requires `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+}
+
+/// `[log]`
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    /// `text` (human-readable) or `json` (one object per line).
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `info,tern::plugin=debug`; the `TERN_LOG` environment variable wins.
+    pub level: String,
+    /// One line per proxied request (target `tern::access`).
+    pub access: bool,
+}
+
+/// `log.format`
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self { format: LogFormat::Text, level: "info".into(), access: true }
+    }
+}
+
+/// `[reload]`
+#[derive(Debug, Clone)]
+pub struct ReloadSettings {
+    /// Reload when the config file or a plugin component changes.
+    pub watch: bool,
+    /// How often the watcher looks.
+    pub watch_interval: Duration,
 }
 
 /// `[invalidation]`: a Redis pub/sub channel carrying server names (or `*.parent` patterns) whose cached
@@ -64,6 +118,8 @@ pub struct ServerSettings {
     pub max_connections: usize,
     /// TLS 1.2 session-ID cache entries per listener.
     pub session_cache_entries: usize,
+    /// On SIGTERM, how long in-flight connections may take to finish before tern exits anyway.
+    pub shutdown_grace: Duration,
 }
 
 /// `[cache]`
@@ -135,7 +191,7 @@ pub struct StaticCertSettings {
 }
 
 /// `[[plugin]]`
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PluginSettings {
     /// Name listeners refer to it by.
     pub name: String,
@@ -151,10 +207,25 @@ pub struct PluginSettings {
     pub settings: BTreeMap<String, String>,
     /// Capabilities granted to the plugin; none by default.
     pub grants: Grants,
+    /// Names a replacement build must select a valid certificate for before it is swapped in.
+    pub probe_names: Vec<String>,
+    /// What a swap does to the plugin's cached answers.
+    pub on_swap: OnSwap,
+}
+
+/// `plugin.on_swap`: what happens to a plugin's cached answers when a new build or config replaces it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnSwap {
+    /// Keep serving cached answers until their TTL (default: a swap costs no cache misses).
+    #[default]
+    Keep,
+    /// Drop them, so the new plugin answers every name from its next handshake on.
+    Flush,
 }
 
 /// Capabilities granted to one plugin.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Grants {
     /// A host directory the plugin may read, mounted read-only at `/`.
     pub files: Option<PathBuf>,
@@ -165,7 +236,7 @@ pub struct Grants {
 }
 
 /// `grants.http`: where a plugin may send HTTP requests, and within which limits.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpGrant {
     /// Authorities (`host:port`, lowercase) the plugin may reach; a request anywhere else is refused.
     pub allow: Vec<String>,
@@ -176,7 +247,7 @@ pub struct HttpGrant {
 }
 
 /// `grants.kv`: which store a plugin may read, and which keys.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvGrant {
     /// The `[[redis]]` store's name.
     pub store: String,
@@ -229,6 +300,12 @@ pub mod defaults {
     pub const PLUGIN_MEMORY_LIMIT: usize = 64 << 20;
     /// `plugin.max_concurrency`
     pub const PLUGIN_MAX_CONCURRENCY: usize = 64;
+    /// `server.shutdown_grace`
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+    /// `admin.bind`
+    pub const ADMIN_BIND: &str = "127.0.0.1:9901";
+    /// `reload.watch_interval`
+    pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
     /// `redis.timeout`
     pub const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
     /// `grants.http.timeout`
@@ -300,6 +377,11 @@ pub mod raw {
         #[serde(default)]
         pub redis: Vec<Redis>,
         pub invalidation: Option<Invalidation>,
+        pub admin: Option<Admin>,
+        #[serde(default)]
+        pub reload: Reload,
+        #[serde(default)]
+        pub log: Log,
     }
 
     #[derive(Debug, Deserialize)]
@@ -325,6 +407,31 @@ pub mod raw {
         pub handshake_timeout: Option<String>,
         pub max_connections: Option<usize>,
         pub session_cache_entries: Option<usize>,
+        pub shutdown_grace: Option<String>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Admin {
+        pub bind: Option<String>,
+        pub token: Option<toml::Value>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Log {
+        #[serde(default)]
+        pub format: super::LogFormat,
+        pub level: Option<String>,
+        pub access: Option<bool>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Reload {
+        #[serde(default)]
+        pub watch: bool,
+        pub watch_interval: Option<String>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -380,6 +487,10 @@ pub mod raw {
         pub settings: BTreeMap<String, toml::Value>,
         #[serde(default)]
         pub grants: Grants,
+        #[serde(default)]
+        pub probe_names: Vec<String>,
+        #[serde(default)]
+        pub on_swap: super::OnSwap,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -443,6 +554,20 @@ impl Validator<'_> {
         if value > T::default() { Ok(value) } else { Err(self.err(key, "must be greater than zero")) }
     }
 
+    /// A string, number or boolean as text, or `{ env = "NAME" }`: the value of tern's environment variable
+    /// (for secrets such as tokens, which then live in neither the file nor any log).
+    fn value(&self, key: &str, value: toml::Value) -> Result<String, ConfigError> {
+        match value {
+            toml::Value::String(s) => Ok(s),
+            toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) => Ok(value.to_string()),
+            toml::Value::Table(t) if t.len() == 1 && t.get("env").is_some_and(toml::Value::is_str) => {
+                let var = t.get("env").and_then(toml::Value::as_str).unwrap_or_default();
+                std::env::var(var).map_err(|_| self.err(key, format!("environment variable {var} is not set")))
+            }
+            _ => Err(self.err(key, "must be a string, number, boolean or { env = \"VARIABLE\" }")),
+        }
+    }
+
     fn path(&self, raw: &str) -> PathBuf {
         self.base.join(raw)
     }
@@ -457,6 +582,11 @@ impl Validator<'_> {
             max_connections: self
                 .positive("server.max_connections", raw.server.max_connections.unwrap_or(defaults::MAX_CONNECTIONS))?,
             session_cache_entries: raw.server.session_cache_entries.unwrap_or(defaults::SESSION_CACHE_ENTRIES),
+            shutdown_grace: self.duration(
+                "server.shutdown_grace",
+                raw.server.shutdown_grace.as_ref(),
+                defaults::SHUTDOWN_GRACE,
+            )?,
         };
         self.positive("server.handshake_timeout", server.handshake_timeout)?;
         let cache = CacheSettings {
@@ -513,7 +643,45 @@ impl Validator<'_> {
                 Some(InvalidationSettings { store: i.redis, channel })
             }
         };
-        Ok(Config { server, cache, proxy, listeners, certificates, plugins, redis, invalidation })
+        let admin = match raw.admin {
+            None => None,
+            Some(a) => {
+                let raw_bind = a.bind.unwrap_or_else(|| defaults::ADMIN_BIND.to_string());
+                let bind = raw_bind
+                    .parse()
+                    .map_err(|_| self.err("admin.bind", format!("{raw_bind:?} is not an address:port")))?;
+                let token = a.token.map(|t| self.value("admin.token", t)).transpose()?;
+                Some(AdminSettings { bind, token })
+            }
+        };
+        let reload = ReloadSettings {
+            watch: raw.reload.watch,
+            watch_interval: self.duration(
+                "reload.watch_interval",
+                raw.reload.watch_interval.as_ref(),
+                defaults::WATCH_INTERVAL,
+            )?,
+        };
+        self.positive("reload.watch_interval", reload.watch_interval)?;
+        let log = LogSettings {
+            format: raw.log.format,
+            level: raw.log.level.unwrap_or_else(|| "info".into()),
+            access: raw.log.access.unwrap_or(true),
+        };
+        Ok(Config {
+            log,
+            server,
+            cache,
+            proxy,
+            listeners,
+            certificates,
+            plugins,
+            redis,
+            invalidation,
+            admin,
+            reload,
+            source: self.file.to_path_buf(),
+        })
     }
 
     fn redis(&self, raw: Vec<raw::Redis>) -> Result<Vec<RedisSettings>, ConfigError> {
@@ -587,27 +755,7 @@ impl Validator<'_> {
                 let settings = p
                     .settings
                     .into_iter()
-                    .map(|(k, v)| match v {
-                        toml::Value::String(s) => Ok((k, s)),
-                        toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) => {
-                            Ok((k, v.to_string()))
-                        }
-                        // `{ env = "NAME" }`: the value comes from tern's environment (for secrets such as API
-                        // tokens, which then live in neither the file nor any log).
-                        toml::Value::Table(t) if t.len() == 1 && t.get("env").is_some_and(toml::Value::is_str) => {
-                            let var = t.get("env").and_then(toml::Value::as_str).unwrap_or_default();
-                            std::env::var(var).map(|value| (k.clone(), value)).map_err(|_| {
-                                self.err(
-                                    format!("{key}.settings.{k}"),
-                                    format!("environment variable {var} is not set"),
-                                )
-                            })
-                        }
-                        _ => Err(self.err(
-                            format!("{key}.settings.{k}"),
-                            "must be a string, number, boolean or { env = \"VARIABLE\" }",
-                        )),
-                    })
+                    .map(|(k, v)| Ok((k.clone(), self.value(&format!("{key}.settings.{k}"), v)?)))
                     .collect::<Result<_, _>>()?;
                 let files = p.grants.files.map(|dir| self.path(&dir));
                 let kv = match p.grants.kv {
@@ -657,6 +805,8 @@ impl Validator<'_> {
                     max_concurrency,
                     settings,
                     grants: Grants { files, kv, http },
+                    probe_names: p.probe_names,
+                    on_swap: p.on_swap,
                 })
             })
             .collect()

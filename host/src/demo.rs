@@ -141,8 +141,8 @@ impl TestCa {
 /// Starts the echo backend on a free loopback port and returns its address.
 ///
 /// It answers `GET` with the request line and the headers a backend cares about (host and `x-forwarded-*`),
-/// `POST` by streaming the request body back, `/status/NNN` with that status, and an `Upgrade` request by
-/// switching protocols and echoing raw bytes.
+/// `POST` by streaming the request body back, `/status/NNN` with that status, `/sleep/MS` after that many
+/// milliseconds, and an `Upgrade` request by switching protocols and echoing raw bytes.
 pub async fn spawn_echo_backend() -> Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -182,6 +182,10 @@ async fn echo(mut req: Request<Incoming>) -> Result<Response<EchoBody>, Infallib
             headers.insert(header::UPGRADE, protocol.clone());
         }
         return Ok(response);
+    }
+    if let Some(ms) = req.uri().path().strip_prefix("/sleep/") {
+        tokio::time::sleep(std::time::Duration::from_millis(ms.parse().unwrap_or(0))).await;
+        return Ok(Response::new(full(Bytes::from(format!("slept {ms} ms\n")))));
     }
     if let Some(code) = req.uri().path().strip_prefix("/status/") {
         let status = code.parse().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::BAD_REQUEST);

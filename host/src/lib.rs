@@ -5,6 +5,7 @@
 //! handshake completes, and [`proxy`] forwards HTTP to the backend. [`server`] wires it together from a
 //! [`config`] file.
 
+pub mod admin;
 pub mod cache;
 pub mod certs;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod demo;
 pub mod metrics;
 pub mod plugin;
 pub mod proxy;
+pub mod reload;
 pub mod select;
 pub mod server;
 pub mod sni;

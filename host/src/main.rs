@@ -116,14 +116,12 @@ struct CallArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // `run` logs as its config says; every other command logs text at info.
+    let log = match &cli.command {
+        Command::Run { config } => Config::load(config)?.log,
+        _ => tern::config::LogSettings::default(),
+    };
+    init_logging(&log);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         match cli.command {
@@ -139,6 +137,21 @@ fn main() -> Result<()> {
             }
         }
     })
+}
+
+fn init_logging(log: &tern::config::LogSettings) {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
+    if !log.access
+        && let Ok(directive) = "tern::access=off".parse()
+    {
+        filter = filter.add_directive(directive);
+    }
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match log.format {
+        tern::config::LogFormat::Json => builder.json().init(),
+        tern::config::LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+    }
 }
 
 async fn run(path: PathBuf) -> Result<()> {
@@ -255,12 +268,14 @@ async fn plugin_call(args: CallArgs) -> Result<()> {
         max_concurrency: 1,
         settings,
         grants: Grants { files, kv, http: None },
+        probe_names: Vec::new(),
+        on_swap: Default::default(),
     };
     let runtime = plugin::PluginRuntime::new(plugin_settings.memory_limit.max(defaults::PLUGIN_MEMORY_LIMIT), 4)?;
     let compile_started = Instant::now();
     let loaded = plugin::load_all(&runtime, std::slice::from_ref(&plugin_settings), &stores).await?;
     let compiled_in = compile_started.elapsed();
-    let plugin = loaded.first().context("plugin did not load")?;
+    let plugin = loaded.into_iter().next().context("plugin did not load")?;
     let call_started = Instant::now();
     let answer = plugin.select(&name).await;
     let called_in = call_started.elapsed();

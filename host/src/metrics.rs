@@ -1,8 +1,11 @@
-//! Process-wide counters. Cheap atomics on the hot path; read by tests, the CLI and (later) the admin endpoint.
+//! Process-wide counters and histograms: cheap atomics on the hot path, rendered as Prometheus text by the admin
+//! endpoint and read directly by tests.
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-/// Counters of handshakes and certificate selection.
+/// Counters of handshakes, certificate selection and proxying.
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// Handshakes completed.
@@ -13,6 +16,12 @@ pub struct Metrics {
     pub handshakes_tls_error: AtomicU64,
     /// Handshakes cut off by the handshake deadline.
     pub handshakes_timeout: AtomicU64,
+    /// Completed handshakes that negotiated TLS 1.2.
+    pub tls12: AtomicU64,
+    /// Completed handshakes that negotiated TLS 1.3.
+    pub tls13: AtomicU64,
+    /// Completed handshakes that resumed a session.
+    pub resumed: AtomicU64,
     /// Selections served by a static certificate.
     pub static_hits: AtomicU64,
     /// Selections served from the cache (positive answers).
@@ -23,8 +32,18 @@ pub struct Metrics {
     pub cache_misses: AtomicU64,
     /// Selections served from an entry past its TTL because refreshing it failed (also counted as hits).
     pub stale_serves: AtomicU64,
+    /// Cache entries evicted for size (not expiry or invalidation).
+    pub cache_evictions: AtomicU64,
     /// Selections answered with the listener's default certificate.
     pub default_served: AtomicU64,
+    /// Selection latency of answers from static certificates or the cache.
+    pub selection_hit: Histogram,
+    /// Selection latency of answers that needed the plugin.
+    pub selection_miss: Histogram,
+    /// Backend responses by status class (index 1..=5 for 1xx..5xx; 0 for responses tern made: 502, 504).
+    pub backend_status: [AtomicU64; 6],
+    /// Time to the backend's response headers.
+    pub backend_latency: Histogram,
 }
 
 /// Failure counters by kind; the labels are [`crate::select::SelectError::kind`] values.
@@ -45,17 +64,67 @@ pub struct FailureCounters {
 }
 
 impl FailureCounters {
+    /// Every kind label with its counter.
+    pub fn all(&self) -> [(&'static str, &AtomicU64); 6] {
+        [
+            ("no_sni", &self.no_sni),
+            ("malformed_sni", &self.malformed_sni),
+            ("unknown_name", &self.unknown_name),
+            ("plugin", &self.plugin),
+            ("store_unavailable", &self.store_unavailable),
+            ("bad_certificate", &self.bad_certificate),
+        ]
+    }
+
     /// The counter for a failure kind label.
     pub fn by_kind(&self, kind: &str) -> Option<&AtomicU64> {
-        Some(match kind {
-            "no_sni" => &self.no_sni,
-            "malformed_sni" => &self.malformed_sni,
-            "unknown_name" => &self.unknown_name,
-            "plugin" => &self.plugin,
-            "store_unavailable" => &self.store_unavailable,
-            "bad_certificate" => &self.bad_certificate,
-            _ => return None,
-        })
+        self.all().into_iter().find(|(label, _)| *label == kind).map(|(_, counter)| counter)
+    }
+}
+
+/// Upper bounds of the latency buckets, in microseconds (Prometheus `le`, plus +Inf).
+const BUCKETS_MICROS: [u64; 14] =
+    [25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000];
+
+/// A fixed-bucket latency histogram.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Non-cumulative counts per bucket; the last one is +Inf.
+    buckets: [AtomicU64; BUCKETS_MICROS.len() + 1],
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, elapsed: Duration) {
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let index = BUCKETS_MICROS.iter().position(|&bound| micros <= bound).unwrap_or(BUCKETS_MICROS.len());
+        self.buckets[index].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Observations recorded.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Appends the histogram in Prometheus text format (seconds), with `labels` (e.g. `cache="hit"`).
+    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (i, bound) in BUCKETS_MICROS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let le = *bound as f64 / 1e6;
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}");
+        }
+        cumulative += self.buckets[BUCKETS_MICROS.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let braced = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = writeln!(out, "{name}_sum{braced} {sum}");
+        let _ = writeln!(out, "{name}_count{braced} {cumulative}");
     }
 }
 
@@ -67,4 +136,108 @@ pub fn get(counter: &AtomicU64) -> u64 {
 /// Adds one to a counter.
 pub fn inc(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Builds Prometheus text exposition: `# HELP`/`# TYPE` once per family, then its samples.
+#[derive(Debug, Default)]
+pub struct Exposition {
+    out: String,
+}
+
+impl Exposition {
+    /// Starts a metric family.
+    pub fn family(&mut self, name: &str, kind: &str, help: &str) -> &mut Self {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        self
+    }
+
+    /// One sample; `labels` is the text between the braces, or empty.
+    pub fn sample(&mut self, name: &str, labels: &str, value: u64) -> &mut Self {
+        if labels.is_empty() {
+            let _ = writeln!(self.out, "{name} {value}");
+        } else {
+            let _ = writeln!(self.out, "{name}{{{labels}}} {value}");
+        }
+        self
+    }
+
+    /// A histogram's samples.
+    pub fn histogram(&mut self, name: &str, labels: &str, histogram: &Histogram) -> &mut Self {
+        histogram.render(&mut self.out, name, labels);
+        self
+    }
+
+    /// The text.
+    pub fn finish(self) -> String {
+        self.out
+    }
+}
+
+/// Escapes a label value for the text format.
+pub fn label_value(raw: &str) -> String {
+    raw.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+impl Metrics {
+    /// Appends the process-wide families.
+    pub fn render(&self, x: &mut Exposition) {
+        x.family("tern_handshakes_total", "counter", "TLS handshakes by outcome.");
+        x.sample("tern_handshakes_total", "outcome=\"ok\"", get(&self.handshakes_ok));
+        for (kind, counter) in self.handshake_failures.all() {
+            x.sample("tern_handshakes_total", &format!("outcome=\"{kind}\""), get(counter));
+        }
+        x.sample("tern_handshakes_total", "outcome=\"tls_error\"", get(&self.handshakes_tls_error));
+        x.sample("tern_handshakes_total", "outcome=\"timeout\"", get(&self.handshakes_timeout));
+        x.family("tern_tls_version_total", "counter", "Completed handshakes by TLS version.");
+        x.sample("tern_tls_version_total", "version=\"1.2\"", get(&self.tls12));
+        x.sample("tern_tls_version_total", "version=\"1.3\"", get(&self.tls13));
+        x.family("tern_tls_resumed_total", "counter", "Completed handshakes that resumed a session.");
+        x.sample("tern_tls_resumed_total", "", get(&self.resumed));
+        x.family("tern_selections_total", "counter", "Certificate selections by how they were answered.");
+        for (how, counter) in [
+            ("static", &self.static_hits),
+            ("cache_hit", &self.cache_hits),
+            ("cache_negative_hit", &self.cache_negative_hits),
+            ("cache_miss", &self.cache_misses),
+            ("stale", &self.stale_serves),
+            ("default", &self.default_served),
+        ] {
+            x.sample("tern_selections_total", &format!("how=\"{how}\""), get(counter));
+        }
+        x.family("tern_cache_evictions_total", "counter", "Cache entries evicted for size.");
+        x.sample("tern_cache_evictions_total", "", get(&self.cache_evictions));
+        x.family("tern_selection_seconds", "histogram", "Certificate selection latency, by cache outcome.");
+        x.histogram("tern_selection_seconds", "cache=\"hit\"", &self.selection_hit);
+        x.histogram("tern_selection_seconds", "cache=\"miss\"", &self.selection_miss);
+        x.family("tern_backend_responses_total", "counter", "Responses by status class; tern_made is 502/504.");
+        for (class, counter) in ["tern_made", "1xx", "2xx", "3xx", "4xx", "5xx"].iter().zip(&self.backend_status) {
+            x.sample("tern_backend_responses_total", &format!("class=\"{class}\""), get(counter));
+        }
+        x.family("tern_backend_response_seconds", "histogram", "Time to the backend's response headers.");
+        x.histogram("tern_backend_response_seconds", "", &self.backend_latency);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_sum_in_seconds() {
+        let h = Histogram::default();
+        for micros in [10, 30, 30, 2_000, 5_000_000] {
+            h.observe(Duration::from_micros(micros));
+        }
+        let mut out = String::new();
+        h.render(&mut out, "t", "cache=\"hit\"");
+        assert!(out.contains("t_bucket{cache=\"hit\",le=\"0.000025\"} 1\n"), "{out}");
+        assert!(out.contains("t_bucket{cache=\"hit\",le=\"0.00005\"} 3\n"), "{out}");
+        assert!(out.contains("t_bucket{cache=\"hit\",le=\"0.0025\"} 4\n"), "{out}");
+        assert!(out.contains("t_bucket{cache=\"hit\",le=\"+Inf\"} 5\n"), "{out}");
+        assert!(out.contains("t_count{cache=\"hit\"} 5\n"), "{out}");
+        assert!(out.contains("t_sum{cache=\"hit\"} 5.00207\n"), "{out}");
+        let mut bare = String::new();
+        h.render(&mut bare, "b", "");
+        assert!(bare.contains("b_bucket{le=\"+Inf\"} 5\n") && bare.contains("b_count 5\n"), "{bare}");
+    }
 }

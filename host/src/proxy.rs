@@ -16,6 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::config::ProxySettings;
+use crate::metrics::{Metrics, inc};
 
 /// Response body type: the backend's streamed body, or a small one tern makes itself.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -26,6 +27,7 @@ pub struct Proxy {
     client: Client<HttpConnector, Incoming>,
     backend: Uri,
     response_timeout: std::time::Duration,
+    metrics: Arc<Metrics>,
 }
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1); never forwarded as they are.
@@ -46,18 +48,25 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 
 impl Proxy {
     /// A proxy to `backend` (an `http://host:port` origin).
-    pub fn new(backend: Uri, settings: &ProxySettings) -> Self {
+    pub fn new(backend: Uri, settings: &ProxySettings, metrics: Arc<Metrics>) -> Self {
         let mut connector = HttpConnector::new();
         // A backend that is down must give a fast 502, not hang the client.
         connector.set_connect_timeout(Some(settings.connect_timeout));
         connector.set_nodelay(true);
         let client =
             Client::builder(TokioExecutor::new()).pool_idle_timeout(settings.pool_idle_timeout).build(connector);
-        Self { client, backend, response_timeout: settings.response_timeout }
+        Self { client, backend, response_timeout: settings.response_timeout, metrics }
     }
 
-    /// Serves HTTP on an accepted TLS stream until the client closes it.
-    pub async fn serve<S>(self: Arc<Self>, stream: S, peer: SocketAddr, h2: bool) -> Result<(), hyper::Error>
+    /// Serves HTTP on an accepted TLS stream until the client closes it, or, once `drain` turns true, until the
+    /// requests in flight are answered (graceful shutdown).
+    pub async fn serve<S>(
+        self: Arc<Self>,
+        stream: S,
+        peer: SocketAddr,
+        h2: bool,
+        mut drain: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), hyper::Error>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -66,32 +75,67 @@ impl Proxy {
             let proxy = self.clone();
             async move { Ok::<_, Infallible>(proxy.forward(req, peer).await) }
         });
+        // hyper's HTTP/1 and HTTP/2 connections share no trait for graceful_shutdown, hence the macro.
+        macro_rules! until_drained {
+            ($conn:expr) => {{
+                let mut conn = std::pin::pin!($conn);
+                tokio::select! {
+                    done = conn.as_mut() => return done,
+                    _ = drain.wait_for(|draining| *draining) => conn.as_mut().graceful_shutdown(),
+                }
+                conn.await
+            }};
+        }
         if h2 {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, service).await
+            until_drained!(hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, service))
         } else {
-            hyper::server::conn::http1::Builder::new().serve_connection(io, service).with_upgrades().await
+            until_drained!(hyper::server::conn::http1::Builder::new().serve_connection(io, service).with_upgrades())
         }
     }
 
+    /// Forwards one request and writes its access-log line.
+    async fn forward(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let started = std::time::Instant::now();
+        let method = req.method().clone();
+        let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned);
+        let host = host.or_else(|| req.uri().authority().map(|a| a.to_string())).unwrap_or_default();
+        let path = req.uri().path_and_query().map_or_else(|| "/".to_string(), |pq| pq.to_string());
+        let version = req.version();
+        let response = self.forward_inner(req, peer).await;
+        let status = response.status().as_u16();
+        tracing::info!(
+            target: "tern::access",
+            %peer, %method, host, path, ?version, status, micros = started.elapsed().as_micros() as u64,
+            "request"
+        );
+        response
+    }
+
     /// Forwards one request; failures become 502/504 responses.
-    async fn forward(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn forward_inner(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let upstream = match self.upstream_request(req, peer, upgrade.is_some()) {
             Ok(upstream) => upstream,
             Err(status) => return simple(status, "bad request\n"),
         };
+        let sent_at = std::time::Instant::now();
         let sent = tokio::time::timeout(self.response_timeout, self.client.request(upstream)).await;
         let mut response = match sent {
             Ok(Ok(response)) => response,
             Ok(Err(err)) => {
+                inc(&self.metrics.backend_status[0]);
                 tracing::warn!(backend = %self.backend, error = %err, "backend unreachable");
                 return simple(StatusCode::BAD_GATEWAY, "bad gateway\n");
             }
             Err(_) => {
+                inc(&self.metrics.backend_status[0]);
                 tracing::warn!(backend = %self.backend, timeout = ?self.response_timeout, "backend did not answer");
                 return simple(StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n");
             }
         };
+        self.metrics.backend_latency.observe(sent_at.elapsed());
+        let class = usize::from(response.status().as_u16() / 100).min(5);
+        inc(&self.metrics.backend_status[class]);
         if response.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(client_side) = upgrade
         {

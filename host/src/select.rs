@@ -11,7 +11,7 @@ use crate::cache::{Answer, CacheKey, Cached, CertCache, Lookup};
 use crate::certs::{self, CertError, ParsedCert};
 use crate::config::StaticCertSettings;
 use crate::metrics::{Metrics, inc};
-use crate::plugin::{Plugin, PluginError, Selection};
+use crate::plugin::{Plugin, PluginError, PluginSlot, Selection};
 use crate::sni::{MalformedName, ServerName};
 
 /// Why no certificate was chosen. The handshake then fails with a TLS alert.
@@ -115,8 +115,8 @@ pub enum Source {
 /// A listener's selection policy.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    /// The plugin asked about names static certificates do not serve.
-    pub plugin: Option<Arc<Plugin>>,
+    /// The plugin asked about names static certificates do not serve (its current build).
+    pub plugin: Option<Arc<PluginSlot>>,
     /// The default certificate; `None` is strict mode.
     pub default: Option<Arc<ParsedCert>>,
 }
@@ -225,13 +225,16 @@ impl Selector {
             return self.fallback(policy, SelectError::NoServerName);
         };
         let name = ServerName::parse(raw).map_err(SelectError::Malformed)?;
+        let started = std::time::Instant::now();
         if let Some(cert) = self.statics.lookup(&name) {
+            self.metrics.selection_hit.observe(started.elapsed());
             inc(&self.metrics.static_hits);
             return Ok((cert.certified.clone(), Source::Static));
         }
-        let Some(plugin) = &policy.plugin else {
+        let Some(slot) = &policy.plugin else {
             return self.fallback(policy, SelectError::UnknownName { servername: name });
         };
+        let plugin = &slot.current();
         let key = CacheKey { plugin: plugin.name().clone(), name: name.clone() };
         let loaded = self.cache.get_or_load(key, load(plugin, &name)).await;
         let describe = |failure: &LoadFailure| match failure {
@@ -260,6 +263,9 @@ impl Selector {
                 other => return Err(other),
             },
         };
+        let latency =
+            if loaded.lookup == Lookup::Miss { &self.metrics.selection_miss } else { &self.metrics.selection_hit };
+        latency.observe(started.elapsed());
         if let Some(failure) = &loaded.refresh_error {
             inc(&self.metrics.stale_serves);
             let cause = describe(failure);

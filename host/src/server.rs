@@ -11,7 +11,7 @@ use tokio::sync::Semaphore;
 use crate::cache::CertCache;
 use crate::config::{Config, Fallback, ListenerSettings};
 use crate::metrics::{Metrics, inc};
-use crate::plugin::{self, LoadError, Plugin};
+use crate::plugin::{self, LoadError, PluginSlot};
 use crate::proxy::Proxy;
 use crate::select::{Blame, Policy, Selector, StaticCertError, StaticCerts};
 use crate::tls::{self, Outcome, Refusal, TlsTemplate};
@@ -50,10 +50,22 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Server {
     listeners: Vec<Listener>,
+    /// Compiles replacement plugin builds on reload.
+    runtime: plugin::PluginRuntime,
+    /// Redis stores by name, for replacement builds' grants.
+    stores: plugin::Stores,
+    /// The admin listener, bound, with its token.
+    admin: Option<(TcpListener, Option<String>)>,
+    /// Automatic reload settings, and the config file they watch.
+    reload: (crate::config::ReloadSettings, std::path::PathBuf),
+    /// How long in-flight connections may take to finish on shutdown.
+    shutdown_grace: Duration,
+    /// Tells open connections to finish their current requests and close (graceful shutdown).
+    draining: tokio::sync::watch::Sender<bool>,
     /// The store and channel cache invalidations arrive on.
     invalidation: Option<(Arc<crate::store::RedisStore>, String)>,
     selector: Arc<Selector>,
-    plugins: HashMap<String, Arc<Plugin>>,
+    plugins: HashMap<String, Arc<PluginSlot>>,
     metrics: Arc<Metrics>,
     handshake_timeout: Duration,
 }
@@ -64,6 +76,7 @@ struct Listener {
     tcp: TcpListener,
     ctx: Arc<ListenerCtx>,
     connections: Arc<Semaphore>,
+    max_connections: usize,
 }
 
 #[derive(Debug)]
@@ -75,6 +88,7 @@ struct ListenerCtx {
     selector: Arc<Selector>,
     metrics: Arc<Metrics>,
     handshake_timeout: Duration,
+    drain_signal: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Server {
@@ -88,20 +102,39 @@ impl Server {
         let invalidation =
             config.invalidation.as_ref().and_then(|i| Some((stores.get(&i.store)?.clone(), i.channel.clone())));
         let runtime = plugin::runtime_for(&config.plugins)?;
-        let plugins: HashMap<String, Arc<Plugin>> = plugin::load_all(&runtime, &config.plugins, &stores)
+        let plugins: HashMap<String, Arc<PluginSlot>> = plugin::load_all(&runtime, &config.plugins, &stores)
             .await?
             .into_iter()
-            .map(|p| (p.name().to_string(), p))
+            .map(|p| (p.name().to_string(), Arc::new(PluginSlot::new(p))))
             .collect();
         let metrics = Arc::new(Metrics::default());
-        let selector = Arc::new(Selector::new(statics, CertCache::new(&config.cache), metrics.clone()));
+        let selector =
+            Arc::new(Selector::new(statics, CertCache::new(&config.cache, metrics.clone()), metrics.clone()));
 
+        let (draining, drain_signal) = tokio::sync::watch::channel(false);
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for settings in &config.listeners {
-            listeners.push(Self::listener(&config, settings, &selector, &plugins, &metrics).await?);
+            listeners.push(Self::listener(&config, settings, &selector, &plugins, &metrics, &drain_signal).await?);
         }
+        let admin = match &config.admin {
+            None => None,
+            Some(a) => Some((
+                TcpListener::bind(a.bind).await.map_err(|source| StartError::Bind {
+                    listener: "admin".into(),
+                    addr: a.bind,
+                    source,
+                })?,
+                a.token.clone(),
+            )),
+        };
         Ok(Self {
             listeners,
+            admin,
+            reload: (config.reload.clone(), config.source.clone()),
+            shutdown_grace: config.server.shutdown_grace,
+            draining,
+            runtime,
+            stores,
             invalidation,
             selector,
             plugins,
@@ -114,8 +147,9 @@ impl Server {
         config: &Config,
         settings: &ListenerSettings,
         selector: &Arc<Selector>,
-        plugins: &HashMap<String, Arc<Plugin>>,
+        plugins: &HashMap<String, Arc<PluginSlot>>,
         metrics: &Arc<Metrics>,
+        drain_signal: &tokio::sync::watch::Receiver<bool>,
     ) -> Result<Listener, StartError> {
         let name: Arc<str> = Arc::from(settings.name.as_str());
         let default = match &settings.fallback {
@@ -135,17 +169,29 @@ impl Server {
             name: name.clone(),
             policy,
             tls,
-            proxy: Arc::new(Proxy::new(settings.backend.clone(), &config.proxy)),
+            proxy: Arc::new(Proxy::new(settings.backend.clone(), &config.proxy, metrics.clone())),
+            drain_signal: drain_signal.clone(),
             selector: selector.clone(),
             metrics: metrics.clone(),
             handshake_timeout: config.server.handshake_timeout,
         });
-        Ok(Listener { name, tcp, ctx, connections: Arc::new(Semaphore::new(config.server.max_connections)) })
+        Ok(Listener {
+            name,
+            tcp,
+            ctx,
+            connections: Arc::new(Semaphore::new(config.server.max_connections)),
+            max_connections: config.server.max_connections,
+        })
     }
 
-    /// Bound addresses by listener name (useful when binding port 0).
+    /// Bound addresses by listener name (useful when binding port 0); the admin listener is named `admin`.
     pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
-        self.listeners.iter().filter_map(|l| Some((l.name.to_string(), l.tcp.local_addr().ok()?))).collect()
+        let admin = self.admin.iter().filter_map(|(tcp, _)| Some(("admin".to_string(), tcp.local_addr().ok()?)));
+        self.listeners
+            .iter()
+            .filter_map(|l| Some((l.name.to_string(), l.tcp.local_addr().ok()?)))
+            .chain(admin)
+            .collect()
     }
 
     /// The process's counters.
@@ -154,8 +200,19 @@ impl Server {
     }
 
     /// A loaded plugin by name.
-    pub fn plugin(&self, name: &str) -> Option<&Arc<Plugin>> {
+    pub fn plugin(&self, name: &str) -> Option<&Arc<PluginSlot>> {
         self.plugins.get(name)
+    }
+
+    /// A reloader for this server's plugins, reading `config_path` (see [`crate::reload`]).
+    pub fn reloader(&self, config_path: &std::path::Path) -> Arc<crate::reload::Reloader> {
+        Arc::new(crate::reload::Reloader::new(
+            config_path.to_path_buf(),
+            self.runtime.clone(),
+            self.stores.clone(),
+            self.plugins.clone(),
+            self.selector.cache().clone(),
+        ))
     }
 
     /// The certificate selector (static certificates and cache).
@@ -168,18 +225,66 @@ impl Server {
         self.handshake_timeout
     }
 
-    /// Accepts connections on every listener until `shutdown` completes.
+    /// Accepts connections on every listener until `shutdown` completes, then drains: stops accepting, lets
+    /// in-flight requests finish (keep-alive connections close after their current request) for up to
+    /// `server.shutdown_grace`, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let reloader = self.reloader(&self.reload.1);
         let mut tasks = tokio::task::JoinSet::new();
-        if let Some((store, channel)) = self.invalidation {
+        if let Some((store, channel)) = self.invalidation.clone() {
             tasks.spawn(listen_for_invalidations(store, channel, self.selector.cache().clone()));
         }
+        if self.reload.0.watch {
+            tasks.spawn(crate::reload::watch(reloader.clone(), self.reload.0.watch_interval));
+        }
+        #[cfg(unix)]
+        tasks.spawn(reload_on_sighup(reloader.clone()));
+        let mut connection_slots = Vec::new();
         for listener in self.listeners {
             tracing::info!(listener = %listener.name, addr = ?listener.tcp.local_addr().ok(), "listening");
+            connection_slots.push((listener.connections.clone(), listener.max_connections));
             tasks.spawn(accept_loop(listener));
         }
+        if let Some((tcp, token)) = self.admin {
+            tracing::info!(addr = ?tcp.local_addr().ok(), "admin listening");
+            let state = crate::admin::AdminState {
+                metrics: self.metrics.clone(),
+                selector: self.selector.clone(),
+                plugins: self.plugins.clone(),
+                reloader,
+                token,
+            };
+            tasks.spawn(crate::admin::serve(tcp, Arc::new(state)));
+        }
         shutdown.await;
+        // Stop accepting (dropping the listeners), then ask open connections to finish and close.
         tasks.abort_all();
+        let _ = self.draining.send(true);
+        let drained = tokio::time::timeout(self.shutdown_grace, async {
+            for (slots, max) in connection_slots {
+                // Every connection holds one permit until it ends.
+                let _ = slots.acquire_many(u32::try_from(max).unwrap_or(u32::MAX)).await;
+            }
+        })
+        .await;
+        match drained {
+            Ok(()) => tracing::info!("all connections finished"),
+            Err(_) => tracing::warn!(grace = ?self.shutdown_grace, "connections still open after the grace period"),
+        }
+    }
+}
+
+/// Reloads plugins on every SIGHUP.
+#[cfg(unix)]
+async fn reload_on_sighup(reloader: Arc<crate::reload::Reloader>) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload through the admin API or the file watcher");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading plugins");
+        let report = reloader.reload().await;
+        tracing::info!(swapped = ?report.swapped, rejected = report.rejected.len(), "reload finished");
     }
 }
 
@@ -266,9 +371,18 @@ impl ListenerCtx {
             }
         };
         inc(&self.metrics.handshakes_ok);
-        let h2 = accepted.stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        let tls = accepted.stream.get_ref().1;
+        match tls.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_2) => inc(&self.metrics.tls12),
+            Some(rustls::ProtocolVersion::TLSv1_3) => inc(&self.metrics.tls13),
+            _ => {}
+        }
+        if tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+            inc(&self.metrics.resumed);
+        }
+        let h2 = tls.alpn_protocol() == Some(b"h2");
         tracing::debug!(listener = %self.name, %peer, servername = ?accepted.servername, source = ?accepted.source, h2, "handshake done");
-        if let Err(err) = self.proxy.clone().serve(accepted.stream, peer, h2).await {
+        if let Err(err) = self.proxy.clone().serve(accepted.stream, peer, h2, self.drain_signal.clone()).await {
             tracing::debug!(listener = %self.name, %peer, error = %err, "connection ended with an error");
         }
     }

@@ -74,39 +74,119 @@ async fn plugin_call_prints_what_the_plugin_returned() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn run_serves_until_sigterm_and_exits_cleanly() -> anyhow::Result<()> {
-    let pki = Pki::new(&["default.test", "a.test"])?;
-    let config = pki.path("tern.toml");
-    let backend = tern::demo::spawn_echo_backend().await?;
-    std::fs::write(&config, basic_config(&pki, backend, "default_certificate = \"default\""))?;
+/// Every line a child wrote to stderr so far.
+type LogLines = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// Starts `tern run -c config`; returns the child, the main listener's address (from its log) and its log lines.
+async fn spawn_tern(
+    config: &std::path::Path,
+) -> anyhow::Result<(tokio::process::Child, std::net::SocketAddr, LogLines)> {
     let mut child = tokio::process::Command::from(tern(&["run", "-c", &config.to_string_lossy()]))
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
     let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
-    // The log line "listening ... addr=Some(127.0.0.1:PORT)" tells the port bound.
+    let log = LogLines::default();
+    // The "listening" line carries `Some(127.0.0.1:PORT)` in text and JSON logs alike.
     let addr = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(line) = lines.next_line().await? {
-            if let Some(rest) = line.split("addr=Some(").nth(1) {
-                return Ok::<_, anyhow::Error>(rest.trim_end_matches(')').parse::<std::net::SocketAddr>()?);
+            log.lock().expect("test lock").push(line.clone());
+            if line.contains("listening")
+                && let Some(rest) = line.split("Some(").nth(1)
+                && let Some(addr) = rest.split(')').next()
+            {
+                return Ok::<_, anyhow::Error>(addr.parse::<std::net::SocketAddr>()?);
             }
         }
         anyhow::bail!("tern exited before listening")
     })
     .await??;
-    let stream = connect(addr, &pki.client(&[b"h2"]), "a.test").await?;
-    let (status, _, _) = get(stream, "a.test", "/").await?;
-    assert_eq!(status, 200);
+    // Keep draining the log so the child never blocks on a full pipe.
+    let sink = log.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            sink.lock().expect("test lock").push(line);
+        }
+    });
+    Ok((child, addr, log))
+}
+
+async fn signal(child: &tokio::process::Child, name: &str) -> anyhow::Result<()> {
     let pid = child.id().expect("running").to_string();
-    let kill = run_command({
-        let mut kill = Command::new("kill");
-        kill.args(["-TERM", &pid]);
-        kill
-    })
-    .await?;
-    assert!(kill.status.success());
+    let mut kill = Command::new("kill");
+    kill.args([&format!("-{name}"), &pid]);
+    anyhow::ensure!(run_command(kill).await?.status.success(), "kill -{name} failed");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_plugins_and_sigterm_lets_a_slow_request_finish() -> anyhow::Result<()> {
+    let pki = Pki::new(&["default.test", "a.test"])?;
+    pki.issue_as("a.test.v2", &["a.test"])?;
+    let config = pki.path("tern.toml");
+    let backend = tern::demo::spawn_echo_backend().await?;
+    let v1 = basic_config(&pki, backend, "default_certificate = \"default\"")
+        .replace("[[listener]]", "on_swap = \"flush\"\n[[listener]]");
+    std::fs::write(&config, &v1)?;
+    let (mut child, addr, _) = spawn_tern(&config).await?;
+    let client = pki.client(&[b"http/1.1"]);
+    assert_eq!(served_leaf(&connect(addr, &client, "a.test").await?), pki.leaf("a.test"));
+
+    // SIGHUP: the changed plugin section is rebuilt and swapped in.
+    std::fs::write(
+        &config,
+        v1.replace(
+            "grants.files =",
+            "settings = { cert_template = \"{name}.v2.crt\", key_template = \"{name}.v2.key\" }\ngrants.files =",
+        ),
+    )?;
+    signal(&child, "HUP").await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while served_leaf(&connect(addr, &client, "a.test").await?) != pki.leaf("a.test.v2") {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "SIGHUP did not swap the plugin");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // SIGTERM during a 1.5 s request: the request completes, then tern exits 0.
+    let stream = connect(addr, &client, "a.test").await?;
+    let slow = tokio::spawn(async move { get(stream, "a.test", "/sleep/1500").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(&child, "TERM").await?;
+    let (status, _, body) = tokio::time::timeout(Duration::from_secs(10), slow).await???;
+    assert_eq!((status.as_u16(), body.as_str()), (200, "slept 1500 ms\n"));
+    let exit = tokio::time::timeout(Duration::from_secs(10), child.wait()).await??;
+    assert!(exit.success(), "exit status {exit}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_with_json_logs_until_sigterm_and_exits_cleanly() -> anyhow::Result<()> {
+    let pki = Pki::new(&["default.test", "a.test"])?;
+    let config = pki.path("tern.toml");
+    let backend = tern::demo::spawn_echo_backend().await?;
+    let text = basic_config(&pki, backend, "default_certificate = \"default\"") + "\n[log]\nformat = \"json\"\n";
+    std::fs::write(&config, text)?;
+    let (mut child, addr, log) = spawn_tern(&config).await?;
+    let stream = connect(addr, &pki.client(&[b"h2"]), "a.test").await?;
+    let (status, _, _) = get(stream, "a.test", "/json-logs").await?;
+    assert_eq!(status, 200);
+    // A refused handshake gets its own line too.
+    assert!(handshake(addr, &pki.client(&[]), Some("nobody.test"), "nobody.test").await.is_err());
+    signal(&child, "TERM").await?;
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await??;
     assert!(status.success(), "exit status {status}");
+    let lines = log.lock().expect("test lock").clone();
+    let records: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l))
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("{e}: {lines:?}"))?;
+    let access = records
+        .iter()
+        .find(|r| r["target"] == "tern::access")
+        .ok_or_else(|| anyhow::anyhow!("no access line in {lines:?}"))?;
+    assert_eq!(access["fields"]["path"], "/json-logs");
+    assert_eq!(access["fields"]["status"], 200);
+    assert_eq!(access["fields"]["host"], "a.test");
     Ok(())
 }

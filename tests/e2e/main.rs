@@ -7,6 +7,7 @@
 mod caching;
 mod cli;
 mod http_api;
+mod operations;
 mod plugin_failures;
 mod proxy;
 mod redis;

@@ -122,7 +122,7 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub addrs: Vec<(String, SocketAddr)>,
     pub metrics: Arc<Metrics>,
-    pub plugins: Vec<(String, Arc<tern::plugin::Plugin>)>,
+    pub plugins: Vec<(String, Arc<tern::plugin::PluginSlot>)>,
     pub selector: Arc<tern::select::Selector>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -131,7 +131,10 @@ impl TestServer {
     /// Starts tern from config text; relative paths resolve against `dir`.
     pub async fn start(config: &str, dir: &Path) -> Result<Self> {
         init_logging();
-        let config = tern::Config::from_toml(config, &dir.join("tern.toml"))?;
+        // Written to disk too: reloads read the file again.
+        let path = dir.join("tern.toml");
+        std::fs::write(&path, config)?;
+        let config = tern::Config::from_toml(config, &path)?;
         let plugin_names: Vec<String> = config.plugins.iter().map(|p| p.name.clone()).collect();
         let server = tern::Server::bind(config).await?;
         let addrs = server.local_addrs();

@@ -21,8 +21,7 @@ use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, WasiCtx};
 
-pub use self::bindings::KvAccess;
-use self::bindings::{CallState, CertSelectorPre, WitSelection};
+use self::bindings::{CallState, CertSelectorPre, KvAccess, WitSelection};
 use self::limits::CallLimiter;
 use crate::config::PluginSettings;
 use crate::sni::ServerName;
@@ -239,10 +238,12 @@ impl PluginRuntime {
         let kv = match &settings.grants.kv {
             None => None,
             Some(grant) => {
-                let store = stores.get(&grant.store).cloned().ok_or_else(|| LoadError::Grant {
-                    name: settings.name.clone(),
-                    path: PathBuf::from(&grant.store),
-                    message: "no such [[redis]] store".into(),
+                // Config validation checks the name; this guards callers that build settings by hand.
+                let store = stores.get(&grant.store).cloned().ok_or_else(|| {
+                    LoadError::Runtime(format!(
+                        "plugin {:?}: grants.kv names no store {:?}",
+                        settings.name, grant.store
+                    ))
                 })?;
                 Some(Arc::new(KvAccess { store, prefixes: grant.prefixes.clone() }))
             }
@@ -254,9 +255,8 @@ impl PluginRuntime {
             runtime: self.clone(),
             pre,
             settings: Arc::new(settings.settings.clone()),
-            files: settings.grants.files.clone(),
-            timeout: settings.timeout,
-            memory_limit: settings.memory_limit,
+            sha256: sha256_hex(bytes),
+            source: settings.clone(),
             permits: Arc::new(Semaphore::new(settings.max_concurrency)),
             stats: Arc::new(PluginStats::default()),
         })
@@ -270,19 +270,21 @@ pub struct Plugin {
     /// spinning plugin would never yield and its deadline would never fire.
     runtime: PluginRuntime,
     pre: CertSelectorPre<CallState>,
+    /// The settings it was loaded from (a reload compares against them).
+    source: PluginSettings,
+    /// SHA-256 of the component, hex.
+    sha256: String,
+    /// `source.settings`, shared with every call's store.
     settings: Arc<BTreeMap<String, String>>,
-    files: Option<PathBuf>,
     kv: Option<Arc<KvAccess>>,
     http: Option<Arc<crate::config::HttpGrant>>,
-    timeout: Duration,
-    memory_limit: usize,
     permits: Arc<Semaphore>,
     stats: Arc<PluginStats>,
 }
 
 impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Plugin").field("name", &self.name).field("timeout", &self.timeout).finish_non_exhaustive()
+        f.debug_struct("Plugin").field("name", &self.name).field("sha256", &self.sha256).finish_non_exhaustive()
     }
 }
 
@@ -297,15 +299,31 @@ impl Plugin {
         &self.stats
     }
 
+    /// The settings it was loaded from.
+    pub fn source(&self) -> &PluginSettings {
+        &self.source
+    }
+
+    /// SHA-256 of the component, hex.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// Makes this plugin count into `stats` (a replacement keeps its slot's counters).
+    pub fn share_stats(&mut self, stats: Arc<PluginStats>) {
+        self.stats = stats;
+    }
+
     /// Calls `select-certificate(servername)` in a fresh instance, within the plugin's limits.
     pub async fn select(&self, servername: &ServerName) -> Result<Selection, PluginError> {
         // Waiting for a slot is bounded by the caller's handshake deadline, not by the plugin's own timeout.
         let _permit = self.permits.acquire().await.map_err(|_| PluginError::Instantiate("plugin closed".into()))?;
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        let result = match tokio::time::timeout(self.timeout, self.call(servername)).await {
+        let timeout = self.source.timeout;
+        let result = match tokio::time::timeout(timeout, self.call(servername)).await {
             Ok(result) => result,
-            Err(_) => Err(PluginError::Timeout(self.timeout)),
+            Err(_) => Err(PluginError::Timeout(timeout)),
         };
         let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.stats.busy_micros.fetch_add(micros, Ordering::Relaxed);
@@ -337,7 +355,7 @@ impl Plugin {
             wasi,
             stderr,
             table: ResourceTable::new(),
-            limiter: CallLimiter::new(self.memory_limit),
+            limiter: CallLimiter::new(self.source.memory_limit),
             plugin: self.name.clone(),
             servername: Some(servername.clone()),
             settings: self.settings.clone(),
@@ -374,7 +392,7 @@ impl Plugin {
 
     /// The WASI context of one call: nothing inherited, the granted directory (if any) read-only at `/`.
     async fn wasi_ctx(&self, stderr: MemoryOutputPipe) -> Result<WasiCtx, PluginError> {
-        let Some(dir) = self.files.clone() else {
+        let Some(dir) = self.source.grants.files.clone() else {
             return Ok(WasiCtx::builder().stderr(stderr).build());
         };
         // Opening the directory is a filesystem call: keep it off the async workers.
@@ -456,6 +474,99 @@ impl Drop for EpochTicker {
     }
 }
 
+/// Lowercase hex SHA-256 of `bytes`.
+fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A configured plugin's place: the build currently serving, swapped atomically on reload, with counters and
+/// status that survive swaps. Listeners hold slots, never plugins, so a swap reaches them all at once; calls
+/// already running keep the `Arc<Plugin>` they started with and finish on the old build.
+pub struct PluginSlot {
+    current: arc_swap::ArcSwap<Plugin>,
+    stats: Arc<PluginStats>,
+    status: std::sync::Mutex<SlotStatus>,
+}
+
+/// What operators see about a slot.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SlotStatus {
+    /// Plugin name.
+    pub name: String,
+    /// Component file.
+    pub path: PathBuf,
+    /// SHA-256 of the build serving now.
+    pub sha256: String,
+    /// When that build was loaded (seconds since the Unix epoch).
+    pub loaded_at: u64,
+    /// Builds swapped in since start.
+    pub swaps: u64,
+    /// The last rejected reload of this plugin, if any: (when, why).
+    pub last_error: Option<(u64, String)>,
+}
+
+impl std::fmt::Debug for PluginSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginSlot").field("current", &self.current.load().name).finish_non_exhaustive()
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl PluginSlot {
+    /// A slot serving `plugin`.
+    pub fn new(plugin: Plugin) -> Self {
+        let status = SlotStatus {
+            name: plugin.name.to_string(),
+            path: plugin.source.path.clone(),
+            sha256: plugin.sha256.clone(),
+            loaded_at: unix_now(),
+            swaps: 0,
+            last_error: None,
+        };
+        let stats = plugin.stats.clone();
+        Self { current: arc_swap::ArcSwap::from_pointee(plugin), stats, status: std::sync::Mutex::new(status) }
+    }
+
+    /// The build serving now.
+    pub fn current(&self) -> Arc<Plugin> {
+        self.current.load_full()
+    }
+
+    /// Counters of every build that served in this slot.
+    pub fn stats(&self) -> &Arc<PluginStats> {
+        &self.stats
+    }
+
+    /// Puts `plugin` in service; calls in flight finish on the previous build.
+    pub fn swap(&self, mut plugin: Plugin) {
+        plugin.share_stats(self.stats.clone());
+        let mut status = self.lock_status();
+        status.sha256 = plugin.sha256.clone();
+        status.path = plugin.source.path.clone();
+        status.loaded_at = unix_now();
+        status.swaps += 1;
+        self.current.store(Arc::new(plugin));
+    }
+
+    /// Records why a reload of this plugin was rejected.
+    pub fn record_error(&self, message: String) {
+        self.lock_status().last_error = Some((unix_now(), message));
+    }
+
+    /// A snapshot of the status.
+    pub fn status(&self) -> SlotStatus {
+        self.lock_status().clone()
+    }
+
+    fn lock_status(&self) -> std::sync::MutexGuard<'_, SlotStatus> {
+        // A panic while holding this lock cannot leave the status inconsistent (plain field writes): recover it.
+        self.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// Redis stores by their config name.
 pub type Stores = std::collections::HashMap<String, Arc<crate::store::RedisStore>>;
 
@@ -464,14 +575,14 @@ pub async fn load_all(
     runtime: &PluginRuntime,
     plugins: &[PluginSettings],
     stores: &Stores,
-) -> Result<Vec<Arc<Plugin>>, LoadError> {
+) -> Result<Vec<Plugin>, LoadError> {
     let mut loaded = Vec::with_capacity(plugins.len());
     for settings in plugins {
         let (runtime, settings, stores) = (runtime.clone(), settings.clone(), stores.clone());
         let plugin = tokio::task::spawn_blocking(move || runtime.load(&settings, &stores))
             .await
             .map_err(|e| LoadError::Runtime(e.to_string()))??;
-        loaded.push(Arc::new(plugin));
+        loaded.push(plugin);
     }
     Ok(loaded)
 }
@@ -481,6 +592,7 @@ pub async fn load_all(
 pub fn runtime_for(plugins: &[PluginSettings]) -> Result<PluginRuntime, LoadError> {
     let max_memory =
         plugins.iter().map(|p| p.memory_limit).max().unwrap_or(crate::config::defaults::PLUGIN_MEMORY_LIMIT);
-    let instances: usize = plugins.iter().map(|p| p.max_concurrency).sum::<usize>() + 8;
+    // Twice the caps: during a swap the old build's calls finish while the new build's start.
+    let instances: usize = 2 * plugins.iter().map(|p| p.max_concurrency).sum::<usize>() + 8;
     PluginRuntime::new(max_memory, u32::try_from(instances).unwrap_or(u32::MAX))
 }

@@ -1,0 +1,201 @@
+//! The admin listener (opt-in `[admin]`, loopback by default): health and readiness, Prometheus metrics, reload,
+//! cache purge and lookup, plugin status. Responses never contain key material.
+//!
+//! | endpoint | method | what |
+//! |---|---|---|
+//! | `/healthz` | GET | `ok` while the process runs (no token needed) |
+//! | `/readyz` | GET | `ready` once listeners are bound and plugins loaded (no token needed) |
+//! | `/metrics` | GET | Prometheus text |
+//! | `/plugins` | GET | JSON: per plugin its build hash, load time, swaps, last rejected reload, call counters |
+//! | `/reload` | POST | reload plugins from the config file now; JSON report (HTTP 422 if anything was rejected) |
+//! | `/cache/purge` | POST | `?name=NAME` or `?name=*.parent` drops those names; no name drops everything |
+//! | `/cache/lookup` | GET | `?name=NAME`: per plugin whether it is cached, fresh, its names, issuer, expiry |
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::cache::{CacheKey, Cached};
+use crate::metrics::{Exposition, Metrics, get, label_value};
+use crate::plugin::PluginSlot;
+use crate::reload::Reloader;
+use crate::select::Selector;
+use crate::sni::ServerName;
+
+/// What the admin endpoints read and act on.
+#[derive(Debug)]
+pub struct AdminState {
+    /// Process counters.
+    pub metrics: Arc<Metrics>,
+    /// Static certificates and the cache.
+    pub selector: Arc<Selector>,
+    /// Plugin slots by name.
+    pub plugins: HashMap<String, Arc<PluginSlot>>,
+    /// Reloads plugins.
+    pub reloader: Arc<Reloader>,
+    /// Bearer token required by every endpoint but the probes.
+    pub token: Option<String>,
+}
+
+/// Serves the admin API on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
+        });
+    }
+}
+
+type Reply = Response<Full<Bytes>>;
+
+async fn handle(state: &AdminState, req: Request<Incoming>) -> Reply {
+    let path = req.uri().path();
+    let probe = matches!(path, "/healthz" | "/readyz");
+    if let Some(token) = &state.token
+        && !probe
+        && req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) != Some(&format!("Bearer {token}"))
+    {
+        return text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
+    }
+    let name = query_param(req.uri().query(), "name");
+    match (req.method(), path) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => text(StatusCode::OK, "ready\n"),
+        (&Method::GET, "/metrics") => {
+            // Entry counts lag until moka's maintenance runs; run it so the gauges are exact.
+            state.selector.cache().run_pending_tasks().await;
+            let mut reply = text(StatusCode::OK, render_metrics(state));
+            reply
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4"));
+            reply
+        }
+        (&Method::GET, "/plugins") => json(StatusCode::OK, &plugin_status(state)),
+        (&Method::POST, "/reload") => {
+            let report = state.reloader.reload().await;
+            let status = if report.rejected.is_empty() { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
+            json(status, &report)
+        }
+        (&Method::POST, "/cache/purge") => {
+            let cache = state.selector.cache();
+            match &name {
+                Some(name) => cache.invalidate_name(name),
+                None => cache.invalidate_all(),
+            }
+            json(StatusCode::OK, &serde_json::json!({ "purged": name.as_deref().unwrap_or("*") }))
+        }
+        (&Method::GET, "/cache/lookup") => match name.as_deref().map(ServerName::parse) {
+            Some(Ok(name)) => json(StatusCode::OK, &lookup(state, &name).await),
+            Some(Err(err)) => text(StatusCode::BAD_REQUEST, format!("name: {err}\n")),
+            None => text(StatusCode::BAD_REQUEST, "give ?name=\n"),
+        },
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn render_metrics(state: &AdminState) -> String {
+    let mut x = Exposition::default();
+    state.metrics.render(&mut x);
+    let cache = state.selector.cache();
+    x.family("tern_cache_entries", "gauge", "Names in the certificate cache.");
+    x.sample("tern_cache_entries", "", cache.entry_count());
+    x.family("tern_cache_weighted_bytes", "gauge", "Estimated bytes in the cache (each entry at least its slot).");
+    x.sample("tern_cache_weighted_bytes", "", cache.weighted_size());
+    let mut plugins: Vec<_> = state.plugins.iter().collect();
+    plugins.sort_by(|a, b| a.0.cmp(b.0));
+    x.family("tern_plugin_calls_total", "counter", "Plugin calls by outcome.");
+    for (name, slot) in &plugins {
+        let s = slot.stats();
+        let plugin = label_value(name);
+        for (outcome, counter) in [
+            ("found", &s.found),
+            ("not_found", &s.not_found),
+            ("error", &s.errors),
+            ("store_unavailable", &s.store_unavailable),
+            ("trap", &s.traps),
+            ("memory_limit", &s.memory_limits),
+            ("timeout", &s.timeouts),
+        ] {
+            x.sample("tern_plugin_calls_total", &format!("plugin=\"{plugin}\",outcome=\"{outcome}\""), get(counter));
+        }
+    }
+    x.family("tern_plugin_swaps_total", "counter", "Plugin builds swapped in by reloads.");
+    for (name, slot) in &plugins {
+        x.sample("tern_plugin_swaps_total", &format!("plugin=\"{}\"", label_value(name)), slot.status().swaps);
+    }
+    x.finish()
+}
+
+fn plugin_status(state: &AdminState) -> serde_json::Value {
+    let mut plugins: Vec<_> = state
+        .plugins
+        .values()
+        .map(|slot| {
+            let s = slot.stats();
+            serde_json::json!({
+                "status": slot.status(),
+                "calls": get(&s.calls),
+                "found": get(&s.found),
+                "not_found": get(&s.not_found),
+                "errors": get(&s.errors),
+                "traps": get(&s.traps),
+                "timeouts": get(&s.timeouts),
+            })
+        })
+        .collect();
+    plugins.sort_by_key(|p| p["status"]["name"].as_str().map(str::to_string));
+    serde_json::Value::Array(plugins)
+}
+
+/// Metadata of the cached answers for `name`: never the key, never the PEM.
+async fn lookup(state: &AdminState, name: &ServerName) -> serde_json::Value {
+    let mut answers = Vec::new();
+    for plugin in state.plugins.keys() {
+        let key = CacheKey { plugin: Arc::from(plugin.as_str()), name: name.clone() };
+        let Some(cached) = state.selector.cache().peek(&key).await else { continue };
+        let fresh = cached.is_fresh();
+        answers.push(match cached {
+            Cached::Found { cert, .. } => serde_json::json!({
+                "plugin": plugin,
+                "answer": "found",
+                "fresh": fresh,
+                "dns_names": cert.dns_names,
+                "issuer": cert.issuer,
+                "not_after": cert.not_after.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            }),
+            Cached::NotFound { .. } => serde_json::json!({ "plugin": plugin, "answer": "not_found", "fresh": fresh }),
+        });
+    }
+    let static_names = state.selector.statics().lookup(name).map(|c| c.dns_names.clone());
+    serde_json::json!({ "name": name.as_str(), "cached": answers, "static": static_names })
+}
+
+fn query_param(query: Option<&str>, wanted: &str) -> Option<String> {
+    query?.split('&').filter_map(|pair| pair.split_once('=')).find(|(k, _)| *k == wanted).map(|(_, v)| v.to_string())
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Reply {
+    let mut reply = Response::new(Full::new(body.into()));
+    *reply.status_mut() = status;
+    reply
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Reply {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}").into_bytes());
+    let mut reply = text(status, body);
+    reply.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    reply
+}
