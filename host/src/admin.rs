@@ -125,6 +125,8 @@ fn render_metrics(state: &AdminState) -> String {
             ("not_found", &s.not_found),
             ("error", &s.errors),
             ("store_unavailable", &s.store_unavailable),
+            ("rate_limited", &s.rate_limited),
+            ("circuit_open", &s.circuit_open),
             ("trap", &s.traps),
             ("memory_limit", &s.memory_limits),
             ("timeout", &s.timeouts),

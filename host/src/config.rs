@@ -203,6 +203,12 @@ pub struct PluginSettings {
     pub memory_limit: usize,
     /// Calls in flight at once; more wait for a slot (within the handshake deadline).
     pub max_concurrency: usize,
+    /// Calls started per second at most; misses beyond it get the listener's fallback. `None`: no cap.
+    pub max_calls_per_second: Option<u32>,
+    /// Consecutive failed calls that open the circuit breaker (0 disables it).
+    pub breaker_threshold: u32,
+    /// How long an open breaker sheds calls before letting one trial call through.
+    pub breaker_cooldown: Duration,
     /// The plugin's own settings, handed to it through the `config` interface.
     pub settings: BTreeMap<String, String>,
     /// Capabilities granted to the plugin; none by default.
@@ -306,6 +312,10 @@ pub mod defaults {
     pub const ADMIN_BIND: &str = "127.0.0.1:9901";
     /// `reload.watch_interval`
     pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+    /// `plugin.breaker_threshold`
+    pub const BREAKER_THRESHOLD: u32 = 20;
+    /// `plugin.breaker_cooldown`
+    pub const BREAKER_COOLDOWN: Duration = Duration::from_secs(5);
     /// `redis.timeout`
     pub const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
     /// `grants.http.timeout`
@@ -483,6 +493,9 @@ pub mod raw {
         pub timeout: Option<String>,
         pub memory_limit: Option<Size>,
         pub max_concurrency: Option<usize>,
+        pub max_calls_per_second: Option<u32>,
+        pub breaker_threshold: Option<u32>,
+        pub breaker_cooldown: Option<String>,
         #[serde(default)]
         pub settings: BTreeMap<String, toml::Value>,
         #[serde(default)]
@@ -803,6 +816,21 @@ impl Validator<'_> {
                     timeout,
                     memory_limit: usize::try_from(memory_limit).unwrap_or(usize::MAX),
                     max_concurrency,
+                    max_calls_per_second: match p.max_calls_per_second {
+                        Some(0) => {
+                            return Err(self.err(
+                                format!("{key}.max_calls_per_second"),
+                                "must be greater than zero (omit it for no cap)",
+                            ));
+                        }
+                        other => other,
+                    },
+                    breaker_threshold: p.breaker_threshold.unwrap_or(defaults::BREAKER_THRESHOLD),
+                    breaker_cooldown: self.duration(
+                        &format!("{key}.breaker_cooldown"),
+                        p.breaker_cooldown.as_ref(),
+                        defaults::BREAKER_COOLDOWN,
+                    )?,
                     settings,
                     grants: Grants { files, kv, http },
                     probe_names: p.probe_names,

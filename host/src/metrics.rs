@@ -57,8 +57,8 @@ pub struct FailureCounters {
     pub unknown_name: AtomicU64,
     /// `plugin`
     pub plugin: AtomicU64,
-    /// `store_unavailable`
-    pub store_unavailable: AtomicU64,
+    /// `plugin_unavailable` (its store is down, or its rate cap or breaker shed the call)
+    pub plugin_unavailable: AtomicU64,
     /// `bad_certificate`
     pub bad_certificate: AtomicU64,
 }
@@ -71,7 +71,7 @@ impl FailureCounters {
             ("malformed_sni", &self.malformed_sni),
             ("unknown_name", &self.unknown_name),
             ("plugin", &self.plugin),
-            ("store_unavailable", &self.store_unavailable),
+            ("plugin_unavailable", &self.plugin_unavailable),
             ("bad_certificate", &self.bad_certificate),
         ]
     }

@@ -30,9 +30,10 @@ pub enum SelectError {
         /// The name asked for.
         servername: ServerName,
     },
-    /// A store the plugin reads from is down and the listener is strict.
-    #[error("plugin {plugin} could not reach its store for {servername}: {source}")]
-    StoreUnavailable {
+    /// A store the plugin reads from is down, or the plugin's rate cap or circuit breaker shed the call, and the
+    /// listener is strict.
+    #[error("plugin {plugin} unavailable for {servername}: {source}")]
+    Unavailable {
         /// Plugin name.
         plugin: Arc<str>,
         /// The name asked for.
@@ -81,7 +82,7 @@ impl SelectError {
             SelectError::NoServerName => "no_sni",
             SelectError::Malformed(_) => "malformed_sni",
             SelectError::UnknownName { .. } => "unknown_name",
-            SelectError::StoreUnavailable { .. } => "store_unavailable",
+            SelectError::Unavailable { .. } => "plugin_unavailable",
             SelectError::Plugin { .. } => "plugin",
             SelectError::BadCertificate { .. } => "bad_certificate",
         }
@@ -92,7 +93,7 @@ impl SelectError {
         match self {
             SelectError::NoServerName | SelectError::Malformed(_) | SelectError::UnknownName { .. } => Blame::Client,
             SelectError::Plugin { .. } | SelectError::BadCertificate { .. } => Blame::Plugin,
-            SelectError::StoreUnavailable { .. } => Blame::Store,
+            SelectError::Unavailable { .. } => Blame::Store,
         }
     }
 }
@@ -238,11 +239,13 @@ impl Selector {
         let key = CacheKey { plugin: plugin.name().clone(), name: name.clone() };
         let loaded = self.cache.get_or_load(key, load(plugin, &name)).await;
         let describe = |failure: &LoadFailure| match failure {
-            LoadFailure::Plugin(source @ PluginError::StoreUnavailable(_)) => SelectError::StoreUnavailable {
-                plugin: plugin.name().clone(),
-                servername: name.clone(),
-                source: source.clone(),
-            },
+            LoadFailure::Plugin(source @ (PluginError::StoreUnavailable(_) | PluginError::Shed(_))) => {
+                SelectError::Unavailable {
+                    plugin: plugin.name().clone(),
+                    servername: name.clone(),
+                    source: source.clone(),
+                }
+            }
             LoadFailure::Plugin(source) => {
                 SelectError::Plugin { plugin: plugin.name().clone(), servername: name.clone(), source: source.clone() }
             }
@@ -256,8 +259,14 @@ impl Selector {
             Ok(loaded) => loaded,
             // A store outage is not the name's fault: the listener's fallback applies, as for an unknown name.
             Err(failure) => match describe(&failure) {
-                outage @ SelectError::StoreUnavailable { .. } => {
-                    tracing::warn!(servername = %name, cause = %outage, "store unavailable, applying the listener's fallback");
+                outage @ SelectError::Unavailable { .. } => {
+                    // A flood of shed calls must not flood the log: the breaker logs when it opens, the
+                    // counters count every shed call; a store outage is worth a line each.
+                    if matches!(&*failure, LoadFailure::Plugin(PluginError::StoreUnavailable(_))) {
+                        tracing::warn!(servername = %name, cause = %outage, "store unavailable, applying the listener's fallback");
+                    } else {
+                        tracing::debug!(servername = %name, cause = %outage, "plugin call shed, applying the listener's fallback");
+                    }
                     return self.fallback(policy, outage);
                 }
                 other => return Err(other),

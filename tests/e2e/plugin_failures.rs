@@ -1,5 +1,6 @@
 //! A misbehaving plugin fails only the handshake that needed it: alert, counter, and everyone else unaffected.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tern::demo::spawn_echo_backend;
@@ -139,4 +140,97 @@ async fn plugin_cannot_read_outside_its_granted_directory() -> anyhow::Result<()
     assert_eq!(alert_of(&err), Some(REFUSED), "{err}");
     assert_eq!(counter(&server.plugin_stats().errors), 1);
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_keeps_failing_trips_the_breaker_and_recovers() -> anyhow::Result<()> {
+    let pki = pki_with_good_names()?;
+    let keys = "breaker_threshold = 3\nbreaker_cooldown = \"300ms\"";
+    let server = TestServer::start(&chaos_config(&pki, spawn_echo_backend().await?, keys), pki.dir.path()).await?;
+    let client = pki.client(&[]);
+    for i in 0..3 {
+        let err = connect(server.addr, &client, &format!("error.n{i}.test")).await.unwrap_err();
+        assert_eq!(alert_of(&err), Some(REFUSED), "{err}");
+    }
+    // Open: a good name is not even asked; the listener's default certificate answers at once.
+    let stream = sni_verified_as(server.addr, &pki, "g0.test", "default.test").await?;
+    assert_eq!(served_leaf(&stream), pki.leaf("default.test"));
+    let stats = server.plugin_stats();
+    assert_eq!((counter(&stats.calls), counter(&stats.circuit_open)), (3, 1));
+    // After the cooldown one trial call goes through; it succeeds and closes the breaker.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(served_leaf(&connect(server.addr, &client, "g0.test").await?), pki.leaf("g0.test"));
+    assert_eq!(served_leaf(&connect(server.addr, &client, "g1.test").await?), pki.leaf("g1.test"));
+    assert_eq!(counter(&stats.calls), 5);
+    Ok(())
+}
+
+/// A flood of one million distinct random names, straight into the selector (as many handshakes would take
+/// minutes on this machine; the SNI reaches the selector the same way). The cache stays within its bounds, the
+/// plugin is called no faster than its cap, and a legitimate name keeps being served from the cache throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_random_names_keeps_cache_and_plugin_calls_bounded() -> anyhow::Result<()> {
+    const FLOOD: usize = 1_000_000;
+    const RATE: u64 = 200;
+    let pki = Pki::new(&["default.test", "legit.example.test"])?;
+    let config = config_with(
+        &pki,
+        spawn_echo_backend().await?,
+        FILE_PATH_PLUGIN,
+        &format!("max_calls_per_second = {RATE}"),
+        "default_certificate = \"default\"",
+    ) + "\n[cache]\nmax_entries = 1000\nmax_bytes = \"4MiB\"\n";
+    let server = Arc::new(TestServer::start(&config, pki.dir.path()).await?);
+    let default = server.selector.statics().by_id("default").cloned();
+    let policy = Arc::new(tern::select::Policy { plugin: Some(server.plugins[0].1.clone()), default });
+    let (_, source) = server.selector.select(&policy, Some("legit.example.test")).await?;
+    assert_eq!(source, tern::select::Source::Plugin);
+    let rss_before = rss_kib();
+    let started = Instant::now();
+    let workers: Vec<_> = (0..2)
+        .map(|w| {
+            let (server, policy) = (server.clone(), policy.clone());
+            tokio::spawn(async move {
+                for i in 0..FLOOD / 2 {
+                    let name = format!("r{w}x{i}.flood.test");
+                    server.selector.select(&policy, Some(&name)).await?;
+                    if i % 50_000 == 0 {
+                        let (_, source) = server.selector.select(&policy, Some("legit.example.test")).await?;
+                        anyhow::ensure!(source == tern::select::Source::CacheHit, "legit name not served from cache");
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await??;
+    }
+    let elapsed = started.elapsed();
+    server.selector.cache().run_pending_tasks().await;
+    let stats = server.plugin_stats();
+    let calls = counter(&stats.calls);
+    let entries = server.selector.cache().entry_count();
+    println!(
+        "flood of {FLOOD} names in {elapsed:.1?}: {calls} plugin calls ({} shed by the {RATE}/s cap), {entries} cache entries, RSS {} -> {} MiB",
+        counter(&stats.rate_limited),
+        rss_before / 1024,
+        rss_kib() / 1024
+    );
+    assert!(entries <= 1000, "cache bound held: {entries} entries");
+    // A full bucket (one second's worth) plus the refill over the flood's duration.
+    let allowed = RATE + (elapsed.as_secs_f64() * RATE as f64).ceil() as u64 + 1;
+    assert!(calls <= allowed, "{calls} plugin calls exceed the cap ({allowed} allowed in {elapsed:?})");
+    assert_eq!(counter(&stats.calls) + counter(&stats.rate_limited), FLOOD as u64 + 1);
+    Ok(())
+}
+
+/// Resident memory of this process, KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
 }

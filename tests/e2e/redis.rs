@@ -167,7 +167,7 @@ async fn redis_killed_cached_names_keep_working_misses_fail_fast_and_service_rec
     let err = connect(strict, &client, "later.example.test").await.unwrap_err();
     assert_eq!(alert_of(&err), Some(REFUSED), "{err}");
     assert_eq!(counter(&server.plugin_stats().store_unavailable), 2);
-    assert_eq!(counter(&server.metrics.handshake_failures.store_unavailable), 1);
+    assert_eq!(counter(&server.metrics.handshake_failures.plugin_unavailable), 1);
 
     redis.restart().await?;
     import(&pki, &["--redis", &redis.url()]).await?;

@@ -6,6 +6,7 @@
 //! instantiation costs a few microseconds.
 
 mod bindings;
+mod guard;
 mod http;
 mod limits;
 
@@ -24,6 +25,7 @@ use wasmtime_wasi::{FsPerms, WasiCtx};
 use self::bindings::{CallState, CertSelectorPre, KvAccess, WitSelection};
 use self::limits::CallLimiter;
 use crate::config::PluginSettings;
+use crate::metrics::inc;
 use crate::sni::ServerName;
 
 /// How often the epoch advances. A running plugin yields to the async executor at every tick, so a plugin that
@@ -82,6 +84,9 @@ pub enum PluginError {
         /// The cap.
         limit: usize,
     },
+    /// The call was not made: the plugin's call-rate cap or circuit breaker shed it.
+    #[error("plugin call shed: {0:?}")]
+    Shed(guard::Shed),
     /// The call ran past its deadline and was abandoned.
     #[error("plugin did not answer within {0:?}")]
     Timeout(Duration),
@@ -96,6 +101,8 @@ impl PluginError {
         match self {
             PluginError::Returned(_) => "error",
             PluginError::StoreUnavailable(_) => "store_unavailable",
+            PluginError::Shed(guard::Shed::RateLimited) => "rate_limited",
+            PluginError::Shed(guard::Shed::CircuitOpen) => "circuit_open",
             PluginError::Trap(_) => "trap",
             PluginError::MemoryLimit { .. } => "memory",
             PluginError::Timeout(_) => "timeout",
@@ -162,6 +169,10 @@ pub struct PluginStats {
     pub memory_limits: AtomicU64,
     /// Calls abandoned at the deadline.
     pub timeouts: AtomicU64,
+    /// Calls not made because of the call-rate cap.
+    pub rate_limited: AtomicU64,
+    /// Calls not made because the circuit breaker was open.
+    pub circuit_open: AtomicU64,
     /// Total time spent in calls, microseconds.
     pub busy_micros: AtomicU64,
 }
@@ -258,6 +269,11 @@ impl PluginRuntime {
             sha256: sha256_hex(bytes),
             source: settings.clone(),
             permits: Arc::new(Semaphore::new(settings.max_concurrency)),
+            guard: guard::Guard::new(
+                settings.max_calls_per_second,
+                settings.breaker_threshold,
+                settings.breaker_cooldown,
+            ),
             stats: Arc::new(PluginStats::default()),
         })
     }
@@ -279,6 +295,7 @@ pub struct Plugin {
     kv: Option<Arc<KvAccess>>,
     http: Option<Arc<crate::config::HttpGrant>>,
     permits: Arc<Semaphore>,
+    guard: guard::Guard,
     stats: Arc<PluginStats>,
 }
 
@@ -316,6 +333,13 @@ impl Plugin {
 
     /// Calls `select-certificate(servername)` in a fresh instance, within the plugin's limits.
     pub async fn select(&self, servername: &ServerName) -> Result<Selection, PluginError> {
+        if let Err(shed) = self.guard.admit() {
+            inc(match shed {
+                guard::Shed::RateLimited => &self.stats.rate_limited,
+                guard::Shed::CircuitOpen => &self.stats.circuit_open,
+            });
+            return Err(PluginError::Shed(shed));
+        }
         // Waiting for a slot is bounded by the caller's handshake deadline, not by the plugin's own timeout.
         let _permit = self.permits.acquire().await.map_err(|_| PluginError::Instantiate("plugin closed".into()))?;
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
@@ -341,8 +365,11 @@ impl Plugin {
                 &self.stats.memory_limits
             }
             Err(PluginError::Timeout(_)) => &self.stats.timeouts,
+            // Shed calls return before reaching here.
+            Err(PluginError::Shed(_)) => &self.stats.errors,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        self.guard.report(result.is_err());
         result
     }
 
