@@ -4,7 +4,7 @@
 //! | endpoint | method | what |
 //! |---|---|---|
 //! | `/healthz` | GET | `ok` while the process runs (no token needed) |
-//! | `/readyz` | GET | `ready` once listeners are bound and plugins loaded (no token needed) |
+//! | `/readyz` | GET | `ready` once listeners are bound and plugins loaded; 503 `draining` during shutdown |
 //! | `/metrics` | GET | Prometheus text |
 //! | `/plugins` | GET | JSON: per plugin its build hash, load time, swaps, last rejected reload, call counters |
 //! | `/reload` | POST | reload plugins from the config file now; JSON report (HTTP 422 if anything was rejected) |
@@ -42,6 +42,8 @@ pub struct AdminState {
     pub reloader: Arc<Reloader>,
     /// Bearer token required by every endpoint but the probes.
     pub token: Option<String>,
+    /// Turns true when shutdown begins: readiness fails so load balancers stop sending traffic.
+    pub draining: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Serves the admin API on `listener` until the task is dropped.
@@ -73,6 +75,7 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Reply {
     let name = query_param(req.uri().query(), "name");
     match (req.method(), path) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") if *state.draining.borrow() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         (&Method::GET, "/readyz") => text(StatusCode::OK, "ready\n"),
         (&Method::GET, "/metrics") => {
             // Entry counts lag until moka's maintenance runs; run it so the gauges are exact.

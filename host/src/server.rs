@@ -230,7 +230,10 @@ impl Server {
     /// `server.shutdown_grace`, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let reloader = self.reloader(&self.reload.1);
+        // Background tasks (admin, reload triggers, invalidations) outlive the accept loops during the drain, so
+        // /readyz can say "draining" while connections finish.
         let mut tasks = tokio::task::JoinSet::new();
+        let mut accepting = tokio::task::JoinSet::new();
         if let Some((store, channel)) = self.invalidation.clone() {
             tasks.spawn(listen_for_invalidations(store, channel, self.selector.cache().clone()));
         }
@@ -243,7 +246,7 @@ impl Server {
         for listener in self.listeners {
             tracing::info!(listener = %listener.name, addr = ?listener.tcp.local_addr().ok(), "listening");
             connection_slots.push((listener.connections.clone(), listener.max_connections));
-            tasks.spawn(accept_loop(listener));
+            accepting.spawn(accept_loop(listener));
         }
         if let Some((tcp, token)) = self.admin {
             tracing::info!(addr = ?tcp.local_addr().ok(), "admin listening");
@@ -253,12 +256,13 @@ impl Server {
                 plugins: self.plugins.clone(),
                 reloader,
                 token,
+                draining: self.draining.subscribe(),
             };
             tasks.spawn(crate::admin::serve(tcp, Arc::new(state)));
         }
         shutdown.await;
         // Stop accepting (dropping the listeners), then ask open connections to finish and close.
-        tasks.abort_all();
+        accepting.abort_all();
         let _ = self.draining.send(true);
         let drained = tokio::time::timeout(self.shutdown_grace, async {
             for (slots, max) in connection_slots {
@@ -271,6 +275,7 @@ impl Server {
             Ok(()) => tracing::info!("all connections finished"),
             Err(_) => tracing::warn!(grace = ?self.shutdown_grace, "connections still open after the grace period"),
         }
+        tasks.abort_all();
     }
 }
 

@@ -126,9 +126,30 @@ async fn sighup_reloads_plugins_and_sigterm_lets_a_slow_request_finish() -> anyh
     let config = pki.path("tern.toml");
     let backend = tern::demo::spawn_echo_backend().await?;
     let v1 = basic_config(&pki, backend, "default_certificate = \"default\"")
-        .replace("[[listener]]", "on_swap = \"flush\"\n[[listener]]");
+        .replace("[[listener]]", "on_swap = \"flush\"\n[[listener]]")
+        + "\n[admin]\nbind = \"127.0.0.1:0\"\n";
     std::fs::write(&config, &v1)?;
-    let (mut child, addr, _) = spawn_tern(&config).await?;
+    let (mut child, addr, log) = spawn_tern(&config).await?;
+    let admin = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let lines = log.lock().expect("test lock").clone();
+            if let Some(addr) = lines
+                .iter()
+                .filter(|l| l.contains("admin listening"))
+                .find_map(|l| l.split("Some(").nth(1)?.split(')').next()?.parse::<std::net::SocketAddr>().ok())
+            {
+                return addr;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await?;
+    let readyz = || async move {
+        let mut curl = Command::new("curl");
+        curl.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{admin}/readyz")]);
+        anyhow::Ok(String::from_utf8_lossy(&run_command(curl).await?.stdout).into_owned())
+    };
+    assert_eq!(readyz().await?, "200");
     let client = pki.client(&[b"http/1.1"]);
     assert_eq!(served_leaf(&connect(addr, &client, "a.test").await?), pki.leaf("a.test"));
 
@@ -152,6 +173,8 @@ async fn sighup_reloads_plugins_and_sigterm_lets_a_slow_request_finish() -> anyh
     let slow = tokio::spawn(async move { get(stream, "a.test", "/sleep/1500").await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     signal(&child, "TERM").await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(readyz().await?, "503", "readiness fails while draining");
     let (status, _, body) = tokio::time::timeout(Duration::from_secs(10), slow).await???;
     assert_eq!((status.as_u16(), body.as_str()), (200, "slept 1500 ms\n"));
     let exit = tokio::time::timeout(Duration::from_secs(10), child.wait()).await??;
@@ -188,5 +211,6 @@ async fn run_serves_with_json_logs_until_sigterm_and_exits_cleanly() -> anyhow::
     assert_eq!(access["fields"]["path"], "/json-logs");
     assert_eq!(access["fields"]["status"], 200);
     assert_eq!(access["fields"]["host"], "a.test");
+    assert!(!lines.iter().any(|l| l.contains("PRIVATE KEY") || l.contains("BEGIN")), "no PEM in logs: {lines:?}");
     Ok(())
 }
