@@ -27,10 +27,16 @@ async fn cache_hit_does_not_call_the_plugin() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_misses_for_one_name_make_one_plugin_call() -> anyhow::Result<()> {
     let pki = Pki::new(&["default.test", "slow.test"])?;
-    let config = config_with(&pki, spawn_echo_backend().await?, CHAOS_PLUGIN, "", "default_certificate = \"default\"");
+    let config = config_with(
+        &pki,
+        spawn_echo_backend().await?,
+        CHAOS_PLUGIN,
+        "timeout = \"5s\"",
+        "default_certificate = \"default\"",
+    );
     let server = TestServer::start(&config, pki.dir.path()).await?;
     let client = pki.client(&[]);
-    // The chaos plugin sleeps 300 ms on slow.*: all these handshakes arrive while the first call runs.
+    // The chaos plugin takes 1.5 s on slow.*: all these handshakes arrive while the first call runs.
     let handshakes: Vec<_> = (0..12)
         .map(|_| {
             let (addr, client) = (server.addr, client.clone());

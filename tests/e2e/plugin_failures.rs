@@ -145,7 +145,8 @@ async fn plugin_cannot_read_outside_its_granted_directory() -> anyhow::Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_that_keeps_failing_trips_the_breaker_and_recovers() -> anyhow::Result<()> {
     let pki = pki_with_good_names()?;
-    let keys = "breaker_threshold = 3\nbreaker_cooldown = \"300ms\"";
+    // A cooldown long enough that the next handshake surely lands while the breaker is open, even under load.
+    let keys = "breaker_threshold = 3\nbreaker_cooldown = \"2s\"";
     let server = TestServer::start(&chaos_config(&pki, spawn_echo_backend().await?, keys), pki.dir.path()).await?;
     let client = pki.client(&[]);
     for i in 0..3 {
@@ -158,7 +159,7 @@ async fn a_plugin_that_keeps_failing_trips_the_breaker_and_recovers() -> anyhow:
     let stats = server.plugin_stats();
     assert_eq!((counter(&stats.calls), counter(&stats.circuit_open)), (3, 1));
     // After the cooldown one trial call goes through; it succeeds and closes the breaker.
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(served_leaf(&connect(server.addr, &client, "g0.test").await?), pki.leaf("g0.test"));
     assert_eq!(served_leaf(&connect(server.addr, &client, "g1.test").await?), pki.leaf("g1.test"));
     assert_eq!(counter(&stats.calls), 5);

@@ -116,23 +116,25 @@ mod tests {
         assert_eq!(admitted, 5);
         std::thread::sleep(Duration::from_millis(450));
         let admitted = (0..20).filter(|_| guard.admit().is_ok()).count();
-        assert!((1..=3).contains(&admitted), "about 2 refilled in 450 ms, got {admitted}");
+        // About 2 refill in 450 ms; a late wake-up refills more, but never past the burst of 5.
+        assert!((2..=5).contains(&admitted), "refilled {admitted}");
     }
 
     #[test]
     fn breaker_opens_after_the_threshold_and_lets_one_trial_through_after_cooldown() {
-        let guard = Guard::new(None, 3, Duration::from_millis(100));
+        // Long enough that no scheduling delay between two lines lets it half-open by accident.
+        let guard = Guard::new(None, 3, Duration::from_secs(1));
         for _ in 0..3 {
             guard.admit().unwrap();
             guard.report(true);
         }
         assert_eq!(guard.admit(), Err(Shed::CircuitOpen));
-        std::thread::sleep(Duration::from_millis(120));
+        std::thread::sleep(Duration::from_millis(1050));
         guard.admit().unwrap();
         assert_eq!(guard.admit(), Err(Shed::CircuitOpen), "one trial at a time");
         guard.report(true);
         assert_eq!(guard.admit(), Err(Shed::CircuitOpen), "a failed trial reopens");
-        std::thread::sleep(Duration::from_millis(120));
+        std::thread::sleep(Duration::from_millis(1050));
         guard.admit().unwrap();
         guard.report(false);
         assert_eq!(guard.admit(), Ok(()), "a good trial closes it");

@@ -8,7 +8,7 @@
 //! | `error`   | returns an error message                                           |
 //! | `garbage` | returns a "certificate" that is not PEM                            |
 //! | `escape`  | tries to read a file outside its granted directory                 |
-//! | `slow`    | sleeps 300 ms, then serves files like any other name               |
+//! | `slow`    | waits 1.5 s, then serves files like any other name                 |
 //! | anything  | else: `/<name>.crt` and `/<name>.key` from the granted directory    |
 //!
 //! Every call logs one line through the host so tests can see the log import work.
@@ -33,7 +33,7 @@ impl Selector for Chaos {
             },
             "slow" => {
                 // Waits on the clock rather than std::thread::sleep, which returns at once in this guest.
-                let until = std::time::Instant::now() + std::time::Duration::from_millis(300);
+                let until = std::time::Instant::now() + std::time::Duration::from_millis(1500);
                 while std::time::Instant::now() < until {
                     std::hint::spin_loop();
                 }
