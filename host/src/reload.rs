@@ -106,15 +106,16 @@ impl Reloader {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("{}: {e}", settings.path.display()))?;
+        // Same component, same section: nothing to compile (a reload touches every plugin).
+        if crate::plugin::sha256_hex(&bytes) == current.sha256() && settings == current.source() {
+            return Ok(None);
+        }
         let (runtime, stores, new_settings) = (self.runtime.clone(), self.stores.clone(), settings.clone());
         // Compiling is CPU work of tens of milliseconds: a blocking thread, not a worker.
         let plugin = tokio::task::spawn_blocking(move || runtime.load_bytes(&new_settings, &bytes, &stores))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-        if plugin.sha256() == current.sha256() && plugin.source() == current.source() {
-            return Ok(None);
-        }
         probe(&plugin, &settings.probe_names).await?;
         Ok(Some(plugin))
     }
