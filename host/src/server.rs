@@ -204,10 +204,11 @@ impl Server {
         self.plugins.get(name)
     }
 
-    /// A reloader for this server's plugins, reading `config_path` (see [`crate::reload`]).
-    pub fn reloader(&self, config_path: &std::path::Path) -> Arc<crate::reload::Reloader> {
+    /// A reloader for this server's plugins, reading the config file the server was built from (see
+    /// [`crate::reload`]).
+    pub fn reloader(&self) -> Arc<crate::reload::Reloader> {
         Arc::new(crate::reload::Reloader::new(
-            config_path.to_path_buf(),
+            self.reload.1.clone(),
             self.runtime.clone(),
             self.stores.clone(),
             self.plugins.clone(),
@@ -229,7 +230,7 @@ impl Server {
     /// in-flight requests finish (keep-alive connections close after their current request) for up to
     /// `server.shutdown_grace`, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let reloader = self.reloader(&self.reload.1);
+        let reloader = self.reloader();
         // Background tasks (admin, reload triggers, invalidations) outlive the accept loops during the drain, so
         // /readyz can say "draining" while connections finish.
         let mut tasks = tokio::task::JoinSet::new();
