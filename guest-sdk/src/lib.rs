@@ -213,6 +213,27 @@ pub fn wildcard_of(servername: &str) -> Option<String> {
     parent.contains('.').then(|| format!("*.{parent}"))
 }
 
+/// The usual lookup: `fetch(servername)`, then, if `wildcard` is on and that found nothing,
+/// `fetch("*.<parent>")` (see [`wildcard_of`]). `fetch` returns `Ok(None)` for "nothing stored under this name";
+/// its errors end the lookup.
+pub fn exact_or_wildcard(
+    servername: &str,
+    wildcard: bool,
+    mut fetch: impl FnMut(&str) -> Result<Option<Certificate>, String>,
+) -> Result<Selection, String> {
+    if let Some(cert) = fetch(servername)? {
+        return Ok(Selection::Found(cert));
+    }
+    if wildcard
+        && let Some(pattern) = wildcard_of(servername)
+        && let Some(cert) = fetch(&pattern)?
+    {
+        log::debug(&format!("serving wildcard {pattern}"));
+        return Ok(Selection::Found(cert));
+    }
+    Ok(Selection::NotFound)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,24 +15,17 @@
 
 use std::io::ErrorKind;
 use std::time::Duration;
-use tern_guest::{Certificate, Selection, Selector, config, log, wildcard_of};
+use tern_guest::{Certificate, Selection, Selector, config, exact_or_wildcard};
 
 struct FilePath;
 
 impl Selector for FilePath {
     fn select(servername: &str) -> Result<Selection, String> {
         let settings = Settings::load()?;
-        if let Some(cert) = settings.read_pair(servername)? {
-            return Ok(Selection::Found(cert));
-        }
-        if settings.wildcard
-            && let Some(wildcard) = wildcard_of(servername)
-            && let Some(cert) = settings.read_pair(&wildcard.replacen('*', &settings.wildcard_label, 1))?
-        {
-            log::debug(&format!("serving wildcard {wildcard}"));
-            return Ok(Selection::Found(cert));
-        }
-        Ok(Selection::NotFound)
+        // Wildcard files may spell `*` differently (wildcard_label); exact names contain no `*`.
+        exact_or_wildcard(servername, settings.wildcard, |name| {
+            settings.read_pair(&name.replacen('*', &settings.wildcard_label, 1))
+        })
     }
 }
 

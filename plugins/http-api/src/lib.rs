@@ -10,7 +10,7 @@
 //! - `wildcard`: `true` (default) to ask for `*.<parent>` after a 404 for the exact name.
 
 use std::time::Duration;
-use tern_guest::{Certificate, Selection, Selector, config, log, wildcard_of};
+use tern_guest::{Certificate, Selection, Selector, config, exact_or_wildcard};
 use wasi::http::types::{Fields, IncomingBody, Method, OutgoingRequest, Scheme};
 use wasi::io::streams::StreamError;
 
@@ -19,17 +19,7 @@ struct HttpApi;
 impl Selector for HttpApi {
     fn select(servername: &str) -> Result<Selection, String> {
         let template = config::get("url_template").ok_or("setting url_template is required")?;
-        if let Some(cert) = fetch(&template, servername)? {
-            return Ok(Selection::Found(cert));
-        }
-        if config::get_or("wildcard", "true") == "true"
-            && let Some(wildcard) = wildcard_of(servername)
-            && let Some(cert) = fetch(&template, &wildcard)?
-        {
-            log::debug(&format!("serving wildcard {wildcard}"));
-            return Ok(Selection::Found(cert));
-        }
-        Ok(Selection::NotFound)
+        exact_or_wildcard(servername, config::get_or("wildcard", "true") == "true", |name| fetch(&template, name))
     }
 }
 

@@ -16,24 +16,14 @@
 //! the cache hint. A missing certificate or key means "not found"; a store error fails the handshake.
 
 use std::time::Duration;
-use tern_guest::{Certificate, Selection, Selector, config, kv, log, wildcard_of};
+use tern_guest::{Certificate, Selection, Selector, config, exact_or_wildcard, kv};
 
 struct RedisPlugin;
 
 impl Selector for RedisPlugin {
     fn select(servername: &str) -> Result<Selection, String> {
         let layout = Layout::load()?;
-        if let Some(cert) = layout.fetch(servername)? {
-            return Ok(Selection::Found(cert));
-        }
-        if config::get_or("wildcard", "true") == "true"
-            && let Some(wildcard) = wildcard_of(servername)
-            && let Some(cert) = layout.fetch(&wildcard)?
-        {
-            log::debug(&format!("serving wildcard {wildcard}"));
-            return Ok(Selection::Found(cert));
-        }
-        Ok(Selection::NotFound)
+        exact_or_wildcard(servername, config::get_or("wildcard", "true") == "true", |name| layout.fetch(name))
     }
 }
 
