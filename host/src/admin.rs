@@ -168,8 +168,8 @@ fn plugin_status(state: &AdminState) -> serde_json::Value {
 /// Metadata of the cached answers for `name`: never the key, never the PEM.
 async fn lookup(state: &AdminState, name: &ServerName) -> serde_json::Value {
     let mut answers = Vec::new();
-    for plugin in state.plugins.keys() {
-        let key = CacheKey { plugin: Arc::from(plugin.as_str()), name: name.clone() };
+    for (plugin, slot) in &state.plugins {
+        let key = CacheKey { plugin: slot.current().cache_scope().clone(), name: name.clone() };
         let Some(cached) = state.selector.cache().peek(&key).await else { continue };
         let fresh = cached.is_fresh();
         answers.push(match cached {

@@ -52,7 +52,7 @@ impl Cached {
 /// Cache key: the plugin that answered and the name it answered for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey {
-    /// Plugin name.
+    /// The plugin's cache scope: its name, or a new one after a swap that flushed the cache.
     pub plugin: Arc<str>,
     /// Normalised server name.
     pub name: ServerName,

@@ -76,9 +76,11 @@ impl Reloader {
             match self.rebuild(slot, settings).await {
                 Ok(None) => report.unchanged.push(settings.name.clone()),
                 Ok(Some(plugin)) => {
-                    slot.swap(plugin);
-                    if settings.on_swap == OnSwap::Flush {
-                        self.cache.invalidate_plugin(&settings.name);
+                    let flush = settings.on_swap == OnSwap::Flush;
+                    let old_scope = slot.swap(plugin, flush);
+                    if flush {
+                        // Frees the memory now; correctness comes from the new scope.
+                        self.cache.invalidate_plugin(&old_scope);
                     }
                     tracing::info!(plugin = %settings.name, sha256 = %slot.status().sha256, "plugin swapped in");
                     report.swapped.push(settings.name.clone());

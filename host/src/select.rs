@@ -236,7 +236,7 @@ impl Selector {
             return self.fallback(policy, SelectError::UnknownName { servername: name });
         };
         let plugin = &slot.current();
-        let key = CacheKey { plugin: plugin.name().clone(), name: name.clone() };
+        let key = CacheKey { plugin: plugin.cache_scope().clone(), name: name.clone() };
         let loaded = self.cache.get_or_load(key, load(plugin, &name)).await;
         let describe = |failure: &LoadFailure| match failure {
             LoadFailure::Plugin(source @ (PluginError::StoreUnavailable(_) | PluginError::Shed(_))) => {

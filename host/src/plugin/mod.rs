@@ -267,6 +267,7 @@ impl PluginRuntime {
             pre,
             settings: Arc::new(settings.settings.clone()),
             sha256: sha256_hex(bytes),
+            cache_scope: Arc::from(settings.name.as_str()),
             source: settings.clone(),
             permits: Arc::new(Semaphore::new(settings.max_concurrency)),
             guard: guard::Guard::new(
@@ -290,6 +291,8 @@ pub struct Plugin {
     source: PluginSettings,
     /// SHA-256 of the component, hex.
     sha256: String,
+    /// The cache key prefix of this build's answers: the plugin name, or a new one after a flushing swap.
+    cache_scope: Arc<str>,
     /// `source.settings`, shared with every call's store.
     settings: Arc<BTreeMap<String, String>>,
     kv: Option<Arc<KvAccess>>,
@@ -314,6 +317,11 @@ impl Plugin {
     /// Its call counters.
     pub fn stats(&self) -> &Arc<PluginStats> {
         &self.stats
+    }
+
+    /// The scope its answers are cached under.
+    pub fn cache_scope(&self) -> &Arc<str> {
+        &self.cache_scope
     }
 
     /// The settings it was loaded from.
@@ -568,14 +576,22 @@ impl PluginSlot {
     }
 
     /// Puts `plugin` in service; calls in flight finish on the previous build.
-    pub fn swap(&self, mut plugin: Plugin) {
+    ///
+    /// With `fresh_cache`, the new build caches under a new scope: answers of the old build, including those of
+    /// calls still running that land in the cache after the swap, are never served by it. Returns the scope the
+    /// old build cached under (for the caller to drop).
+    pub fn swap(&self, mut plugin: Plugin, fresh_cache: bool) -> Arc<str> {
         plugin.share_stats(self.stats.clone());
+        let old_scope = self.current.load().cache_scope.clone();
         let mut status = self.lock_status();
         status.sha256 = plugin.sha256.clone();
         status.path = plugin.source.path.clone();
         status.loaded_at = unix_now();
         status.swaps += 1;
+        plugin.cache_scope =
+            if fresh_cache { Arc::from(format!("{}#{}", plugin.name, status.swaps)) } else { old_scope.clone() };
         self.current.store(Arc::new(plugin));
+        old_scope
     }
 
     /// Records why a reload of this plugin was rejected.
