@@ -34,6 +34,8 @@ use crate::sni::ServerName;
 pub struct AdminState {
     /// Process counters.
     pub metrics: Arc<Metrics>,
+    /// Resumption counters.
+    pub resumption: Arc<crate::resumption::ResumptionMetrics>,
     /// Static certificates and the cache.
     pub selector: Arc<Selector>,
     /// Plugin slots by name.
@@ -112,6 +114,7 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Reply {
 fn render_metrics(state: &AdminState) -> String {
     let mut x = Exposition::default();
     state.metrics.render(&mut x);
+    state.resumption.render(&mut x);
     let cache = state.selector.cache();
     x.family("tern_cache_entries", "gauge", "Names in the certificate cache.");
     x.sample("tern_cache_entries", "", cache.entry_count());

@@ -30,6 +30,8 @@ pub struct Config {
     pub redis: Vec<RedisSettings>,
     /// Where cache invalidations arrive from, if anywhere.
     pub invalidation: Option<InvalidationSettings>,
+    /// Session resumption: tickets and the session cache, local or shared by a fleet through Redis.
+    pub resumption: ResumptionSettings,
     /// The admin listener, if enabled.
     pub admin: Option<AdminSettings>,
     /// Automatic reloads.
@@ -94,6 +96,77 @@ pub struct InvalidationSettings {
     pub store: String,
     /// The channel.
     pub channel: String,
+}
+
+/// `[resumption]`: session tickets and the session cache. With `redis`, every node sharing the store and the
+/// secret resumes every other node's sessions and tickets; without it, resumption is per node.
+#[derive(Debug, Clone)]
+pub struct ResumptionSettings {
+    /// The `[[redis]]` store keys and sessions are shared through; `None` = this node only.
+    pub store: Option<String>,
+    /// Seals ticket keys and session state at rest in Redis; required with `store`.
+    pub secret: Option<Secret>,
+    /// Prefix of every Redis key and channel resumption uses.
+    pub prefix: String,
+    /// Issue session tickets (TLS 1.2 and 1.3). Off: TLS 1.3 resumes statefully through the session cache.
+    pub tickets: bool,
+    /// Ticket-key slot length: a new key encrypts every `ticket_rotation`.
+    pub ticket_rotation: Duration,
+    /// How long a ticket resumes (and the lifetime hint clients get); keys decrypt for this long after their slot.
+    pub ticket_lifetime: Duration,
+    /// How long a cached session resumes (session IDs, and TLS 1.3 with tickets off); also its Redis lifetime.
+    pub session_lifetime: Duration,
+    /// This node's name in Redis records (`tern tickets status` shows which node made a key).
+    pub node: String,
+}
+
+impl Default for ResumptionSettings {
+    fn default() -> Self {
+        Self {
+            store: None,
+            secret: None,
+            prefix: defaults::RESUMPTION_PREFIX.to_string(),
+            tickets: true,
+            ticket_rotation: defaults::TICKET_ROTATION,
+            ticket_lifetime: defaults::TICKET_LIFETIME,
+            session_lifetime: defaults::SESSION_LIFETIME,
+            node: default_node_name(),
+        }
+    }
+}
+
+/// A secret from the config or the environment; never printed.
+#[derive(Clone)]
+pub struct Secret(std::sync::Arc<zeroize::Zeroizing<Vec<u8>>>);
+
+impl Secret {
+    /// The secret's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// `<hostname>-<pid>`.
+fn default_node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = host.trim();
+    format!("{}-{}", if host.is_empty() { "tern" } else { host }, std::process::id())
+}
+
+/// A listener's client-certificate authentication (mutual TLS).
+#[derive(Debug, Clone)]
+pub struct ClientAuth {
+    /// PEM bundle of the CAs client certificates must chain to.
+    pub ca: PathBuf,
+    /// Refuse clients without a certificate (`client_auth = "required"`, the default) or let them in
+    /// (`"optional"`).
+    pub required: bool,
 }
 
 /// `[[redis]]`: a Redis deployment, standalone or cluster.
@@ -165,6 +238,8 @@ pub struct ListenerSettings {
     pub alpn: Vec<Vec<u8>>,
     /// Where requests go: an `http://host:port` origin.
     pub backend: http::Uri,
+    /// Client certificates, if the listener asks for them.
+    pub client_auth: Option<ClientAuth>,
 }
 
 /// A listener's answer for clients without SNI and for names neither static certificates nor the plugin know.
@@ -326,6 +401,16 @@ pub mod defaults {
     pub const INVALIDATION_CHANNEL: &str = "tern:invalidate";
     /// `listener.alpn`
     pub const ALPN: [&str; 2] = ["h2", "http/1.1"];
+    /// `resumption.prefix`
+    pub const RESUMPTION_PREFIX: &str = "tern:resumption:";
+    /// `resumption.ticket_rotation`
+    pub const TICKET_ROTATION: Duration = Duration::from_secs(3600);
+    /// `resumption.ticket_lifetime`
+    pub const TICKET_LIFETIME: Duration = Duration::from_secs(6 * 3600);
+    /// `resumption.session_lifetime`
+    pub const SESSION_LIFETIME: Duration = Duration::from_secs(600);
+    /// Shortest `resumption.secret` accepted, in bytes.
+    pub const SECRET_MIN_LEN: usize = 32;
 }
 
 impl Config {
@@ -387,6 +472,7 @@ pub mod raw {
         #[serde(default)]
         pub redis: Vec<Redis>,
         pub invalidation: Option<Invalidation>,
+        pub resumption: Option<Resumption>,
         pub admin: Option<Admin>,
         #[serde(default)]
         pub reload: Reload,
@@ -399,6 +485,19 @@ pub mod raw {
     pub struct Invalidation {
         pub redis: String,
         pub channel: Option<String>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Resumption {
+        pub redis: Option<String>,
+        pub secret: Option<toml::Value>,
+        pub prefix: Option<String>,
+        pub tickets: Option<bool>,
+        pub ticket_rotation: Option<String>,
+        pub ticket_lifetime: Option<String>,
+        pub session_lifetime: Option<String>,
+        pub node: Option<String>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -474,6 +573,8 @@ pub mod raw {
         pub strict: bool,
         pub alpn: Option<Vec<String>>,
         pub backend: String,
+        pub client_ca: Option<String>,
+        pub client_auth: Option<String>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -656,6 +757,10 @@ impl Validator<'_> {
                 Some(InvalidationSettings { store: i.redis, channel })
             }
         };
+        let resumption = match raw.resumption {
+            None => ResumptionSettings::default(),
+            Some(r) => self.resumption(r, &redis)?,
+        };
         let admin = match raw.admin {
             None => None,
             Some(a) => {
@@ -691,9 +796,67 @@ impl Validator<'_> {
             plugins,
             redis,
             invalidation,
+            resumption,
             admin,
             reload,
             source: self.file.to_path_buf(),
+        })
+    }
+
+    fn resumption(&self, r: raw::Resumption, redis: &[RedisSettings]) -> Result<ResumptionSettings, ConfigError> {
+        let fallback = ResumptionSettings::default();
+        if let Some(store) = &r.redis
+            && !redis.iter().any(|s| &s.name == store)
+        {
+            return Err(self.err("resumption.redis", format!("no [[redis]] named {store:?}")));
+        }
+        let secret = match r.secret {
+            None => None,
+            Some(value) => {
+                let text = self.value("resumption.secret", value)?;
+                if text.len() < defaults::SECRET_MIN_LEN {
+                    return Err(self.err(
+                        "resumption.secret",
+                        format!("too short: at least {} bytes (e.g. `openssl rand -hex 32`)", defaults::SECRET_MIN_LEN),
+                    ));
+                }
+                Some(Secret(std::sync::Arc::new(zeroize::Zeroizing::new(text.into_bytes()))))
+            }
+        };
+        if r.redis.is_some() && secret.is_none() {
+            return Err(self.err(
+                "resumption.secret",
+                "missing: sessions and ticket keys are sealed in Redis with it; \
+                 e.g. secret = { env = \"TERN_RESUMPTION_SECRET\" }",
+            ));
+        }
+        let rotation =
+            self.duration("resumption.ticket_rotation", r.ticket_rotation.as_ref(), fallback.ticket_rotation)?;
+        self.positive("resumption.ticket_rotation", rotation)?;
+        let lifetime =
+            self.duration("resumption.ticket_lifetime", r.ticket_lifetime.as_ref(), fallback.ticket_lifetime)?;
+        if lifetime < rotation {
+            return Err(self.err("resumption.ticket_lifetime", "is shorter than resumption.ticket_rotation"));
+        }
+        if lifetime > Duration::from_secs(7 * 24 * 3600) {
+            return Err(self.err("resumption.ticket_lifetime", "TLS allows at most 7 days"));
+        }
+        let session_lifetime =
+            self.duration("resumption.session_lifetime", r.session_lifetime.as_ref(), fallback.session_lifetime)?;
+        self.positive("resumption.session_lifetime", session_lifetime)?;
+        let prefix = r.prefix.unwrap_or(fallback.prefix);
+        if prefix.is_empty() || prefix.contains(char::is_whitespace) {
+            return Err(self.err("resumption.prefix", "must be non-empty, without spaces"));
+        }
+        Ok(ResumptionSettings {
+            store: r.redis,
+            secret,
+            prefix,
+            tickets: r.tickets.unwrap_or(true),
+            ticket_rotation: rotation,
+            ticket_lifetime: lifetime,
+            session_lifetime,
+            node: r.node.unwrap_or(fallback.node),
         })
     }
 
@@ -901,7 +1064,24 @@ impl Validator<'_> {
                     })
                     .collect::<Result<_, _>>()?;
                 let backend = parse_backend(&l.backend).map_err(|m| self.err(format!("{key}.backend"), m))?;
-                Ok(ListenerSettings { name, bind, plugin: l.plugin, fallback, alpn, backend })
+                let required = match l.client_auth.as_deref() {
+                    None | Some("required") => true,
+                    Some("optional") => false,
+                    Some(other) => {
+                        return Err(self.err(
+                            format!("{key}.client_auth"),
+                            format!("{other:?}: expected \"required\" or \"optional\""),
+                        ));
+                    }
+                };
+                let client_auth = match l.client_ca {
+                    Some(ca) => Some(ClientAuth { ca: self.path(&ca), required }),
+                    None if l.client_auth.is_some() => {
+                        return Err(self.err(format!("{key}.client_auth"), "needs client_ca (the CAs to trust)"));
+                    }
+                    None => None,
+                };
+                Ok(ListenerSettings { name, bind, plugin: l.plugin, fallback, alpn, backend, client_auth })
             })
             .collect()
     }
@@ -1023,6 +1203,26 @@ mod tests {
 
     fn error_of(text: &str) -> String {
         load(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn resumption_through_redis_needs_a_long_secret_that_debug_never_prints() {
+        let with = |section: &str| {
+            format!("{MINIMAL}\n[[redis]]\nname = \"r\"\nurls = [\"redis://127.0.0.1:6379\"]\n{section}")
+        };
+        let err = error_of(&with("[resumption]\nredis = \"r\""));
+        assert!(err.contains("resumption.secret: missing"), "{err}");
+        let err = error_of(&with("[resumption]\nredis = \"r\"\nsecret = \"short\""));
+        assert!(err.contains("resumption.secret: too short"), "{err}");
+        let err = error_of(&with("[resumption]\nredis = \"nope\"\nsecret = \"0123456789abcdef0123456789abcdef\""));
+        assert!(err.contains("resumption.redis: no [[redis]] named \"nope\""), "{err}");
+        let err = error_of(&with("[resumption]\nticket_rotation = \"2h\"\nticket_lifetime = \"1h\""));
+        assert!(err.contains("resumption.ticket_lifetime: is shorter"), "{err}");
+        let secret = "0123456789abcdef0123456789abcdef-secret";
+        let config = load(&with(&format!("[resumption]\nredis = \"r\"\nsecret = \"{secret}\""))).unwrap();
+        assert_eq!(config.resumption.secret.as_ref().unwrap().bytes(), secret.as_bytes());
+        assert!(!format!("{config:?}").contains(secret), "Debug must not print the secret");
+        assert_eq!(load(MINIMAL).unwrap().resumption.store, None, "local resumption by default");
     }
 
     #[test]

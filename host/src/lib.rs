@@ -3,7 +3,7 @@
 //! The flow of one connection: [`tls::accept`] reads the ClientHello, [`select::Selector`] picks the certificate
 //! (static certificates, then [`cache`], then a [`plugin`] call whose answer [`certs`] parses and validates), the
 //! handshake completes, and [`proxy`] forwards HTTP to the backend. [`server`] wires it together from a
-//! [`config`] file.
+//! [`config`] file; [`resumption`] shares sessions and ticket keys across a fleet.
 
 pub mod admin;
 pub mod cache;
@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod plugin;
 pub mod proxy;
 pub mod reload;
+pub mod resumption;
 pub mod select;
 pub mod server;
 pub mod sni;

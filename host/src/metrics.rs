@@ -193,6 +193,10 @@ impl Metrics {
         x.sample("tern_tls_version_total", "version=\"1.3\"", get(&self.tls13));
         x.family("tern_tls_resumed_total", "counter", "Completed handshakes that resumed a session.");
         x.sample("tern_tls_resumed_total", "", get(&self.resumed));
+        x.family("tern_tls_handshakes_total", "counter", "Completed handshakes, full or resumed.");
+        let resumed = get(&self.resumed);
+        x.sample("tern_tls_handshakes_total", "kind=\"full\"", get(&self.handshakes_ok).saturating_sub(resumed));
+        x.sample("tern_tls_handshakes_total", "kind=\"resumed\"", resumed);
         x.family("tern_selections_total", "counter", "Certificate selections by how they were answered.");
         for (how, counter) in [
             ("static", &self.static_hits),

@@ -13,6 +13,7 @@ use crate::config::{Config, Fallback, ListenerSettings};
 use crate::metrics::{Metrics, inc};
 use crate::plugin::{self, LoadError, PluginSlot};
 use crate::proxy::Proxy;
+use crate::resumption::{Resumption, scope_of};
 use crate::select::{Blame, Policy, Selector, StaticCertError, StaticCerts};
 use crate::tls::{self, Outcome, Refusal, TlsTemplate};
 
@@ -35,6 +36,16 @@ pub enum StartError {
         addr: SocketAddr,
         /// The OS error.
         source: std::io::Error,
+    },
+    /// A listener's client CA bundle is unusable.
+    #[error("listener {listener:?}: client_ca {path}: {message}")]
+    ClientCa {
+        /// Listener name.
+        listener: String,
+        /// The CA file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        message: String,
     },
     /// TLS settings were refused by rustls.
     #[error("listener {listener:?}: TLS settings: {source}")]
@@ -67,6 +78,7 @@ pub struct Server {
     selector: Arc<Selector>,
     plugins: HashMap<String, Arc<PluginSlot>>,
     metrics: Arc<Metrics>,
+    resumption: Arc<Resumption>,
     handshake_timeout: Duration,
 }
 
@@ -107,6 +119,9 @@ impl Server {
             .into_iter()
             .map(|p| (p.name().to_string(), Arc::new(PluginSlot::new(p))))
             .collect();
+        let resumption_store = config.resumption.store.as_ref().and_then(|name| stores.get(name).cloned());
+        let session_capacity = u64::try_from(config.server.session_cache_entries).unwrap_or(u64::MAX);
+        let resumption = Resumption::start(&config.resumption, resumption_store, session_capacity).await;
         let metrics = Arc::new(Metrics::default());
         let selector =
             Arc::new(Selector::new(statics, CertCache::new(&config.cache, metrics.clone()), metrics.clone()));
@@ -114,7 +129,9 @@ impl Server {
         let (draining, drain_signal) = tokio::sync::watch::channel(false);
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for settings in &config.listeners {
-            listeners.push(Self::listener(&config, settings, &selector, &plugins, &metrics, &drain_signal).await?);
+            listeners.push(
+                Self::listener(&config, settings, &selector, &plugins, &metrics, &resumption, &drain_signal).await?,
+            );
         }
         let admin = match &config.admin {
             None => None,
@@ -139,6 +156,7 @@ impl Server {
             selector,
             plugins,
             metrics,
+            resumption,
             handshake_timeout: config.server.handshake_timeout,
         })
     }
@@ -149,6 +167,7 @@ impl Server {
         selector: &Arc<Selector>,
         plugins: &HashMap<String, Arc<PluginSlot>>,
         metrics: &Arc<Metrics>,
+        resumption: &Resumption,
         drain_signal: &tokio::sync::watch::Receiver<bool>,
     ) -> Result<Listener, StartError> {
         let name: Arc<str> = Arc::from(settings.name.as_str());
@@ -158,7 +177,22 @@ impl Server {
             Fallback::Strict => None,
         };
         let policy = Policy { plugin: settings.plugin.as_ref().and_then(|p| plugins.get(p).cloned()), default };
-        let tls = TlsTemplate::new(&settings.alpn, config.server.session_cache_entries)
+        let (verifier, scope) = match &settings.client_auth {
+            None => (None, scope_of(None)),
+            Some(auth) => {
+                let ca_error = |message: String| StartError::ClientCa {
+                    listener: settings.name.clone(),
+                    path: auth.ca.clone(),
+                    message,
+                };
+                let pem = tokio::fs::read(&auth.ca).await.map_err(|e| ca_error(e.to_string()))?;
+                let verifier = tls::client_verifier(&pem, auth.required).map_err(ca_error)?;
+                (Some(verifier), scope_of(Some((&pem, auth.required))))
+            }
+        };
+        let (sessions, ticketer) = resumption.for_scope(&scope);
+        let ticketer = ticketer.map(|t| t as Arc<dyn rustls::server::ProducesTickets>);
+        let tls = TlsTemplate::new(&settings.alpn, verifier, sessions, ticketer)
             .map_err(|source| StartError::Tls { listener: settings.name.clone(), source })?;
         let tcp = TcpListener::bind(settings.bind).await.map_err(|source| StartError::Bind {
             listener: settings.name.clone(),
@@ -216,6 +250,11 @@ impl Server {
         ))
     }
 
+    /// The node's resumption state.
+    pub fn resumption(&self) -> &Arc<Resumption> {
+        &self.resumption
+    }
+
     /// The certificate selector (static certificates and cache).
     pub fn selector(&self) -> &Arc<Selector> {
         &self.selector
@@ -238,6 +277,7 @@ impl Server {
         if let Some((store, channel)) = self.invalidation.clone() {
             tasks.spawn(listen_for_invalidations(store, channel, self.selector.cache().clone()));
         }
+        self.resumption.spawn(&mut tasks);
         if self.reload.0.watch {
             tasks.spawn(crate::reload::watch(reloader.clone(), self.reload.0.watch_interval));
         }
@@ -253,6 +293,7 @@ impl Server {
             tracing::info!(addr = ?tcp.local_addr().ok(), "admin listening");
             let state = crate::admin::AdminState {
                 metrics: self.metrics.clone(),
+                resumption: self.resumption.metrics().clone(),
                 selector: self.selector.clone(),
                 plugins: self.plugins.clone(),
                 reloader,

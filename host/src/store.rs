@@ -41,6 +41,32 @@ enum Connection {
     Cluster(ClusterConnection),
 }
 
+/// A connection owned by one task (see [`RedisStore::dedicated`]); it reconnects by itself.
+pub struct Dedicated(String, Connection);
+
+impl std::fmt::Debug for Dedicated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Dedicated").field(&self.0).finish()
+    }
+}
+
+impl Dedicated {
+    /// Runs one command; the connection's own response timeout bounds it.
+    pub async fn run<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> Result<T, StoreError> {
+        let reply = match &mut self.1 {
+            Connection::Standalone(c) => cmd.query_async::<T>(c).await,
+            Connection::Cluster(c) => cmd.query_async::<T>(c).await,
+        };
+        reply.map_err(|err| {
+            if err.is_io_error() || err.is_connection_dropped() || err.is_timeout() {
+                StoreError::Unavailable { store: self.0.clone(), message: err.to_string() }
+            } else {
+                StoreError::Command { store: self.0.clone(), message: err.to_string() }
+            }
+        })
+    }
+}
+
 /// One Redis deployment.
 pub struct RedisStore {
     settings: RedisSettings,
@@ -147,6 +173,58 @@ impl RedisStore {
     /// `PUBLISH channel message`; returns how many subscribers received it.
     pub async fn publish(&self, channel: &str, message: &str) -> Result<u64, StoreError> {
         self.query(redis::cmd("PUBLISH").arg(channel).arg(message)).await
+    }
+
+    /// Runs one command with the per-command timeout and returns its typed reply.
+    pub async fn run<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
+        self.query(cmd).await
+    }
+
+    /// Runs a pipeline in one round trip, ignoring replies. On a cluster every command must touch keys of one slot.
+    pub async fn pipeline(&self, pipe: &redis::Pipeline) -> Result<(), StoreError> {
+        let mut connection = self.connection().await?.clone();
+        let reply = tokio::time::timeout(self.settings.timeout, async {
+            match &mut connection {
+                Connection::Standalone(c) => pipe.query_async::<()>(c).await,
+                Connection::Cluster(c) => pipe.query_async::<()>(c).await,
+            }
+        })
+        .await;
+        self.finish(reply)
+    }
+
+    /// A connection of its own, for blocking reads (`XREAD BLOCK`) that would otherwise hold up every command
+    /// queued behind them on the shared multiplexed connection. `patience` is how long a reply may take (longer
+    /// than the block time).
+    pub async fn dedicated(&self, patience: Duration) -> Result<Dedicated, StoreError> {
+        let s = &self.settings;
+        let failed = |e: redis::RedisError| self.unavailable(e.to_string());
+        let connect = async {
+            if s.cluster {
+                let client = redis::cluster::ClusterClientBuilder::new(s.urls.clone())
+                    .connection_timeout(s.timeout)
+                    .response_timeout(patience)
+                    .build()
+                    .map_err(failed)?;
+                Ok(Dedicated(
+                    self.settings.name.clone(),
+                    Connection::Cluster(client.get_async_connection().await.map_err(failed)?),
+                ))
+            } else {
+                let url = s.urls.first().ok_or_else(|| self.unavailable("no URL".into()))?;
+                let client = redis::Client::open(url.as_str()).map_err(failed)?;
+                let manager = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(s.timeout))
+                    .set_response_timeout(Some(patience));
+                Ok(Dedicated(
+                    self.settings.name.clone(),
+                    Connection::Standalone(ConnectionManager::new_with_config(client, manager).await.map_err(failed)?),
+                ))
+            }
+        };
+        tokio::time::timeout(s.timeout.max(Duration::from_secs(1)), connect)
+            .await
+            .map_err(|_| self.unavailable("connect timed out".into()))?
     }
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {

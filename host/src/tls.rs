@@ -3,13 +3,14 @@
 //! rustls's `ResolvesServerCert` is synchronous and meant for selection without I/O, so the choice happens
 //! before rustls resumes: [`LazyConfigAcceptor`] hands over the ClientHello, [`Selector::select`] may wait on a
 //! plugin, and the `ServerConfig` that finishes the handshake carries a resolver that just returns the chosen
-//! key. One template config per listener keeps the session cache and ticketer shared across handshakes.
+//! key. One template config per listener carries the session cache and ticketer of its resumption scope.
 
 use std::sync::{Arc, OnceLock};
 
 use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
-use rustls::server::{Acceptor, ClientHello, ResolvesServerCert};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{Acceptor, ClientHello, ProducesTickets, ResolvesServerCert, StoresServerSessions};
 use rustls::sign::CertifiedKey;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
@@ -31,16 +32,26 @@ pub struct TlsTemplate {
 }
 
 impl TlsTemplate {
-    /// TLS 1.2 and 1.3, the given ALPN protocols, a session-ID cache of `session_entries` and a ticketer of its
-    /// own (sessions resume within this listener only).
-    pub fn new(alpn: &[Vec<u8>], session_entries: usize) -> Result<Self, rustls::Error> {
-        let mut base = ServerConfig::builder_with_provider(provider().clone())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(NoCertificate));
+    /// TLS 1.2 and 1.3, the given ALPN protocols, client certificates if `client_verifier` asks for them, and the
+    /// resumption state of the listener's scope: its session store and, unless tickets are off, its ticketer.
+    pub fn new(
+        alpn: &[Vec<u8>],
+        client_verifier: Option<Arc<dyn ClientCertVerifier>>,
+        sessions: Arc<dyn StoresServerSessions>,
+        ticketer: Option<Arc<dyn ProducesTickets>>,
+    ) -> Result<Self, rustls::Error> {
+        let builder = ServerConfig::builder_with_provider(provider().clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+        let builder = match client_verifier {
+            Some(verifier) => builder.with_client_cert_verifier(verifier),
+            None => builder.with_no_client_auth(),
+        };
+        let mut base = builder.with_cert_resolver(Arc::new(NoCertificate));
         base.alpn_protocols = alpn.to_vec();
-        base.session_storage = rustls::server::ServerSessionMemoryCache::new(session_entries);
-        base.ticketer = rustls::crypto::ring::Ticketer::new()?;
+        base.session_storage = sessions;
+        if let Some(ticketer) = ticketer {
+            base.ticketer = ticketer;
+        }
         let reject = Arc::new(base.clone());
         Ok(Self { base: Arc::new(base), reject })
     }
@@ -151,4 +162,22 @@ impl ResolvesServerCert for NoCertificate {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         None
     }
+}
+
+/// A verifier for client certificates chaining to the CAs in `ca_pem`; `required` refuses clients without one.
+pub fn client_verifier(ca_pem: &[u8], required: bool) -> Result<Arc<dyn ClientCertVerifier>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not PEM certificates: {e}"))?;
+    for cert in certs {
+        roots.add(cert).map_err(|e| format!("unusable CA certificate: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("no CA certificate in the file".into());
+    }
+    let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider().clone());
+    let builder = if required { builder } else { builder.allow_unauthenticated() };
+    builder.build().map_err(|e| e.to_string())
 }

@@ -12,5 +12,6 @@ mod plugin_failures;
 mod proxy;
 mod redis;
 mod redis_support;
+mod resumption;
 mod selection;
 mod support;

@@ -13,7 +13,12 @@ use crate::support::*;
 const TOKEN: &str = "admin-secret";
 
 /// One admin request; returns status and body.
-async fn admin(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> anyhow::Result<(u16, String)> {
+pub(crate) async fn admin(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
@@ -36,7 +41,7 @@ fn admin_addr_of(server: &TestServer) -> SocketAddr {
 }
 
 /// The value of one sample, found by name and labels, from Prometheus text parsed by a real parser.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid exposition");
     let found = scrape
         .samples

@@ -1,0 +1,232 @@
+//! Failover with and without fleet-wide resumption: many clients hold sessions from node A, A is killed, they all
+//! reconnect to node B. Prints, per TLS version and mode, the share of resumed handshakes on B and the CPU
+//! seconds B spent serving them (from /proc/<pid>/stat), so "sharing on vs off" is a ratio from one run.
+//!
+//! ```text
+//! cargo build --release -p tern -p tern-bench
+//! target/release/failover --clients 2000
+//! ```
+//!
+//! Needs `redis-server` on the PATH (scripts/setup.sh test installs it). The client runs on the same machine:
+//! only B's own CPU time is reported, not the wall-clock rate.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Clients (each with its own session) that move from A to B.
+    #[arg(long, default_value_t = 2000)]
+    clients: usize,
+    /// Connections in flight at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// The tern binary.
+    #[arg(long, default_value = "target/release/tern")]
+    tern: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let dir = tempfile::tempdir()?;
+    let ca = tern::demo::TestCa::new("failover bench CA")?;
+    let (chain, key) = ca.issue(&["a.test"])?;
+    std::fs::create_dir_all(dir.path().join("certs"))?;
+    std::fs::write(dir.path().join("certs/a.test.crt"), chain)?;
+    std::fs::write(dir.path().join("certs/a.test.key"), key)?;
+    std::fs::write(dir.path().join("ca.pem"), ca.pem())?;
+    let backend = tern::demo::spawn_echo_backend().await?;
+    let redis = start_redis(dir.path()).await?;
+    println!(
+        "failover bench: {} clients, concurrency {}, ECDSA P-256, tern {}",
+        args.clients,
+        args.concurrency,
+        args.tern.display()
+    );
+    println!(
+        "{:<8} {:<8} {:>9} {:>12} {:>14} {:>10}",
+        "tls", "sharing", "resumed", "B cpu (s)", "B cpu/1k (s)", "wall (s)"
+    );
+    let mut results = Vec::new();
+    for version in ["1.3", "1.2"] {
+        for sharing in [true, false] {
+            let r = run(&args, dir.path(), backend, redis.1, version, sharing).await?;
+            println!(
+                "{:<8} {:<8} {:>8.1}% {:>12.3} {:>14.3} {:>10.2}",
+                version,
+                if sharing { "on" } else { "off" },
+                r.resumed as f64 * 100.0 / args.clients as f64,
+                r.cpu_seconds,
+                r.cpu_seconds * 1000.0 / args.clients as f64,
+                r.wall.as_secs_f64()
+            );
+            results.push((version, sharing, r));
+        }
+    }
+    for version in ["1.3", "1.2"] {
+        let cpu =
+            |s: bool| results.iter().find(|(v, sh, _)| *v == version && *sh == s).map_or(0.0, |r| r.2.cpu_seconds);
+        println!("TLS {version}: B spends {:.2}x the CPU without sharing", cpu(false) / cpu(true).max(1e-9));
+    }
+    drop(redis);
+    Ok(())
+}
+
+struct Outcome {
+    resumed: usize,
+    cpu_seconds: f64,
+    wall: Duration,
+}
+
+async fn run(
+    args: &Args,
+    dir: &Path,
+    backend: SocketAddr,
+    redis: u16,
+    version: &str,
+    sharing: bool,
+) -> Result<Outcome> {
+    let mut a = start_tern(args, dir, "a", backend, redis, sharing).await?;
+    let b = start_tern(args, dir, "b", backend, redis, sharing).await?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca_der(dir)?)?;
+    let versions: &[&'static rustls::SupportedProtocolVersion] =
+        if version == "1.3" { &[&rustls::version::TLS13] } else { &[&rustls::version::TLS12] };
+    let clients: Vec<Arc<rustls::ClientConfig>> = (0..args.clients)
+        .map(|_| {
+            let mut c = rustls::ClientConfig::builder_with_provider(tern::tls::provider().clone())
+                .with_protocol_versions(versions)
+                .map(|b| b.with_root_certificates(roots.clone()).with_no_client_auth())
+                .expect("TLS versions supported");
+            c.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Arc::new(c)
+        })
+        .collect();
+    // Phase 1: every client gets a session from A.
+    drive(&clients, a.1, args.concurrency).await?;
+    // Give replication a moment (it normally takes about a millisecond per batch).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.0.start_kill()?;
+    a.0.wait().await?;
+    // Phase 2: all of them reconnect to B.
+    let before = cpu_seconds(b.0.id().context("running")?)?;
+    let started = Instant::now();
+    let resumed = drive(&clients, b.1, args.concurrency).await?;
+    let wall = started.elapsed();
+    let after = cpu_seconds(b.0.id().context("running")?)?;
+    drop(b);
+    Ok(Outcome { resumed, cpu_seconds: after - before, wall })
+}
+
+fn ca_der(dir: &Path) -> Result<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    Ok(rustls::pki_types::CertificateDer::from_pem_file(dir.join("ca.pem"))?)
+}
+
+/// One handshake and one request per client, `concurrency` at a time; returns how many resumed.
+async fn drive(clients: &[Arc<rustls::ClientConfig>], addr: SocketAddr, concurrency: usize) -> Result<usize> {
+    use futures_util::StreamExt;
+    let outcomes: Vec<Result<bool>> = futures_util::stream::iter(clients.iter().cloned())
+        .map(|client| async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            let name = rustls::pki_types::ServerName::try_from("a.test")?;
+            let mut tls = tokio_rustls::TlsConnector::from(client).connect(name, tcp).await?;
+            let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+            tls.write_all(b"GET / HTTP/1.1\r\nhost: a.test\r\nconnection: close\r\n\r\n").await?;
+            let mut sink = Vec::new();
+            let _ = tls.read_to_end(&mut sink).await;
+            Ok(resumed)
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let mut resumed = 0;
+    for outcome in outcomes {
+        if outcome? {
+            resumed += 1;
+        }
+    }
+    Ok(resumed)
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after_name = stat.rsplit_once(')').context("stat format")?.1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5); after the name, index 11 and 12.
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    Ok(ticks / 100.0)
+}
+
+async fn start_redis(dir: &Path) -> Result<(Child, u16)> {
+    let port = tokio::net::TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("redis-server (scripts/setup.sh test installs it)")?;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return Ok((child, port));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bail!("redis-server did not start")
+}
+
+async fn start_tern(
+    args: &Args,
+    dir: &Path,
+    node: &str,
+    backend: SocketAddr,
+    redis: u16,
+    sharing: bool,
+) -> Result<(Child, SocketAddr)> {
+    let resumption = if sharing {
+        format!(
+            "[[redis]]\nname = \"shared\"\nurls = [\"redis://127.0.0.1:{redis}\"]\n\n[resumption]\nredis = \"shared\"\n\
+             secret = \"failover-bench-secret-0123456789abcdef\"\nnode = \"{node}\"\n"
+        )
+    } else {
+        String::new()
+    };
+    let config = format!(
+        "[log]\naccess = false\nlevel = \"info\"\n\n[[certificate]]\nname = \"a\"\ncert = \"certs/a.test.crt\"\n\
+         key = \"certs/a.test.key\"\n\n[[listener]]\nbind = \"127.0.0.1:0\"\nstrict = true\n\
+         backend = \"http://{backend}\"\n\n{resumption}"
+    );
+    let path = dir.join(format!("{node}.toml"));
+    std::fs::write(&path, config)?;
+    let mut child = Command::new(&args.tern)
+        .arg("run")
+        .arg("-c")
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {} (cargo build --release -p tern)", args.tern.display()))?;
+    let mut lines = BufReader::new(child.stderr.take().context("piped")?).lines();
+    while let Some(line) = lines.next_line().await? {
+        if line.contains("listening")
+            && let Some(addr) = line.split("Some(").nth(1).and_then(|r| r.split(')').next())
+        {
+            let addr = addr.parse()?;
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            return Ok((child, addr));
+        }
+    }
+    bail!("tern {node} exited before listening")
+}
