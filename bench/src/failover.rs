@@ -29,6 +29,9 @@ struct Args {
     /// Connections in flight at once.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// An HTTP backend to proxy to (default: a built-in echo backend in this process).
+    #[arg(long)]
+    backend: Option<SocketAddr>,
     /// The tern binary.
     #[arg(long, default_value = "target/release/tern")]
     tern: PathBuf,
@@ -44,7 +47,10 @@ async fn main() -> Result<()> {
     std::fs::write(dir.path().join("certs/a.test.crt"), chain)?;
     std::fs::write(dir.path().join("certs/a.test.key"), key)?;
     std::fs::write(dir.path().join("ca.pem"), ca.pem())?;
-    let backend = tern::demo::spawn_echo_backend().await?;
+    let backend = match args.backend {
+        Some(addr) => addr,
+        None => tern::demo::spawn_echo_backend().await?,
+    };
     let redis = start_redis(dir.path()).await?;
     println!(
         "failover bench: {} clients, concurrency {}, ECDSA P-256, tern {}",
@@ -53,21 +59,23 @@ async fn main() -> Result<()> {
         args.tern.display()
     );
     println!(
-        "{:<8} {:<8} {:>9} {:>12} {:>14} {:>10}",
-        "tls", "sharing", "resumed", "B cpu (s)", "B cpu/1k (s)", "wall (s)"
+        "{:<8} {:<8} {:>9} {:>12} {:>14} {:>10} {:>18}",
+        "tls", "sharing", "resumed", "B cpu (s)", "B cpu/1k (s)", "wall (s)", "replication lag"
     );
     let mut results = Vec::new();
     for version in ["1.3", "1.2"] {
         for sharing in [true, false] {
             let r = run(&args, dir.path(), backend, redis.1, version, sharing).await?;
+            let lag = r.lag_ms.map_or("-".to_string(), |ms| format!("{ms:.2} ms (n={})", r.replicated));
             println!(
-                "{:<8} {:<8} {:>8.1}% {:>12.3} {:>14.3} {:>10.2}",
+                "{:<8} {:<8} {:>8.1}% {:>12.3} {:>14.3} {:>10.2} {:>18}",
                 version,
                 if sharing { "on" } else { "off" },
                 r.resumed as f64 * 100.0 / args.clients as f64,
                 r.cpu_seconds,
                 r.cpu_seconds * 1000.0 / args.clients as f64,
-                r.wall.as_secs_f64()
+                r.wall.as_secs_f64(),
+                lag
             );
             results.push((version, sharing, r));
         }
@@ -85,6 +93,23 @@ struct Outcome {
     resumed: usize,
     cpu_seconds: f64,
     wall: Duration,
+    /// Mean time from A's write to B holding the session, over `replicated` sessions.
+    lag_ms: Option<f64>,
+    replicated: f64,
+}
+
+/// The admin endpoint's Prometheus text.
+async fn scrape(admin: SocketAddr) -> Result<String> {
+    let mut tcp = tokio::net::TcpStream::connect(admin).await?;
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").await?;
+    let mut body = String::new();
+    tcp.read_to_string(&mut body).await?;
+    Ok(body)
+}
+
+/// A sample without labels.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
 }
 
 async fn run(
@@ -101,16 +126,16 @@ async fn run(
     roots.add(ca_der(dir)?)?;
     let versions: &[&'static rustls::SupportedProtocolVersion] =
         if version == "1.3" { &[&rustls::version::TLS13] } else { &[&rustls::version::TLS12] };
-    let clients: Vec<Arc<rustls::ClientConfig>> = (0..args.clients)
+    let clients = (0..args.clients)
         .map(|_| {
             let mut c = rustls::ClientConfig::builder_with_provider(tern::tls::provider().clone())
-                .with_protocol_versions(versions)
-                .map(|b| b.with_root_certificates(roots.clone()).with_no_client_auth())
-                .expect("TLS versions supported");
+                .with_protocol_versions(versions)?
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth();
             c.alpn_protocols = vec![b"http/1.1".to_vec()];
-            Arc::new(c)
+            Ok(Arc::new(c))
         })
-        .collect();
+        .collect::<Result<Vec<_>>>()?;
     // Phase 1: every client gets a session from A.
     drive(&clients, a.1, args.concurrency).await?;
     // Give replication a moment (it normally takes about a millisecond per batch).
@@ -123,8 +148,12 @@ async fn run(
     let resumed = drive(&clients, b.1, args.concurrency).await?;
     let wall = started.elapsed();
     let after = cpu_seconds(b.0.id().context("running")?)?;
+    let metrics = scrape(b.2).await?;
+    let lag_sum = metric(&metrics, "tern_session_replication_lag_seconds_sum");
+    let lag_count = metric(&metrics, "tern_session_replication_lag_seconds_count");
+    let lag_ms = if lag_count > 0.0 { Some(lag_sum * 1000.0 / lag_count) } else { None };
     drop(b);
-    Ok(Outcome { resumed, cpu_seconds: after - before, wall })
+    Ok(Outcome { resumed, cpu_seconds: after - before, wall, lag_ms, replicated: lag_count })
 }
 
 fn ca_der(dir: &Path) -> Result<rustls::pki_types::CertificateDer<'static>> {
@@ -136,25 +165,48 @@ fn ca_der(dir: &Path) -> Result<rustls::pki_types::CertificateDer<'static>> {
 async fn drive(clients: &[Arc<rustls::ClientConfig>], addr: SocketAddr, concurrency: usize) -> Result<usize> {
     use futures_util::StreamExt;
     let outcomes: Vec<Result<bool>> = futures_util::stream::iter(clients.iter().cloned())
-        .map(|client| async move {
-            let tcp = tokio::net::TcpStream::connect(addr).await?;
-            let name = rustls::pki_types::ServerName::try_from("a.test")?;
-            let mut tls = tokio_rustls::TlsConnector::from(client).connect(name, tcp).await?;
-            let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-            tls.write_all(b"GET / HTTP/1.1\r\nhost: a.test\r\nconnection: close\r\n\r\n").await?;
-            let mut sink = Vec::new();
-            let _ = tls.read_to_end(&mut sink).await;
-            Ok(resumed)
-        })
+        .map(|client| async move { visit(client, addr).await })
         .buffer_unordered(concurrency)
         .collect()
         .await;
     let mut resumed = 0;
+    let mut failed = 0;
     for outcome in outcomes {
-        if outcome? {
-            resumed += 1;
+        match outcome {
+            Ok(true) => resumed += 1,
+            Ok(false) => {}
+            Err(err) => {
+                if failed == 0 {
+                    eprintln!("connection failed: {err:#}");
+                }
+                failed += 1;
+            }
         }
     }
+    if failed > 0 {
+        eprintln!("{failed} of {} connections failed", clients.len());
+    }
+    Ok(resumed)
+}
+
+/// One handshake and one request; true if the handshake resumed.
+async fn visit(client: Arc<rustls::ClientConfig>, addr: SocketAddr) -> Result<bool> {
+    let limit = Duration::from_secs(10);
+    let tcp =
+        tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr)).await.context("tcp connect stalled")??;
+    // As browsers do: without it Nagle holds the request behind TLS 1.2's abbreviated Finished for a delayed ACK.
+    tcp.set_nodelay(true)?;
+    let name = rustls::pki_types::ServerName::try_from("a.test")?;
+    let mut tls = tokio::time::timeout(limit, tokio_rustls::TlsConnector::from(client).connect(name, tcp))
+        .await
+        .context("TLS handshake stalled")??;
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    tls.write_all(b"GET / HTTP/1.1\r\nhost: a.test\r\nconnection: close\r\n\r\n").await?;
+    // tokio-rustls may keep part of a write buffered until flushed.
+    tls.flush().await?;
+    let mut sink = Vec::new();
+    let read = tokio::time::timeout(limit, tls.read_to_end(&mut sink)).await;
+    anyhow::ensure!(read.is_ok(), "response stalled after {} bytes: {:?}", sink.len(), String::from_utf8_lossy(&sink));
     Ok(resumed)
 }
 
@@ -194,7 +246,7 @@ async fn start_tern(
     backend: SocketAddr,
     redis: u16,
     sharing: bool,
-) -> Result<(Child, SocketAddr)> {
+) -> Result<(Child, SocketAddr, SocketAddr)> {
     let resumption = if sharing {
         format!(
             "[[redis]]\nname = \"shared\"\nurls = [\"redis://127.0.0.1:{redis}\"]\n\n[resumption]\nredis = \"shared\"\n\
@@ -206,7 +258,7 @@ async fn start_tern(
     let config = format!(
         "[log]\naccess = false\nlevel = \"info\"\n\n[[certificate]]\nname = \"a\"\ncert = \"certs/a.test.crt\"\n\
          key = \"certs/a.test.key\"\n\n[[listener]]\nbind = \"127.0.0.1:0\"\nstrict = true\n\
-         backend = \"http://{backend}\"\n\n{resumption}"
+         backend = \"http://{backend}\"\n\n[admin]\nbind = \"127.0.0.1:0\"\n\n{resumption}"
     );
     let path = dir.join(format!("{node}.toml"));
     std::fs::write(&path, config)?;
@@ -219,13 +271,17 @@ async fn start_tern(
         .spawn()
         .with_context(|| format!("starting {} (cargo build --release -p tern)", args.tern.display()))?;
     let mut lines = BufReader::new(child.stderr.take().context("piped")?).lines();
+    let (mut listener, mut admin) = (None, None);
     while let Some(line) = lines.next_line().await? {
-        if line.contains("listening")
-            && let Some(addr) = line.split("Some(").nth(1).and_then(|r| r.split(')').next())
-        {
-            let addr = addr.parse()?;
+        let addr = line.split("Some(").nth(1).and_then(|r| r.split(')').next()?.parse::<SocketAddr>().ok());
+        match addr {
+            Some(a) if line.contains("admin listening") => admin = Some(a),
+            Some(a) if line.contains("listening") => listener = Some(a),
+            _ => {}
+        }
+        if let (Some(listener), Some(admin)) = (listener, admin) {
             tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            return Ok((child, addr));
+            return Ok((child, listener, admin));
         }
     }
     bail!("tern {node} exited before listening")

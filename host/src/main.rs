@@ -382,7 +382,7 @@ async fn tickets(command: TicketsCommand) -> Result<()> {
         "rotation every {:?}, tickets live {:?}: {} previous slot(s) + current + next accepted",
         settings.ticket_rotation, settings.ticket_lifetime, schedule.window
     );
-    println!("{:>12} {:>4} {:>10}  {:<28} {:<14} {:<14} {}", "slot", "gen", "", "made by", "made", "active", "secret");
+    println!("{:>12} {:>4} {:>10}  {:<28} {:<14} {:<14} secret", "slot", "gen", "", "made by", "made", "active");
     let status = keys.status(&schedule).await?;
     for slot in schedule.accepted(now) {
         let label = match slot.cmp(&current) {

@@ -420,3 +420,31 @@ async fn listeners_with_other_client_auth_never_share_sessions() -> Result<()> {
     assert!(refused.is_some(), "a client without a certificate is refused where one is required");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_carries_keys_and_sessions_too() -> Result<()> {
+    let pki = Pki::new(&["default.test", "a.test"])?;
+    let cluster = crate::redis_support::RedisCluster::start().await?;
+    let backend = tern::demo::spawn_echo_backend().await?;
+    let urls = cluster.urls().iter().map(|u| format!("{u:?}")).collect::<Vec<_>>().join(", ");
+    let config = |node: &str| {
+        node_config(&pki, backend, "CLUSTER", node, "")
+            .replace("urls = [\"CLUSTER\"]", &format!("urls = [{urls}]\ncluster = true"))
+    };
+    let a = Node::start(&pki, "a", &config("a")).await?;
+    let b = Node::start(&pki, "b", &config("b")).await?;
+    for (label, (version, mode), stateful) in
+        [("TLS 1.2 session ID", tls12(Tls12Resumption::SessionIdOnly), true), ("TLS 1.3 ticket", TLS13, false)]
+    {
+        let client = resuming_client(&pki, version, mode);
+        assert_eq!(visit(a.addr, &client, "a.test").await?, HandshakeKind::Full, "{label}");
+        if stateful {
+            b.metric_reaches("tern_sessions_replicated_total", &[("direction", "in")], 1.0).await?;
+        }
+        assert_eq!(visit(b.addr, &client, "a.test").await?, HandshakeKind::Resumed, "{label} across the cluster");
+    }
+    let status = text(&run_command(tern(&["tickets", "status", "-c", &a.config.to_string_lossy()])).await?);
+    assert!(status.contains("CURRENT") && status.contains("opens"), "{status}");
+    assert_eq!(a.metric("tern_resumption_redis_errors_total", &[]).await?, 0.0, "{}", a.log_text());
+    Ok(())
+}

@@ -108,6 +108,9 @@ pub fn scope_of(client_auth: Option<(&[u8], bool)>) -> String {
     }
 }
 
+/// A scope's session store and ticketer (none when tickets are off).
+pub type ScopeState = (Arc<ScopedSessions>, Option<Arc<Ticketer>>);
+
 /// What a node needs for resumption: the key manager, the session cache, and their background tasks.
 #[derive(Debug)]
 pub struct Resumption {
@@ -115,7 +118,7 @@ pub struct Resumption {
     sessions: Arc<SessionCache>,
     replication: Mutex<Option<Replication>>,
     metrics: Arc<ResumptionMetrics>,
-    scopes: Mutex<HashMap<String, (Arc<ScopedSessions>, Option<Arc<Ticketer>>)>>,
+    scopes: Mutex<HashMap<String, ScopeState>>,
 }
 
 impl Resumption {
@@ -171,7 +174,7 @@ impl Resumption {
     }
 
     /// The session store and ticketer for listeners of `scope` (one pair per scope, shared by its listeners).
-    pub fn for_scope(&self, scope: &str) -> (Arc<ScopedSessions>, Option<Arc<Ticketer>>) {
+    pub fn for_scope(&self, scope: &str) -> ScopeState {
         let mut scopes = self.scopes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         scopes
             .entry(scope.to_string())

@@ -355,8 +355,11 @@ async fn read(shared: Arc<SharedSessions>, node: String, cache: Arc<SessionCache
     }
 }
 
-/// `(id, [(field, value)])` of every entry in an `XREAD` reply (nil when the block timed out).
-fn entries(reply: redis::Value) -> Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)> {
+/// A stream entry's field/value pairs.
+type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// `(id, fields)` of every entry in an `XREAD` reply (nil when the block timed out).
+fn entries(reply: redis::Value) -> Vec<(String, Fields)> {
     use redis::Value;
     fn text(v: Value) -> Option<Vec<u8>> {
         match v {
