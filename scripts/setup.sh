@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing tern needs on a machine that has only rustup/cargo and Debian:
 # the wasm32-wasip2 Rust target (plugins) and, for the test suite, the openssl and curl clients and
-# redis-server / redis-cli (the tests start their own Redis servers and clusters).
+# redis-server / redis-cli (the tests start their own Redis servers and clusters), and node/npm and python3-venv
+# (the JavaScript and Python example plugins the tests build, see scripts/build-polyglot.sh).
 # Usage: scripts/setup.sh [demo|test]    (idempotent; quiet when everything is present)
 set -euo pipefail
 mode="${1:-demo}"
@@ -13,14 +14,19 @@ fi
 
 if [ "$mode" = test ]; then
   missing=()
-  for tool in openssl curl redis-server redis-cli; do
+  for tool in openssl curl redis-server redis-cli node npm python3; do
     if ! command -v "$tool" >/dev/null 2>&1; then
       case "$tool" in
         redis-cli) missing+=(redis-tools) ;;
+        node) missing+=(nodejs) ;;
+        python3) missing+=(python3 python3-venv) ;;
         *) missing+=("$tool") ;;
       esac
     fi
   done
+  if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    missing+=(python3-venv)
+  fi
   if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing ${missing[*]} from Debian packages" >&2
     sudo=""

@@ -1,5 +1,5 @@
-//! Builds the plugins workspace for wasm32-wasip2 and tells the tests where the components are
-//! (`TERN_PLUGIN_<NAME>` environment variables at compile time).
+//! Builds the plugins workspace for wasm32-wasip2 and the JavaScript and Python example plugins, and tells the
+//! tests where the components are (`TERN_PLUGIN_<NAME>` environment variables at compile time).
 
 // A build script reports failure by panicking.
 #![allow(clippy::expect_used)]
@@ -23,6 +23,8 @@ fn main() {
         "plugins/testing",
         "guest-sdk",
         "wit",
+        "examples/plugins",
+        "scripts/build-polyglot.sh",
     ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
@@ -51,5 +53,23 @@ fn main() {
         let path = target_dir.join("wasm32-wasip2/release").join(format!("{stem}.wasm"));
         assert!(Path::new(&path).is_file(), "{package}: {} missing after the build", path.display());
         println!("cargo:rustc-env=TERN_PLUGIN_{}={}", stem.to_uppercase(), path.display());
+    }
+    // The JavaScript and Python example plugins, built by their own toolchains (npm, PyPI).
+    let output = Command::new("bash")
+        .arg(root.join("scripts/build-polyglot.sh"))
+        .output()
+        .expect("running scripts/build-polyglot.sh");
+    assert!(
+        output.status.success(),
+        "building the JavaScript and Python plugins failed (scripts/setup.sh test installs node, npm and \
+         python3-venv):\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let paths = String::from_utf8_lossy(&output.stdout);
+    let mut paths = paths.lines();
+    for name in ["JS_REDIS", "PY_REDIS"] {
+        let path = paths.next().expect("build-polyglot.sh prints one path per plugin");
+        assert!(Path::new(path).is_file(), "{path} missing after build-polyglot.sh");
+        println!("cargo:rustc-env=TERN_PLUGIN_{name}={path}");
     }
 }

@@ -51,7 +51,7 @@ async fn main() -> Result<()> {
         Some(addr) => addr,
         None => tern::demo::spawn_echo_backend().await?,
     };
-    let redis = start_redis(dir.path()).await?;
+    let redis = tern_bench::start_redis(dir.path()).await?;
     println!(
         "failover bench: {} clients, concurrency {}, ECDSA P-256, tern {}",
         args.clients,
@@ -218,25 +218,6 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     // Fields 14 and 15 of stat(5); after the name, index 11 and 12.
     let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
     Ok(ticks / 100.0)
-}
-
-async fn start_redis(dir: &Path) -> Result<(Child, u16)> {
-    let port = tokio::net::TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port();
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .arg("--dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("redis-server (scripts/setup.sh test installs it)")?;
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            return Ok((child, port));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    bail!("redis-server did not start")
 }
 
 async fn start_tern(

@@ -309,6 +309,10 @@ async fn plugin_call(args: CallArgs) -> Result<()> {
     println!("plugin:     {} (compiled in {compiled_in:.1?})", path.display());
     println!("servername: {name}");
     println!("call took:  {called_in:.1?}");
+    let memory = plugin.stats().peak_memory_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    if memory > 0 {
+        println!("memory:     {:.1} MiB of linear memory", memory as f64 / f64::from(1 << 20));
+    }
     match answer {
         Err(err) => {
             println!("result:     FAILED ({}): {err}", err.kind());

@@ -9,6 +9,7 @@ mod cli;
 mod http_api;
 mod operations;
 mod plugin_failures;
+mod polyglot;
 mod proxy;
 mod redis;
 mod redis_support;

@@ -9,6 +9,8 @@ pub struct CallLimiter {
     memory_limit: usize,
     /// Set when the guest asked for more memory than its cap.
     pub(super) memory_exceeded: bool,
+    /// The most linear memory the call's instance held (bytes, all memories' largest).
+    pub(super) peak: usize,
 }
 
 impl CallLimiter {
@@ -20,7 +22,7 @@ impl CallLimiter {
             .table_elements(1 << 20)
             .trap_on_grow_failure(true)
             .build();
-        Self { inner, memory_limit, memory_exceeded: false }
+        Self { inner, memory_limit, memory_exceeded: false, peak: 0 }
     }
 
     /// The cap this limiter enforces.
@@ -33,6 +35,8 @@ impl ResourceLimiter for CallLimiter {
     fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
         if desired > self.memory_limit {
             self.memory_exceeded = true;
+        } else {
+            self.peak = self.peak.max(desired);
         }
         self.inner.memory_growing(current, desired, maximum)
     }

@@ -175,6 +175,8 @@ pub struct PluginStats {
     pub circuit_open: AtomicU64,
     /// Total time spent in calls, microseconds.
     pub busy_micros: AtomicU64,
+    /// The largest linear memory one call's instance held, bytes (memory per instance).
+    pub peak_memory_bytes: AtomicU64,
 }
 
 /// The shared engine: compiler, pooling allocator and the epoch ticker.
@@ -413,6 +415,8 @@ impl Plugin {
             .call_select_certificate(&mut store, servername.as_str())
             .await
             .map_err(|e| self.classify(&store, e, "call"))?;
+        let peak = u64::try_from(store.data().limiter.peak).unwrap_or(u64::MAX);
+        self.stats.peak_memory_bytes.fetch_max(peak, Ordering::Relaxed);
         match answer {
             Ok(WitSelection::Found(cert)) => Ok(Selection::Found {
                 chain: cert.chain,

@@ -1,0 +1,116 @@
+//! What a plugin costs per language: component size, compile time, and, on the cache-miss path (a fresh instance
+//! per call, as tern runs plugins), instantiate + call latency and linear memory per instance.
+//!
+//! ```text
+//! cargo build --release -p tern-bench
+//! scripts/build-polyglot.sh                     # JavaScript and Python example plugins
+//! target/release/plugin-cost --calls 500 target/wasm32-wasip2/release/redis_plugin.wasm \
+//!     target/polyglot/js-redis.wasm target/polyglot/py-redis.wasm
+//! ```
+//!
+//! Every plugin reads the same certificates from a `redis-server` this program starts (the Redis plugin's default
+//! layout), for distinct names, so every call is a real miss: Redis round trip, PEM returned to the host.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use tern::config::{Grants, KvGrant, PluginSettings, RedisSettings};
+use tern::plugin::{self, Selection};
+use tern::sni::ServerName;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Plugin components (.wasm) to measure.
+    #[arg(required = true)]
+    plugins: Vec<PathBuf>,
+    /// Calls per plugin, each for a different name.
+    #[arg(long, default_value_t = 500)]
+    calls: usize,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let dir = tempfile::tempdir()?;
+    let (_redis, port) = tern_bench::start_redis(dir.path()).await?;
+    let store = Arc::new(tern::store::RedisStore::new(RedisSettings {
+        name: "bench".into(),
+        urls: vec![format!("redis://127.0.0.1:{port}")],
+        cluster: false,
+        timeout: Duration::from_secs(2),
+    }));
+    let ca = tern::demo::TestCa::new("plugin cost CA")?;
+    let names: Vec<String> = (0..args.calls).map(|i| format!("host{i}.cost.test")).collect();
+    let mut writes = Vec::new();
+    for name in &names {
+        let (chain, key) = ca.issue(&[name])?;
+        writes.push(redis::cmd("SET").arg(format!("{name}.crt")).arg(chain).clone());
+        writes.push(redis::cmd("SET").arg(format!("{name}.key")).arg(key).clone());
+    }
+    store.write_all(writes).await?;
+    let mut stores = plugin::Stores::new();
+    stores.insert("bench".into(), store);
+    println!("plugin cost: {} calls per plugin, a fresh instance per call, certificates in Redis", args.calls);
+    println!(
+        "{:<28} {:>9} {:>10} {:>11} {:>11} {:>11} {:>12}",
+        "plugin", "size", "compile", "first call", "median", "p99", "memory/inst"
+    );
+    for path in &args.plugins {
+        let size = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?.len();
+        let settings = PluginSettings {
+            name: "bench".into(),
+            path: path.clone(),
+            timeout: Duration::from_secs(10),
+            memory_limit: 256 << 20,
+            max_concurrency: 1,
+            max_calls_per_second: None,
+            breaker_threshold: 0,
+            breaker_cooldown: Duration::ZERO,
+            settings: BTreeMap::new(),
+            grants: Grants {
+                files: None,
+                kv: Some(KvGrant { store: "bench".into(), prefixes: vec![String::new()] }),
+                http: None,
+            },
+            probe_names: Vec::new(),
+            on_swap: Default::default(),
+        };
+        let runtime = plugin::PluginRuntime::new(settings.memory_limit, 4)?;
+        let started = Instant::now();
+        let plugin = plugin::load_all(&runtime, std::slice::from_ref(&settings), &stores)
+            .await?
+            .into_iter()
+            .next()
+            .context("plugin did not load")?;
+        let compile = started.elapsed();
+        let mut times = Vec::with_capacity(names.len());
+        for name in &names {
+            let name = ServerName::parse(name).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let started = Instant::now();
+            let answer = plugin.select(&name).await?;
+            times.push(started.elapsed());
+            anyhow::ensure!(matches!(answer, Selection::Found { .. }), "{} found nothing for {name}", path.display());
+        }
+        let first = times[0];
+        let mut rest = times[1..].to_vec();
+        rest.sort();
+        let at = |q: f64| rest.get(((rest.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or_default();
+        let memory = plugin.stats().peak_memory_bytes.load(Ordering::Relaxed);
+        println!(
+            "{:<28} {:>7.2}MB {:>9.2}s {:>9.2}ms {:>9.3}ms {:>9.3}ms {:>10.1}MiB",
+            path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            size as f64 / 1e6,
+            compile.as_secs_f64(),
+            first.as_secs_f64() * 1e3,
+            at(0.5).as_secs_f64() * 1e3,
+            at(0.99).as_secs_f64() * 1e3,
+            memory as f64 / (1 << 20) as f64
+        );
+    }
+    Ok(())
+}
