@@ -5,7 +5,67 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use tern::demo::TestCa;
 use tokio::process::{Child, Command};
+
+/// Key type of generated host certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KeyKind {
+    /// ECDSA P-256, a fresh key per host.
+    Ecdsa,
+    /// RSA 2048: one key (made by `openssl genpkey`) shared by every host; handshake cost is the same.
+    Rsa,
+}
+
+/// Writes `count` host certificates `host<i>.<domain>.crt|.key` and `ca.crt` into `dir`, on every core; a directory
+/// that already holds this set is reused.
+pub fn generate(count: usize, dir: &Path, domain: &str, kind: KeyKind) -> Result<bool> {
+    let marker = dir.join(".complete");
+    let label = format!("{count} {domain} {kind:?}");
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(label.as_str()) {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let ca = TestCa::new("tern bench CA")?;
+    std::fs::write(dir.join("ca.crt"), ca.pem())?;
+    let rsa = match kind {
+        KeyKind::Ecdsa => None,
+        KeyKind::Rsa => {
+            let out = std::process::Command::new("openssl")
+                .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"])
+                .output()
+                .context("openssl genpkey")?;
+            anyhow::ensure!(out.status.success(), "openssl genpkey failed");
+            Some(rcgen::KeyPair::from_pem(&String::from_utf8(out.stdout)?)?)
+        }
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::thread::scope(|scope| -> Result<()> {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let (ca, rsa) = (&ca, &rsa);
+                scope.spawn(move || -> Result<()> {
+                    for i in (t..count).step_by(threads) {
+                        let name = format!("host{i}.{domain}");
+                        let (chain, key) = match rsa {
+                            Some(key) => ca.issue_with_key(&[&name], key)?,
+                            None => ca.issue(&[&name])?,
+                        };
+                        std::fs::write(dir.join(format!("{name}.crt")), chain)?;
+                        std::fs::write(dir.join(format!("{name}.key")), key)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().map_err(|_| anyhow::anyhow!("a generator thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    std::fs::write(&marker, label)?;
+    Ok(true)
+}
 
 /// Starts `redis-server` on a free loopback port, nothing persisted; killed when the child is dropped.
 pub async fn start_redis(dir: &Path) -> Result<(Child, u16)> {

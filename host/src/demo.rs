@@ -128,12 +128,18 @@ impl TestCa {
 
     /// A leaf for `names` (the first is also the common name): (PEM chain, PEM PKCS#8 key).
     pub fn issue(&self, names: &[&str]) -> Result<(String, String)> {
+        let key = rcgen::KeyPair::generate()?;
+        self.issue_with_key(names, &key)
+    }
+
+    /// A leaf for `names` carrying an existing key (e.g. an RSA key, which this crate cannot generate): (PEM chain,
+    /// PEM key).
+    pub fn issue_with_key(&self, names: &[&str], key: &rcgen::KeyPair) -> Result<(String, String)> {
         let mut params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
         if let Some(first) = names.first() {
             params.distinguished_name.push(rcgen::DnType::CommonName, *first);
         }
-        let key = rcgen::KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.issuer)?;
+        let cert = params.signed_by(key, &self.issuer)?;
         Ok((cert.pem(), key.serialize_pem()))
     }
 }
