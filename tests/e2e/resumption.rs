@@ -211,7 +211,8 @@ async fn clients_of_a_killed_node_resume_on_the_survivor() -> Result<()> {
     for client in &clients {
         assert_eq!(visit(a.addr, client, "a.test").await?, HandshakeKind::Full);
     }
-    b.metric_reaches("tern_sessions_replicated_total", &[("direction", "in")], 10.0).await?;
+    // Every TLS 1.2 client (20) left a session in A's cache; wait until B holds them all.
+    b.metric_reaches("tern_sessions_replicated_total", &[("direction", "in")], 20.0).await?;
     a.child.start_kill()?;
     a.child.wait().await?;
     let mut resumed = 0;
@@ -298,8 +299,8 @@ async fn rotation_while_clients_resume_keeps_resumption_above_99_percent() -> Re
     println!("rotation under load: {resumed} resumed, {full} full ({:.2} % resumed)", share * 100.0);
     assert!(resumed + full >= 100, "too few handshakes to judge: {}", resumed + full);
     assert!(share >= 0.99, "{resumed} resumed, {full} full");
-    // Keys really rotated: six one-second slots went by, each with its own key.
-    assert!(a.metric("tern_ticket_key_age_seconds", &[]).await? <= 1.0);
+    // Keys really rotated: six one-second slots went by; a key that never changed would be over 6 s old.
+    assert!(a.metric("tern_ticket_key_age_seconds", &[]).await? <= 3.0);
     assert_eq!(a.metric("tern_ticket_key_local", &[]).await?, 0.0);
     Ok(())
 }
