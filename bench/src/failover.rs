@@ -143,11 +143,11 @@ async fn run(
     a.0.start_kill()?;
     a.0.wait().await?;
     // Phase 2: all of them reconnect to B.
-    let before = cpu_seconds(b.0.id().context("running")?)?;
+    let before = tern_bench::cpu_seconds(b.0.id().context("running")?)?;
     let started = Instant::now();
     let resumed = drive(&clients, b.1, args.concurrency).await?;
     let wall = started.elapsed();
-    let after = cpu_seconds(b.0.id().context("running")?)?;
+    let after = tern_bench::cpu_seconds(b.0.id().context("running")?)?;
     let metrics = scrape(b.2).await?;
     let lag_sum = metric(&metrics, "tern_session_replication_lag_seconds_sum");
     let lag_count = metric(&metrics, "tern_session_replication_lag_seconds_count");
@@ -208,16 +208,6 @@ async fn visit(client: Arc<rustls::ClientConfig>, addr: SocketAddr) -> Result<bo
     let read = tokio::time::timeout(limit, tls.read_to_end(&mut sink)).await;
     anyhow::ensure!(read.is_ok(), "response stalled after {} bytes: {:?}", sink.len(), String::from_utf8_lossy(&sink));
     Ok(resumed)
-}
-
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after_name = stat.rsplit_once(')').context("stat format")?.1;
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    // Fields 14 and 15 of stat(5); after the name, index 11 and 12.
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    Ok(ticks / 100.0)
 }
 
 async fn start_tern(

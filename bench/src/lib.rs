@@ -86,3 +86,11 @@ pub async fn start_redis(dir: &Path) -> Result<(Child, u16)> {
     }
     bail!("redis-server did not start")
 }
+
+/// utime + stime of a process, in seconds (from `/proc/<pid>/stat`).
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields 14 and 15 of stat(5); counted after the parenthesised command name, index 11 and 12.
+    let fields: Vec<&str> = stat.rsplit_once(')').context("stat format")?.1.split_whitespace().collect();
+    Ok((fields[11].parse::<f64>()? + fields[12].parse::<f64>()?) / 100.0)
+}

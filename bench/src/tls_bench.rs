@@ -133,7 +133,7 @@ impl Server {
     }
 
     fn cpu_seconds(&self) -> f64 {
-        self.pids().into_iter().filter_map(|p| cpu_seconds(p).ok()).sum()
+        self.pids().into_iter().filter_map(|p| tern_bench::cpu_seconds(p).ok()).sum()
     }
 
     /// (RSS, PSS) in MiB over all processes.
@@ -367,6 +367,7 @@ enum Draw {
 }
 
 /// TLS client configs: verifying, not verifying (load phases: the client's CPU is precious), resuming.
+#[derive(Clone)]
 struct Client {
     verifying: Arc<rustls::ClientConfig>,
     fast: Arc<rustls::ClientConfig>,
@@ -475,14 +476,10 @@ async fn load(
     let errors = Arc::new(AtomicU64::new(0));
     let resumed = Arc::new(AtomicU64::new(0));
     let server_cpu = server.cpu_seconds();
-    let client_cpu = cpu_seconds(std::process::id())?;
+    let client_cpu = tern_bench::cpu_seconds(std::process::id())?;
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(seconds);
-    let clients = Arc::new(Client {
-        verifying: client.verifying.clone(),
-        fast: client.fast.clone(),
-        resuming: client.resuming.clone(),
-    });
+    let clients = Arc::new(client.clone());
     let mut workers = Vec::new();
     for w in 0..concurrency {
         let (names, zipf, done, errors, resumed, clients) =
@@ -534,7 +531,7 @@ async fn load(
     }
     let elapsed = started.elapsed().as_secs_f64();
     let server_cpu = server.cpu_seconds() - server_cpu;
-    let client_cpu = cpu_seconds(std::process::id())? - client_cpu;
+    let client_cpu = tern_bench::cpu_seconds(std::process::id())? - client_cpu;
     let done = done.load(Ordering::Relaxed);
     Ok(json!({
         "concurrency": concurrency,
@@ -607,13 +604,6 @@ fn percentile(values: &mut [Duration], q: f64) -> f64 {
     }
     values.sort();
     values[((values.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1e3
-}
-
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat.rsplit_once(')').context("stat format")?.1.split_whitespace().collect();
-    Ok((fields[11].parse::<f64>()? + fields[12].parse::<f64>()?) / 100.0)
 }
 
 /// A minimal HTTP/1.1 backend answering every request with a small 200 (keep-alive), on its own thread's runtime.
