@@ -145,6 +145,7 @@ fn main() -> Result<()> {
         _ => tern::config::LogSettings::default(),
     };
     init_logging(&log);
+    tern::tls::provider(); // installs tern's crypto provider as the process default before anything asks
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         match cli.command {

@@ -185,6 +185,9 @@ impl StaticCerts {
 
     /// The static certificate serving `name`: an exact entry, else the wildcard one label up.
     pub fn lookup(&self, name: &ServerName) -> Option<&Arc<ParsedCert>> {
+        if self.by_pattern.is_empty() {
+            return None; // plugin-only listeners: no hashing, no wildcard string per handshake
+        }
         self.by_pattern.get(name.as_str()).or_else(|| self.by_pattern.get(&name.wildcard()?))
     }
 }

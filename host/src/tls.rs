@@ -18,10 +18,17 @@ use tokio_rustls::{LazyConfigAcceptor, StartHandshake};
 
 use crate::select::{Policy, SelectError, Selector, Source};
 
-/// The crypto provider used everywhere in tern (ring).
+/// The crypto provider used everywhere in tern (aws-lc-rs). The first call also makes it the process default:
+/// a dependency (wasmtime-wasi-http's outgoing HTTPS) compiles rustls's ring feature in and calls
+/// `ClientConfig::builder()`, which panics when two providers are compiled in and none is installed.
 pub fn provider() -> &'static Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+    PROVIDER.get_or_init(|| {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        // Err only if something installed a default first; that one then stays.
+        let _ = CryptoProvider::install_default(provider.as_ref().clone());
+        provider
+    })
 }
 
 /// A listener's TLS settings, from which each handshake's config is cloned.

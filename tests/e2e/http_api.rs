@@ -121,3 +121,45 @@ async fn hosts_outside_the_allow_list_are_refused_and_big_answers_are_cut_off() 
     connect(server.addr, &pki.client(&[]), "a.example.test").await?;
     Ok(())
 }
+
+/// An HTTPS API whose certificate the plugin cannot verify (the test CA is not a public root): the request is
+/// made, fails verification, and the handshake gets the listener's fallback — an outage, not a crash. (With two
+/// rustls providers compiled in, wasmtime-wasi-http's HTTPS client panicked unless tern installed its provider as
+/// the process default; a panic would drop the connection instead of serving the default certificate.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_api_with_an_unverifiable_certificate_is_an_outage_not_a_crash() -> anyhow::Result<()> {
+    use rustls::pki_types::pem::PemObject;
+    let pki = Pki::new(&["default.test", "a.example.test", "api.test"])?;
+    let chain = rustls::pki_types::CertificateDer::pem_file_iter(pki.certs().join("api.test.crt"))?
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(pki.certs().join("api.test.key"))?;
+    let tls = rustls::ServerConfig::builder_with_provider(tern::tls::provider().clone())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let api = listener.local_addr()?;
+    let hellos = Arc::new(AtomicU64::new(0));
+    let seen = hellos.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            seen.fetch_add(1, Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let _ = acceptor.accept(tcp).await; // the plugin's client gives up on the certificate
+            });
+        }
+    });
+    let config = api_config(&pki, spawn_echo_backend().await?, api, &api.to_string(), "")
+        .replace("url_template = \"http://", "url_template = \"https://");
+    let server = TestServer::start(&config, pki.dir.path()).await?;
+    let stream = sni_verified_as(server.addr, &pki, "a.example.test", "default.test").await?;
+    assert_eq!(served_leaf(&stream), pki.leaf("default.test"));
+    assert!(counter(&hellos) >= 1, "the plugin's HTTPS request reached the API");
+    assert_eq!(counter(&server.plugin_stats().found), 0);
+    // The process is fine: the next handshake is served the same way.
+    let stream = sni_verified_as(server.addr, &pki, "a.example.test", "default.test").await?;
+    assert_eq!(served_leaf(&stream), pki.leaf("default.test"));
+    Ok(())
+}

@@ -184,7 +184,7 @@ pub struct PluginStats {
 pub struct PluginRuntime {
     engine: Engine,
     linker: Arc<Linker<CallState>>,
-    _ticker: Arc<EpochTicker>,
+    ticker: Arc<EpochTicker>,
 }
 
 impl std::fmt::Debug for PluginRuntime {
@@ -211,7 +211,7 @@ impl PluginRuntime {
             .map_err(|e| LoadError::Runtime(e.to_string()))?;
         bindings::add_to_linker(&mut linker).map_err(|e| LoadError::Runtime(e.to_string()))?;
         let ticker = Arc::new(EpochTicker::start(engine.clone()));
-        Ok(Self { engine, linker: Arc::new(linker), _ticker: ticker })
+        Ok(Self { engine, linker: Arc::new(linker), ticker })
     }
 
     /// Compiles and links a plugin. CPU-heavy (tens of milliseconds): call it off the async workers.
@@ -384,6 +384,8 @@ impl Plugin {
     }
 
     async fn call(&self, servername: &ServerName) -> Result<Selection, PluginError> {
+        // Epoch ticks (hence deadlines and yielding) while this call runs; dropped with the future on timeout.
+        let _ticking = self.runtime.ticker.running();
         let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
         // Set by the kv and HTTP capabilities when the store behind them cannot be reached.
         let store_down = Arc::new(AtomicBool::new(false));
@@ -484,38 +486,77 @@ fn engine_config(pooling: Option<(usize, u32)>) -> wasmtime::Config {
     config
 }
 
-/// Advances the engine's epoch every [`EPOCH_TICK`] on a plain thread, until dropped.
+/// Advances the engine's epoch every [`EPOCH_TICK`] on a plain thread while at least one plugin call is running,
+/// and sleeps (parked, no wake-ups) while none is: an idle or cache-hit-only tern does not wake 200 times a second.
 struct EpochTicker {
-    stop: Arc<AtomicBool>,
+    shared: Arc<TickerShared>,
+    thread: Option<std::thread::Thread>,
+}
+
+struct TickerShared {
+    stop: AtomicBool,
+    /// Plugin calls in flight.
+    running: std::sync::atomic::AtomicUsize,
 }
 
 impl EpochTicker {
     fn start(engine: Engine) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let shared = Arc::new(TickerShared { stop: AtomicBool::new(false), running: Default::default() });
+        let state = shared.clone();
         let spawned = std::thread::Builder::new().name("tern-epoch".into()).spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
+            while !state.stop.load(Ordering::Acquire) {
+                if state.running.load(Ordering::Acquire) == 0 {
+                    // `unpark` before `park` is not lost: a call starting in between wakes this at once.
+                    std::thread::park();
+                    continue;
+                }
                 std::thread::sleep(EPOCH_TICK);
                 engine.increment_epoch();
             }
         });
-        if let Err(err) = spawned {
-            // Without the ticker, plugins still run but cannot be interrupted: say so loudly.
-            tracing::error!(error = %err, "could not start the epoch thread; plugin deadlines will not interrupt");
+        let thread = match spawned {
+            Ok(handle) => Some(handle.thread().clone()),
+            Err(err) => {
+                // Without the ticker, plugins still run but cannot be interrupted: say so loudly.
+                tracing::error!(error = %err, "could not start the epoch thread; plugin deadlines will not interrupt");
+                None
+            }
+        };
+        Self { shared, thread }
+    }
+
+    /// Marks a plugin call as running until the returned guard drops (also when its future is abandoned).
+    fn running(&self) -> Ticking<'_> {
+        if self.shared.running.fetch_add(1, Ordering::AcqRel) == 0
+            && let Some(thread) = &self.thread
+        {
+            thread.unpark();
         }
-        Self { stop }
+        Ticking(self)
+    }
+}
+
+/// A running plugin call, as far as the epoch ticker is concerned.
+struct Ticking<'a>(&'a EpochTicker);
+
+impl Drop for Ticking<'_> {
+    fn drop(&mut self) {
+        self.0.shared.running.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 impl Drop for EpochTicker {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(thread) = &self.thread {
+            thread.unpark();
+        }
     }
 }
 
 /// Lowercase hex SHA-256 of `bytes` (a component's identity in status and reload decisions).
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A configured plugin's place: the build currently serving, swapped atomically on reload, with counters and

@@ -7,7 +7,7 @@
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
-use ring::rand::{SecureRandom, SystemRandom};
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
 /// Bytes of nonce in front of every sealed message.
@@ -74,7 +74,7 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
 /// A purpose-specific key from the operator's shared secret: SHA-256 over a label and the secret. Different labels
 /// give independent keys, so sealing session state and sealing ticket keys never share a key.
 pub fn derive(secret: &[u8], label: &str) -> Zeroizing<[u8; 32]> {
-    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut context = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     context.update(b"tern resumption v1\0");
     context.update(label.as_bytes());
     context.update(b"\0");

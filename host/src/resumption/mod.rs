@@ -101,7 +101,7 @@ pub fn scope_of(client_auth: Option<(&[u8], bool)>) -> String {
     match client_auth {
         None => "none".to_string(),
         Some((ca_pem, required)) => {
-            let digest = ring::digest::digest(&ring::digest::SHA256, ca_pem);
+            let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, ca_pem);
             let mode = if required { "required" } else { "optional" };
             format!("mtls:{mode}:{}", &tickets::hex(digest.as_ref())[..32])
         }
