@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Parser;
 use tern::select::{Policy, Source};
 
@@ -49,7 +49,8 @@ async fn main() -> Result<()> {
     let statics = server(work.path(), "static.toml", &static_config(&dir, &names)).await?;
     let static_policy = Policy { plugin: None, default: None };
     let files = server(work.path(), "files.toml", &file_config(&dir)).await?;
-    let file_policy = Policy { plugin: Some(files.plugin("files").expect("configured").clone()), default: None };
+    let slot = files.plugin("files").context("the file plugin is configured")?.clone();
+    let file_policy = Policy { plugin: Some(slot), default: None };
     // Warm the cache: every hot name once through the plugin.
     for name in &names {
         let (_, source) = files.selector().select(&file_policy, Some(name)).await?;
