@@ -456,6 +456,18 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
+/// A `[[certificate]]` entry for every host of the set (tern's static preload).
+fn static_certificates(setup: &Setup) -> String {
+    let dir = setup.dir.display();
+    setup
+        .names
+        .iter()
+        .map(|name| {
+            format!("[[certificate]]\nname = \"{name}\"\ncert = \"{dir}/{name}.crt\"\nkey = \"{dir}/{name}.key\"\n")
+        })
+        .collect()
+}
+
 fn tern_config(config: &str, setup: &Setup, addr: SocketAddr, backend: SocketAddr, redis_url: &str) -> String {
     let dir = setup.dir.display();
     let mut text = format!(
@@ -465,21 +477,13 @@ fn tern_config(config: &str, setup: &Setup, addr: SocketAddr, backend: SocketAdd
     let plugins = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/target/wasm32-wasip2/release");
     match config {
         "tern-static" => {
-            for name in setup.names.iter() {
-                text += &format!(
-                    "[[certificate]]\nname = \"{name}\"\ncert = \"{dir}/{name}.crt\"\nkey = \"{dir}/{name}.key\"\n"
-                );
-            }
+            text += &static_certificates(setup);
             text += &format!("\n[[listener]]\nbind = \"{addr}\"\nstrict = true\nbackend = \"http://{backend}\"\n");
         }
         // Diagnostic: the static preload plus a file plugin on the listener that is never asked (every name is
         // static). Separates what a loaded plugin runtime costs a process from what the cache lookup costs.
         "tern-static-idle-plugin" => {
-            for name in setup.names.iter() {
-                text += &format!(
-                    "[[certificate]]\nname = \"{name}\"\ncert = \"{dir}/{name}.crt\"\nkey = \"{dir}/{name}.key\"\n"
-                );
-            }
+            text += &static_certificates(setup);
             text += &format!(
                 "[[plugin]]\nname = \"files\"\npath = \"{}\"\ngrants.files = \"{dir}\"\n\n\
                  [[listener]]\nbind = \"{addr}\"\nplugin = \"files\"\nstrict = true\nbackend = \"http://{backend}\"\n",
