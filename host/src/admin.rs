@@ -42,25 +42,58 @@ pub struct AdminState {
     pub plugins: HashMap<String, Arc<PluginSlot>>,
     /// Reloads plugins.
     pub reloader: Arc<Reloader>,
-    /// Bearer token required by every endpoint but the probes.
-    pub token: Option<String>,
+    /// Bind address, token (required by every endpoint but the probes) and connection limits.
+    pub settings: crate::config::AdminSettings,
+    /// Connection budgets, published as gauges.
+    pub budgets: crate::server::Budgets,
+    /// The plugin runtime, for its memory budget gauge.
+    pub plugin_memory: crate::plugin::PluginRuntime,
     /// Turns true when shutdown begins: readiness fails so load balancers stop sending traffic.
     pub draining: tokio::sync::watch::Receiver<bool>,
 }
 
-/// Serves the admin API on `listener` until the task is dropped.
+/// Serves the admin API on `listener` until the task is dropped. At most `admin.max_connections` connections
+/// are open at once (more wait in the accept queue); each must send its request head within
+/// `admin.request_head_timeout` (also the keep-alive idle time) and closes after `admin.connection_timeout`.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(state.settings.max_connections));
     loop {
-        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(err) => {
+                tracing::warn!(error = %err, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         let state = state.clone();
         tokio::spawn(async move {
+            let lifetime = state.settings.connection_timeout;
+            let head = state.settings.request_head_timeout;
             let service = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(&state, req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(head)
+                .serve_connection(TokioIo::new(tcp), service);
+            let _ = tokio::time::timeout(lifetime, connection).await;
+            drop(permit);
         });
     }
+}
+
+/// Whether `header` is `Bearer <token>`, compared in constant time (through SHA-256 digests, so neither the
+/// token's bytes nor its length leak through timing).
+fn authorized(header: Option<&[u8]>, token: &str) -> bool {
+    let Some(given) = header.and_then(|h| h.strip_prefix(b"Bearer ")) else {
+        return false;
+    };
+    let digest = |bytes: &[u8]| aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    let (given, wanted) = (digest(given), digest(token.as_bytes()));
+    aws_lc_rs::constant_time::verify_slices_are_equal(given.as_ref(), wanted.as_ref()).is_ok()
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -68,9 +101,9 @@ type Reply = Response<Full<Bytes>>;
 async fn handle(state: &AdminState, req: Request<Incoming>) -> Reply {
     let path = req.uri().path();
     let probe = matches!(path, "/healthz" | "/readyz");
-    if let Some(token) = &state.token
+    if let Some(token) = &state.settings.token
         && !probe
-        && req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) != Some(&format!("Bearer {token}"))
+        && !authorized(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()), token)
     {
         return text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
     }
@@ -113,7 +146,13 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Reply {
 
 fn render_metrics(state: &AdminState) -> String {
     let mut x = Exposition::default();
+    state.budgets.publish(&state.metrics);
     state.metrics.render(&mut x);
+    let (used, budget) = state.plugin_memory.memory();
+    x.family("tern_plugin_memory_bytes", "gauge", "Linear memory held by running plugin instances, all plugins.");
+    x.sample("tern_plugin_memory_bytes", "", used as u64);
+    x.family("tern_plugin_memory_budget_bytes", "gauge", "server.plugin_memory_total.");
+    x.sample("tern_plugin_memory_budget_bytes", "", budget as u64);
     state.resumption.render(&mut x);
     let cache = state.selector.cache();
     x.family("tern_cache_entries", "gauge", "Names in the certificate cache.");
@@ -135,6 +174,7 @@ fn render_metrics(state: &AdminState) -> String {
             ("circuit_open", &s.circuit_open),
             ("trap", &s.traps),
             ("memory_limit", &s.memory_limits),
+            ("memory_budget", &s.memory_budget),
             ("timeout", &s.timeouts),
         ] {
             x.sample("tern_plugin_calls_total", &format!("plugin=\"{plugin}\",outcome=\"{outcome}\""), get(counter));
@@ -185,6 +225,12 @@ async fn lookup(state: &AdminState, name: &ServerName) -> serde_json::Value {
                 "not_after": cert.not_after.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             }),
             Cached::NotFound { .. } => serde_json::json!({ "plugin": plugin, "answer": "not_found", "fresh": fresh }),
+            Cached::Invalid { error, .. } => serde_json::json!({
+                "plugin": plugin,
+                "answer": "invalid",
+                "fresh": fresh,
+                "error": error.to_string(),
+            }),
         });
     }
     let static_names = state.selector.statics().lookup(name).map(|c| c.dns_names.clone());
@@ -206,4 +252,19 @@ fn json(status: StatusCode, value: &impl serde::Serialize) -> Reply {
     let mut reply = text(status, body);
     reply.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
     reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_token_must_match_exactly() {
+        assert!(authorized(Some(b"Bearer s3cret"), "s3cret"));
+        assert!(!authorized(Some(b"Bearer s3cre"), "s3cret"));
+        assert!(!authorized(Some(b"Bearer s3cretX"), "s3cret"));
+        assert!(!authorized(Some(b"bearer s3cret"), "s3cret"));
+        assert!(!authorized(Some(b"s3cret"), "s3cret"));
+        assert!(!authorized(None, "s3cret"));
+    }
 }

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::certs::ParsedCert;
+use crate::certs::{CertError, ParsedCert};
 use crate::config::CacheSettings;
 use crate::sni::ServerName;
 
@@ -27,12 +27,22 @@ pub enum Cached {
         /// Answered without asking the plugin until then.
         fresh_until: Instant,
     },
+    /// The plugin's certificate failed validation (expired, wrong name, bad PEM); remembered for
+    /// `cache.invalid_ttl` so that handshakes for the name fail at once instead of calling the plugin each time.
+    Invalid {
+        /// Why it was refused.
+        error: CertError,
+        /// Refused without asking the plugin until then.
+        fresh_until: Instant,
+    },
 }
 
 impl Cached {
     fn fresh_until(&self) -> Instant {
         match self {
-            Cached::Found { fresh_until, .. } | Cached::NotFound { fresh_until } => *fresh_until,
+            Cached::Found { fresh_until, .. }
+            | Cached::NotFound { fresh_until }
+            | Cached::Invalid { fresh_until, .. } => *fresh_until,
         }
     }
 
@@ -45,6 +55,7 @@ impl Cached {
         match self {
             Cached::Found { cert, .. } => cert.bytes,
             Cached::NotFound { .. } => 64,
+            Cached::Invalid { .. } => 256,
         }
     }
 }
@@ -78,6 +89,9 @@ pub struct Loaded<E> {
     pub value: Cached,
     /// With [`Lookup::Stale`]: the refresh failure.
     pub refresh_error: Option<E>,
+    /// With [`Lookup::Stale`]: the refresh answered with a certificate that failed validation (the stale, valid
+    /// one keeps serving).
+    pub refresh_invalid: Option<CertError>,
 }
 
 /// The bounded, TTL-aware cache of plugin answers.
@@ -128,14 +142,14 @@ impl CertCache {
     {
         match self.inner.get(&key).await {
             Some(value) if value.is_fresh() => {
-                return Ok(Loaded { lookup: Lookup::Hit, value, refresh_error: None });
+                return Ok(Loaded { lookup: Lookup::Hit, value, refresh_error: None, refresh_invalid: None });
             }
             Some(_stale) => return self.refresh(key, load).await,
             None => {}
         }
         let settings = &self.settings;
         let value = self.inner.try_get_with(key, async move { load.await.map(|a| a.into_cached(settings)) }).await?;
-        Ok(Loaded { lookup: Lookup::Miss, value, refresh_error: None })
+        Ok(Loaded { lookup: Lookup::Miss, value, refresh_error: None, refresh_invalid: None })
     }
 
     /// Refreshes a stale entry under moka's per-key lock: concurrent callers queue, and those behind the first
@@ -153,18 +167,41 @@ impl CertCache {
             .and_compute_with(move |entry| async move {
                 let current = entry.map(|e| e.into_value());
                 if let Some(value) = current.as_ref().filter(|v| v.is_fresh()) {
-                    *slot = Some(Ok(Loaded { lookup: Lookup::Hit, value: value.clone(), refresh_error: None }));
+                    let value = value.clone();
+                    *slot = Some(Ok(Loaded { lookup: Lookup::Hit, value, refresh_error: None, refresh_invalid: None }));
                     return moka::ops::compute::Op::Nop;
                 }
                 match (load.await, current) {
+                    // A valid certificate past its TTL beats a fresh answer that failed validation.
+                    (Ok(Answer::Invalid(error)), Some(stale @ Cached::Found { .. })) => {
+                        let refresh_invalid = Some(error);
+                        *slot = Some(Ok(Loaded {
+                            lookup: Lookup::Stale,
+                            value: stale,
+                            refresh_error: None,
+                            refresh_invalid,
+                        }));
+                        moka::ops::compute::Op::Nop
+                    }
                     (Ok(answer), _) => {
                         let value = answer.into_cached(settings);
-                        *slot = Some(Ok(Loaded { lookup: Lookup::Miss, value: value.clone(), refresh_error: None }));
+                        let loaded = Loaded {
+                            lookup: Lookup::Miss,
+                            value: value.clone(),
+                            refresh_error: None,
+                            refresh_invalid: None,
+                        };
+                        *slot = Some(Ok(loaded));
                         moka::ops::compute::Op::Put(value)
                     }
                     (Err(err), Some(stale)) => {
                         let refresh_error = Some(Arc::new(err));
-                        *slot = Some(Ok(Loaded { lookup: Lookup::Stale, value: stale, refresh_error }));
+                        *slot = Some(Ok(Loaded {
+                            lookup: Lookup::Stale,
+                            value: stale,
+                            refresh_error,
+                            refresh_invalid: None,
+                        }));
                         moka::ops::compute::Op::Nop
                     }
                     (Err(err), None) => {
@@ -247,6 +284,8 @@ pub enum Answer {
     Found(Arc<ParsedCert>, Option<Duration>),
     /// The plugin does not know the name.
     NotFound,
+    /// The plugin answered with a certificate that failed validation.
+    Invalid(CertError),
 }
 
 impl Answer {
@@ -258,6 +297,7 @@ impl Answer {
                 Cached::Found { cert, fresh_until: now + ttl }
             }
             Answer::NotFound => Cached::NotFound { fresh_until: now + settings.negative_ttl },
+            Answer::Invalid(error) => Cached::Invalid { error, fresh_until: now + settings.invalid_ttl },
         }
     }
 }
@@ -269,7 +309,14 @@ struct KeepUntilStaleLimit {
 
 impl KeepUntilStaleLimit {
     fn lifetime(&self, value: &Cached, now: Instant) -> Duration {
-        value.fresh_until().saturating_duration_since(now) + self.max_stale
+        let fresh = value.fresh_until().saturating_duration_since(now);
+        // A refused answer is never worth serving stale.
+        match value {
+            Cached::Invalid { .. } => fresh,
+            // Never past the leaf's notAfter: an expired certificate is refused by every client.
+            Cached::Found { cert, .. } => (fresh + self.max_stale).min(cert.remaining_validity()),
+            Cached::NotFound { .. } => fresh + self.max_stale,
+        }
     }
 }
 
@@ -302,6 +349,7 @@ mod tests {
             max_ttl: Duration::from_secs(120),
             negative_ttl: Duration::from_millis(50),
             max_stale: Duration::from_secs(60),
+            invalid_ttl: Duration::from_secs(10),
         }
     }
 

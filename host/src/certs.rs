@@ -22,6 +22,8 @@ pub struct ParsedCert {
     pub dns_names: Vec<String>,
     /// The leaf's issuer, for logs and operators.
     pub issuer: String,
+    /// The leaf's notBefore.
+    pub not_before: SystemTime,
     /// The leaf's notAfter.
     pub not_after: SystemTime,
     /// Estimated memory held: certificate DER, key material and bookkeeping.
@@ -50,6 +52,22 @@ pub enum CertError {
     /// The private key does not belong to the leaf certificate.
     #[error("private key does not match the leaf certificate")]
     KeyMismatch,
+    /// The leaf's validity period has ended: clients would refuse it.
+    #[error("certificate expired {ago_secs} s ago (notAfter {not_after_unix})")]
+    Expired {
+        /// notAfter, seconds since the Unix epoch.
+        not_after_unix: u64,
+        /// How long ago.
+        ago_secs: u64,
+    },
+    /// The leaf's validity period has not begun: clients would refuse it.
+    #[error("certificate not valid for another {in_secs} s (notBefore {not_before_unix})")]
+    NotYetValid {
+        /// notBefore, seconds since the Unix epoch.
+        not_before_unix: u64,
+        /// How long until then.
+        in_secs: u64,
+    },
     /// The leaf does not cover the requested name.
     #[error("certificate does not cover {servername} (it covers: {covers})")]
     NameMismatch {
@@ -69,7 +87,7 @@ pub fn parse(chain_pem: &[u8], key_pem: &[u8]) -> Result<ParsedCert, CertError> 
     // pem errors describe the PEM framing, never the key bytes.
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| CertError::KeyPem(e.to_string()))?;
     let key_len = key.secret_der().len();
-    let (dns_names, issuer, not_after) = describe_leaf(leaf)?;
+    let (dns_names, issuer, not_before, not_after) = describe_leaf(leaf)?;
     let chain_len: usize = chain.iter().map(|c| c.len()).sum();
 
     let provider = crate::tls::provider();
@@ -87,8 +105,19 @@ pub fn parse(chain_pem: &[u8], key_pem: &[u8]) -> Result<ParsedCert, CertError> 
         bytes: chain_len + 2 * key_len + dns_names.iter().map(|n| n.len() + 24).sum::<usize>() + 512,
         dns_names,
         issuer,
+        not_before,
         not_after,
     })
+}
+
+/// Everything a plugin's answer for `name` must pass before it is served: it parses, the key matches the leaf,
+/// the leaf covers the name, and the leaf is valid now. The one check used by serving, reload probes and the
+/// command-line tools.
+pub fn validate_answer(chain_pem: &[u8], key_pem: &[u8], name: &ServerName) -> Result<ParsedCert, CertError> {
+    let parsed = parse(chain_pem, key_pem)?;
+    parsed.check_covers(name)?;
+    parsed.check_validity(SystemTime::now())?;
+    Ok(parsed)
 }
 
 impl ParsedCert {
@@ -102,6 +131,23 @@ impl ParsedCert {
         let cert = webpki::EndEntityCert::try_from(leaf).map_err(|e| CertError::BadLeaf(format!("{e:?}")))?;
         let dns = rustls::pki_types::ServerName::try_from(name.as_str()).map_err(|_| mismatch())?;
         cert.verify_is_valid_for_subject_name(&dns).map_err(|_| mismatch())
+    }
+
+    /// Checks that `now` lies within the leaf's validity period. A served certificate outside it fails every
+    /// client's verification, so tern refuses it like a wrong name.
+    pub fn check_validity(&self, now: SystemTime) -> Result<(), CertError> {
+        let unix = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if let Ok(ago) = now.duration_since(self.not_after)
+            && !ago.is_zero()
+        {
+            return Err(CertError::Expired { not_after_unix: unix(self.not_after), ago_secs: ago.as_secs() });
+        }
+        if let Ok(ahead) = self.not_before.duration_since(now)
+            && !ahead.is_zero()
+        {
+            return Err(CertError::NotYetValid { not_before_unix: unix(self.not_before), in_secs: ahead.as_secs() });
+        }
+        Ok(())
     }
 
     /// How long the leaf stays valid from now (zero if it already expired).
@@ -140,7 +186,7 @@ pub enum LoadError {
     },
 }
 
-fn describe_leaf(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, String, SystemTime), CertError> {
+fn describe_leaf(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, String, SystemTime, SystemTime), CertError> {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
     let (_, cert) = X509Certificate::from_der(leaf).map_err(|e| CertError::BadLeaf(e.to_string()))?;
     let dns_names = match cert.subject_alternative_name() {
@@ -156,11 +202,13 @@ fn describe_leaf(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, String, Syst
         Ok(None) => Vec::new(),
         Err(e) => return Err(CertError::BadLeaf(format!("subjectAltName: {e}"))),
     };
-    let not_after_secs = cert.validity().not_after.timestamp();
-    let not_after = u64::try_from(not_after_secs)
-        .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
-        .unwrap_or(SystemTime::UNIX_EPOCH);
-    Ok((dns_names, cert.issuer().to_string(), not_after))
+    let at = |secs: i64| {
+        u64::try_from(secs)
+            .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    };
+    let validity = cert.validity();
+    Ok((dns_names, cert.issuer().to_string(), at(validity.not_before.timestamp()), at(validity.not_after.timestamp())))
 }
 
 #[cfg(test)]
@@ -191,6 +239,24 @@ mod tests {
         assert!(parsed.check_covers(&name("example.net")).is_err());
         assert!(parsed.remaining_validity() > Duration::from_secs(3600));
         assert!(parsed.bytes > chain.len() / 2);
+    }
+
+    #[test]
+    fn expired_and_future_certificates_are_refused_by_validate_answer() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["a.example.com".to_string()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        let expired = params.self_signed(&key).unwrap().pem();
+        let err = validate_answer(expired.as_bytes(), key.serialize_pem().as_bytes(), &name("a.example.com"));
+        assert!(matches!(err, Err(CertError::Expired { .. })), "{err:?}");
+        params.not_before = rcgen::date_time_ymd(2200, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2201, 1, 1);
+        let future = params.self_signed(&key).unwrap().pem();
+        let err = validate_answer(future.as_bytes(), key.serialize_pem().as_bytes(), &name("a.example.com"));
+        assert!(matches!(err, Err(CertError::NotYetValid { .. })), "{err:?}");
+        let (chain, key) = self_signed(&["a.example.com"]);
+        assert!(validate_answer(chain.as_bytes(), key.as_bytes(), &name("a.example.com")).is_ok());
     }
 
     #[test]

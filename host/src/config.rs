@@ -49,6 +49,12 @@ pub struct AdminSettings {
     pub bind: SocketAddr,
     /// If set, every endpoint but `/healthz` and `/readyz` requires `Authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// Admin connections open at once; further ones wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// A request head must arrive within this long, and an idle keep-alive connection closes after it.
+    pub request_head_timeout: Duration,
+    /// The longest an admin connection stays open, whatever it does.
+    pub connection_timeout: Duration,
 }
 
 /// `[log]`
@@ -193,6 +199,50 @@ pub struct ServerSettings {
     pub session_cache_entries: usize,
     /// On SIGTERM, how long in-flight connections may take to finish before tern exits anyway.
     pub shutdown_grace: Duration,
+    /// Limits on what one client connection may hold after its handshake.
+    pub client: ClientLimits,
+    /// Linear memory of all plugin instances running at once, summed over every plugin.
+    pub plugin_memory_total: usize,
+}
+
+/// What one client connection may hold after the handshake, in time and in count. Every bound has a default
+/// (see [`defaults`]); none can be switched off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// From the handshake (or the first byte of a further request) until a request head is complete.
+    pub request_head_timeout: Duration,
+    /// How long a connection with no request in flight stays open (HTTP/1.1 keep-alive, HTTP/2 idle).
+    pub keepalive_timeout: Duration,
+    /// The longest pause between two pieces of a request body; separate from waiting for the response.
+    pub request_body_timeout: Duration,
+    /// The longest a response write may wait for the client to take bytes (a client that stops reading).
+    pub send_timeout: Duration,
+    /// The longest an upgraded connection (WebSocket) may carry no bytes either way.
+    pub tunnel_idle_timeout: Duration,
+    /// Concurrent HTTP/2 streams per connection.
+    pub h2_max_concurrent_streams: u32,
+    /// How often an HTTP/2 connection is pinged while open.
+    pub h2_keepalive_interval: Duration,
+    /// An HTTP/2 ping unanswered for this long closes the connection.
+    pub h2_keepalive_timeout: Duration,
+    /// Largest request head (HTTP/1.1 header block, HTTP/2 header list), bytes.
+    pub max_request_header_bytes: u32,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        Self {
+            request_head_timeout: defaults::REQUEST_HEAD_TIMEOUT,
+            keepalive_timeout: defaults::KEEPALIVE_TIMEOUT,
+            request_body_timeout: defaults::REQUEST_BODY_TIMEOUT,
+            send_timeout: defaults::SEND_TIMEOUT,
+            tunnel_idle_timeout: defaults::TUNNEL_IDLE_TIMEOUT,
+            h2_max_concurrent_streams: defaults::H2_MAX_CONCURRENT_STREAMS,
+            h2_keepalive_interval: defaults::H2_KEEPALIVE_INTERVAL,
+            h2_keepalive_timeout: defaults::H2_KEEPALIVE_TIMEOUT,
+            max_request_header_bytes: defaults::MAX_REQUEST_HEADER_BYTES,
+        }
+    }
 }
 
 /// `[cache]`
@@ -210,6 +260,9 @@ pub struct CacheSettings {
     pub negative_ttl: Duration,
     /// How long past its TTL an entry may still be served while refreshing it fails (stale-if-error).
     pub max_stale: Duration,
+    /// How long a plugin answer that failed validation (bad PEM, wrong name, expired) is remembered, so that
+    /// handshakes for that name fail at once instead of calling the plugin again each time.
+    pub invalid_ttl: Duration,
 }
 
 /// `[proxy]`
@@ -221,6 +274,10 @@ pub struct ProxySettings {
     pub response_timeout: Duration,
     /// Idle pooled backend connections are closed after this long.
     pub pool_idle_timeout: Duration,
+    /// Open backend connections per listener backend; requests beyond wait (up to `connect_timeout`, then 503).
+    pub max_connections_per_backend: usize,
+    /// Open backend connections of the whole process.
+    pub max_backend_connections: usize,
 }
 
 /// `[[listener]]`
@@ -375,6 +432,40 @@ pub mod defaults {
     pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
     /// `proxy.pool_idle_timeout`
     pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+    /// `proxy.max_connections_per_backend`
+    pub const MAX_CONNECTIONS_PER_BACKEND: usize = 1024;
+    /// `proxy.max_backend_connections`
+    pub const MAX_BACKEND_CONNECTIONS: usize = 4096;
+    /// `server.request_head_timeout` (HAProxy's `timeout http-request` is commonly 10 s)
+    pub const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `server.keepalive_timeout` (nginx `keepalive_timeout` 75 s, HAProxy `timeout http-keep-alive`)
+    pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+    /// `server.request_body_timeout` (nginx `client_body_timeout`)
+    pub const REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+    /// `server.send_timeout` (nginx `send_timeout`)
+    pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+    /// `server.tunnel_idle_timeout` (HAProxy `timeout tunnel`)
+    pub const TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+    /// `server.h2_max_concurrent_streams` (Envoy and Go default to 100-250; nginx 128)
+    pub const H2_MAX_CONCURRENT_STREAMS: u32 = 100;
+    /// `server.h2_keepalive_interval`
+    pub const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+    /// `server.h2_keepalive_timeout`
+    pub const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+    /// `server.max_request_header_bytes`: 64 KiB
+    pub const MAX_REQUEST_HEADER_BYTES: u32 = 64 << 10;
+    /// `server.plugin_memory_total`: 512 MiB
+    pub const PLUGIN_MEMORY_TOTAL: usize = 512 << 20;
+    /// Largest `server.max_connections` (and admin's) accepted: far beyond any file-descriptor limit.
+    pub const MAX_CONNECTIONS_CEILING: usize = 10_000_000;
+    /// `admin.max_connections`
+    pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+    /// `admin.request_head_timeout`
+    pub const ADMIN_REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `admin.connection_timeout`
+    pub const ADMIN_CONNECTION_TIMEOUT: Duration = Duration::from_secs(300);
+    /// `cache.invalid_ttl`
+    pub const CACHE_INVALID_TTL: Duration = Duration::from_secs(10);
     /// `plugin.timeout`
     pub const PLUGIN_TIMEOUT: Duration = Duration::from_secs(1);
     /// `plugin.memory_limit`: 64 MiB
@@ -517,6 +608,16 @@ pub mod raw {
         pub max_connections: Option<usize>,
         pub session_cache_entries: Option<usize>,
         pub shutdown_grace: Option<String>,
+        pub request_head_timeout: Option<String>,
+        pub keepalive_timeout: Option<String>,
+        pub request_body_timeout: Option<String>,
+        pub send_timeout: Option<String>,
+        pub tunnel_idle_timeout: Option<String>,
+        pub h2_max_concurrent_streams: Option<u32>,
+        pub h2_keepalive_interval: Option<String>,
+        pub h2_keepalive_timeout: Option<String>,
+        pub max_request_header_bytes: Option<Size>,
+        pub plugin_memory_total: Option<Size>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -524,6 +625,9 @@ pub mod raw {
     pub struct Admin {
         pub bind: Option<String>,
         pub token: Option<toml::Value>,
+        pub max_connections: Option<usize>,
+        pub request_head_timeout: Option<String>,
+        pub connection_timeout: Option<String>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -552,6 +656,7 @@ pub mod raw {
         pub max_ttl: Option<String>,
         pub negative_ttl: Option<String>,
         pub max_stale: Option<String>,
+        pub invalid_ttl: Option<String>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -560,6 +665,8 @@ pub mod raw {
         pub connect_timeout: Option<String>,
         pub response_timeout: Option<String>,
         pub pool_idle_timeout: Option<String>,
+        pub max_connections_per_backend: Option<usize>,
+        pub max_backend_connections: Option<usize>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -664,6 +771,99 @@ impl Validator<'_> {
         }
     }
 
+    /// A count between 1 and `ceiling`: what the runtime can allocate (a semaphore holds at most `usize::MAX >> 3`
+    /// permits, for one) is far above any ceiling, so an accepted value never fails at start-up.
+    fn count(&self, key: &str, value: usize, ceiling: usize) -> Result<usize, ConfigError> {
+        if (1..=ceiling).contains(&value) {
+            Ok(value)
+        } else {
+            Err(self.err(key, format!("must be between 1 and {ceiling}")))
+        }
+    }
+
+    fn client_limits(&self, raw: &raw::Server) -> Result<ClientLimits, ConfigError> {
+        let fallback = ClientLimits::default();
+        let timeout = |key: &str, value: Option<&String>, default: Duration| {
+            let key = format!("server.{key}");
+            let d = self.duration(&key, value, default)?;
+            self.positive(&key, d)
+        };
+        let streams = raw.h2_max_concurrent_streams.unwrap_or(fallback.h2_max_concurrent_streams);
+        if !(1..=10_000).contains(&streams) {
+            return Err(self.err("server.h2_max_concurrent_streams", "must be between 1 and 10000"));
+        }
+        let header_bytes = self.size(
+            "server.max_request_header_bytes",
+            raw.max_request_header_bytes.as_ref(),
+            u64::from(fallback.max_request_header_bytes),
+        )?;
+        // Below 8 KiB common browsers' heads (cookies) no longer fit; above 1 MiB a head is an attack.
+        if !(8 << 10..=1 << 20).contains(&header_bytes) {
+            return Err(self.err("server.max_request_header_bytes", "must be between 8KiB and 1MiB"));
+        }
+        Ok(ClientLimits {
+            request_head_timeout: timeout(
+                "request_head_timeout",
+                raw.request_head_timeout.as_ref(),
+                fallback.request_head_timeout,
+            )?,
+            keepalive_timeout: timeout(
+                "keepalive_timeout",
+                raw.keepalive_timeout.as_ref(),
+                fallback.keepalive_timeout,
+            )?,
+            request_body_timeout: timeout(
+                "request_body_timeout",
+                raw.request_body_timeout.as_ref(),
+                fallback.request_body_timeout,
+            )?,
+            send_timeout: timeout("send_timeout", raw.send_timeout.as_ref(), fallback.send_timeout)?,
+            tunnel_idle_timeout: timeout(
+                "tunnel_idle_timeout",
+                raw.tunnel_idle_timeout.as_ref(),
+                fallback.tunnel_idle_timeout,
+            )?,
+            h2_max_concurrent_streams: streams,
+            h2_keepalive_interval: timeout(
+                "h2_keepalive_interval",
+                raw.h2_keepalive_interval.as_ref(),
+                fallback.h2_keepalive_interval,
+            )?,
+            h2_keepalive_timeout: timeout(
+                "h2_keepalive_timeout",
+                raw.h2_keepalive_timeout.as_ref(),
+                fallback.h2_keepalive_timeout,
+            )?,
+            max_request_header_bytes: u32::try_from(header_bytes).unwrap_or(u32::MAX),
+        })
+    }
+
+    /// Two sockets on one address cannot both bind; a wildcard address (`0.0.0.0`, `[::]`) overlaps every
+    /// address of the same port. Port 0 (any free port) never clashes.
+    fn distinct_addresses(
+        &self,
+        listeners: &[ListenerSettings],
+        admin: Option<&AdminSettings>,
+    ) -> Result<(), ConfigError> {
+        let mut seen: Vec<(String, SocketAddr)> = Vec::new();
+        let named = listeners
+            .iter()
+            .map(|l| (format!("listener {:?}.bind", l.name), l.bind))
+            .chain(admin.map(|a| ("admin.bind".to_string(), a.bind)));
+        for (key, addr) in named {
+            if addr.port() != 0
+                && let Some((other, _)) = seen.iter().find(|(_, b)| {
+                    b.port() == addr.port()
+                        && (b.ip() == addr.ip() || b.ip().is_unspecified() || addr.ip().is_unspecified())
+                })
+            {
+                return Err(self.err(key, format!("{addr} is already used by {other}")));
+            }
+            seen.push((key, addr));
+        }
+        Ok(())
+    }
+
     fn positive<T: PartialOrd + Default + Copy>(&self, key: &str, value: T) -> Result<T, ConfigError> {
         if value > T::default() { Ok(value) } else { Err(self.err(key, "must be greater than zero")) }
     }
@@ -687,20 +887,36 @@ impl Validator<'_> {
     }
 
     fn validate(&self, raw: raw::File) -> Result<Config, ConfigError> {
+        let max_connections = self.count(
+            "server.max_connections",
+            raw.server.max_connections.unwrap_or(defaults::MAX_CONNECTIONS),
+            defaults::MAX_CONNECTIONS_CEILING,
+        )?;
         let server = ServerSettings {
             handshake_timeout: self.duration(
                 "server.handshake_timeout",
                 raw.server.handshake_timeout.as_ref(),
                 defaults::HANDSHAKE_TIMEOUT,
             )?,
-            max_connections: self
-                .positive("server.max_connections", raw.server.max_connections.unwrap_or(defaults::MAX_CONNECTIONS))?,
+            max_connections,
             session_cache_entries: raw.server.session_cache_entries.unwrap_or(defaults::SESSION_CACHE_ENTRIES),
             shutdown_grace: self.duration(
                 "server.shutdown_grace",
                 raw.server.shutdown_grace.as_ref(),
                 defaults::SHUTDOWN_GRACE,
             )?,
+            client: self.client_limits(&raw.server)?,
+            plugin_memory_total: {
+                let total = self.size(
+                    "server.plugin_memory_total",
+                    raw.server.plugin_memory_total.as_ref(),
+                    defaults::PLUGIN_MEMORY_TOTAL as u64,
+                )?;
+                if !(1 << 20..=1 << 40).contains(&total) {
+                    return Err(self.err("server.plugin_memory_total", "must be between 1MiB and 1TiB"));
+                }
+                usize::try_from(total).unwrap_or(usize::MAX)
+            },
         };
         self.positive("server.handshake_timeout", server.handshake_timeout)?;
         let cache = CacheSettings {
@@ -718,6 +934,11 @@ impl Validator<'_> {
                 defaults::CACHE_NEGATIVE_TTL,
             )?,
             max_stale: self.duration("cache.max_stale", raw.cache.max_stale.as_ref(), defaults::CACHE_MAX_STALE)?,
+            invalid_ttl: self.duration(
+                "cache.invalid_ttl",
+                raw.cache.invalid_ttl.as_ref(),
+                defaults::CACHE_INVALID_TTL,
+            )?,
         };
         if cache.ttl > cache.max_ttl {
             return Err(self.err("cache.ttl", "is longer than cache.max_ttl"));
@@ -741,7 +962,19 @@ impl Validator<'_> {
                 raw.proxy.pool_idle_timeout.as_ref(),
                 defaults::POOL_IDLE_TIMEOUT,
             )?,
+            max_connections_per_backend: self.count(
+                "proxy.max_connections_per_backend",
+                raw.proxy.max_connections_per_backend.unwrap_or(defaults::MAX_CONNECTIONS_PER_BACKEND),
+                defaults::MAX_CONNECTIONS_CEILING,
+            )?,
+            max_backend_connections: self.count(
+                "proxy.max_backend_connections",
+                raw.proxy.max_backend_connections.unwrap_or(defaults::MAX_BACKEND_CONNECTIONS),
+                defaults::MAX_CONNECTIONS_CEILING,
+            )?,
         };
+        self.positive("proxy.connect_timeout", proxy.connect_timeout)?;
+        self.positive("proxy.response_timeout", proxy.response_timeout)?;
 
         let certificates = self.certificates(raw.certificate)?;
         let redis = self.redis(raw.redis)?;
@@ -769,7 +1002,27 @@ impl Validator<'_> {
                     .parse()
                     .map_err(|_| self.err("admin.bind", format!("{raw_bind:?} is not an address:port")))?;
                 let token = a.token.map(|t| self.value("admin.token", t)).transpose()?;
-                Some(AdminSettings { bind, token })
+                if token.as_deref() == Some("") {
+                    return Err(self.err("admin.token", "is empty: remove it, or give a long random token"));
+                }
+                let max_connections = self.count(
+                    "admin.max_connections",
+                    a.max_connections.unwrap_or(defaults::ADMIN_MAX_CONNECTIONS),
+                    defaults::MAX_CONNECTIONS_CEILING,
+                )?;
+                let request_head_timeout = self.duration(
+                    "admin.request_head_timeout",
+                    a.request_head_timeout.as_ref(),
+                    defaults::ADMIN_REQUEST_HEAD_TIMEOUT,
+                )?;
+                self.positive("admin.request_head_timeout", request_head_timeout)?;
+                let connection_timeout = self.duration(
+                    "admin.connection_timeout",
+                    a.connection_timeout.as_ref(),
+                    defaults::ADMIN_CONNECTION_TIMEOUT,
+                )?;
+                self.positive("admin.connection_timeout", connection_timeout)?;
+                Some(AdminSettings { bind, token, max_connections, request_head_timeout, connection_timeout })
             }
         };
         let reload = ReloadSettings {
@@ -781,6 +1034,7 @@ impl Validator<'_> {
             )?,
         };
         self.positive("reload.watch_interval", reload.watch_interval)?;
+        self.distinct_addresses(&listeners, admin.as_ref())?;
         let log = LogSettings {
             format: raw.log.format,
             level: raw.log.level.unwrap_or_else(|| "info".into()),

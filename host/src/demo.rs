@@ -132,6 +132,21 @@ impl TestCa {
         self.issue_with_key(names, &key)
     }
 
+    /// A leaf for `names` valid only between `not_before` and `not_after` (e.g. an expired one).
+    pub fn issue_valid_between(
+        &self,
+        names: &[&str],
+        not_before: (i32, u8, u8),
+        not_after: (i32, u8, u8),
+    ) -> Result<(String, String)> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        params.not_before = rcgen::date_time_ymd(not_before.0, not_before.1, not_before.2);
+        params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
     /// A leaf for `names` carrying an existing key (e.g. an RSA key, which this crate cannot generate): (PEM chain,
     /// PEM key).
     pub fn issue_with_key(&self, names: &[&str], key: &rcgen::KeyPair) -> Result<(String, String)> {
@@ -199,11 +214,30 @@ async fn echo(mut req: Request<Incoming>) -> Result<Response<EchoBody>, Infallib
         *response.status_mut() = status;
         return Ok(response);
     }
+    if let Some(n) = req.uri().path().strip_prefix("/bytes/") {
+        // A large body, streamed in 64 KiB pieces (a client that does not read it fills the socket).
+        let total: usize = n.parse().unwrap_or(0);
+        let chunks = futures_util::stream::iter((0..total.div_ceil(64 << 10)).map(move |i| {
+            let len = (total - i * (64 << 10)).min(64 << 10);
+            Ok::<_, hyper::Error>(hyper::body::Frame::data(Bytes::from(vec![b'x'; len])))
+        }));
+        return Ok(Response::new(BodyExt::boxed(http_body_util::StreamBody::new(chunks))));
+    }
+    if req.method() == http::Method::POST && req.uri().path() == "/collect" {
+        // Answers only once the whole body has arrived (as an upload handler does).
+        let bytes = match req.into_body().collect().await {
+            Ok(body) => body.to_bytes().len(),
+            Err(_) => return Ok(Response::new(full(Bytes::from_static(b"body failed\n")))),
+        };
+        return Ok(Response::new(full(Bytes::from(format!("received {bytes} bytes\n")))));
+    }
     if req.method() == http::Method::POST {
         return Ok(Response::new(req.into_body().boxed()));
     }
     let mut text = format!("{} {} {:?}\n", req.method(), req.uri(), req.version());
-    for name in ["host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "connection", "upgrade"] {
+    for name in
+        ["host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "connection", "upgrade"]
+    {
         if let Some(value) = req.headers().get(name).and_then(|v| v.to_str().ok()) {
             text.push_str(&format!("{name}: {value}\n"));
         }

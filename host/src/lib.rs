@@ -6,10 +6,14 @@
 //! [`config`] file; [`resumption`] shares sessions and ticket keys across a fleet.
 
 pub mod admin;
+pub mod backend;
+pub mod body;
 pub mod cache;
 pub mod certs;
+pub mod clip;
 pub mod config;
 pub mod demo;
+pub mod fdlimit;
 pub mod metrics;
 pub mod plugin;
 pub mod proxy;
@@ -21,6 +25,7 @@ pub mod sni;
 pub mod store;
 pub mod tls;
 pub mod tools;
+pub mod watchdog;
 
 pub use config::Config;
 pub use server::Server;

@@ -165,8 +165,18 @@ fn main() -> Result<()> {
 }
 
 fn init_logging(log: &tern::config::LogSettings) {
-    let mut filter = tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
+    let text = std::env::var("TERN_LOG").unwrap_or_else(|_| log.level.clone());
+    let mut filter = tracing_subscriber::EnvFilter::new(&text);
+    // rustls logs what clients send (a rejected 60 KB server name, whole): an unauthenticated client must not
+    // write that much log per handshake. tern logs each refusal itself, clipped; name rustls in the filter
+    // (e.g. `TERN_LOG=info,rustls=debug`) to see its lines anyway.
+    if !text.contains("rustls") {
+        for quiet in ["rustls=off", "tokio_rustls=off"] {
+            if let Ok(directive) = quiet.parse() {
+                filter = filter.add_directive(directive);
+            }
+        }
+    }
     if !log.access
         && let Ok(directive) = "tern::access=off".parse()
     {

@@ -44,6 +44,55 @@ pub struct Metrics {
     pub backend_status: [AtomicU64; 6],
     /// Time to the backend's response headers.
     pub backend_latency: Histogram,
+    /// Client connections closed by their watchdog, by reason.
+    pub connections_timed_out: TimeoutCounters,
+    /// Requests answered 421 because their host is not the connection's.
+    pub misdirected_requests: AtomicU64,
+    /// Requests answered 408 because the client paused its upload too long.
+    pub request_body_timeouts: AtomicU64,
+    /// Requests answered 503 because the backend connection budget was spent.
+    pub backend_connections_exhausted: AtomicU64,
+    /// Plugin answers refused because the certificate's validity period does not include now.
+    pub certificates_out_of_validity: AtomicU64,
+    /// Gauges refreshed when metrics are rendered (file descriptors, connection budgets).
+    pub gauges: Gauges,
+}
+
+/// Client connections closed by their watchdog.
+#[derive(Debug, Default)]
+pub struct TimeoutCounters {
+    /// `request_head`
+    pub request_head: AtomicU64,
+    /// `idle`
+    pub idle: AtomicU64,
+    /// `send`
+    pub send: AtomicU64,
+}
+
+impl TimeoutCounters {
+    /// The counter of one reason.
+    pub fn by(&self, why: crate::watchdog::Expired) -> &AtomicU64 {
+        match why {
+            crate::watchdog::Expired::RequestHead => &self.request_head,
+            crate::watchdog::Expired::Idle => &self.idle,
+            crate::watchdog::Expired::Send => &self.send,
+        }
+    }
+}
+
+/// Budgets fixed at start-up, and what is in use of them (set by whoever renders).
+#[derive(Debug, Default)]
+pub struct Gauges {
+    /// The soft file-descriptor limit in force.
+    pub fd_limit: AtomicU64,
+    /// Client connections all listeners may hold.
+    pub client_budget: AtomicU64,
+    /// Backend connections the process may hold.
+    pub backend_budget: AtomicU64,
+    /// Client connection permits taken now.
+    pub clients_open: AtomicU64,
+    /// Backend connection permits taken now.
+    pub backends_open: AtomicU64,
 }
 
 /// Failure counters by kind; the labels are [`crate::select::SelectError::kind`] values.
@@ -219,6 +268,43 @@ impl Metrics {
         }
         x.family("tern_backend_response_seconds", "histogram", "Time to the backend's response headers.");
         x.histogram("tern_backend_response_seconds", "", &self.backend_latency);
+        x.family("tern_client_timeouts_total", "counter", "Client connections closed by a deadline, by reason.");
+        for (why, counter) in [
+            ("request_head", &self.connections_timed_out.request_head),
+            ("idle", &self.connections_timed_out.idle),
+            ("send", &self.connections_timed_out.send),
+        ] {
+            x.sample("tern_client_timeouts_total", &format!("reason=\"{why}\""), get(counter));
+        }
+        x.family("tern_requests_refused_total", "counter", "Requests tern answered itself, by reason.");
+        for (why, counter) in [
+            ("misdirected", &self.misdirected_requests),
+            ("body_timeout", &self.request_body_timeouts),
+            ("backend_busy", &self.backend_connections_exhausted),
+        ] {
+            x.sample("tern_requests_refused_total", &format!("reason=\"{why}\""), get(counter));
+        }
+        x.family(
+            "tern_certificates_out_of_validity_total",
+            "counter",
+            "Plugin certificates refused as expired or not yet valid.",
+        );
+        x.sample("tern_certificates_out_of_validity_total", "", get(&self.certificates_out_of_validity));
+        let g = &self.gauges;
+        for (name, help, counter) in [
+            ("tern_open_files_limit", "The soft file-descriptor limit in force.", &g.fd_limit),
+            ("tern_client_connections_budget", "Client connections all listeners may hold.", &g.client_budget),
+            ("tern_client_connections_open", "Client connections open.", &g.clients_open),
+            ("tern_backend_connections_budget", "Backend connections the process may hold.", &g.backend_budget),
+            ("tern_backend_connections_open", "Backend connections open.", &g.backends_open),
+        ] {
+            x.family(name, "gauge", help);
+            x.sample(name, "", get(counter));
+        }
+        if let Some(open) = crate::fdlimit::open_now() {
+            x.family("tern_open_files", "gauge", "File descriptors open.");
+            x.sample("tern_open_files", "", open as u64);
+        }
     }
 }
 

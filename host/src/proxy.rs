@@ -1,9 +1,14 @@
-//! The reverse proxy behind the TLS handshake: HTTP/1.1 or HTTP/2 (by ALPN) from clients, HTTP/1.1 over a pooled
-//! client to the backend. Bodies stream both ways; nothing is buffered whole.
+//! The reverse proxy behind the TLS handshake: HTTP/1.1 or HTTP/2 (by ALPN) from clients, HTTP/1.1 over a pooled,
+//! counted client to the backend. Bodies stream both ways; nothing is buffered whole.
+//!
+//! Every resource a client can hold here is bounded: the connection by its [`watchdog`](crate::watchdog)
+//! (request head, keep-alive, send stalls), HTTP/2 by its stream and header-list caps, the upload by its idle
+//! timeout, the backend side by the connection budget ([`crate::backend`]), an upgraded connection by its idle
+//! timeout and by the client connection slot it keeps until it closes.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -12,11 +17,16 @@ use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::config::ProxySettings;
+use crate::backend::{BoundedConnector, Budget};
+use crate::body::{Counted, Upload};
+use crate::certs::ParsedCert;
+use crate::config::{ClientLimits, ProxySettings};
 use crate::metrics::{Metrics, inc};
+use crate::sni::ServerName;
+use crate::watchdog::{Activity, Tracked};
 
 /// Response body type: the backend's streamed body, or a small one tern makes itself.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -24,14 +34,31 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 /// One listener's proxy to its backend.
 #[derive(Debug, Clone)]
 pub struct Proxy {
-    client: Client<HttpConnector, Incoming>,
+    client: Client<BoundedConnector, Upload<Incoming>>,
     backend: Uri,
     response_timeout: std::time::Duration,
+    connect_timeout: std::time::Duration,
+    budget: Budget,
     metrics: Arc<Metrics>,
 }
 
+/// What the proxy knows about one client connection.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Whether ALPN chose HTTP/2.
+    pub h2: bool,
+    /// The SNI the handshake was for (normalised), if the client sent one.
+    pub servername: Option<ServerName>,
+    /// The certificate served: a request may name any host it covers.
+    pub cert: Arc<ParsedCert>,
+    /// The listener's client limits.
+    pub limits: ClientLimits,
+}
+
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1); never forwarded as they are.
-const HOP_BY_HOP: [HeaderName; 8] = [
+const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -40,88 +67,181 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
+    // Only meaningful with `Upgrade: h2c`, which tern never forwards (RFC 7540 §3.2.1).
+    HeaderName::from_static("http2-settings"),
 ];
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// How long an HTTP/2 connection told to go away (idle, draining) gets to finish before it is dropped.
+const GOAWAY_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Proxy {
-    /// A proxy to `backend` (an `http://host:port` origin).
-    pub fn new(backend: Uri, settings: &ProxySettings, metrics: Arc<Metrics>) -> Self {
+    /// A proxy to `backend` (an `http://host:port` origin) whose connections count against `budget`.
+    pub fn new(backend: Uri, settings: &ProxySettings, metrics: Arc<Metrics>, budget: Budget) -> Self {
         let mut connector = HttpConnector::new();
         // A backend that is down must give a fast 502, not hang the client.
         connector.set_connect_timeout(Some(settings.connect_timeout));
         connector.set_nodelay(true);
-        let client =
-            Client::builder(TokioExecutor::new()).pool_idle_timeout(settings.pool_idle_timeout).build(connector);
-        Self { client, backend, response_timeout: settings.response_timeout, metrics }
+        let connector = BoundedConnector::new(connector, budget.clone(), settings.connect_timeout);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(settings.pool_idle_timeout)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        Self {
+            client,
+            backend,
+            response_timeout: settings.response_timeout,
+            connect_timeout: settings.connect_timeout,
+            budget,
+            metrics,
+        }
     }
 
-    /// Serves HTTP on an accepted TLS stream until the client closes it, or, once `drain` turns true, until the
-    /// requests in flight are answered (graceful shutdown).
+    /// Backend connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.budget.open()
+    }
+
+    /// Serves HTTP on an accepted TLS stream until the client closes it, a deadline of the connection passes, or,
+    /// once `drain` turns true, until the requests in flight are answered (graceful shutdown). Upgraded
+    /// connections started on it are waited for too, so the client's connection slot stays taken until they end.
     pub async fn serve<S>(
         self: Arc<Self>,
         stream: S,
-        peer: SocketAddr,
-        h2: bool,
+        conn: Connection,
         mut drain: tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), hyper::Error>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let io = TokioIo::new(stream);
-        let service = hyper::service::service_fn(move |req| {
-            let proxy = self.clone();
-            async move { Ok::<_, Infallible>(proxy.forward(req, peer).await) }
-        });
-        // hyper's HTTP/1 and HTTP/2 connections share no trait for graceful_shutdown, hence the macro.
-        macro_rules! until_drained {
-            ($conn:expr) => {{
-                let mut conn = std::pin::pin!($conn);
-                tokio::select! {
-                    done = conn.as_mut() => return done,
-                    _ = drain.wait_for(|draining| *draining) => conn.as_mut().graceful_shutdown(),
+        let activity = Activity::new(conn.limits.clone(), conn.h2);
+        let io = TokioIo::new(Tracked::new(stream, activity.clone()));
+        let tunnels = Arc::new(std::sync::Mutex::new(tokio::task::JoinSet::new()));
+        let conn = Arc::new(conn);
+        let metrics = self.metrics.clone();
+        let service = {
+            let (activity, tunnels, conn) = (activity.clone(), tunnels.clone(), conn.clone());
+            hyper::service::service_fn(move |req| {
+                let (proxy, conn, tunnels) = (self.clone(), conn.clone(), tunnels.clone());
+                let in_flight = activity.begin();
+                async move {
+                    let response = proxy.forward(req, &conn, &tunnels).await;
+                    Ok::<_, std::convert::Infallible>(response.map(|body| Counted::new(body, Some(in_flight))))
                 }
-                conn.await
+            })
+        };
+        let limits = &conn.limits;
+        // hyper's HTTP/1 and HTTP/2 connections share no trait for graceful_shutdown, hence the macro.
+        macro_rules! until_done {
+            ($conn:expr) => {{
+                enum Ended<T> {
+                    Done(T),
+                    Drain,
+                    Expired(crate::watchdog::Expired),
+                }
+                let mut served = std::pin::pin!($conn);
+                let ended = tokio::select! {
+                    done = served.as_mut() => Ended::Done(done),
+                    _ = drain.wait_for(|draining| *draining) => Ended::Drain,
+                    why = activity.expired() => Ended::Expired(why),
+                };
+                match ended {
+                    Ended::Done(done) => done,
+                    Ended::Drain => {
+                        served.as_mut().graceful_shutdown();
+                        served.await
+                    }
+                    Ended::Expired(why) => {
+                        inc(metrics.connections_timed_out.by(why));
+                        tracing::debug!(peer = %conn.peer, reason = why.label(), "closing client connection");
+                        if why == crate::watchdog::Expired::Idle && conn.h2 {
+                            // Tell an idle HTTP/2 client to go away rather than cutting it off.
+                            served.as_mut().graceful_shutdown();
+                            let _ = tokio::time::timeout(GOAWAY_GRACE, served.as_mut()).await;
+                        }
+                        Ok(())
+                    }
+                }
             }};
         }
-        if h2 {
-            until_drained!(hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, service))
+        let result = if conn.h2 {
+            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            builder
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(limits.h2_max_concurrent_streams)
+                .max_header_list_size(limits.max_request_header_bytes)
+                .keep_alive_interval(limits.h2_keepalive_interval)
+                .keep_alive_timeout(limits.h2_keepalive_timeout);
+            until_done!(builder.serve_connection(io, service))
         } else {
-            until_drained!(hyper::server::conn::http1::Builder::new().serve_connection(io, service).with_upgrades())
-        }
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            // The watchdog bounds head reading; hyper's own timer would also cut keep-alive pauses at the head
+            // timeout.
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(None)
+                .max_buf_size(usize::try_from(limits.max_request_header_bytes).unwrap_or(usize::MAX).max(8192));
+            until_done!(builder.serve_connection(io, service).with_upgrades())
+        };
+        // Upgraded connections keep the client's slot (the caller's permit) until they end.
+        let mut pending = std::mem::take(&mut *lock(&tunnels));
+        while pending.join_next().await.is_some() {}
+        result
     }
 
     /// Forwards one request and writes its access-log line.
-    async fn forward(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn forward(&self, req: Request<Incoming>, conn: &Connection, tunnels: &Tunnels) -> Response<Body> {
         let started = std::time::Instant::now();
         let method = req.method().clone();
         let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned);
         let host = host.or_else(|| req.uri().authority().map(|a| a.to_string())).unwrap_or_default();
         let path = req.uri().path_and_query().map_or_else(|| "/".to_string(), |pq| pq.to_string());
         let version = req.version();
-        let response = self.forward_inner(req, peer).await;
+        let response = self.forward_inner(req, conn, tunnels).await;
         let status = response.status().as_u16();
         tracing::info!(
             target: "tern::access",
-            %peer, %method, host, path, ?version, status, micros = started.elapsed().as_micros() as u64,
+            peer = %conn.peer, %method, host = %crate::clip::Clip(&host), path = %crate::clip::Clip(&path), ?version,
+            status, micros = started.elapsed().as_micros() as u64,
             "request"
         );
         response
     }
 
-    /// Forwards one request; failures become 502/504 responses.
-    async fn forward_inner(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    /// Forwards one request; failures become 4xx/5xx responses.
+    async fn forward_inner(&self, mut req: Request<Incoming>, conn: &Connection, tunnels: &Tunnels) -> Response<Body> {
+        if let Err(status) = check_authority(&req, conn) {
+            inc(&self.metrics.misdirected_requests);
+            return simple(status, "misdirected request: this connection does not serve that host\n");
+        }
         let upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
-        let upstream = match self.upstream_request(req, peer, upgrade.is_some()) {
+        let (upstream, upload) = match self.upstream_request(req, conn, upgrade.is_some()) {
             Ok(upstream) => upstream,
             Err(status) => return simple(status, "bad request\n"),
         };
         let sent_at = std::time::Instant::now();
-        let sent = tokio::time::timeout(self.response_timeout, self.client.request(upstream)).await;
+        let mut request = std::pin::pin!(self.client.request(upstream));
+        // The response deadline starts once the client has finished uploading: a slow upload to a healthy backend
+        // is bounded by the body's own idle timeout, not by the backend's response timeout.
+        let sent = tokio::select! {
+            sent = request.as_mut() => Ok(sent),
+            _ = upload.done => tokio::time::timeout(self.response_timeout, request.as_mut()).await,
+        };
         let mut response = match sent {
             Ok(Ok(response)) => response,
+            Ok(Err(_)) if upload.timed_out.load(Ordering::Acquire) => {
+                inc(&self.metrics.request_body_timeouts);
+                return simple(StatusCode::REQUEST_TIMEOUT, "request body timeout\n");
+            }
+            Ok(Err(err)) if crate::backend::is_exhausted(&err) => {
+                inc(&self.metrics.backend_status[0]);
+                inc(&self.metrics.backend_connections_exhausted);
+                tracing::warn!(backend = %self.backend, wait = ?self.connect_timeout, "backend connection limit reached");
+                return simple(StatusCode::SERVICE_UNAVAILABLE, "backend busy\n");
+            }
             Ok(Err(err)) => {
                 inc(&self.metrics.backend_status[0]);
                 tracing::warn!(backend = %self.backend, error = %err, "backend unreachable");
@@ -140,7 +260,8 @@ impl Proxy {
             && let Some(client_side) = upgrade
         {
             let backend_side = hyper::upgrade::on(&mut response);
-            tokio::spawn(splice_upgraded(client_side, backend_side));
+            let idle = conn.limits.tunnel_idle_timeout;
+            lock(tunnels).spawn(splice_upgraded(client_side, backend_side, idle));
             let (parts, _) = response.into_parts();
             return Response::from_parts(parts, empty());
         }
@@ -151,9 +272,9 @@ impl Proxy {
     fn upstream_request(
         &self,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        conn: &Connection,
         upgrade: bool,
-    ) -> Result<Request<Incoming>, StatusCode> {
+    ) -> Result<(Request<Upload<Incoming>>, crate::body::UploadWatch), StatusCode> {
         let (mut parts, body) = req.into_parts();
         // HTTP/2 carries the host in :authority; HTTP/1.1 in the Host header.
         let host = parts
@@ -171,25 +292,91 @@ impl Proxy {
         let headers = &mut parts.headers;
         strip_hop_by_hop(headers, upgrade);
         headers.insert(header::HOST, host.clone());
-        headers.insert(X_FORWARDED_HOST, host);
+        headers.insert(X_FORWARDED_HOST, host.clone());
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-        let client_ip = peer.ip().to_string();
+        let client_ip = conn.peer.ip().to_string();
         let forwarded_for = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
             Some(earlier) => format!("{earlier}, {client_ip}"),
             None => client_ip,
         };
         headers.insert(X_FORWARDED_FOR, HeaderValue::from_str(&forwarded_for).map_err(|_| StatusCode::BAD_REQUEST)?);
+        append_forwarded(headers, conn.peer, &host)?;
         if upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        Ok(Request::from_parts(parts, body))
+        let (body, watch) = Upload::new(body, conn.limits.request_body_timeout);
+        Ok((Request::from_parts(parts, body), watch))
     }
 }
 
-/// Whether an HTTP/1.1 request asks to switch protocols (e.g. WebSocket).
+type Tunnels = std::sync::Mutex<tokio::task::JoinSet<()>>;
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A JoinSet stays consistent across a panic elsewhere: recover the lock.
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The request's host (Host header, and the URI's authority in absolute form or HTTP/2) must be the connection's
+/// server name or a name its certificate covers; anything else is another tenant's host reached over this
+/// tenant's connection, answered 421 so that the client opens a connection for that name (RFC 9110 §15.5.20).
+fn check_authority(req: &Request<Incoming>, conn: &Connection) -> Result<(), StatusCode> {
+    let header =
+        req.headers().get(header::HOST).map(|h| h.to_str().map_err(|_| StatusCode::BAD_REQUEST)).transpose()?;
+    let uri = req.uri().authority().map(|a| a.host());
+    if header.is_none() && uri.is_none() {
+        return Ok(()); // upstream_request answers 400
+    }
+    for authority in header.into_iter().chain(uri) {
+        let host = host_of(authority);
+        let host = host.strip_suffix('.').unwrap_or(host);
+        if conn.servername.as_ref().is_some_and(|sni| sni.as_str().eq_ignore_ascii_case(host)) {
+            continue;
+        }
+        match ServerName::parse(host) {
+            Ok(name) if conn.cert.check_covers(&name).is_ok() => {}
+            _ => return Err(StatusCode::MISDIRECTED_REQUEST),
+        }
+    }
+    Ok(())
+}
+
+/// The host part of `host[:port]`, IPv6 literals included.
+fn host_of(authority: &str) -> &str {
+    if let Some(rest) = authority.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, port)| if port.bytes().all(|b| b.is_ascii_digit()) { host } else { authority })
+}
+
+/// Appends this hop's element to `Forwarded` (RFC 7239), as `X-Forwarded-For` is appended to: the backend can
+/// trust the last element, which tern wrote, and ignore what the client claimed before it.
+fn append_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: &HeaderValue) -> Result<(), StatusCode> {
+    let node = match peer.ip() {
+        std::net::IpAddr::V4(ip) => ip.to_string(),
+        std::net::IpAddr::V6(ip) => format!("\"[{ip}]\""),
+    };
+    let host = host.to_str().map_err(|_| StatusCode::BAD_REQUEST)?;
+    let ours = format!("for={node};host=\"{}\";proto=https", host.replace(['"', '\\'], ""));
+    let joined = match headers.get_all(header::FORWARDED).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>() {
+        earlier if earlier.is_empty() => ours,
+        earlier => format!("{}, {ours}", earlier.join(", ")),
+    };
+    headers.insert(header::FORWARDED, HeaderValue::from_str(&joined).map_err(|_| StatusCode::BAD_REQUEST)?);
+    Ok(())
+}
+
+/// Whether an HTTP/1.1 request asks to switch protocols (e.g. WebSocket). `h2c` is never granted: tern speaks
+/// HTTP/1.1 to backends, and a cleartext HTTP/2 upgrade inside TLS is a request-smuggling vector; such a request
+/// is forwarded as a plain request without its upgrade headers.
 fn wants_upgrade(req: &Request<Incoming>) -> bool {
     req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::UPGRADE)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| !v.split(',').any(|p| p.trim().eq_ignore_ascii_case("h2c"))))
         && req
             .headers()
             .get_all(header::CONNECTION)
@@ -219,8 +406,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Copies bytes both ways between an upgraded client connection and the backend's.
-async fn splice_upgraded(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade) {
+/// Copies bytes both ways between an upgraded client connection and the backend's, until either closes or nothing
+/// moves for `idle`.
+async fn splice_upgraded(
+    client: hyper::upgrade::OnUpgrade,
+    backend: hyper::upgrade::OnUpgrade,
+    idle: std::time::Duration,
+) {
     let (client, backend) = match tokio::try_join!(client, backend) {
         Ok(pair) => pair,
         Err(err) => {
@@ -228,8 +420,8 @@ async fn splice_upgraded(client: hyper::upgrade::OnUpgrade, backend: hyper::upgr
             return;
         }
     };
-    let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
-    if let Err(err) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+    let (client, backend) = (TokioIo::new(client), TokioIo::new(backend));
+    if let Err(err) = crate::watchdog::splice_with_idle_timeout(client, backend, idle).await {
         tracing::debug!(error = %err, "upgraded connection closed");
     }
 }

@@ -5,8 +5,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use rustls::sign::CertifiedKey;
-
 use crate::cache::{Answer, CacheKey, Cached, CertCache, Lookup};
 use crate::certs::{self, CertError, ParsedCert};
 use crate::config::StaticCertSettings;
@@ -224,7 +222,7 @@ impl Selector {
     }
 
     /// Chooses the certificate for a ClientHello's SNI (`None`: the client sent none).
-    pub async fn select(&self, policy: &Policy, sni: Option<&str>) -> Result<(Arc<CertifiedKey>, Source), SelectError> {
+    pub async fn select(&self, policy: &Policy, sni: Option<&str>) -> Result<(Arc<ParsedCert>, Source), SelectError> {
         let Some(raw) = sni else {
             return self.fallback(policy, SelectError::NoServerName);
         };
@@ -233,7 +231,7 @@ impl Selector {
         if let Some(cert) = self.statics.lookup(&name) {
             self.metrics.selection_hit.observe(started.elapsed());
             inc(&self.metrics.static_hits);
-            return Ok((cert.certified.clone(), Source::Static));
+            return Ok((cert.clone(), Source::Static));
         }
         let Some(slot) = &policy.plugin else {
             return self.fallback(policy, SelectError::UnknownName { servername: name });
@@ -283,6 +281,12 @@ impl Selector {
             let cause = describe(failure);
             tracing::warn!(servername = %name, %cause, "refresh failed, serving the cached answer past its TTL");
         }
+        if let Some(refused) = &loaded.refresh_invalid {
+            inc(&self.metrics.stale_serves);
+            self.count_invalid(refused);
+            let cause = describe(&LoadFailure::Certificate(refused.clone()));
+            tracing::warn!(servername = %name, %cause, "refreshed certificate refused, serving the cached one past its TTL");
+        }
         let (lookup, source) = match loaded.lookup {
             Lookup::Hit => (&self.metrics.cache_hits, Source::CacheHit),
             Lookup::Stale => (&self.metrics.cache_hits, Source::Stale),
@@ -291,7 +295,14 @@ impl Selector {
         match loaded.value {
             Cached::Found { cert, .. } => {
                 inc(lookup);
-                Ok((cert.certified.clone(), source))
+                Ok((cert.clone(), source))
+            }
+            Cached::Invalid { error, .. } => {
+                inc(lookup);
+                if source == Source::Plugin {
+                    self.count_invalid(&error);
+                }
+                Err(describe(&LoadFailure::Certificate(error)))
             }
             Cached::NotFound { .. } => {
                 inc(if source == Source::Plugin {
@@ -304,25 +315,34 @@ impl Selector {
         }
     }
 
-    fn fallback(&self, policy: &Policy, strict_error: SelectError) -> Result<(Arc<CertifiedKey>, Source), SelectError> {
+    fn count_invalid(&self, error: &CertError) {
+        if matches!(error, CertError::Expired { .. } | CertError::NotYetValid { .. }) {
+            inc(&self.metrics.certificates_out_of_validity);
+        }
+    }
+
+    fn fallback(&self, policy: &Policy, strict_error: SelectError) -> Result<(Arc<ParsedCert>, Source), SelectError> {
         match &policy.default {
             Some(cert) => {
                 inc(&self.metrics.default_served);
-                Ok((cert.certified.clone(), Source::Default))
+                Ok((cert.clone(), Source::Default))
             }
             None => Err(strict_error),
         }
     }
 }
 
-/// Calls the plugin and validates its answer for `name`.
+/// Calls the plugin and validates its answer for `name`. An answer that fails validation is an answer too: it
+/// is cached briefly (`cache.invalid_ttl`) so that repeated handshakes for the name do not call the plugin again.
 async fn load(plugin: &Plugin, name: &ServerName) -> Result<Answer, LoadFailure> {
     match plugin.select(name).await.map_err(LoadFailure::Plugin)? {
         Selection::NotFound => Ok(Answer::NotFound),
         Selection::Found { chain, key, ttl } => {
-            let parsed = certs::parse(chain.as_bytes(), key.as_bytes()).map_err(LoadFailure::Certificate)?;
-            parsed.check_covers(name).map_err(LoadFailure::Certificate)?;
-            Ok(Answer::Found(Arc::new(parsed), ttl))
+            // Parsing a key and checking a chain is CPU work of tens of microseconds: fine on a worker.
+            Ok(match certs::validate_answer(chain.as_bytes(), key.as_bytes(), name) {
+                Ok(parsed) => Answer::Found(Arc::new(parsed), ttl),
+                Err(error) => Answer::Invalid(error),
+            })
         }
     }
 }

@@ -9,6 +9,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::cache::CertCache;
+use crate::clip::Clip;
 use crate::config::{Config, Fallback, ListenerSettings};
 use crate::metrics::{Metrics, inc};
 use crate::plugin::{self, LoadError, PluginSlot};
@@ -65,8 +66,10 @@ pub struct Server {
     runtime: plugin::PluginRuntime,
     /// Redis stores by name, for replacement builds' grants.
     stores: plugin::Stores,
-    /// The admin listener, bound, with its token.
-    admin: Option<(TcpListener, Option<String>)>,
+    /// The admin listener, bound, with its settings.
+    admin: Option<(TcpListener, crate::config::AdminSettings)>,
+    /// The file-descriptor budget and the permits that enforce it.
+    budgets: Budgets,
     /// Automatic reload settings, and the config file they watch.
     reload: (crate::config::ReloadSettings, std::path::PathBuf),
     /// How long in-flight connections may take to finish on shutdown.
@@ -89,6 +92,50 @@ struct Listener {
     ctx: Arc<ListenerCtx>,
     connections: Arc<Semaphore>,
     max_connections: usize,
+    /// Client connections of all listeners together (the file-descriptor budget's share).
+    all_clients: Arc<Semaphore>,
+}
+
+/// The process's connection budgets (see [`crate::fdlimit`]): permits for client connections of all listeners
+/// and for backend connections of all backends.
+#[derive(Debug, Clone)]
+pub struct Budgets {
+    /// How descriptors were shared out.
+    pub fd: crate::fdlimit::FdBudget,
+    /// One permit per open client connection.
+    pub clients: Arc<Semaphore>,
+    /// One permit per open backend connection.
+    pub backends: Arc<Semaphore>,
+}
+
+impl Budgets {
+    /// Raises the descriptor limit and sizes the budgets for `config`, warning if they had to shrink.
+    pub fn for_config(config: &Config) -> Self {
+        let limit = crate::fdlimit::raise_limit();
+        let fd = crate::fdlimit::budget(config, limit);
+        let wanted_clients = config.server.max_connections.saturating_mul(config.listeners.len());
+        if fd.clients < wanted_clients || fd.backends < config.proxy.max_backend_connections {
+            tracing::warn!(
+                fd_limit = limit,
+                clients = fd.clients,
+                backends = fd.backends,
+                "the file-descriptor limit is below what max_connections and proxy.max_backend_connections ask \
+                 for; connections are capped to fit (raise the limit, e.g. LimitNOFILE= in the systemd unit)"
+            );
+        }
+        Self { fd, clients: Arc::new(Semaphore::new(fd.clients)), backends: Arc::new(Semaphore::new(fd.backends)) }
+    }
+
+    /// Writes the budgets and what is in use of them into `metrics`' gauges.
+    pub fn publish(&self, metrics: &Metrics) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let g = &metrics.gauges;
+        g.fd_limit.store(self.fd.limit, Relaxed);
+        g.client_budget.store(self.fd.clients as u64, Relaxed);
+        g.backend_budget.store(self.fd.backends as u64, Relaxed);
+        g.clients_open.store(self.fd.clients.saturating_sub(self.clients.available_permits()) as u64, Relaxed);
+        g.backends_open.store(self.fd.backends.saturating_sub(self.backends.available_permits()) as u64, Relaxed);
+    }
 }
 
 #[derive(Debug)]
@@ -100,6 +147,7 @@ struct ListenerCtx {
     selector: Arc<Selector>,
     metrics: Arc<Metrics>,
     handshake_timeout: Duration,
+    limits: crate::config::ClientLimits,
     drain_signal: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -113,7 +161,8 @@ impl Server {
         let stores = stores_for(&config);
         let invalidation =
             config.invalidation.as_ref().and_then(|i| Some((stores.get(&i.store)?.clone(), i.channel.clone())));
-        let runtime = plugin::runtime_for(&config.plugins)?;
+        let runtime = plugin::runtime_for(&config.plugins)?.with_memory_total(config.server.plugin_memory_total);
+        let budgets = Budgets::for_config(&config);
         let plugins: HashMap<String, Arc<PluginSlot>> = plugin::load_all(&runtime, &config.plugins, &stores)
             .await?
             .into_iter()
@@ -129,9 +178,8 @@ impl Server {
         let (draining, drain_signal) = tokio::sync::watch::channel(false);
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for settings in &config.listeners {
-            listeners.push(
-                Self::listener(&config, settings, &selector, &plugins, &metrics, &resumption, &drain_signal).await?,
-            );
+            let shared = Shared { selector: &selector, plugins: &plugins, metrics: &metrics, budgets: &budgets };
+            listeners.push(Self::listener(&config, settings, shared, &resumption, &drain_signal).await?);
         }
         let admin = match &config.admin {
             None => None,
@@ -141,12 +189,14 @@ impl Server {
                     addr: a.bind,
                     source,
                 })?,
-                a.token.clone(),
+                a.clone(),
             )),
         };
+        budgets.publish(&metrics);
         Ok(Self {
             listeners,
             admin,
+            budgets,
             reload: (config.reload.clone(), config.source.clone()),
             shutdown_grace: config.server.shutdown_grace,
             draining,
@@ -164,12 +214,11 @@ impl Server {
     async fn listener(
         config: &Config,
         settings: &ListenerSettings,
-        selector: &Arc<Selector>,
-        plugins: &HashMap<String, Arc<PluginSlot>>,
-        metrics: &Arc<Metrics>,
+        shared: Shared<'_>,
         resumption: &Resumption,
         drain_signal: &tokio::sync::watch::Receiver<bool>,
     ) -> Result<Listener, StartError> {
+        let Shared { selector, plugins, metrics, budgets } = shared;
         let name: Arc<str> = Arc::from(settings.name.as_str());
         let default = match &settings.fallback {
             // Validated in config: the named certificate exists.
@@ -203,11 +252,17 @@ impl Server {
             name: name.clone(),
             policy,
             tls,
-            proxy: Arc::new(Proxy::new(settings.backend.clone(), &config.proxy, metrics.clone())),
+            proxy: Arc::new(Proxy::new(
+                settings.backend.clone(),
+                &config.proxy,
+                metrics.clone(),
+                crate::backend::Budget::new(config.proxy.max_connections_per_backend, budgets.backends.clone()),
+            )),
             drain_signal: drain_signal.clone(),
             selector: selector.clone(),
             metrics: metrics.clone(),
             handshake_timeout: config.server.handshake_timeout,
+            limits: config.server.client.clone(),
         });
         Ok(Listener {
             name,
@@ -215,6 +270,7 @@ impl Server {
             ctx,
             connections: Arc::new(Semaphore::new(config.server.max_connections)),
             max_connections: config.server.max_connections,
+            all_clients: budgets.clients.clone(),
         })
     }
 
@@ -289,7 +345,7 @@ impl Server {
             connection_slots.push((listener.connections.clone(), listener.max_connections));
             accepting.spawn(accept_loop(listener));
         }
-        if let Some((tcp, token)) = self.admin {
+        if let Some((tcp, settings)) = self.admin {
             tracing::info!(addr = ?tcp.local_addr().ok(), "admin listening");
             let state = crate::admin::AdminState {
                 metrics: self.metrics.clone(),
@@ -297,7 +353,9 @@ impl Server {
                 selector: self.selector.clone(),
                 plugins: self.plugins.clone(),
                 reloader,
-                token,
+                settings,
+                budgets: self.budgets.clone(),
+                plugin_memory: self.runtime.clone(),
                 draining: self.draining.subscribe(),
             };
             tasks.spawn(crate::admin::serve(tcp, Arc::new(state)));
@@ -319,6 +377,15 @@ impl Server {
         }
         tasks.abort_all();
     }
+}
+
+/// What every listener of the process shares.
+#[derive(Clone, Copy)]
+struct Shared<'a> {
+    selector: &'a Arc<Selector>,
+    plugins: &'a HashMap<String, Arc<PluginSlot>>,
+    metrics: &'a Arc<Metrics>,
+    budgets: &'a Budgets,
 }
 
 /// Reloads plugins on every SIGHUP.
@@ -368,10 +435,15 @@ async fn listen_for_invalidations(store: Arc<crate::store::RedisStore>, channel:
 
 async fn accept_loop(listener: Listener) {
     loop {
-        // Taking the slot before accepting leaves excess connections in the kernel's backlog.
+        // Taking the slots before accepting leaves excess connections in the kernel's backlog: back-pressure, so
+        // the process never runs out of descriptors and `accept` never fails for everyone.
         let Ok(permit) = listener.connections.clone().acquire_owned().await else {
             return;
         };
+        let Ok(global) = listener.all_clients.clone().acquire_owned().await else {
+            return;
+        };
+        let permit = (permit, global);
         match listener.tcp.accept().await {
             Ok((tcp, peer)) => {
                 let ctx = listener.ctx.clone();
@@ -402,8 +474,8 @@ impl ListenerCtx {
                 }
                 Err((servername, err)) => {
                     inc(&self.metrics.handshakes_tls_error);
-                    let servername = servername.as_deref().unwrap_or("");
-                    tracing::info!(listener = %self.name, %peer, servername, cause = %err, "handshake failed");
+                    let servername = Clip(servername.as_deref().unwrap_or(""));
+                    tracing::info!(listener = %self.name, %peer, %servername, cause = %err, "handshake failed");
                     None
                 }
             }
@@ -429,7 +501,14 @@ impl ListenerCtx {
         }
         let h2 = tls.alpn_protocol() == Some(b"h2");
         tracing::debug!(listener = %self.name, %peer, servername = ?accepted.servername, source = ?accepted.source, h2, "handshake done");
-        if let Err(err) = self.proxy.clone().serve(accepted.stream, peer, h2, self.drain_signal.clone()).await {
+        let conn = crate::proxy::Connection {
+            peer,
+            h2,
+            servername: accepted.servername,
+            cert: accepted.cert,
+            limits: self.limits.clone(),
+        };
+        if let Err(err) = self.proxy.clone().serve(accepted.stream, conn, self.drain_signal.clone()).await {
             tracing::debug!(listener = %self.name, %peer, error = %err, "connection ended with an error");
         }
     }
@@ -440,13 +519,16 @@ impl ListenerCtx {
         if let Some(counter) = self.metrics.handshake_failures.by_kind(err.kind()) {
             inc(counter);
         }
-        let (listener, servername, kind) = (&*self.name, refusal.servername.as_deref().unwrap_or(""), err.kind());
+        let (listener, servername, kind) = (&*self.name, Clip(refusal.servername.as_deref().unwrap_or("")), err.kind());
+        // The cause may quote the name (malformed SNI): clip it too.
+        let cause = err.to_string();
+        let cause = crate::clip::ClipCause(&cause);
         match err.blame() {
             Blame::Client => {
-                tracing::info!(listener, %peer, servername, kind, cause = %err, "handshake refused")
+                tracing::info!(listener, %peer, %servername, kind, %cause, "handshake refused")
             }
             Blame::Plugin | Blame::Store => {
-                tracing::warn!(listener, %peer, servername, kind, cause = %err, "handshake failed")
+                tracing::warn!(listener, %peer, %servername, kind, %cause, "handshake failed")
             }
         }
     }

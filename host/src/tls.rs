@@ -16,7 +16,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::{LazyConfigAcceptor, StartHandshake};
 
+use crate::certs::ParsedCert;
 use crate::select::{Policy, SelectError, Selector, Source};
+use crate::sni::ServerName;
 
 /// The crypto provider used everywhere in tern (aws-lc-rs). The first call also makes it the process default:
 /// a dependency (wasmtime-wasi-http's outgoing HTTPS) compiles rustls's ring feature in and calls
@@ -76,10 +78,12 @@ impl TlsTemplate {
 pub struct Accepted {
     /// The TLS stream, ready for HTTP.
     pub stream: TlsStream<TcpStream>,
-    /// The name the client asked for, lowercased, without a trailing dot.
-    pub servername: Option<String>,
+    /// The name the client asked for, normalised as selection saw it.
+    pub servername: Option<ServerName>,
     /// Where the certificate came from.
     pub source: Source,
+    /// The certificate served.
+    pub cert: Arc<ParsedCert>,
 }
 
 /// A handshake for which no certificate was chosen. The caller records it, then sends the alert, so that logs and
@@ -141,11 +145,14 @@ pub async fn accept(
         LazyConfigAcceptor::new(Acceptor::default(), tcp).await.map_err(|e| (None, HandshakeError::Hello(e)))?;
     let servername = start.client_hello().server_name().map(str::to_owned);
     match selector.select(policy, servername.as_deref()).await {
-        Ok((key, source)) => {
-            let stream =
-                start.into_stream(tls.serving(key)).await.map_err(|e| (servername.clone(), HandshakeError::Tls(e)))?;
-            let servername = servername.map(|raw| raw.trim_end_matches('.').to_ascii_lowercase());
-            Ok(Outcome::Accepted(Accepted { stream, servername, source }))
+        Ok((cert, source)) => {
+            let stream = start
+                .into_stream(tls.serving(cert.certified.clone()))
+                .await
+                .map_err(|e| (servername.clone(), HandshakeError::Tls(e)))?;
+            // Selection succeeded, so a name that was sent parsed there; the same rule again.
+            let servername = servername.and_then(|raw| ServerName::parse(&raw).ok());
+            Ok(Outcome::Accepted(Accepted { stream, servername, source, cert }))
         }
         Err(error) => Ok(Outcome::Refused(Box::new(Refusal { start, reject: tls.reject.clone(), servername, error }))),
     }

@@ -75,10 +75,10 @@ async fn plugin_call_prints_what_the_plugin_returned() -> anyhow::Result<()> {
 }
 
 /// Every line a child wrote to stderr so far.
-type LogLines = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+pub(crate) type LogLines = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 /// Starts `tern run -c config`; returns the child, the main listener's address (from its log) and its log lines.
-async fn spawn_tern(
+pub(crate) async fn spawn_tern(
     config: &std::path::Path,
 ) -> anyhow::Result<(tokio::process::Child, std::net::SocketAddr, LogLines)> {
     let mut child = tokio::process::Command::from(tern(&["run", "-c", &config.to_string_lossy()]))

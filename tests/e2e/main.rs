@@ -6,6 +6,7 @@
 
 mod caching;
 mod cli;
+mod hostile;
 mod http_api;
 mod operations;
 mod plugin_failures;

@@ -84,6 +84,13 @@ pub enum PluginError {
         /// The cap.
         limit: usize,
     },
+    /// Growing the instance's memory would have taken the plugins of the whole process past
+    /// `server.plugin_memory_total` (many large calls at once): this call trapped, the others go on.
+    #[error("process-wide plugin memory budget of {limit} bytes exhausted")]
+    MemoryBudget {
+        /// The budget.
+        limit: usize,
+    },
     /// The call was not made: the plugin's call-rate cap or circuit breaker shed it.
     #[error("plugin call shed: {0:?}")]
     Shed(guard::Shed),
@@ -96,6 +103,21 @@ pub enum PluginError {
 }
 
 impl PluginError {
+    /// Whether this failure says the plugin (or the store behind it) is unhealthy, so that it counts towards the
+    /// circuit breaker. An error the plugin returned for one name, or a shared budget that many calls at once used
+    /// up, is something a client can provoke at will by choosing names: counting it would let any client switch
+    /// selection off for everyone.
+    pub fn counts_against_plugin(&self) -> bool {
+        match self {
+            PluginError::Trap(_)
+            | PluginError::MemoryLimit { .. }
+            | PluginError::Timeout(_)
+            | PluginError::StoreUnavailable(_)
+            | PluginError::Instantiate(_) => true,
+            PluginError::Returned(_) | PluginError::MemoryBudget { .. } | PluginError::Shed(_) => false,
+        }
+    }
+
     /// Short, stable label for metrics and log fields.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -105,6 +127,7 @@ impl PluginError {
             PluginError::Shed(guard::Shed::CircuitOpen) => "circuit_open",
             PluginError::Trap(_) => "trap",
             PluginError::MemoryLimit { .. } => "memory",
+            PluginError::MemoryBudget { .. } => "memory_budget",
             PluginError::Timeout(_) => "timeout",
             PluginError::Instantiate(_) => "instantiate",
         }
@@ -167,6 +190,8 @@ pub struct PluginStats {
     pub traps: AtomicU64,
     /// Calls that hit the memory cap.
     pub memory_limits: AtomicU64,
+    /// Calls that trapped because all plugins' instances together reached `server.plugin_memory_total`.
+    pub memory_budget: AtomicU64,
     /// Calls abandoned at the deadline.
     pub timeouts: AtomicU64,
     /// Calls not made because of the call-rate cap.
@@ -185,6 +210,7 @@ pub struct PluginRuntime {
     engine: Engine,
     linker: Arc<Linker<CallState>>,
     ticker: Arc<EpochTicker>,
+    memory: Arc<limits::MemoryBudget>,
 }
 
 impl std::fmt::Debug for PluginRuntime {
@@ -211,7 +237,20 @@ impl PluginRuntime {
             .map_err(|e| LoadError::Runtime(e.to_string()))?;
         bindings::add_to_linker(&mut linker).map_err(|e| LoadError::Runtime(e.to_string()))?;
         let ticker = Arc::new(EpochTicker::start(engine.clone()));
-        Ok(Self { engine, linker: Arc::new(linker), ticker })
+        let memory = limits::MemoryBudget::new(crate::config::defaults::PLUGIN_MEMORY_TOTAL);
+        Ok(Self { engine, linker: Arc::new(linker), ticker, memory })
+    }
+
+    /// Draws every instance's linear memory from a budget of `total` bytes (`server.plugin_memory_total`).
+    /// Call before loading plugins: plugins share the budget of the runtime they were loaded by.
+    pub fn with_memory_total(mut self, total: usize) -> Self {
+        self.memory = limits::MemoryBudget::new(total);
+        self
+    }
+
+    /// (bytes in use, budget) of plugin linear memory.
+    pub fn memory(&self) -> (usize, usize) {
+        (self.memory.used(), self.memory.limit())
     }
 
     /// Compiles and links a plugin. CPU-heavy (tens of milliseconds): call it off the async workers.
@@ -374,12 +413,16 @@ impl Plugin {
                 self.stats.traps.fetch_add(1, Ordering::Relaxed);
                 &self.stats.memory_limits
             }
+            Err(PluginError::MemoryBudget { .. }) => {
+                self.stats.traps.fetch_add(1, Ordering::Relaxed);
+                &self.stats.memory_budget
+            }
             Err(PluginError::Timeout(_)) => &self.stats.timeouts,
             // Shed calls return before reaching here.
             Err(PluginError::Shed(_)) => &self.stats.errors,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        self.guard.report(result.is_err());
+        self.guard.report(result.as_ref().is_err_and(PluginError::counts_against_plugin));
         result
     }
 
@@ -394,7 +437,7 @@ impl Plugin {
             wasi,
             stderr,
             table: ResourceTable::new(),
-            limiter: CallLimiter::new(self.source.memory_limit),
+            limiter: CallLimiter::new(self.source.memory_limit, self.runtime.memory.clone()),
             plugin: self.name.clone(),
             servername: Some(servername.clone()),
             settings: self.settings.clone(),
@@ -452,6 +495,9 @@ impl Plugin {
     fn classify(&self, store: &Store<CallState>, err: wasmtime::Error, stage: &str) -> PluginError {
         if store.data().limiter.memory_exceeded {
             return PluginError::MemoryLimit { limit: store.data().limiter.memory_limit() };
+        }
+        if store.data().limiter.budget_exceeded {
+            return PluginError::MemoryBudget { limit: self.runtime.memory.limit() };
         }
         if err.downcast_ref::<wasmtime::Trap>().is_some() || stage == "call" {
             // A Rust plugin's panic message goes to stderr just before the trap: it says what went wrong.

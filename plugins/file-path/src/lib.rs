@@ -31,6 +31,14 @@ impl Selector for FilePath {
 
 tern_guest::export_selector!(FilePath);
 
+/// The longest file name common file systems store (ext4, XFS, btrfs: 255 bytes).
+const MAX_FILE_NAME: usize = 255;
+
+/// `ENAMETOOLONG`, however the platform spells it (WASI maps it to `InvalidFilename`).
+fn is_name_too_long(err: &std::io::Error) -> bool {
+    err.kind() == ErrorKind::InvalidFilename || err.to_string().contains("too long")
+}
+
 struct Settings {
     dir: String,
     cert_template: String,
@@ -88,10 +96,16 @@ impl Settings {
     }
 
     fn read(&self, template: &str, name: &str) -> Result<Option<String>, String> {
-        let path = format!("{}/{}", self.dir, template.replace("{name}", name));
+        let file = template.replace("{name}", name);
+        // A name whose file name could not exist cannot have a certificate here: that is "not found", not a
+        // failure (any client can send such a name; an error would count against the plugin).
+        if file.rsplit('/').next().is_some_and(|f| f.len() > MAX_FILE_NAME) {
+            return Ok(None);
+        }
+        let path = format!("{}/{}", self.dir, file);
         match std::fs::read_to_string(&path) {
             Ok(text) => Ok(Some(text)),
-            Err(err) if err.kind() == ErrorKind::NotFound => Ok(None),
+            Err(err) if err.kind() == ErrorKind::NotFound || is_name_too_long(&err) => Ok(None),
             Err(err) => Err(format!("reading {path}: {err}")),
         }
     }

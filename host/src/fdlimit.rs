@@ -1,0 +1,91 @@
+//! The file-descriptor budget. tern raises its soft `RLIMIT_NOFILE` to the hard limit at start-up, then splits
+//! what it may open between client connections (all listeners together), backend connections and a reserve for
+//! everything else (plugins' files and HTTP requests, Redis, the admin API, logs). Client connections beyond
+//! their share wait in the kernel's accept queue and backend connections beyond theirs wait for a permit, so tern
+//! never reaches the limit and `accept` never fails with "Too many open files".
+
+use crate::config::Config;
+
+/// How the process's descriptors are shared out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdBudget {
+    /// The soft limit in force (after raising it).
+    pub limit: u64,
+    /// Client connections open at once, all listeners together.
+    pub clients: usize,
+    /// Backend connections open at once, all backends together.
+    pub backends: usize,
+    /// Kept for everything else.
+    pub reserve: usize,
+}
+
+/// Raises the soft descriptor limit to the hard one (where allowed) and returns the soft limit now in force.
+pub fn raise_limit() -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if let Some(hard) = limit.maximum
+        && limit.current.is_some_and(|soft| soft < hard)
+    {
+        limit.current = Some(hard);
+        if let Err(err) = setrlimit(Resource::Nofile, limit) {
+            tracing::debug!(error = %err, "cannot raise the file descriptor limit");
+        }
+    }
+    // `None` means unlimited.
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+/// Shares `limit` descriptors between the config's wishes; if they do not fit, clients and backends are scaled
+/// down in proportion (and the caller warns).
+pub fn budget(config: &Config, limit: u64) -> FdBudget {
+    let plugin_calls: usize = config.plugins.iter().map(|p| p.max_concurrency).sum();
+    let admin = config.admin.as_ref().map_or(0, |a| a.max_connections);
+    // Each plugin call may hold a file and an HTTP connection; 128 for Redis, logs, the binary's own files.
+    let reserve = 128 + admin + 2 * plugin_calls;
+    let clients = config.server.max_connections.saturating_mul(config.listeners.len());
+    let backends = config.proxy.max_backend_connections;
+    let available = usize::try_from(limit).unwrap_or(usize::MAX).saturating_sub(reserve);
+    let wanted = clients.saturating_add(backends);
+    if wanted <= available {
+        return FdBudget { limit, clients, backends, reserve };
+    }
+    // Proportional shares, at least one each.
+    let share = |n: usize| ((n as f64 / wanted as f64) * available as f64).floor().max(1.0) as usize;
+    FdBudget { limit, clients: share(clients), backends: share(backends), reserve }
+}
+
+/// Descriptors the process has open now (Linux; `None` elsewhere).
+pub fn open_now() -> Option<usize> {
+    std::fs::read_dir("/proc/self/fd").ok().map(|dir| dir.count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(max_connections: usize, listeners: usize) -> Config {
+        let mut text =
+            format!("[server]\nmax_connections = {max_connections}\n[proxy]\nmax_backend_connections = 4096\n");
+        for i in 0..listeners {
+            text.push_str(&format!(
+                "[[listener]]\nname = \"l{i}\"\nbind = \"127.0.0.1:0\"\nstrict = true\nbackend = \"http://127.0.0.1:1\"\n"
+            ));
+        }
+        Config::from_toml(&text, std::path::Path::new("/t/tern.toml")).unwrap()
+    }
+
+    #[test]
+    fn a_budget_that_fits_is_kept_and_one_that_does_not_is_scaled_under_the_limit() {
+        let b = budget(&config(1000, 2), 1 << 20);
+        assert_eq!((b.clients, b.backends), (2000, 4096));
+        let b = budget(&config(10_000, 2), 4096);
+        assert!(b.clients + b.backends + b.reserve <= 4096, "{b:?}");
+        assert!(b.clients > 1000 && b.backends > 500, "{b:?}");
+    }
+
+    #[test]
+    fn raising_the_limit_never_lowers_it() {
+        let before = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX);
+        assert!(raise_limit() >= before);
+    }
+}
