@@ -69,6 +69,7 @@ async fn main() -> Result<()> {
             memory_limit: 256 << 20,
             max_concurrency: 1,
             max_calls_per_second: None,
+            max_calls_per_second_per_client: None,
             breaker_threshold: 0,
             breaker_cooldown: Duration::ZERO,
             settings: BTreeMap::new(),

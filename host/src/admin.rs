@@ -171,6 +171,7 @@ fn render_metrics(state: &AdminState) -> String {
             ("error", &s.errors),
             ("store_unavailable", &s.store_unavailable),
             ("rate_limited", &s.rate_limited),
+            ("client_rate_limited", &s.client_rate_limited),
             ("circuit_open", &s.circuit_open),
             ("trap", &s.traps),
             ("memory_limit", &s.memory_limits),

@@ -337,6 +337,9 @@ pub struct PluginSettings {
     pub max_concurrency: usize,
     /// Calls started per second at most; misses beyond it get the listener's fallback. `None`: no cap.
     pub max_calls_per_second: Option<u32>,
+    /// Of that cap, calls per second one client network (/24 IPv4, /64 IPv6) may start, so that one client's
+    /// flood of names does not use up the cap that serves everyone's names. Default: a quarter of the cap.
+    pub max_calls_per_second_per_client: Option<u32>,
     /// Consecutive failed calls that open the circuit breaker (0 disables it).
     pub breaker_threshold: u32,
     /// How long an open breaker sheds calls before letting one trial call through.
@@ -464,6 +467,8 @@ pub mod defaults {
     pub const ADMIN_REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
     /// `admin.connection_timeout`
     pub const ADMIN_CONNECTION_TIMEOUT: Duration = Duration::from_secs(300);
+    /// The longest duration any setting accepts (ten years).
+    pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 24 * 3600);
     /// `cache.invalid_ttl`
     pub const CACHE_INVALID_TTL: Duration = Duration::from_secs(10);
     /// `plugin.timeout`
@@ -702,6 +707,7 @@ pub mod raw {
         pub memory_limit: Option<Size>,
         pub max_concurrency: Option<usize>,
         pub max_calls_per_second: Option<u32>,
+        pub max_calls_per_second_per_client: Option<u32>,
         pub breaker_threshold: Option<u32>,
         pub breaker_cooldown: Option<String>,
         #[serde(default)]
@@ -759,7 +765,14 @@ impl Validator<'_> {
     fn duration(&self, key: &str, raw: Option<&String>, default: Duration) -> Result<Duration, ConfigError> {
         match raw {
             None => Ok(default),
-            Some(text) => parse_duration(text).map_err(|message| self.err(key, message)),
+            Some(text) => {
+                let duration = parse_duration(text).map_err(|message| self.err(key, message))?;
+                // Deadlines are added to the clock; a duration of millions of years would overflow it.
+                if duration > defaults::MAX_DURATION {
+                    return Err(self.err(key, format!("{text:?}: at most 3650d")));
+                }
+                Ok(duration)
+            }
         }
     }
 
@@ -1242,6 +1255,21 @@ impl Validator<'_> {
                         }
                         other => other,
                     },
+                    max_calls_per_second_per_client: match (p.max_calls_per_second, p.max_calls_per_second_per_client) {
+                        (_, Some(0)) => {
+                            return Err(
+                                self.err(format!("{key}.max_calls_per_second_per_client"), "must be greater than zero")
+                            );
+                        }
+                        (None, Some(_)) => {
+                            return Err(self.err(
+                                format!("{key}.max_calls_per_second_per_client"),
+                                "is a share of max_calls_per_second: set that too",
+                            ));
+                        }
+                        (Some(cap), None) => Some((cap / 4).max(1)),
+                        (_, share) => share,
+                    },
                     breaker_threshold: p.breaker_threshold.unwrap_or(defaults::BREAKER_THRESHOLD),
                     breaker_cooldown: self.duration(
                         &format!("{key}.breaker_cooldown"),
@@ -1567,6 +1595,170 @@ mod tests {
     #[test]
     fn no_listener_is_an_error() {
         assert!(error_of("").contains(": listener: "));
+    }
+
+    #[test]
+    fn two_sockets_on_one_address_are_refused() {
+        let second = "[[listener]]\nname = \"b\"\nbind = \"BIND\"\nstrict = true\nbackend = \"http://127.0.0.1:1\"\n";
+        for (bind, clash) in [("127.0.0.1:8443", true), ("0.0.0.0:8443", true), ("127.0.0.2:8443", false)] {
+            let result = load(&format!("{MINIMAL}\n{}", second.replace("BIND", bind)));
+            assert_eq!(result.is_err(), clash, "{bind}: {result:?}");
+            if clash {
+                let err = result.unwrap_err().to_string();
+                assert!(
+                    err.contains("listener \"b\".bind: ") && err.contains("already used by listener \"listener-0\""),
+                    "{err}"
+                );
+            }
+        }
+        let err = error_of(&format!("{MINIMAL}\n[admin]\nbind = \"127.0.0.1:8443\"\n"));
+        assert!(err.contains("admin.bind: 127.0.0.1:8443 is already used"), "{err}");
+        let ephemeral = MINIMAL.replace("127.0.0.1:8443", "127.0.0.1:0");
+        assert!(
+            load(&format!("{ephemeral}\n{}", second.replace("BIND", "127.0.0.1:0"))).is_ok(),
+            "port 0 never clashes"
+        );
+    }
+
+    /// Random values for every numeric, duration and size key: validation never panics, and every value it
+    /// accepts can be used by what consumes it (semaphores, budgets, the clock), so no config value can panic
+    /// the server later.
+    #[test]
+    fn no_accepted_value_can_panic_the_runtime() {
+        const NUMBERS: [&str; 10] = [
+            "1",
+            "7",
+            "1000",
+            "10000000",
+            "0",
+            "10000001",
+            "4294967296",
+            "9223372036854775807",
+            "-1",
+            "18446744073709551615",
+        ];
+        const DURATIONS: [&str; 11] = [
+            "\"1ms\"",
+            "\"10s\"",
+            "\"3650d\"",
+            "\"2h\"",
+            "\"0s\"",
+            "\"3651d\"",
+            "\"18446744073709551615ms\"",
+            "\"99999999999999d\"",
+            "\"1.5s\"",
+            "\"\"",
+            "5",
+        ];
+        const SIZES: [&str; 9] = [
+            "\"64KiB\"",
+            "\"1MiB\"",
+            "\"16MiB\"",
+            "\"1TiB\"",
+            "0",
+            "1",
+            "\"18446744073709551615GiB\"",
+            "\"-1B\"",
+            "4294967296",
+        ];
+        let keys: [(&str, &str, &[&str]); 24] = [
+            ("server", "max_connections", &NUMBERS),
+            ("server", "session_cache_entries", &NUMBERS),
+            ("server", "h2_max_concurrent_streams", &NUMBERS),
+            ("server", "handshake_timeout", &DURATIONS),
+            ("server", "request_head_timeout", &DURATIONS),
+            ("server", "keepalive_timeout", &DURATIONS),
+            ("server", "request_body_timeout", &DURATIONS),
+            ("server", "send_timeout", &DURATIONS),
+            ("server", "tunnel_idle_timeout", &DURATIONS),
+            ("server", "h2_keepalive_interval", &DURATIONS),
+            ("server", "shutdown_grace", &DURATIONS),
+            ("server", "max_request_header_bytes", &SIZES),
+            ("server", "plugin_memory_total", &SIZES),
+            ("cache", "max_entries", &NUMBERS),
+            ("cache", "max_bytes", &SIZES),
+            ("cache", "ttl", &DURATIONS),
+            ("cache", "negative_ttl", &DURATIONS),
+            ("cache", "max_stale", &DURATIONS),
+            ("cache", "invalid_ttl", &DURATIONS),
+            ("proxy", "connect_timeout", &DURATIONS),
+            ("proxy", "response_timeout", &DURATIONS),
+            ("proxy", "pool_idle_timeout", &DURATIONS),
+            ("proxy", "max_connections_per_backend", &NUMBERS),
+            ("proxy", "max_backend_connections", &NUMBERS),
+        ];
+        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let mut accepted = 0;
+        for _ in 0..3000 {
+            let mut sections: BTreeMap<&str, String> = BTreeMap::new();
+            for (section, key, values) in keys {
+                if next() % 4 == 0 {
+                    // Mostly plausible values (the first four of each list), sometimes anything.
+                    let pool = if next() % 4 == 0 { values.len() } else { 4 };
+                    let value = values[(next() % pool as u64) as usize];
+                    sections.entry(section).or_default().push_str(&format!("{key} = {value}\n"));
+                }
+            }
+            let mut text = MINIMAL.to_string();
+            for (section, body) in &sections {
+                text.push_str(&format!("\n[{section}]\n{body}"));
+            }
+            let Ok(config) =
+                std::panic::catch_unwind(|| load(&text)).unwrap_or_else(|_| panic!("panicked on:\n{text}"))
+            else {
+                continue;
+            };
+            accepted += 1;
+            let now = std::time::Instant::now();
+            let c = &config.server.client;
+            for d in [
+                config.server.handshake_timeout,
+                config.server.shutdown_grace,
+                c.request_head_timeout,
+                c.keepalive_timeout,
+                c.request_body_timeout,
+                c.send_timeout,
+                c.tunnel_idle_timeout,
+                c.h2_keepalive_interval,
+                config.cache.ttl,
+                config.cache.negative_ttl,
+                config.cache.max_ttl + config.cache.max_stale,
+                config.cache.invalid_ttl,
+                config.proxy.connect_timeout,
+                config.proxy.response_timeout,
+            ] {
+                assert!(now.checked_add(d).is_some(), "{d:?} overflows the clock:\n{text}");
+            }
+            for n in [config.server.max_connections, config.proxy.max_connections_per_backend] {
+                assert!(n <= tokio::sync::Semaphore::MAX_PERMITS, "{n}:\n{text}");
+            }
+            let budget = crate::fdlimit::budget(&config, 1 << 20);
+            assert!(
+                budget.clients <= tokio::sync::Semaphore::MAX_PERMITS
+                    && budget.backends <= tokio::sync::Semaphore::MAX_PERMITS
+            );
+            // The cache turns TTLs into expiry times (moka keeps nanoseconds in a u64): fill and read an entry.
+            let cache = crate::cache::CertCache::new(&config.cache, std::sync::Arc::default());
+            let key = crate::cache::CacheKey { plugin: "p".into(), name: ServerName::parse("a.test").unwrap() };
+            let filled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                runtime.block_on(async {
+                    let load = async { Ok::<_, ()>(crate::cache::Answer::NotFound) };
+                    let first = cache.get_or_load(key.clone(), load).await.is_ok();
+                    cache.run_pending_tasks().await;
+                    let _ = cache.get_or_load(key, async { Err::<crate::cache::Answer, ()>(()) }).await;
+                    first
+                })
+            }));
+            assert!(filled.unwrap_or_else(|_| panic!("the cache panicked under:\n{text}")), "{text}");
+        }
+        assert!(accepted > 100, "only {accepted} random configs were accepted: the test explores too little");
     }
 
     #[test]

@@ -302,6 +302,7 @@ async fn plugin_call(args: CallArgs) -> Result<()> {
         )?,
         max_concurrency: 1,
         max_calls_per_second: None,
+        max_calls_per_second_per_client: None,
         breaker_threshold: 0,
         breaker_cooldown: Default::default(),
         settings,

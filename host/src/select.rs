@@ -223,6 +223,16 @@ impl Selector {
 
     /// Chooses the certificate for a ClientHello's SNI (`None`: the client sent none).
     pub async fn select(&self, policy: &Policy, sni: Option<&str>) -> Result<(Arc<ParsedCert>, Source), SelectError> {
+        self.select_for(policy, sni, None).await
+    }
+
+    /// Like [`Selector::select`], for a handshake from `client`.
+    pub async fn select_for(
+        &self,
+        policy: &Policy,
+        sni: Option<&str>,
+        client: Option<std::net::IpAddr>,
+    ) -> Result<(Arc<ParsedCert>, Source), SelectError> {
         let Some(raw) = sni else {
             return self.fallback(policy, SelectError::NoServerName);
         };
@@ -238,7 +248,7 @@ impl Selector {
         };
         let plugin = &slot.current();
         let key = CacheKey { plugin: plugin.cache_scope().clone(), name: name.clone() };
-        let loaded = self.cache.get_or_load(key, load(plugin, &name)).await;
+        let loaded = self.cache.get_or_load(key, load(plugin, &name, client)).await;
         let describe = |failure: &LoadFailure| match failure {
             LoadFailure::Plugin(source @ (PluginError::StoreUnavailable(_) | PluginError::Shed(_))) => {
                 SelectError::Unavailable {
@@ -334,8 +344,8 @@ impl Selector {
 
 /// Calls the plugin and validates its answer for `name`. An answer that fails validation is an answer too: it
 /// is cached briefly (`cache.invalid_ttl`) so that repeated handshakes for the name do not call the plugin again.
-async fn load(plugin: &Plugin, name: &ServerName) -> Result<Answer, LoadFailure> {
-    match plugin.select(name).await.map_err(LoadFailure::Plugin)? {
+async fn load(plugin: &Plugin, name: &ServerName, client: Option<std::net::IpAddr>) -> Result<Answer, LoadFailure> {
+    match plugin.select_for(name, client).await.map_err(LoadFailure::Plugin)? {
         Selection::NotFound => Ok(Answer::NotFound),
         Selection::Found { chain, key, ttl } => {
             // Parsing a key and checking a chain is CPU work of tens of microseconds: fine on a worker.

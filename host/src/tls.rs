@@ -141,10 +141,11 @@ pub async fn accept(
     policy: &Policy,
     tls: &TlsTemplate,
 ) -> Result<Outcome, (Option<String>, HandshakeError)> {
+    let client = tcp.peer_addr().ok().map(|a| a.ip());
     let start =
         LazyConfigAcceptor::new(Acceptor::default(), tcp).await.map_err(|e| (None, HandshakeError::Hello(e)))?;
     let servername = start.client_hello().server_name().map(str::to_owned);
-    match selector.select(policy, servername.as_deref()).await {
+    match selector.select_for(policy, servername.as_deref(), client).await {
         Ok((cert, source)) => {
             let stream = start
                 .into_stream(tls.serving(cert.certified.clone()))

@@ -81,10 +81,14 @@ pub(crate) type LogLines = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 pub(crate) async fn spawn_tern(
     config: &std::path::Path,
 ) -> anyhow::Result<(tokio::process::Child, std::net::SocketAddr, LogLines)> {
-    let mut child = tokio::process::Command::from(tern(&["run", "-c", &config.to_string_lossy()]))
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
+    spawn_tern_command(tern(&["run", "-c", &config.to_string_lossy()])).await
+}
+
+/// [`spawn_tern`] for a command line of the caller's (e.g. under a lower descriptor limit).
+pub(crate) async fn spawn_tern_command(
+    command: std::process::Command,
+) -> anyhow::Result<(tokio::process::Child, std::net::SocketAddr, LogLines)> {
+    let mut child = tokio::process::Command::from(command).stderr(Stdio::piped()).kill_on_drop(true).spawn()?;
     let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
     let log = LogLines::default();
     // The "listening" line carries `Some(127.0.0.1:PORT)` in text and JSON logs alike.

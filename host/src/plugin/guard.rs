@@ -2,7 +2,8 @@
 //! once, without calling the plugin, so a flood of random names or a plugin that keeps failing costs the host
 //! nothing but a fallback (the listener's default certificate, or an alert when strict).
 
-use std::sync::Mutex;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Why a call was not made.
@@ -10,6 +11,8 @@ use std::time::{Duration, Instant};
 pub enum Shed {
     /// More calls per second than `max_calls_per_second`.
     RateLimited,
+    /// More calls per second from one client network than `max_calls_per_second_per_client`.
+    ClientRateLimited,
     /// The breaker is open after repeated failures.
     CircuitOpen,
 }
@@ -18,7 +21,61 @@ pub enum Shed {
 #[derive(Debug)]
 pub struct Guard {
     rate: Option<Mutex<Bucket>>,
+    /// Each client network's share of the rate cap: one client's flood of names cannot spend the cap that
+    /// serves everyone else's names.
+    per_client: Option<ClientBuckets>,
     breaker: Option<Mutex<Breaker>>,
+}
+
+/// Token buckets by client network (/24 IPv4, /64 IPv6), bounded in count: a network idle for
+/// [`CLIENT_IDLE`] is forgotten, and at most [`MAX_CLIENT_BUCKETS`] are kept (the least used go first).
+struct ClientBuckets {
+    per_second: u32,
+    buckets: moka::sync::Cache<IpAddr, Arc<Mutex<Bucket>>>,
+}
+
+impl std::fmt::Debug for ClientBuckets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientBuckets").field("per_second", &self.per_second).finish_non_exhaustive()
+    }
+}
+
+/// Client networks tracked at once by a plugin's guard.
+pub const MAX_CLIENT_BUCKETS: u64 = 65_536;
+/// A client network's bucket is dropped after this long without a call (it would be full again by then).
+const CLIENT_IDLE: Duration = Duration::from_secs(10);
+
+/// The network a client address is counted under: its /24 (IPv4) or /64 (IPv6).
+pub fn client_network(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, c, _] = v4.octets();
+            IpAddr::from([a, b, c, 0])
+        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => client_network(IpAddr::V4(v4)),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+    }
+}
+
+impl Bucket {
+    fn full(per_second: u32) -> Self {
+        let per_second = f64::from(per_second.max(1));
+        Self { per_second, tokens: per_second, refilled: Instant::now() }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.refilled).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + refill).min(self.per_second);
+        self.refilled = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
 }
 
 #[derive(Debug)]
@@ -43,13 +100,33 @@ impl Guard {
     /// A guard allowing `max_calls_per_second` (burst of one second's worth), and opening the breaker after
     /// `threshold` consecutive failures for `cooldown`. `None` / 0 disable either.
     pub fn new(max_calls_per_second: Option<u32>, threshold: u32, cooldown: Duration) -> Self {
-        let rate = max_calls_per_second.map(|n| {
-            let per_second = f64::from(n.max(1));
-            Mutex::new(Bucket { per_second, tokens: per_second, refilled: Instant::now() })
-        });
+        let rate = max_calls_per_second.map(|n| Mutex::new(Bucket::full(n)));
         let breaker = (threshold > 0)
             .then(|| Mutex::new(Breaker { threshold, cooldown, failures: 0, open_until: None, trial: false }));
-        Self { rate, breaker }
+        Self { rate, per_client: None, breaker }
+    }
+
+    /// Also caps each client network at `per_second` calls (within the overall cap).
+    pub fn with_client_share(mut self, per_second: Option<u32>) -> Self {
+        self.per_client = per_second.map(|per_second| ClientBuckets {
+            per_second,
+            buckets: moka::sync::Cache::builder().max_capacity(MAX_CLIENT_BUCKETS).time_to_idle(CLIENT_IDLE).build(),
+        });
+        self
+    }
+
+    /// Whether a call for `client` (`None`: not on behalf of a network client, e.g. a reload probe) may go
+    /// ahead now.
+    pub fn admit_for(&self, client: Option<IpAddr>) -> Result<(), Shed> {
+        if let (Some(shares), Some(client)) = (&self.per_client, client) {
+            let bucket = shares
+                .buckets
+                .get_with(client_network(client), || Arc::new(Mutex::new(Bucket::full(shares.per_second))));
+            if !lock(&bucket).take() {
+                return Err(Shed::ClientRateLimited);
+            }
+        }
+        self.admit()
     }
 
     /// Whether a call may go ahead now.
@@ -63,16 +140,10 @@ impl Guard {
                 b.trial = true;
             }
         }
-        if let Some(rate) = &self.rate {
-            let mut bucket = lock(rate);
-            let now = Instant::now();
-            let refill = now.duration_since(bucket.refilled).as_secs_f64() * bucket.per_second;
-            bucket.tokens = (bucket.tokens + refill).min(bucket.per_second);
-            bucket.refilled = now;
-            if bucket.tokens < 1.0 {
-                return Err(Shed::RateLimited);
-            }
-            bucket.tokens -= 1.0;
+        if let Some(rate) = &self.rate
+            && !lock(rate).take()
+        {
+            return Err(Shed::RateLimited);
         }
         Ok(())
     }
@@ -118,6 +189,21 @@ mod tests {
         let admitted = (0..20).filter(|_| guard.admit().is_ok()).count();
         // About 2 refill in 450 ms; a late wake-up refills more, but never past the burst of 5.
         assert!((2..=5).contains(&admitted), "refilled {admitted}");
+    }
+
+    #[test]
+    fn one_client_network_cannot_spend_the_whole_cap() {
+        let guard = Guard::new(Some(20), 0, Duration::ZERO).with_client_share(Some(5));
+        let attacker: IpAddr = "192.0.2.10".parse().unwrap();
+        let neighbour: IpAddr = "192.0.2.99".parse().unwrap();
+        let other: IpAddr = "198.51.100.1".parse().unwrap();
+        assert_eq!((0..50).filter(|_| guard.admit_for(Some(attacker)).is_ok()).count(), 5);
+        assert_eq!(guard.admit_for(Some(neighbour)), Err(Shed::ClientRateLimited), "same /24");
+        assert_eq!(guard.admit_for(Some(other)), Ok(()));
+        assert_eq!(
+            client_network("2001:db8:1:2:3:4:5:6".parse().unwrap()),
+            "2001:db8:1:2::".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]

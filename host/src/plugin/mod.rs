@@ -124,6 +124,7 @@ impl PluginError {
             PluginError::Returned(_) => "error",
             PluginError::StoreUnavailable(_) => "store_unavailable",
             PluginError::Shed(guard::Shed::RateLimited) => "rate_limited",
+            PluginError::Shed(guard::Shed::ClientRateLimited) => "client_rate_limited",
             PluginError::Shed(guard::Shed::CircuitOpen) => "circuit_open",
             PluginError::Trap(_) => "trap",
             PluginError::MemoryLimit { .. } => "memory",
@@ -196,6 +197,8 @@ pub struct PluginStats {
     pub timeouts: AtomicU64,
     /// Calls not made because of the call-rate cap.
     pub rate_limited: AtomicU64,
+    /// Calls not made because the client network's share of the rate cap was spent.
+    pub client_rate_limited: AtomicU64,
     /// Calls not made because the circuit breaker was open.
     pub circuit_open: AtomicU64,
     /// Total time spent in calls, microseconds.
@@ -315,7 +318,8 @@ impl PluginRuntime {
                 settings.max_calls_per_second,
                 settings.breaker_threshold,
                 settings.breaker_cooldown,
-            ),
+            )
+            .with_client_share(settings.max_calls_per_second_per_client),
             stats: Arc::new(PluginStats::default()),
         })
     }
@@ -382,9 +386,19 @@ impl Plugin {
 
     /// Calls `select-certificate(servername)` in a fresh instance, within the plugin's limits.
     pub async fn select(&self, servername: &ServerName) -> Result<Selection, PluginError> {
-        if let Err(shed) = self.guard.admit() {
+        self.select_for(servername, None).await
+    }
+
+    /// Like [`Plugin::select`], on behalf of a client at `client` (its network's share of the rate cap applies).
+    pub async fn select_for(
+        &self,
+        servername: &ServerName,
+        client: Option<std::net::IpAddr>,
+    ) -> Result<Selection, PluginError> {
+        if let Err(shed) = self.guard.admit_for(client) {
             inc(match shed {
                 guard::Shed::RateLimited => &self.stats.rate_limited,
+                guard::Shed::ClientRateLimited => &self.stats.client_rate_limited,
                 guard::Shed::CircuitOpen => &self.stats.circuit_open,
             });
             return Err(PluginError::Shed(shed));
