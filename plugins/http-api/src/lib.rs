@@ -45,7 +45,9 @@ fn fetch(template: &str, name: &str) -> Result<Option<Certificate>, String> {
                 None => cert,
             }))
         }
-        404 => Ok(None),
+        // 404/410: the API has no certificate for the name; 414: the name makes the URL longer than the API takes,
+        // so it cannot have one either (any client can send such a name: not an error of the plugin).
+        404 | 410 | 414 => Ok(None),
         other => Err(format!("{url}: HTTP status {other}")),
     }
 }
