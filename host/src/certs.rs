@@ -90,7 +90,7 @@ pub fn parse(chain_pem: &[u8], key_pem: &[u8]) -> Result<ParsedCert, CertError> 
     let (dns_names, issuer, not_before, not_after) = describe_leaf(leaf)?;
     let chain_len: usize = chain.iter().map(|c| c.len()).sum();
 
-    let provider = crate::tls::provider();
+    let provider = crate::crypto::provider();
     let signing_key =
         provider.key_provider.load_private_key(key).map_err(|e| CertError::UnsupportedKey(e.to_string()))?;
     let certified = CertifiedKey::new(chain, signing_key);

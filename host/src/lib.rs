@@ -12,6 +12,7 @@ pub mod cache;
 pub mod certs;
 pub mod clip;
 pub mod config;
+pub mod crypto;
 pub mod demo;
 pub mod fdlimit;
 pub mod metrics;

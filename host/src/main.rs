@@ -137,7 +137,33 @@ struct CallArgs {
     memory_limit: String,
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match run_cli() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("{}", operator_message(&err));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error as an operator should read it: the message, then each cause once (a cause whose text the previous
+/// line already carries is not repeated), and no backtrace (`RUST_BACKTRACE`, common on developer machines, would
+/// add one to every configuration mistake).
+fn operator_message(err: &anyhow::Error) -> String {
+    let mut text = format!("error: {err}");
+    let mut previous = err.to_string();
+    for cause in err.chain().skip(1) {
+        let line = cause.to_string();
+        if !previous.contains(&line) {
+            text.push_str(&format!("\n  caused by: {line}"));
+        }
+        previous = line;
+    }
+    text
+}
+
+fn run_cli() -> Result<()> {
     let cli = Cli::parse();
     // `run` logs as its config says; every other command logs text at info.
     let log = match &cli.command {
@@ -145,7 +171,7 @@ fn main() -> Result<()> {
         _ => tern::config::LogSettings::default(),
     };
     init_logging(&log);
-    tern::tls::provider(); // installs tern's crypto provider as the process default before anything asks
+    tern::crypto::provider(); // installs tern's crypto provider as the process default before anything asks
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         match cli.command {
@@ -233,7 +259,8 @@ async fn certs_invalidate(names: Vec<String>, url: String, cluster: bool, channe
 /// A store for a one-off command-line operation.
 fn redis_store(url: String, cluster: bool) -> tern::store::RedisStore {
     tern::store::RedisStore::new(tern::config::RedisSettings {
-        name: "cli".into(),
+        // Errors name the store: name it by its address.
+        name: url.clone(),
         urls: vec![url],
         cluster,
         timeout: defaults::REDIS_TIMEOUT,
@@ -260,6 +287,9 @@ async fn certs_import(
         report.validate_time,
         report.write_time
     );
+    if report.imported == 0 {
+        bail!("nothing imported from {}: no valid <name>.crt / <name>.key pair", dir.display());
+    }
     Ok(())
 }
 
@@ -339,7 +369,8 @@ async fn plugin_call(args: CallArgs) -> Result<()> {
                 chain.len(),
                 ttl.map_or("none".into(), |t| format!("{t:?}"))
             );
-            match tern::certs::parse(chain.as_bytes(), key.as_bytes()) {
+            // The same checks as serving (key matches leaf, leaf covers the name, valid now).
+            match tern::certs::validate_answer(chain.as_bytes(), key.as_bytes(), &name) {
                 Err(err) => {
                     println!("validation: REJECTED: {err}");
                     std::process::exit(1);
@@ -349,13 +380,7 @@ async fn plugin_call(args: CallArgs) -> Result<()> {
                     println!("issuer:     {}", parsed.issuer);
                     println!("expires in: {}", humanize(parsed.remaining_validity()));
                     println!("key:        matches the leaf");
-                    match parsed.check_covers(&name) {
-                        Ok(()) => println!("validation: ok, covers {name}"),
-                        Err(err) => {
-                            println!("validation: REJECTED: {err}");
-                            std::process::exit(1);
-                        }
-                    }
+                    println!("validation: ok, covers {name}");
                 }
             }
         }

@@ -162,8 +162,7 @@ impl StaticCerts {
             let patterns = s.serve_names.clone().unwrap_or_else(|| parsed.dns_names.clone());
             for pattern in patterns {
                 // A wildcard pattern is checked through a name it must cover.
-                let probe = pattern.replacen("*.", "tern-wildcard-probe.", 1);
-                let Ok(probe) = ServerName::parse(&probe) else {
+                let Ok(probe) = ServerName::probe_for_pattern(&pattern) else {
                     continue;
                 };
                 parsed

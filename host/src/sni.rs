@@ -62,6 +62,12 @@ impl ServerName {
         Ok(Self(trimmed.to_ascii_lowercase().into_boxed_str()))
     }
 
+    /// A name that `pattern` (a server name or a `*.parent` wildcard) must cover: the name itself, or a probe
+    /// label under the wildcard's parent. A certificate listed for a pattern is checked through it.
+    pub fn probe_for_pattern(pattern: &str) -> Result<Self, MalformedName> {
+        Self::parse(&pattern.replacen("*.", "tern-wildcard-probe.", 1))
+    }
+
     /// The normalised name.
     pub fn as_str(&self) -> &str {
         &self.0

@@ -5,10 +5,9 @@
 //! plugin, and the `ServerConfig` that finishes the handshake carries a resolver that just returns the chosen
 //! key. One template config per listener carries the session cache and ticketer of its resumption scope.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use rustls::ServerConfig;
-use rustls::crypto::CryptoProvider;
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{Acceptor, ClientHello, ProducesTickets, ResolvesServerCert, StoresServerSessions};
 use rustls::sign::CertifiedKey;
@@ -20,18 +19,7 @@ use crate::certs::ParsedCert;
 use crate::select::{Policy, SelectError, Selector, Source};
 use crate::sni::ServerName;
 
-/// The crypto provider used everywhere in tern (aws-lc-rs). The first call also makes it the process default:
-/// a dependency (wasmtime-wasi-http's outgoing HTTPS) compiles rustls's ring feature in and calls
-/// `ClientConfig::builder()`, which panics when two providers are compiled in and none is installed.
-pub fn provider() -> &'static Arc<CryptoProvider> {
-    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    PROVIDER.get_or_init(|| {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        // Err only if something installed a default first; that one then stays.
-        let _ = CryptoProvider::install_default(provider.as_ref().clone());
-        provider
-    })
-}
+pub use crate::crypto::provider;
 
 /// A listener's TLS settings, from which each handshake's config is cloned.
 #[derive(Debug, Clone)]

@@ -121,12 +121,11 @@ fn validate(cert_file: &Path) -> Result<Pair, (PathBuf, String)> {
     let skip = |reason: String| (cert_file.to_path_buf(), reason);
     let name = cert_file.file_stem().and_then(|s| s.to_str()).ok_or_else(|| skip("file name is not UTF-8".into()))?;
     // A wildcard file (`*.example.com.crt`) is checked through a name it must cover.
-    let probe = name.replacen("*.", "tern-wildcard-probe.", 1);
-    let probe = ServerName::parse(&probe).map_err(|e| skip(format!("{name:?} is not a host name: {e}")))?;
+    let probe = ServerName::probe_for_pattern(name).map_err(|e| skip(format!("{name:?} is not a host name: {e}")))?;
     let key_file = cert_file.with_extension("key");
     let chain = std::fs::read(cert_file).map_err(|e| skip(e.to_string()))?;
     let key = std::fs::read(&key_file).map_err(|e| skip(format!("{}: {e}", key_file.display())))?;
-    let parsed = certs::parse(&chain, &key).map_err(|e| skip(e.to_string()))?;
-    parsed.check_covers(&probe).map_err(|e| skip(e.to_string()))?;
+    // The same checks as serving: a pair tern would refuse is not imported.
+    certs::validate_answer(&chain, &key, &probe).map_err(|e| skip(e.to_string()))?;
     Ok(Pair { name: name.to_ascii_lowercase(), chain, key })
 }

@@ -218,3 +218,41 @@ async fn run_serves_with_json_logs_until_sigterm_and_exits_cleanly() -> anyhow::
     assert!(!lines.iter().any(|l| l.contains("PRIVATE KEY") || l.contains("BEGIN")), "no PEM in logs: {lines:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_errors_name_the_file_print_each_cause_once_and_never_a_backtrace() -> anyhow::Result<()> {
+    let pki = Pki::new(&["default.test"])?;
+    let config = pki.path("tern.toml");
+    let base = basic_config(&pki, tern::demo::spawn_echo_backend().await?, "default_certificate = \"default\"");
+    let check = |text: String| {
+        let config = config.clone();
+        async move {
+            std::fs::write(&config, text)?;
+            let mut command = tern(&["check", "-c", &config.to_string_lossy()]);
+            command.env("RUST_BACKTRACE", "1");
+            let output = run_command(command).await?;
+            anyhow::ensure!(!output.status.success(), "check accepted it");
+            anyhow::Ok(self::text(&output))
+        }
+    };
+    let missing = pki.path("missing.wasm");
+    let unread = check(base.replace(FILE_PATH_PLUGIN, &missing.to_string_lossy())).await?;
+    assert!(unread.contains("cannot read") && unread.contains("missing.wasm"), "{unread}");
+    assert!(!unread.contains("cannot compile"), "{unread}");
+    let garbage = pki.path("garbage.wasm");
+    std::fs::write(&garbage, b"this is a text file, not a plugin")?;
+    let not_wasm = check(base.replace(FILE_PATH_PLUGIN, &garbage.to_string_lossy())).await?;
+    assert!(not_wasm.contains("not a WebAssembly file") && !not_wasm.contains("0x"), "no byte dump: {not_wasm}");
+    for out in [&unread, &not_wasm] {
+        assert!(!out.to_lowercase().contains("backtrace"), "{out}");
+        assert_eq!(out.trim().lines().count(), 1, "one line, each cause once: {out}");
+    }
+    // Importing a directory without one valid pair is a failure, not "imported 0".
+    let redis = crate::redis_support::RedisServer::start().await?;
+    let empty = pki.path("empty");
+    std::fs::create_dir_all(&empty)?;
+    let output = run_command(tern(&["certs", "import", &empty.to_string_lossy(), "--redis", &redis.url()])).await?;
+    assert!(!output.status.success(), "{}", text(&output));
+    assert!(text(&output).contains("nothing imported"), "{}", text(&output));
+    Ok(())
+}

@@ -139,7 +139,17 @@ impl PluginError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LoadError {
-    /// The file could not be read or compiled as a component.
+    /// The component file could not be read.
+    #[error("plugin {name:?}: cannot read {}: {message}", path.display())]
+    Read {
+        /// Plugin name.
+        name: String,
+        /// Component file.
+        path: PathBuf,
+        /// The I/O error.
+        message: String,
+    },
+    /// The file is not a WebAssembly component tern can compile.
     #[error("plugin {name:?} ({}): cannot compile: {message}", path.display())]
     Compile {
         /// Plugin name.
@@ -259,7 +269,7 @@ impl PluginRuntime {
     /// Compiles and links a plugin. CPU-heavy (tens of milliseconds): call it off the async workers.
     /// `stores` holds the Redis stores by name, for the plugin's `kv` grant.
     pub fn load(&self, settings: &PluginSettings, stores: &Stores) -> Result<Plugin, LoadError> {
-        let bytes = std::fs::read(&settings.path).map_err(|e| LoadError::Compile {
+        let bytes = std::fs::read(&settings.path).map_err(|e| LoadError::Read {
             name: settings.name.clone(),
             path: settings.path.clone(),
             message: e.to_string(),
@@ -272,7 +282,7 @@ impl PluginRuntime {
         let component = Component::from_binary(&self.engine, bytes).map_err(|e| LoadError::Compile {
             name: settings.name.clone(),
             path: settings.path.clone(),
-            message: format!("{e:#}"),
+            message: compile_message(&format!("{e:#}"), bytes),
         })?;
         let link_err = |e: wasmtime::Error| LoadError::Link {
             name: settings.name.clone(),
@@ -526,6 +536,17 @@ impl Plugin {
         }
         PluginError::Instantiate(format!("{err:#}"))
     }
+}
+
+/// The compiler's message, without the byte dumps wasmparser adds (`expected=[0x0, ...] actual=[...]`), and with
+/// the likely cause when the file is not WebAssembly at all.
+fn compile_message(message: &str, bytes: &[u8]) -> String {
+    let first = message.split(" - expected=").next().unwrap_or(message);
+    let first = first.lines().next().unwrap_or(first).trim_end_matches(':').trim();
+    if !bytes.starts_with(b"\0asm") {
+        return format!("{first} (not a WebAssembly file: build the plugin for wasm32-wasip2)");
+    }
+    first.to_string()
 }
 
 fn engine_config(pooling: Option<(usize, u32)>) -> wasmtime::Config {
