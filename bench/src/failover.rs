@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
 #[derive(Debug, Parser)]
@@ -233,27 +233,33 @@ async fn start_tern(
     );
     let path = dir.join(format!("{node}.toml"));
     std::fs::write(&path, config)?;
+    let ready = dir.join(format!("{node}.ready.json"));
+    let _ = std::fs::remove_file(&ready);
     let mut child = Command::new(&args.tern)
         .arg("run")
         .arg("-c")
         .arg(&path)
-        .stderr(Stdio::piped())
+        .arg("--ready-file")
+        .arg(&ready)
+        .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {} (cargo build --release -p tern)", args.tern.display()))?;
-    let mut lines = BufReader::new(child.stderr.take().context("piped")?).lines();
-    let (mut listener, mut admin) = (None, None);
-    while let Some(line) = lines.next_line().await? {
-        let addr = line.split("Some(").nth(1).and_then(|r| r.split(')').next()?.parse::<SocketAddr>().ok());
-        match addr {
-            Some(a) if line.contains("admin listening") => admin = Some(a),
-            Some(a) if line.contains("listening") => listener = Some(a),
-            _ => {}
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    // Addresses come from the ready file tern writes once every listener is bound.
+    let text = loop {
+        if let Ok(text) = std::fs::read_to_string(&ready) {
+            break text;
         }
-        if let (Some(listener), Some(admin)) = (listener, admin) {
-            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            return Ok((child, listener, admin));
+        if let Some(status) = child.try_wait()? {
+            bail!("tern {node} exited ({status}) before it was ready");
         }
-    }
-    bail!("tern {node} exited before listening")
+        anyhow::ensure!(std::time::Instant::now() < deadline, "tern {node} not ready after 30 s");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let json: serde_json::Value = serde_json::from_str(&text)?;
+    let listener: SocketAddr =
+        json["listeners"].as_object().and_then(|l| l.values().next()?.as_str()).context("no listener")?.parse()?;
+    let admin: SocketAddr = json["admin"].as_str().context("no admin")?.parse()?;
+    Ok((child, listener, admin))
 }

@@ -24,6 +24,10 @@ enum Command {
         /// Config file (TOML).
         #[arg(short, long)]
         config: PathBuf,
+        /// Once every listener is bound, write their addresses here as JSON
+        /// (`{"listeners": {"NAME": "IP:PORT", ...}, "admin": "IP:PORT" or null}`), for supervisors and tests.
+        #[arg(long, value_name = "PATH")]
+        ready_file: Option<PathBuf>,
     },
     /// Validate a config file: settings, static certificates, and plugins (compiled and linked).
     Check {
@@ -167,7 +171,7 @@ fn run_cli() -> Result<()> {
     let cli = Cli::parse();
     // `run` logs as its config says; every other command logs text at info.
     let log = match &cli.command {
-        Command::Run { config } => Config::load(config)?.log,
+        Command::Run { config, .. } => Config::load(config)?.log,
         _ => tern::config::LogSettings::default(),
     };
     init_logging(&log);
@@ -175,7 +179,7 @@ fn run_cli() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Run { config } => run(config).await,
+            Command::Run { config, ready_file } => run(config, ready_file).await,
             Command::Check { config } => check(config).await,
             Command::Plugin(PluginCommand::Call(args)) => plugin_call(args).await,
             Command::Demo(args) => tern::demo::run(args).await,
@@ -215,12 +219,32 @@ fn init_logging(log: &tern::config::LogSettings) {
     }
 }
 
-async fn run(path: PathBuf) -> Result<()> {
+async fn run(path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     let config = Config::load(&path)?;
     let started = Instant::now();
     let server = tern::Server::bind(config).await?;
+    if let Some(ready_file) = ready_file {
+        write_ready_file(&ready_file, &server.local_addrs()).await?;
+    }
     tracing::info!(elapsed = ?started.elapsed(), "ready");
     server.run(shutdown_signal()).await;
+    Ok(())
+}
+
+/// Writes the bound addresses as JSON, atomically (a reader never sees half a file).
+async fn write_ready_file(path: &std::path::Path, addrs: &[(String, std::net::SocketAddr)]) -> Result<()> {
+    let listeners: serde_json::Map<String, serde_json::Value> = addrs
+        .iter()
+        .filter(|(name, _)| name != "admin")
+        .map(|(name, addr)| (name.clone(), serde_json::Value::String(addr.to_string())))
+        .collect();
+    let admin = addrs.iter().find(|(name, _)| name == "admin").map(|(_, addr)| addr.to_string());
+    let json = serde_json::json!({ "listeners": listeners, "admin": admin });
+    let partial = path.with_extension("partial");
+    tokio::fs::write(&partial, serde_json::to_vec_pretty(&json)?)
+        .await
+        .with_context(|| format!("--ready-file {}", partial.display()))?;
+    tokio::fs::rename(&partial, path).await.with_context(|| format!("--ready-file {}", path.display()))?;
     Ok(())
 }
 

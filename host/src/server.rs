@@ -341,12 +341,16 @@ impl Server {
         tasks.spawn(reload_on_sighup(reloader.clone()));
         let mut connection_slots = Vec::new();
         for listener in self.listeners {
-            tracing::info!(listener = %listener.name, addr = ?listener.tcp.local_addr().ok(), "listening");
+            if let Ok(addr) = listener.tcp.local_addr() {
+                tracing::info!(listener = %listener.name, %addr, "listening");
+            }
             connection_slots.push((listener.connections.clone(), listener.max_connections));
             accepting.spawn(accept_loop(listener));
         }
         if let Some((tcp, settings)) = self.admin {
-            tracing::info!(addr = ?tcp.local_addr().ok(), "admin listening");
+            if let Ok(addr) = tcp.local_addr() {
+                tracing::info!(%addr, "admin listening");
+            }
             let state = crate::admin::AdminState {
                 metrics: self.metrics.clone(),
                 resumption: self.resumption.metrics().clone(),

@@ -1,10 +1,8 @@
 //! The `tern` binary: `check`, `plugin call`, and `run` until SIGTERM.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use std::time::Duration;
-
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::support::*;
 
@@ -74,45 +72,12 @@ async fn plugin_call_prints_what_the_plugin_returned() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every line a child wrote to stderr so far.
-pub(crate) type LogLines = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
-
-/// Starts `tern run -c config`; returns the child, the main listener's address (from its log) and its log lines.
+/// Starts `tern run -c config`; returns the child, the main listener's address and its log lines.
 pub(crate) async fn spawn_tern(
     config: &std::path::Path,
 ) -> anyhow::Result<(tokio::process::Child, std::net::SocketAddr, LogLines)> {
-    spawn_tern_command(tern(&["run", "-c", &config.to_string_lossy()])).await
-}
-
-/// [`spawn_tern`] for a command line of the caller's (e.g. under a lower descriptor limit).
-pub(crate) async fn spawn_tern_command(
-    command: std::process::Command,
-) -> anyhow::Result<(tokio::process::Child, std::net::SocketAddr, LogLines)> {
-    let mut child = tokio::process::Command::from(command).stderr(Stdio::piped()).kill_on_drop(true).spawn()?;
-    let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
-    let log = LogLines::default();
-    // The "listening" line carries `Some(127.0.0.1:PORT)` in text and JSON logs alike.
-    let addr = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await? {
-            log.lock().expect("test lock").push(line.clone());
-            if line.contains("listening")
-                && let Some(rest) = line.split("Some(").nth(1)
-                && let Some(addr) = rest.split(')').next()
-            {
-                return Ok::<_, anyhow::Error>(addr.parse::<std::net::SocketAddr>()?);
-            }
-        }
-        anyhow::bail!("tern exited before listening")
-    })
-    .await??;
-    // Keep draining the log so the child never blocks on a full pipe.
-    let sink = log.clone();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            sink.lock().expect("test lock").push(line);
-        }
-    });
-    Ok((child, addr, log))
+    let process = TernProcess::start(config).await?;
+    Ok((process.child, process.addr, process.log))
 }
 
 async fn signal(child: &tokio::process::Child, name: &str) -> anyhow::Result<()> {
@@ -133,21 +98,10 @@ async fn sighup_reloads_plugins_and_sigterm_lets_a_slow_request_finish() -> anyh
         .replace("[[listener]]", "on_swap = \"flush\"\n[[listener]]")
         + "\n[admin]\nbind = \"127.0.0.1:0\"\n";
     std::fs::write(&config, &v1)?;
-    let (mut child, addr, log) = spawn_tern(&config).await?;
-    let admin = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let lines = log.lock().expect("test lock").clone();
-            if let Some(addr) = lines
-                .iter()
-                .filter(|l| l.contains("admin listening"))
-                .find_map(|l| l.split("Some(").nth(1)?.split(')').next()?.parse::<std::net::SocketAddr>().ok())
-            {
-                return addr;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await?;
+    let TernProcess { mut child, addr, admin, listeners, .. } = TernProcess::start(&config).await?;
+    let admin = admin.expect("the config has [admin]");
+    // The ready file names every listener with its bound address.
+    assert_eq!(listeners, [("main".to_string(), addr)]);
     let readyz = || async move {
         let mut curl = Command::new("curl");
         curl.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{admin}/readyz")]);

@@ -3,14 +3,12 @@
 //! start, key rotation and Redis going away; listeners with other client-auth settings never share sessions.
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use rustls::HandshakeKind;
 use rustls::client::Tls12Resumption;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::operations::{admin, sample};
 use crate::redis_support::RedisServer;
@@ -31,37 +29,9 @@ impl Node {
     async fn start(pki: &Pki, name: &str, config: &str) -> Result<Node> {
         let path = pki.path(&format!("{name}.toml"));
         std::fs::write(&path, config)?;
-        let mut child = tokio::process::Command::from(tern(&["run", "-c", &path.to_string_lossy()]))
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let mut lines = BufReader::new(child.stderr.take().context("piped")?).lines();
-        let log: Arc<Mutex<Vec<String>>> = Arc::default();
-        let (addr, admin) = tokio::time::timeout(Duration::from_secs(30), async {
-            let (mut addr, mut admin) = (None, None);
-            while let Some(line) = lines.next_line().await? {
-                log.lock().unwrap().push(line.clone());
-                let found = line.split("Some(").nth(1).and_then(|r| r.split(')').next()?.parse::<SocketAddr>().ok());
-                match found {
-                    Some(a) if line.contains("admin listening") => admin = Some(a),
-                    Some(a) if line.contains("listening") => addr = Some(a),
-                    _ => {}
-                }
-                if let (Some(addr), Some(admin)) = (addr, admin) {
-                    return Ok((addr, admin));
-                }
-            }
-            anyhow::bail!("tern {name} exited before listening: {:?}", log.lock().unwrap())
-        })
-        .await
-        .context("node start timed out")??;
-        let sink = log.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Ok(Node { child, addr, admin, config: path, log })
+        let process = TernProcess::start(&path).await.with_context(|| format!("starting node {name}"))?;
+        let admin = process.admin.with_context(|| format!("node {name} has no [admin]"))?;
+        Ok(Node { child: process.child, addr: process.addr, admin, config: path, log: process.log })
     }
 
     async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {

@@ -369,3 +369,74 @@ impl rustls::client::danger::ServerCertVerifier for NameOverride {
         self.inner.supported_verify_schemes()
     }
 }
+
+/// Every line a child process wrote to stderr so far.
+pub type LogLines = Arc<std::sync::Mutex<Vec<String>>>;
+
+/// A `tern run` process, started with `--ready-file`: its addresses come from that file, not from its log.
+pub struct TernProcess {
+    pub child: tokio::process::Child,
+    /// The first listener's address.
+    pub addr: SocketAddr,
+    /// Every listener by name.
+    pub listeners: Vec<(String, SocketAddr)>,
+    pub admin: Option<SocketAddr>,
+    pub log: LogLines,
+    _ready: tempfile::TempDir,
+}
+
+impl TernProcess {
+    /// `tern run -c config`.
+    pub async fn start(config: &Path) -> Result<Self> {
+        Self::start_with(config, None).await
+    }
+
+    /// `tern run -c config`, under a descriptor limit (soft and hard) of `nofile` if given.
+    pub async fn start_with(config: &Path, nofile: Option<u32>) -> Result<Self> {
+        let ready_dir = tempfile::tempdir()?;
+        let ready = ready_dir.path().join("ready.json");
+        let mut command = match nofile {
+            None => tern(&["run", "-c", &config.to_string_lossy(), "--ready-file", &ready.to_string_lossy()]),
+            Some(limit) => {
+                let mut command = std::process::Command::new("bash");
+                let line = format!("ulimit -n {limit} && exec \"$0\" run -c \"$1\" --ready-file \"$2\"",);
+                command.args(["-c", &line, TERN]).arg(config).arg(&ready).env("TERN_LOG", "info");
+                command
+            }
+        };
+        command.stdin(std::process::Stdio::null());
+        let mut child =
+            tokio::process::Command::from(command).stderr(std::process::Stdio::piped()).kill_on_drop(true).spawn()?;
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().context("stderr piped")?).lines();
+        let log = LogLines::default();
+        let sink = log.clone();
+        // Keep draining the log so the child never blocks on a full pipe.
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                sink.lock().expect("test lock").push(line);
+            }
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let text = loop {
+            if let Ok(text) = std::fs::read_to_string(&ready) {
+                break text;
+            }
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!("tern exited ({status}) before it was ready: {:?}", log.lock().expect("test lock"));
+            }
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "tern not ready after 30 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let json: serde_json::Value = serde_json::from_str(&text)?;
+        let listeners: Vec<(String, SocketAddr)> = json["listeners"]
+            .as_object()
+            .context("listeners")?
+            .iter()
+            .map(|(name, addr)| Ok((name.clone(), addr.as_str().context("address")?.parse()?)))
+            .collect::<Result<_>>()?;
+        let admin = json["admin"].as_str().map(str::parse).transpose()?;
+        let addr = listeners.first().context("no listener")?.1;
+        Ok(Self { child, addr, listeners, admin, log, _ready: ready_dir })
+    }
+}
