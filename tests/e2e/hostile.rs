@@ -305,26 +305,15 @@ async fn a_request_for_another_host_than_the_connection_is_misdirected() -> anyh
 async fn h2c_upgrades_are_not_forwarded_and_forwarded_gets_this_hop_appended() -> anyhow::Result<()> {
     let pki = Pki::new(&["default.test", "a.test"])?;
     let server = start_default(&pki).await?;
-    let mut stream = connect(server.addr, &pki.client(&[b"http/1.1"]), "a.test").await?;
-    stream
-        .write_all(
-            b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\
+    // Keep-alive (or a tunnel, had the upgrade gone through): what arrives within 2 s.
+    let text = raw_http1(
+        &server,
+        &pki,
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\
               HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nForwarded: for=192.0.2.7;proto=http\r\n\r\n",
-        )
-        .await?;
-    // Keep-alive (or a tunnel, had the upgrade gone through): read what arrives within 2 s.
-    let mut response = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = stream.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-            response.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await;
-    let text = String::from_utf8_lossy(&response).to_lowercase();
+    )
+    .await?
+    .to_lowercase();
     assert!(text.starts_with("http/1.1 200"), "{text}");
     assert!(!text.contains("upgrade: h2c") && !text.contains("http2-settings"), "{text}");
     assert!(text.contains("forwarded: for=192.0.2.7;proto=http, for=127.0.0.1;host=\"a.test\";proto=https"), "{text}");
