@@ -1440,14 +1440,15 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn load(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml(text, Path::new("/etc/tern/tern.toml"))
     }
 
-    const MINIMAL: &str = r#"
+    /// The smallest useful config (also seeds the config fuzz target).
+    pub(crate) const MINIMAL: &str = r#"
         [[certificate]]
         name = "fallback"
         cert = "certs/fallback.crt"

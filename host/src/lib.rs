@@ -15,6 +15,8 @@ pub mod config;
 pub mod crypto;
 pub mod demo;
 pub mod fdlimit;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod plugin;
 pub mod proxy;

@@ -63,7 +63,7 @@ impl SharedSessions {
         format!("{}sessions", self.prefix)
     }
 
-    fn aad(&self) -> Vec<u8> {
+    pub(crate) fn aad(&self) -> Vec<u8> {
         format!("{}session", self.prefix).into_bytes()
     }
 }
@@ -197,7 +197,7 @@ impl StoresServerSessions for ScopedSessions {
 }
 
 /// `scope \0 key value` with lengths: what is sealed into a stream entry.
-fn encode(scope: &str, key: &[u8], value: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+pub(crate) fn encode(scope: &str, key: &[u8], value: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
     let mut out = Zeroizing::new(Vec::with_capacity(4 + scope.len() + key.len() + value.len()));
     out.push(u8::try_from(scope.len()).ok()?);
     out.extend_from_slice(scope.as_bytes());
@@ -207,7 +207,7 @@ fn encode(scope: &str, key: &[u8], value: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
     Some(out)
 }
 
-fn decode(plain: &[u8]) -> Option<(&str, &[u8], &[u8])> {
+pub(crate) fn decode(plain: &[u8]) -> Option<(&str, &[u8], &[u8])> {
     let (&scope_len, rest) = plain.split_first()?;
     let (scope, rest) = rest.split_at_checked(usize::from(scope_len))?;
     let (key_len, rest) = rest.split_at_checked(2)?;
@@ -356,10 +356,10 @@ async fn read(shared: Arc<SharedSessions>, node: String, cache: Arc<SessionCache
 }
 
 /// A stream entry's field/value pairs.
-type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+pub(crate) type Fields = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// `(id, fields)` of every entry in an `XREAD` reply (nil when the block timed out).
-fn entries(reply: redis::Value) -> Vec<(String, Fields)> {
+pub(crate) fn entries(reply: redis::Value) -> Vec<(String, Fields)> {
     use redis::Value;
     fn text(v: Value) -> Option<Vec<u8>> {
         match v {

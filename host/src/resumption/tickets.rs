@@ -92,12 +92,12 @@ pub enum Origin {
 
 /// One ticket key. The key bytes exist only inside the AES state, which is wiped on drop.
 pub struct TicketKey {
-    name: [u8; NAME_LEN],
-    slot: u64,
-    generation: u32,
-    activate_ms: u64,
-    origin: Origin,
-    sealing: SealingKey,
+    pub(crate) name: [u8; NAME_LEN],
+    pub(crate) slot: u64,
+    pub(crate) generation: u32,
+    pub(crate) activate_ms: u64,
+    pub(crate) origin: Origin,
+    pub(crate) sealing: SealingKey,
 }
 
 impl std::fmt::Debug for TicketKey {
@@ -119,10 +119,10 @@ impl TicketKey {
 /// The keys a node holds, replaced as a whole by the refresher.
 #[derive(Debug, Default)]
 pub struct KeyRing {
-    keys: Vec<Arc<TicketKey>>,
+    pub(crate) keys: Vec<Arc<TicketKey>>,
     /// Fleet keys still in the window that Redis no longer has (it restarted without persistence): they keep
     /// decrypting the tickets issued under them but no longer encrypt.
-    retired: Vec<Arc<TicketKey>>,
+    pub(crate) retired: Vec<Arc<TicketKey>>,
 }
 
 impl KeyRing {
@@ -144,11 +144,11 @@ impl KeyRing {
 /// rustls's view of the ring for one resumption scope: tickets are bound to the scope through the AEAD's
 /// associated data, so a ticket from a listener with other client-authentication settings never opens here.
 pub struct Ticketer {
-    ring: Arc<ArcSwap<KeyRing>>,
-    schedule: Schedule,
-    scope: Vec<u8>,
-    lifetime: u32,
-    metrics: Arc<ResumptionMetrics>,
+    pub(crate) ring: Arc<ArcSwap<KeyRing>>,
+    pub(crate) schedule: Schedule,
+    pub(crate) scope: Vec<u8>,
+    pub(crate) lifetime: u32,
+    pub(crate) metrics: Arc<ResumptionMetrics>,
 }
 
 impl std::fmt::Debug for Ticketer {
@@ -213,7 +213,7 @@ impl ProducesTickets for Ticketer {
 
 /// A key as stored in Redis. The key bytes are sealed; the rest is what `tern tickets status` shows.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct Record {
+pub(crate) struct Record {
     /// Hex of the 16-byte key name (in clear at the front of every ticket anyway).
     name: String,
     /// Hex of the key bytes sealed with the ticket-key sealing key.
@@ -269,7 +269,7 @@ impl SharedKeys {
         format!("{}ticket-keys", self.prefix)
     }
 
-    fn aad(&self, slot: u64, generation: u32, name: &str) -> Vec<u8> {
+    pub(crate) fn aad(&self, slot: u64, generation: u32, name: &str) -> Vec<u8> {
         format!("{}ticket-key:{slot}:{generation}:{name}", self.prefix).into_bytes()
     }
 
@@ -309,7 +309,7 @@ impl SharedKeys {
         Ok(won)
     }
 
-    fn open(&self, slot: u64, generation: u32, record: &Record) -> Option<TicketKey> {
+    pub(crate) fn open(&self, slot: u64, generation: u32, record: &Record) -> Option<TicketKey> {
         let name: [u8; NAME_LEN] = unhex(&record.name)?.try_into().ok()?;
         let plain = self.sealing.open(&unhex(&record.sealed)?, &self.aad(slot, generation, &record.name))?;
         let bytes: &[u8; 32] = plain.as_slice().try_into().ok()?;
@@ -560,7 +560,7 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unhex(text: &str) -> Option<Vec<u8>> {
+pub(crate) fn unhex(text: &str) -> Option<Vec<u8>> {
     if !text.len().is_multiple_of(2) {
         return None;
     }
