@@ -539,7 +539,8 @@ impl Config {
 
 /// Names the line of a syntax error by its text, since toml's messages name the field but not its table.
 fn key_at(text: &str, offset: usize) -> String {
-    let line_no = text[..offset.min(text.len())].matches('\n').count() + 1;
+    // Counted on bytes: an offset inside a multi-byte character cannot split anything.
+    let line_no = text.as_bytes()[..offset.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1;
     let line = text.lines().nth(line_no - 1).unwrap_or_default().trim();
     format!("line {line_no} `{line}`")
 }
