@@ -1604,7 +1604,7 @@ impl Clients {
         verify.resumption = rustls::client::Resumption::disabled();
         verify.alpn_protocols = vec![b"http/1.1".to_vec()];
         let mut any = verify.clone();
-        any.dangerous().set_certificate_verifier(Arc::new(AcceptAll(provider)));
+        any.dangerous().set_certificate_verifier(Arc::new(tern_bench::AcceptAll(provider)));
         Ok(Self { verify: Arc::new(verify), any: Arc::new(any) })
     }
 }
@@ -1647,43 +1647,5 @@ async fn get(tls: &mut Tls, name: &str) -> Result<()> {
             anyhow::ensure!(response.starts_with(b"HTTP/1.1 200"), "status {:?}", String::from_utf8_lossy(line).trim());
             Ok(())
         }
-    }
-}
-
-#[derive(Debug)]
-struct AcceptAll(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AcceptAll {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }

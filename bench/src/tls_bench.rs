@@ -593,7 +593,7 @@ impl Client {
         verifying.resumption = rustls::client::Resumption::disabled();
         verifying.alpn_protocols = vec![b"http/1.1".to_vec()];
         let mut fast = verifying.clone();
-        fast.dangerous().set_certificate_verifier(Arc::new(AcceptAll(provider)));
+        fast.dangerous().set_certificate_verifier(Arc::new(tern_bench::AcceptAll(provider)));
         let mut resuming = fast.clone();
         // rustls remembers size ÷ 8 servers (8 TLS 1.3 tickets each): room for 8,192 names, above the hot set.
         resuming.resumption = rustls::client::Resumption::in_memory_sessions(65_536);
@@ -625,44 +625,6 @@ impl Client {
         let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut response)).await;
         anyhow::ensure!(response.starts_with(b"HTTP/1.1 200"), "no 200 for {name}");
         Ok((resumed, handshake))
-    }
-}
-
-#[derive(Debug)]
-struct AcceptAll(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AcceptAll {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
