@@ -23,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::backend::{BoundedConnector, Budget};
 use crate::body::{Counted, Upload};
 use crate::certs::ParsedCert;
+use crate::clip::Clip;
 use crate::config::{ClientLimits, ProxySettings};
 use crate::metrics::{Metrics, inc};
 use crate::sni::ServerName;
@@ -204,8 +205,13 @@ impl Proxy {
         let status = response.status().as_u16();
         tracing::info!(
             target: "tern::access",
-            peer = %conn.peer, %method, host = %crate::clip::Clip(&host), path = %crate::clip::Clip(&path), ?version,
-            status, micros = started.elapsed().as_micros() as u64,
+            peer = %conn.peer,
+            method = %Clip(method.as_str()),
+            host = %Clip(&host),
+            path = %Clip(&path),
+            ?version,
+            status,
+            micros = started.elapsed().as_micros() as u64,
             "request"
         );
         response
