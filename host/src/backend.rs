@@ -22,18 +22,12 @@ use crate::body::BoxError;
 pub struct Budget {
     backend: Arc<Semaphore>,
     total: Arc<Semaphore>,
-    size: usize,
 }
 
 impl Budget {
     /// A backend's budget of `per_backend` connections within the process-wide `total`.
     pub fn new(per_backend: usize, total: Arc<Semaphore>) -> Self {
-        Self { backend: Arc::new(Semaphore::new(per_backend)), total, size: per_backend }
-    }
-
-    /// Connections this backend has open now.
-    pub fn open(&self) -> usize {
-        self.size - self.backend.available_permits()
+        Self { backend: Arc::new(Semaphore::new(per_backend)), total }
     }
 }
 

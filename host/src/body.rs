@@ -43,17 +43,16 @@ impl<B: Body> Upload<B> {
     pub fn new(inner: B, idle: Duration) -> (Self, UploadWatch) {
         let (tx, rx) = oneshot::channel();
         let timed_out = Arc::new(AtomicBool::new(false));
-        let mut done = Some(tx);
-        if inner.is_end_stream() {
+        let mut upload = Self { inner, idle, timer: None, done: Some(tx), timed_out: timed_out.clone() };
+        if upload.inner.is_end_stream() {
             // Nothing to upload: the backend's deadline starts at once.
-            if let Some(tx) = done.take() {
-                let _ = tx.send(());
-            }
+            upload.finished();
         }
-        let upload = Self { inner, idle, timer: None, done, timed_out: timed_out.clone() };
         (upload, UploadWatch { done: rx, timed_out })
     }
+}
 
+impl<B> Upload<B> {
     fn finished(&mut self) {
         if let Some(tx) = self.done.take() {
             let _ = tx.send(());
@@ -112,9 +111,7 @@ where
 
 impl<B> Drop for Upload<B> {
     fn drop(&mut self) {
-        if let Some(tx) = self.done.take() {
-            let _ = tx.send(());
-        }
+        self.finished();
     }
 }
 

@@ -17,6 +17,8 @@ pub struct FdBudget {
     pub backends: usize,
     /// Kept for everything else.
     pub reserve: usize,
+    /// Whether clients and backends were scaled down to fit under the limit.
+    pub scaled: bool,
 }
 
 /// Raises the soft descriptor limit to the hard one (where allowed) and returns the soft limit now in force.
@@ -47,11 +49,11 @@ pub fn budget(config: &Config, limit: u64) -> FdBudget {
     let available = usize::try_from(limit).unwrap_or(usize::MAX).saturating_sub(reserve);
     let wanted = clients.saturating_add(backends);
     if wanted <= available {
-        return FdBudget { limit, clients, backends, reserve };
+        return FdBudget { limit, clients, backends, reserve, scaled: false };
     }
     // Proportional shares, at least one each.
     let share = |n: usize| ((n as f64 / wanted as f64) * available as f64).floor().max(1.0) as usize;
-    FdBudget { limit, clients: share(clients), backends: share(backends), reserve }
+    FdBudget { limit, clients: share(clients), backends: share(backends), reserve, scaled: true }
 }
 
 /// Descriptors the process has open now (Linux; `None` elsewhere).
@@ -77,9 +79,9 @@ mod tests {
     #[test]
     fn a_budget_that_fits_is_kept_and_one_that_does_not_is_scaled_under_the_limit() {
         let b = budget(&config(1000, 2), 1 << 20);
-        assert_eq!((b.clients, b.backends), (2000, 4096));
+        assert_eq!((b.clients, b.backends, b.scaled), (2000, 4096, false));
         let b = budget(&config(10_000, 2), 4096);
-        assert!(b.clients + b.backends + b.reserve <= 4096, "{b:?}");
+        assert!(b.scaled && b.clients + b.backends + b.reserve <= 4096, "{b:?}");
         assert!(b.clients > 1000 && b.backends > 500, "{b:?}");
     }
 

@@ -39,7 +39,6 @@ pub struct Proxy {
     backend: Uri,
     response_timeout: std::time::Duration,
     connect_timeout: std::time::Duration,
-    budget: Budget,
     metrics: Arc<Metrics>,
 }
 
@@ -86,7 +85,7 @@ impl Proxy {
         // A backend that is down must give a fast 502, not hang the client.
         connector.set_connect_timeout(Some(settings.connect_timeout));
         connector.set_nodelay(true);
-        let connector = BoundedConnector::new(connector, budget.clone(), settings.connect_timeout);
+        let connector = BoundedConnector::new(connector, budget, settings.connect_timeout);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(settings.pool_idle_timeout)
             .pool_timer(TokioTimer::new())
@@ -96,14 +95,8 @@ impl Proxy {
             backend,
             response_timeout: settings.response_timeout,
             connect_timeout: settings.connect_timeout,
-            budget,
             metrics,
         }
-    }
-
-    /// Backend connections open now.
-    pub fn open_connections(&self) -> usize {
-        self.budget.open()
     }
 
     /// Serves HTTP on an accepted TLS stream until the client closes it, a deadline of the connection passes, or,

@@ -113,8 +113,7 @@ impl Budgets {
     pub fn for_config(config: &Config) -> Self {
         let limit = crate::fdlimit::raise_limit();
         let fd = crate::fdlimit::budget(config, limit);
-        let wanted_clients = config.server.max_connections.saturating_mul(config.listeners.len());
-        if fd.clients < wanted_clients || fd.backends < config.proxy.max_backend_connections {
+        if fd.scaled {
             tracing::warn!(
                 fd_limit = limit,
                 clients = fd.clients,

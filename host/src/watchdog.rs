@@ -143,17 +143,16 @@ impl Activity {
     pub async fn expired(&self) -> Expired {
         // With requests in flight and nothing stalled there is no deadline; a change of state (a request
         // starting or ending, a write stalling) wakes the loop to compute the new one.
-        let recheck = self.limits.send_timeout / 2;
         loop {
             let now = self.now_ms();
-            let wait = match self.deadline() {
+            match self.deadline() {
                 Some((at, why)) if at <= now => return why,
-                Some((at, _)) => Duration::from_millis(at - now),
-                None => recheck,
-            };
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = self.changed.notified() => {}
+                Some((at, _)) => tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(at - now)) => {}
+                    _ = self.changed.notified() => {}
+                },
+                // No timer at all: a notification is kept until awaited, so none is lost in between.
+                None => self.changed.notified().await,
             }
         }
     }
