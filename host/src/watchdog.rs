@@ -105,6 +105,8 @@ impl Activity {
         if !self.h2 && self.in_flight.load(Ordering::Acquire) == 0 && self.head_started.load(Ordering::Acquire) == UNSET
         {
             self.head_started.store(self.now_ms(), Ordering::Release);
+            // The head deadline may come before the keep-alive one the watchdog sleeps towards.
+            self.changed.notify_one();
         }
     }
 
