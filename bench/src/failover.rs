@@ -41,7 +41,7 @@ struct Args {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
-    let ca = tern::demo::TestCa::new("failover bench CA")?;
+    let ca = tern_fixtures::TestCa::new("failover bench CA")?;
     let (chain, key) = ca.issue(&["a.test"])?;
     std::fs::create_dir_all(dir.path().join("certs"))?;
     std::fs::write(dir.path().join("certs/a.test.crt"), chain)?;
@@ -49,7 +49,7 @@ async fn main() -> Result<()> {
     std::fs::write(dir.path().join("ca.pem"), ca.pem())?;
     let backend = match args.backend {
         Some(addr) => addr,
-        None => tern::demo::spawn_echo_backend().await?,
+        None => tern_fixtures::spawn_echo_backend().await?,
     };
     let redis = tern_bench::start_redis(dir.path()).await?;
     println!(
@@ -128,7 +128,7 @@ async fn run(
         if version == "1.3" { &[&rustls::version::TLS13] } else { &[&rustls::version::TLS12] };
     let clients = (0..args.clients)
         .map(|_| {
-            let mut c = rustls::ClientConfig::builder_with_provider(tern::tls::provider().clone())
+            let mut c = rustls::ClientConfig::builder_with_provider(tern::crypto::provider().clone())
                 .with_protocol_versions(versions)?
                 .with_root_certificates(roots.clone())
                 .with_no_client_auth();

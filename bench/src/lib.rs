@@ -5,7 +5,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use tern::demo::TestCa;
+use tern_fixtures::TestCa;
 use tokio::process::{Child, Command};
 
 /// Key type of generated host certificates.

@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -44,7 +44,7 @@ async fn main() -> Result<()> {
         cluster: false,
         timeout: Duration::from_secs(2),
     }));
-    let ca = tern::demo::TestCa::new("plugin cost CA")?;
+    let ca = tern_fixtures::TestCa::new("plugin cost CA")?;
     let names: Vec<String> = (0..args.calls).map(|i| format!("host{i}.cost.test")).collect();
     let mut writes = Vec::new();
     for name in &names {
@@ -53,7 +53,7 @@ async fn main() -> Result<()> {
         writes.push(redis::cmd("SET").arg(format!("{name}.key")).arg(key).clone());
     }
     store.write_all(writes).await?;
-    let mut stores = plugin::Stores::new();
+    let mut stores = tern::store::Stores::new();
     stores.insert("bench".into(), store);
     println!("plugin cost: {} calls per plugin, a fresh instance per call, certificates in Redis", args.calls);
     println!(
@@ -101,7 +101,7 @@ async fn main() -> Result<()> {
         let mut rest = times[1..].to_vec();
         rest.sort();
         let at = |q: f64| rest.get(((rest.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or_default();
-        let memory = plugin.stats().peak_memory_bytes.load(Ordering::Relaxed);
+        let memory = plugin.stats().peak_memory_bytes();
         println!(
             "{:<28} {:>7.2}MB {:>9.2}s {:>9.2}ms {:>9.3}ms {:>9.3}ms {:>10.1}MiB",
             path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),

@@ -176,7 +176,7 @@ async fn run(args: Args) -> Result<bool> {
 
     // Certificates: a CA, `certs` host certificates and the default certificate.
     let started = Instant::now();
-    let ca = Arc::new(tern::demo::TestCa::new("tern soak CA")?);
+    let ca = Arc::new(tern_fixtures::TestCa::new("tern soak CA")?);
     std::fs::write(dir.join("ca.crt"), ca.pem())?;
     let certs_dir = dir.join("certs");
     std::fs::create_dir_all(&certs_dir)?;
@@ -217,7 +217,7 @@ async fn run(args: Args) -> Result<bool> {
     );
 
     // tern: one listener behind the Redis plugin, default certificate for unknown names, admin, invalidation.
-    let backend = tern::demo::spawn_echo_backend().await?;
+    let backend = tern_fixtures::spawn_echo_backend().await?;
     let listen: SocketAddr = format!("127.0.0.1:{}", quiet_port(seed ^ 0x9e37)?).parse()?;
     let admin: SocketAddr = format!("127.0.0.1:{}", quiet_port(seed ^ 0x7f4a)?).parse()?;
     let setup = Setup {
@@ -709,7 +709,7 @@ async fn flood_load(
 /// Re-issues a hot name's certificate, writes it with MSET, publishes an invalidation and watches for the new leaf.
 async fn churn(
     mut ctx: Ctx,
-    ca: Arc<tern::demo::TestCa>,
+    ca: Arc<tern_fixtures::TestCa>,
     certs_dir: PathBuf,
     url: String,
     every: f64,
@@ -1592,10 +1592,10 @@ struct Clients {
 }
 
 impl Clients {
-    fn new(ca: &tern::demo::TestCa) -> Result<Self> {
+    fn new(ca: &tern_fixtures::TestCa) -> Result<Self> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.der())?;
-        let provider = tern::tls::provider().clone();
+        let provider = tern::crypto::provider().clone();
         let mut verify = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)

@@ -579,7 +579,7 @@ impl Client {
         // Cipher suites in browsers' order (Chrome, Firefox and Safari offer TLS_AES_128_GCM_SHA256 first; rustls
         // and OpenSSL clients offer AES-256 first). Every server here honours the client's order, so all of them
         // negotiate the same suite; X25519 is the key exchange throughout.
-        let mut provider = (**tern::tls::provider()).clone();
+        let mut provider = (**tern::crypto::provider()).clone();
         provider.cipher_suites.sort_by_key(|suite| {
             (
                 matches!(suite, rustls::SupportedCipherSuite::Tls12(_)),

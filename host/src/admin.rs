@@ -23,7 +23,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::cache::{CacheKey, Cached};
-use crate::metrics::{Exposition, Metrics, get, label_value};
+use crate::metrics::{Exposition, Metrics, label_value};
 use crate::plugin::PluginSlot;
 use crate::reload::Reloader;
 use crate::select::Selector;
@@ -148,38 +148,14 @@ fn render_metrics(state: &AdminState) -> String {
     let mut x = Exposition::default();
     state.budgets.publish(&state.metrics);
     state.metrics.render(&mut x);
-    let (used, budget) = state.plugin_memory.memory();
-    x.family("tern_plugin_memory_bytes", "gauge", "Linear memory held by running plugin instances, all plugins.");
-    x.sample("tern_plugin_memory_bytes", "", used as u64);
-    x.family("tern_plugin_memory_budget_bytes", "gauge", "server.plugin_memory_total.");
-    x.sample("tern_plugin_memory_budget_bytes", "", budget as u64);
+    state.plugin_memory.render(&mut x);
     state.resumption.render(&mut x);
-    let cache = state.selector.cache();
-    x.family("tern_cache_entries", "gauge", "Names in the certificate cache.");
-    x.sample("tern_cache_entries", "", cache.entry_count());
-    x.family("tern_cache_weighted_bytes", "gauge", "Estimated bytes in the cache (each entry at least its slot).");
-    x.sample("tern_cache_weighted_bytes", "", cache.weighted_size());
+    state.selector.cache().render(&mut x);
     let mut plugins: Vec<_> = state.plugins.iter().collect();
     plugins.sort_by(|a, b| a.0.cmp(b.0));
     x.family("tern_plugin_calls_total", "counter", "Plugin calls by outcome.");
     for (name, slot) in &plugins {
-        let s = slot.stats();
-        let plugin = label_value(name);
-        for (outcome, counter) in [
-            ("found", &s.found),
-            ("not_found", &s.not_found),
-            ("error", &s.errors),
-            ("store_unavailable", &s.store_unavailable),
-            ("rate_limited", &s.rate_limited),
-            ("client_rate_limited", &s.client_rate_limited),
-            ("circuit_open", &s.circuit_open),
-            ("trap", &s.traps),
-            ("memory_limit", &s.memory_limits),
-            ("memory_budget", &s.memory_budget),
-            ("timeout", &s.timeouts),
-        ] {
-            x.sample("tern_plugin_calls_total", &format!("plugin=\"{plugin}\",outcome=\"{outcome}\""), get(counter));
-        }
+        slot.stats().render(name, &mut x);
     }
     x.family("tern_plugin_swaps_total", "counter", "Plugin builds swapped in by reloads.");
     for (name, slot) in &plugins {
@@ -193,16 +169,9 @@ fn plugin_status(state: &AdminState) -> serde_json::Value {
         .plugins
         .values()
         .map(|slot| {
-            let s = slot.stats();
-            serde_json::json!({
-                "status": slot.status(),
-                "calls": get(&s.calls),
-                "found": get(&s.found),
-                "not_found": get(&s.not_found),
-                "errors": get(&s.errors),
-                "traps": get(&s.traps),
-                "timeouts": get(&s.timeouts),
-            })
+            let mut entry = slot.stats().summary();
+            entry["status"] = serde_json::json!(slot.status());
+            entry
         })
         .collect();
     plugins.sort_by_key(|p| p["status"]["name"].as_str().map(str::to_string));

@@ -256,6 +256,14 @@ impl CertCache {
         }
     }
 
+    /// Appends the cache's gauges.
+    pub(crate) fn render(&self, x: &mut crate::metrics::Exposition) {
+        x.family("tern_cache_entries", "gauge", "Names in the certificate cache.");
+        x.sample("tern_cache_entries", "", self.entry_count());
+        x.family("tern_cache_weighted_bytes", "gauge", "Estimated bytes in the cache (each entry at least its slot).");
+        x.sample("tern_cache_weighted_bytes", "", self.weighted_size());
+    }
+
     /// Cached names (approximate until pending maintenance has run).
     pub fn entry_count(&self) -> u64 {
         self.inner.entry_count()

@@ -13,6 +13,13 @@ use rustls::sign::CertifiedKey;
 
 use crate::sni::ServerName;
 
+impl CertError {
+    /// Whether the problem is in the private key rather than in the chain.
+    pub fn is_about_key(&self) -> bool {
+        matches!(self, CertError::KeyPem(_) | CertError::UnsupportedKey(_))
+    }
+}
+
 /// A parsed certificate with what the cache and operators need to know about it.
 #[derive(Debug)]
 pub struct ParsedCert {
@@ -157,17 +164,21 @@ impl ParsedCert {
 }
 
 /// Reads and parses a PEM chain and key from files (static certificates at start-up).
-pub fn load_files(cert: &std::path::Path, key: &std::path::Path) -> Result<ParsedCert, LoadError> {
+pub fn load_files(cert: &std::path::Path, key: &std::path::Path) -> Result<ParsedCert, CertLoadError> {
     let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| LoadError::Read { path: path.to_path_buf(), message: e.to_string() })
+        std::fs::read(path).map_err(|e| CertLoadError::Read { path: path.to_path_buf(), message: e.to_string() })
     };
-    parse(&read(cert)?, &read(key)?).map_err(|source| LoadError::Invalid { path: cert.to_path_buf(), source })
+    parse(&read(cert)?, &read(key)?).map_err(|source| {
+        // Name the file that holds the problem: a corrupt or unsupported key is the key file's, not the chain's.
+        let path = if source.is_about_key() { key } else { cert };
+        CertLoadError::Invalid { path: path.to_path_buf(), source }
+    })
 }
 
-/// A static certificate that could not be loaded.
+/// A certificate and key that could not be loaded from files.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum LoadError {
+pub enum CertLoadError {
     /// A file could not be read.
     #[error("{}: {message}", path.display())]
     Read {
@@ -179,7 +190,7 @@ pub enum LoadError {
     /// The files do not hold a usable certificate and key.
     #[error("{}: {source}", path.display())]
     Invalid {
-        /// The certificate file.
+        /// The file the problem is in (the key file for key problems, else the certificate file).
         path: std::path::PathBuf,
         /// What is wrong.
         source: CertError,

@@ -546,7 +546,7 @@ fn key_at(text: &str, offset: usize) -> String {
 }
 
 /// The file's shape, exactly as written. Defaults are applied during validation.
-pub mod raw {
+pub(crate) mod raw {
     use serde::Deserialize;
     use std::collections::BTreeMap;
 

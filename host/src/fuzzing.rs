@@ -530,7 +530,7 @@ mod tests {
         let (ed_chain, ed_key) = self_signed(&[COVERED_NAME], &rcgen::PKCS_ED25519);
         let (no_san_chain, no_san_key) = self_signed(&[], p256);
         let (ip_chain, ip_key) = self_signed(&["127.0.0.1", "B.Example.COM"], p256);
-        let ca = crate::demo::TestCa::new("tern fuzz CA").unwrap();
+        let ca = tern_fixtures::TestCa::new("tern fuzz CA").unwrap();
         let (leaf, leaf_key) = ca.issue(&[COVERED_NAME, "www.example.com"]).unwrap();
         let full_chain = format!("{leaf}{}", ca.pem());
         let rsa = {

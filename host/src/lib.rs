@@ -1,34 +1,37 @@
 //! tern: a TLS terminator whose certificates are chosen at handshake time by a sandboxed WebAssembly plugin.
 //!
-//! The flow of one connection: [`tls::accept`] reads the ClientHello, [`select::Selector`] picks the certificate
-//! (static certificates, then [`cache`], then a [`plugin`] call whose answer [`certs`] parses and validates), the
-//! handshake completes, and [`proxy`] forwards HTTP to the backend. [`server`] wires it together from a
-//! [`config`] file; [`resumption`] shares sessions and ticket keys across a fleet.
+//! The flow of one connection: `tls::accept` reads the ClientHello, [`select::Selector`] picks the certificate
+//! (static certificates, then the cache, then a [`plugin`] call whose answer [`certs`] parses and validates), the
+//! handshake completes, and the proxy forwards HTTP to the backend. [`server`] wires it together from a [`config`]
+//! file; [`resumption`] shares sessions and ticket keys across a fleet. `ARCHITECTURE.md` maps every concept to
+//! its module.
+//!
+//! The public surface is what the `tern` binary, the end-to-end tests and the benchmarks use; everything else is
+//! private to the crate.
 
-pub mod admin;
-pub mod backend;
-pub mod body;
-pub mod cache;
+mod admin;
+mod backend;
+mod body;
+mod cache;
 pub mod certs;
-pub mod clip;
+mod clip;
 pub mod config;
 pub mod crypto;
-pub mod demo;
-pub mod fdlimit;
+pub mod failure;
+mod fdlimit;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod metrics;
 pub mod plugin;
-pub mod proxy;
-pub mod reload;
+mod proxy;
+mod reload;
 pub mod resumption;
 pub mod select;
 pub mod server;
 pub mod sni;
 pub mod store;
-pub mod tls;
-pub mod tools;
-pub mod watchdog;
+mod tls;
+mod watchdog;
 
 pub use config::Config;
 pub use server::Server;

@@ -3,11 +3,19 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use tern::config::{Config, Grants, PluginSettings, defaults};
-use tern::plugin::{self, Selection};
+use tern::config::{Config, defaults};
+use tern::plugin;
 use tern::sni::ServerName;
+
+/// The subcommands that are more than a few lines, one module each.
+mod cli {
+    pub mod demo;
+    pub mod import;
+    pub mod plugin_call;
+    pub mod tickets;
+}
 
 /// A TLS terminator whose certificates are chosen per handshake by a sandboxed WebAssembly plugin.
 #[derive(Debug, Parser)]
@@ -43,15 +51,15 @@ enum Command {
     Certs(CertsCommand),
     /// Session-ticket keys shared through Redis (`[resumption] redis`).
     #[command(subcommand)]
-    Tickets(TicketsCommand),
+    Tickets(cli::tickets::TicketsCommand),
     /// Run a self-contained demo: generated certificates, the file-path plugin, a built-in backend.
-    Demo(tern::demo::DemoArgs),
+    Demo(cli::demo::DemoArgs),
 }
 
 #[derive(Debug, Subcommand)]
 enum PluginCommand {
     /// Call a plugin once, without a server, and print what it returned (a plugin author's debugging tool).
-    Call(CallArgs),
+    Call(cli::plugin_call::CallArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -85,60 +93,11 @@ enum CertsCommand {
         cluster: bool,
         /// Key layout: `keys` (<prefix><name>.crt / .key) or `hash` (<prefix><name> with fields crt, key).
         #[arg(long, value_enum, default_value = "keys")]
-        layout: tern::tools::Layout,
+        layout: cli::import::Layout,
         /// Prefix put before every key.
         #[arg(long, default_value = "")]
         prefix: String,
     },
-}
-
-#[derive(Debug, Subcommand)]
-enum TicketsCommand {
-    /// Show the ticket-key slots every node accepts now: generation, maker, age, activation. No key bytes.
-    Status {
-        /// Config file of any node of the fleet (its [resumption] and [[redis]] sections are used).
-        #[arg(short, long)]
-        config: PathBuf,
-    },
-    /// Force a rotation: a new key for the current slot, used by every node after --lead (they pull it first);
-    /// tickets under older keys keep resuming for the ticket lifetime.
-    Rotate {
-        /// Config file of any node of the fleet.
-        #[arg(short, long)]
-        config: PathBuf,
-        /// How long nodes get to pull the key before encrypting with it.
-        #[arg(long, default_value = "2s")]
-        lead: String,
-    },
-}
-
-#[derive(Debug, clap::Args)]
-struct CallArgs {
-    /// The plugin component (.wasm).
-    plugin: PathBuf,
-    /// The server name to select a certificate for.
-    servername: String,
-    /// A plugin setting, as key=value; repeatable.
-    #[arg(long = "setting", value_name = "KEY=VALUE")]
-    settings: Vec<String>,
-    /// Grant the plugin read-only access to this directory (mounted at /).
-    #[arg(long)]
-    files: Option<PathBuf>,
-    /// Grant the plugin key-value reads from this Redis (redis://host:port).
-    #[arg(long)]
-    redis: Option<String>,
-    /// With --redis: the URL is a Redis Cluster node.
-    #[arg(long, requires = "redis")]
-    cluster: bool,
-    /// With --redis: a key prefix the plugin may read; repeatable; default: every key.
-    #[arg(long = "kv-prefix", value_name = "PREFIX", requires = "redis")]
-    kv_prefixes: Vec<String>,
-    /// Deadline of the call.
-    #[arg(long, default_value = "1s")]
-    timeout: String,
-    /// Memory cap of the instance.
-    #[arg(long, default_value = "64MiB")]
-    memory_limit: String,
 }
 
 fn main() -> std::process::ExitCode {
@@ -151,16 +110,17 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// An error as an operator should read it: the message, then each cause once (a cause whose text the previous
-/// line already carries is not repeated), and no backtrace (`RUST_BACKTRACE`, common on developer machines, would
-/// add one to every configuration mistake).
+/// An error as an operator should read it: one line, the message then each cause once, joined by ": " (a cause
+/// whose text the previous one already carries is not repeated), and no backtrace (`RUST_BACKTRACE`, common on
+/// developer machines, would add one to every configuration mistake).
 fn operator_message(err: &anyhow::Error) -> String {
     let mut text = format!("error: {err}");
     let mut previous = err.to_string();
     for cause in err.chain().skip(1) {
         let line = cause.to_string();
         if !previous.contains(&line) {
-            text.push_str(&format!("\n  caused by: {line}"));
+            text.push_str(": ");
+            text.push_str(&line);
         }
         previous = line;
     }
@@ -181,11 +141,11 @@ fn run_cli() -> Result<()> {
         match cli.command {
             Command::Run { config, ready_file } => run(config, ready_file).await,
             Command::Check { config } => check(config).await,
-            Command::Plugin(PluginCommand::Call(args)) => plugin_call(args).await,
-            Command::Demo(args) => tern::demo::run(args).await,
-            Command::Tickets(command) => tickets(command).await,
+            Command::Plugin(PluginCommand::Call(args)) => cli::plugin_call::run(args).await,
+            Command::Demo(args) => cli::demo::run(args).await,
+            Command::Tickets(command) => cli::tickets::run(command).await,
             Command::Certs(CertsCommand::Import { dir, redis, cluster, layout, prefix }) => {
-                certs_import(dir, redis, cluster, layout, &prefix).await
+                cli::import::run(dir, redis, cluster, layout, &prefix).await
             }
             Command::Certs(CertsCommand::Invalidate { names, redis, cluster, channel }) => {
                 certs_invalidate(names, redis, cluster, &channel).await
@@ -222,7 +182,7 @@ fn init_logging(log: &tern::config::LogSettings) {
 async fn run(path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     let config = Config::load(&path)?;
     let started = Instant::now();
-    let server = tern::Server::bind(config).await?;
+    let server = tern::Server::bind(config).await.with_context(|| format!("{}: cannot start", path.display()))?;
     if let Some(ready_file) = ready_file {
         write_ready_file(&ready_file, &server.local_addrs()).await?;
     }
@@ -281,7 +241,7 @@ async fn certs_invalidate(names: Vec<String>, url: String, cluster: bool, channe
 }
 
 /// A store for a one-off command-line operation.
-fn redis_store(url: String, cluster: bool) -> tern::store::RedisStore {
+pub(crate) fn redis_store(url: String, cluster: bool) -> tern::store::RedisStore {
     tern::store::RedisStore::new(tern::config::RedisSettings {
         // Errors name the store: name it by its address.
         name: url.clone(),
@@ -291,38 +251,16 @@ fn redis_store(url: String, cluster: bool) -> tern::store::RedisStore {
     })
 }
 
-async fn certs_import(
-    dir: PathBuf,
-    url: String,
-    cluster: bool,
-    layout: tern::tools::Layout,
-    prefix: &str,
-) -> Result<()> {
-    let store = redis_store(url, cluster);
-    let report = tern::tools::import_dir(&dir, &store, layout, prefix).await?;
-    for (file, reason) in &report.skipped {
-        println!("skipped {}: {reason}", file.display());
-    }
-    let rate = report.imported as f64 / report.write_time.as_secs_f64().max(1e-9);
-    println!(
-        "imported {} pair(s), skipped {}; validated in {:.2?}, written in {:.2?} ({rate:.0} pairs/s)",
-        report.imported,
-        report.skipped.len(),
-        report.validate_time,
-        report.write_time
-    );
-    if report.imported == 0 {
-        bail!("nothing imported from {}: no valid <name>.crt / <name>.key pair", dir.display());
-    }
-    Ok(())
-}
-
 async fn check(path: PathBuf) -> Result<()> {
     let config = Config::load(&path)?;
     let certs = config.certificates.clone();
-    tokio::task::spawn_blocking(move || tern::select::StaticCerts::load(&certs)).await??;
-    let runtime = plugin::runtime_for(&config.plugins)?;
-    let plugins = plugin::load_all(&runtime, &config.plugins, &tern::server::stores_for(&config)).await?;
+    let plugins = async {
+        tokio::task::spawn_blocking(move || tern::select::StaticCerts::load(&certs)).await??;
+        let runtime = plugin::runtime_for(&config.plugins)?;
+        anyhow::Ok(plugin::load_all(&runtime, &config.plugins, &tern::server::stores_for(&config)).await?)
+    }
+    .await
+    .with_context(|| format!("{}: not usable", path.display()))?;
     println!(
         "{}: ok ({} listener(s), {} certificate(s), {} plugin(s) compiled)",
         path.display(),
@@ -331,152 +269,4 @@ async fn check(path: PathBuf) -> Result<()> {
         plugins.len()
     );
     Ok(())
-}
-
-async fn plugin_call(args: CallArgs) -> Result<()> {
-    let CallArgs { plugin: path, servername, settings: raw_settings, files, redis, cluster, kv_prefixes, .. } = args;
-    let name = ServerName::parse(&servername).map_err(|e| anyhow::anyhow!("server name {servername:?}: {e}"))?;
-    let mut settings = std::collections::BTreeMap::new();
-    for pair in raw_settings {
-        let Some((k, v)) = pair.split_once('=') else { bail!("--setting {pair:?}: expected KEY=VALUE") };
-        settings.insert(k.to_string(), v.to_string());
-    }
-    let mut stores = plugin::Stores::new();
-    let kv = redis.map(|url| {
-        stores.insert("cli".into(), std::sync::Arc::new(redis_store(url, cluster)));
-        let prefixes = if kv_prefixes.is_empty() { vec![String::new()] } else { kv_prefixes };
-        tern::config::KvGrant { store: "cli".into(), prefixes }
-    });
-    let plugin_settings = PluginSettings {
-        name: path.file_stem().map_or_else(|| "plugin".into(), |s| s.to_string_lossy().into_owned()),
-        path: path.clone(),
-        timeout: tern::config::parse_duration(&args.timeout).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?,
-        memory_limit: usize::try_from(
-            tern::config::parse_size(&args.memory_limit).map_err(|e| anyhow::anyhow!("--memory-limit: {e}"))?,
-        )?,
-        max_concurrency: 1,
-        max_calls_per_second: None,
-        max_calls_per_second_per_client: None,
-        breaker_threshold: 0,
-        breaker_cooldown: Default::default(),
-        settings,
-        grants: Grants { files, kv, http: None },
-        probe_names: Vec::new(),
-        on_swap: Default::default(),
-    };
-    let runtime = plugin::PluginRuntime::new(plugin_settings.memory_limit.max(defaults::PLUGIN_MEMORY_LIMIT), 4)?;
-    let compile_started = Instant::now();
-    let loaded = plugin::load_all(&runtime, std::slice::from_ref(&plugin_settings), &stores).await?;
-    let compiled_in = compile_started.elapsed();
-    let plugin = loaded.into_iter().next().context("plugin did not load")?;
-    let call_started = Instant::now();
-    let answer = plugin.select(&name).await;
-    let called_in = call_started.elapsed();
-    println!("plugin:     {} (compiled in {compiled_in:.1?})", path.display());
-    println!("servername: {name}");
-    println!("call took:  {called_in:.1?}");
-    let memory = plugin.stats().peak_memory_bytes.load(std::sync::atomic::Ordering::Relaxed);
-    if memory > 0 {
-        println!("memory:     {:.1} MiB of linear memory", memory as f64 / f64::from(1 << 20));
-    }
-    match answer {
-        Err(err) => {
-            println!("result:     FAILED ({}): {err}", err.kind());
-            std::process::exit(1);
-        }
-        Ok(Selection::NotFound) => {
-            println!("result:     not-found (the listener's default certificate or strict alert applies)")
-        }
-        Ok(Selection::Found { chain, key, ttl }) => {
-            println!(
-                "result:     found, {} bytes of chain, ttl hint {}",
-                chain.len(),
-                ttl.map_or("none".into(), |t| format!("{t:?}"))
-            );
-            // The same checks as serving (key matches leaf, leaf covers the name, valid now).
-            match tern::certs::validate_answer(chain.as_bytes(), key.as_bytes(), &name) {
-                Err(err) => {
-                    println!("validation: REJECTED: {err}");
-                    std::process::exit(1);
-                }
-                Ok(parsed) => {
-                    println!("subject alt names: {}", parsed.dns_names.join(", "));
-                    println!("issuer:     {}", parsed.issuer);
-                    println!("expires in: {}", humanize(parsed.remaining_validity()));
-                    println!("key:        matches the leaf");
-                    println!("validation: ok, covers {name}");
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-async fn tickets(command: TicketsCommand) -> Result<()> {
-    let (path, lead) = match &command {
-        TicketsCommand::Status { config } => (config, None),
-        TicketsCommand::Rotate { config, lead } => {
-            (config, Some(tern::config::parse_duration(lead).map_err(|e| anyhow::anyhow!("--lead: {e}"))?))
-        }
-    };
-    let config = Config::load(path)?;
-    let settings = &config.resumption;
-    let Some(store_name) = &settings.store else {
-        bail!("{}: [resumption] has no redis store: ticket keys are local to each node", path.display())
-    };
-    let stores = tern::server::stores_for(&config);
-    let store = stores.get(store_name).cloned().context("the [resumption] store is not defined")?;
-    let (keys, schedule) = tern::resumption::fleet_keys(settings, store).context("[resumption] has no secret")?;
-    let now = tern::resumption::tickets::now_ms();
-    let age = |ms: u64| {
-        let secs = (now as i64 - ms as i64) / 1000;
-        if secs >= 0 { format!("{secs}s ago") } else { format!("in {}s", -secs) }
-    };
-    if let Some(lead) = lead {
-        let key = keys.rotate(&schedule, &format!("{}-cli", settings.node), lead).await?;
-        println!(
-            "rotated: slot {} generation {}, encrypting on every node {}",
-            key.slot,
-            key.generation,
-            age(key.activate_ms)
-        );
-        return Ok(());
-    }
-    let current = schedule.slot_at(now);
-    println!(
-        "rotation every {:?}, tickets live {:?}: {} previous slot(s) + current + next accepted",
-        settings.ticket_rotation, settings.ticket_lifetime, schedule.window
-    );
-    println!("{:>12} {:>4} {:>10}  {:<28} {:<14} {:<14} secret", "slot", "gen", "", "made by", "made", "active");
-    let status = keys.status(&schedule).await?;
-    for slot in schedule.accepted(now) {
-        let label = match slot.cmp(&current) {
-            std::cmp::Ordering::Less => "previous",
-            std::cmp::Ordering::Equal => "CURRENT",
-            std::cmp::Ordering::Greater => "next",
-        };
-        let mut any = false;
-        for key in status.iter().filter(|k| k.slot == slot) {
-            any = true;
-            println!(
-                "{:>12} {:>4} {:>10}  {:<28} {:<14} {:<14} {}",
-                slot,
-                key.generation,
-                label,
-                key.node,
-                age(key.created_ms),
-                age(key.activate_ms),
-                if key.opens { "opens" } else { "DIFFERENT SECRET" }
-            );
-        }
-        if !any {
-            println!("{slot:>12} {:>4} {label:>10}  (no key yet)", "-");
-        }
-    }
-    Ok(())
-}
-
-fn humanize(d: std::time::Duration) -> String {
-    let days = d.as_secs() / 86_400;
-    if days > 0 { format!("{days} days") } else { format!("{:?}", d) }
 }

@@ -10,8 +10,8 @@ use std::time::Duration;
 pub struct Metrics {
     /// Handshakes completed.
     pub handshakes_ok: AtomicU64,
-    /// Handshakes that failed before a certificate was chosen, by [`crate::select::SelectError::kind`].
-    pub handshake_failures: FailureCounters,
+    /// Handshakes that failed before a certificate was chosen, by [`crate::failure::FailureKind`].
+    pub handshake_failures: crate::failure::FailureCounters,
     /// Handshakes that failed in TLS itself (protocol error, client gave up) after selection.
     pub handshakes_tls_error: AtomicU64,
     /// Handshakes cut off by the handshake deadline.
@@ -93,42 +93,6 @@ pub struct Gauges {
     pub clients_open: AtomicU64,
     /// Backend connection permits taken now.
     pub backends_open: AtomicU64,
-}
-
-/// Failure counters by kind; the labels are [`crate::select::SelectError::kind`] values.
-#[derive(Debug, Default)]
-pub struct FailureCounters {
-    /// `no_sni`
-    pub no_sni: AtomicU64,
-    /// `malformed_sni`
-    pub malformed_sni: AtomicU64,
-    /// `unknown_name`
-    pub unknown_name: AtomicU64,
-    /// `plugin`
-    pub plugin: AtomicU64,
-    /// `plugin_unavailable` (its store is down, or its rate cap or breaker shed the call)
-    pub plugin_unavailable: AtomicU64,
-    /// `bad_certificate`
-    pub bad_certificate: AtomicU64,
-}
-
-impl FailureCounters {
-    /// Every kind label with its counter.
-    pub fn all(&self) -> [(&'static str, &AtomicU64); 6] {
-        [
-            ("no_sni", &self.no_sni),
-            ("malformed_sni", &self.malformed_sni),
-            ("unknown_name", &self.unknown_name),
-            ("plugin", &self.plugin),
-            ("plugin_unavailable", &self.plugin_unavailable),
-            ("bad_certificate", &self.bad_certificate),
-        ]
-    }
-
-    /// The counter for a failure kind label.
-    pub fn by_kind(&self, kind: &str) -> Option<&AtomicU64> {
-        self.all().into_iter().find(|(label, _)| *label == kind).map(|(_, counter)| counter)
-    }
 }
 
 /// Upper bounds of the latency buckets, in microseconds (Prometheus `le`, plus +Inf).
@@ -233,7 +197,7 @@ impl Metrics {
         x.family("tern_handshakes_total", "counter", "TLS handshakes by outcome.");
         x.sample("tern_handshakes_total", "outcome=\"ok\"", get(&self.handshakes_ok));
         for (kind, counter) in self.handshake_failures.all() {
-            x.sample("tern_handshakes_total", &format!("outcome=\"{kind}\""), get(counter));
+            x.sample("tern_handshakes_total", &format!("outcome=\"{}\"", kind.label()), get(counter));
         }
         x.sample("tern_handshakes_total", "outcome=\"tls_error\"", get(&self.handshakes_tls_error));
         x.sample("tern_handshakes_total", "outcome=\"timeout\"", get(&self.handshakes_timeout));

@@ -9,10 +9,64 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::cache::CertCache;
-use crate::certs;
-use crate::config::{Config, OnSwap, PluginSettings};
-use crate::plugin::{Plugin, PluginRuntime, PluginSlot, Selection, Stores};
-use crate::sni::ServerName;
+use crate::certs::{self, CertError};
+use crate::config::{Config, ConfigError, OnSwap, PluginSettings};
+use crate::plugin::{Plugin, PluginError, PluginLoadError, PluginRuntime, PluginSlot, Selection};
+use crate::sni::{MalformedName, ServerName};
+use crate::store::Stores;
+
+/// Why a reload of the config, or of one plugin, was refused. The running build keeps serving.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReloadError {
+    /// The config file no longer loads.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The plugin's component file could not be read.
+    #[error("{}: {message}", path.display())]
+    Read {
+        /// The component file.
+        path: PathBuf,
+        /// The I/O error.
+        message: String,
+    },
+    /// The new build does not compile or link.
+    #[error(transparent)]
+    Load(#[from] PluginLoadError),
+    /// A probe name in the config is not a server name.
+    #[error("probe name {name:?}: {source}")]
+    ProbeName {
+        /// As written.
+        name: String,
+        /// Why it is not one.
+        source: MalformedName,
+    },
+    /// The new build failed a probe call.
+    #[error("probe {name}: {source}")]
+    ProbeFailed {
+        /// The probe name.
+        name: ServerName,
+        /// What the call came to.
+        source: PluginError,
+    },
+    /// The new build has no certificate for a probe name.
+    #[error("probe {name}: the new build has no certificate for it")]
+    ProbeNotFound {
+        /// The probe name.
+        name: ServerName,
+    },
+    /// The new build answered a probe with a certificate serving would refuse.
+    #[error("probe {name}: {source}")]
+    ProbeRefused {
+        /// The probe name.
+        name: ServerName,
+        /// Why it was refused.
+        source: CertError,
+    },
+    /// A blocking task of the reload did not finish (it panicked or the runtime is shutting down).
+    #[error("reload task did not finish: {0}")]
+    Task(String),
+}
 
 /// Rebuilds and swaps plugins from the config file.
 #[derive(Debug)]
@@ -56,14 +110,14 @@ impl Reloader {
         let _running = self.running.lock().await;
         let mut report = ReloadReport::default();
         let path = self.config_path.clone();
-        let config = match tokio::task::spawn_blocking(move || Config::load(&path)).await {
-            Ok(Ok(config)) => config,
-            Ok(Err(err)) => {
-                tracing::error!(error = %err, "reload refused: config invalid, everything keeps running as it was");
-                report.rejected.push(("config".into(), err.to_string()));
-                return report;
-            }
+        let loaded = match tokio::task::spawn_blocking(move || Config::load(&path)).await {
+            Ok(loaded) => loaded.map_err(ReloadError::from),
+            Err(err) => Err(ReloadError::Task(err.to_string())),
+        };
+        let config = match loaded {
+            Ok(config) => config,
             Err(err) => {
+                tracing::error!(error = %err, "reload refused: config invalid, everything keeps running as it was");
                 report.rejected.push(("config".into(), err.to_string()));
                 return report;
             }
@@ -87,8 +141,8 @@ impl Reloader {
                 }
                 Err(reason) => {
                     tracing::error!(plugin = %settings.name, reason = %reason, "plugin reload rejected, the running build keeps serving");
-                    slot.record_error(reason.clone());
-                    report.rejected.push((settings.name.clone(), reason));
+                    slot.record_error(reason.to_string());
+                    report.rejected.push((settings.name.clone(), reason.to_string()));
                 }
             }
         }
@@ -101,13 +155,13 @@ impl Reloader {
     }
 
     /// A new build for `slot` if its component or settings changed and the build passes; `None` if unchanged.
-    async fn rebuild(&self, slot: &PluginSlot, settings: &PluginSettings) -> Result<Option<Plugin>, String> {
+    async fn rebuild(&self, slot: &PluginSlot, settings: &PluginSettings) -> Result<Option<Plugin>, ReloadError> {
         let current = slot.current();
         let path = settings.path.clone();
         let bytes = tokio::task::spawn_blocking(move || std::fs::read(&path))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("{}: {e}", settings.path.display()))?;
+            .map_err(|e| ReloadError::Task(e.to_string()))?
+            .map_err(|e| ReloadError::Read { path: settings.path.clone(), message: e.to_string() })?;
         // Same component, same section: nothing to compile (a reload touches every plugin).
         if crate::plugin::sha256_hex(&bytes) == current.sha256() && settings == current.source() {
             return Ok(None);
@@ -116,22 +170,23 @@ impl Reloader {
         // Compiling is CPU work of tens of milliseconds: a blocking thread, not a worker.
         let plugin = tokio::task::spawn_blocking(move || runtime.load_bytes(&new_settings, &bytes, &stores))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ReloadError::Task(e.to_string()))??;
         probe(&plugin, &settings.probe_names).await?;
         Ok(Some(plugin))
     }
 }
 
 /// Every probe name must get a valid certificate from the new build.
-async fn probe(plugin: &Plugin, names: &[String]) -> Result<(), String> {
+async fn probe(plugin: &Plugin, names: &[String]) -> Result<(), ReloadError> {
     for raw in names {
-        let name = ServerName::parse(raw).map_err(|e| format!("probe name {raw:?}: {e}"))?;
-        match plugin.select(&name).await.map_err(|e| format!("probe {name}: {e}"))? {
-            Selection::NotFound => return Err(format!("probe {name}: the new build has no certificate for it")),
-            Selection::Found { chain, key, .. } => {
-                certs::validate_answer(chain.as_bytes(), key.as_bytes(), &name)
-                    .map_err(|e| format!("probe {name}: {e}"))?;
+        let name = ServerName::parse(raw).map_err(|source| ReloadError::ProbeName { name: raw.clone(), source })?;
+        match plugin.select(&name).await {
+            Err(source) => return Err(ReloadError::ProbeFailed { name, source }),
+            Ok(Selection::NotFound) => return Err(ReloadError::ProbeNotFound { name }),
+            Ok(Selection::Found { chain, key, .. }) => {
+                if let Err(source) = certs::validate_answer(chain.as_bytes(), key.as_bytes(), &name) {
+                    return Err(ReloadError::ProbeRefused { name, source });
+                }
             }
         }
     }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::cache::{Answer, CacheKey, Cached, CertCache, Lookup};
 use crate::certs::{self, CertError, ParsedCert};
 use crate::config::StaticCertSettings;
+use crate::failure::{Blame, FailureKind, event_at};
 use crate::metrics::{Metrics, inc};
 use crate::plugin::{Plugin, PluginError, PluginSlot, Selection};
 use crate::sni::{MalformedName, ServerName};
@@ -61,37 +62,32 @@ pub enum SelectError {
     },
 }
 
-/// Whose fault a failed selection was: decides the log level (client faults are routine noise on the internet,
-/// plugin faults need an operator).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Blame {
-    /// The client asked for something we do not serve.
-    Client,
-    /// The plugin, or what it read, misbehaved.
-    Plugin,
-    /// A store the plugin depends on is down.
-    Store,
-}
-
 impl SelectError {
     /// Metric and log label; one per variant.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> FailureKind {
         match self {
-            SelectError::NoServerName => "no_sni",
-            SelectError::Malformed(_) => "malformed_sni",
-            SelectError::UnknownName { .. } => "unknown_name",
-            SelectError::Unavailable { .. } => "plugin_unavailable",
-            SelectError::Plugin { .. } => "plugin",
-            SelectError::BadCertificate { .. } => "bad_certificate",
+            SelectError::NoServerName => FailureKind::NoSni,
+            SelectError::Malformed(_) => FailureKind::MalformedSni,
+            SelectError::UnknownName { .. } => FailureKind::UnknownName,
+            SelectError::Unavailable { .. } => FailureKind::PluginUnavailable,
+            SelectError::Plugin { .. } => FailureKind::Plugin,
+            SelectError::BadCertificate { .. } => FailureKind::BadCertificate,
         }
     }
 
     /// Whose fault it was.
     pub fn blame(&self) -> Blame {
+        self.kind().blame()
+    }
+
+    /// How loudly to log it: client faults at info (routine on the internet), plugin faults and store outages at
+    /// warn, calls the rate cap or breaker shed at debug (the breaker logs when it opens, the counters count every
+    /// shed call: a flood of them must not flood the log).
+    pub fn level(&self) -> tracing::Level {
         match self {
-            SelectError::NoServerName | SelectError::Malformed(_) | SelectError::UnknownName { .. } => Blame::Client,
-            SelectError::Plugin { .. } | SelectError::BadCertificate { .. } => Blame::Plugin,
-            SelectError::Unavailable { .. } => Blame::Store,
+            SelectError::Unavailable { source, .. } if source.is_shed() => tracing::Level::DEBUG,
+            _ if self.blame() == Blame::Client => tracing::Level::INFO,
+            _ => tracing::Level::WARN,
         }
     }
 }
@@ -139,7 +135,7 @@ pub enum StaticCertError {
         /// Its name in the config.
         name: String,
         /// What went wrong.
-        source: certs::LoadError,
+        source: certs::CertLoadError,
     },
     /// It is listed for a name it does not cover.
     #[error("certificate {name:?}: names: {source}")]
@@ -270,13 +266,7 @@ impl Selector {
             // A store outage is not the name's fault: the listener's fallback applies, as for an unknown name.
             Err(failure) => match describe(&failure) {
                 outage @ SelectError::Unavailable { .. } => {
-                    // A flood of shed calls must not flood the log: the breaker logs when it opens, the
-                    // counters count every shed call; a store outage is worth a line each.
-                    if matches!(&*failure, LoadFailure::Plugin(PluginError::StoreUnavailable(_))) {
-                        tracing::warn!(servername = %name, cause = %outage, "store unavailable, applying the listener's fallback");
-                    } else {
-                        tracing::debug!(servername = %name, cause = %outage, "plugin call shed, applying the listener's fallback");
-                    }
+                    event_at!(outage.level(), servername = %name, cause = %outage, "plugin unavailable, applying the listener's fallback");
                     return self.fallback(policy, outage);
                 }
                 other => return Err(other),

@@ -11,11 +11,12 @@ use tokio::sync::Semaphore;
 use crate::cache::CertCache;
 use crate::clip::Clip;
 use crate::config::{Config, Fallback, ListenerSettings};
+use crate::failure::{Blame, event_at};
 use crate::metrics::{Metrics, inc};
-use crate::plugin::{self, LoadError, PluginSlot};
+use crate::plugin::{self, PluginLoadError, PluginSlot};
 use crate::proxy::Proxy;
 use crate::resumption::{Resumption, scope_of};
-use crate::select::{Blame, Policy, Selector, StaticCertError, StaticCerts};
+use crate::select::{Policy, Selector, StaticCertError, StaticCerts};
 use crate::tls::{self, Outcome, Refusal, TlsTemplate};
 
 /// Why the server could not start.
@@ -27,7 +28,7 @@ pub enum StartError {
     StaticCert(#[from] StaticCertError),
     /// A plugin could not be loaded.
     #[error(transparent)]
-    Plugin(#[from] LoadError),
+    Plugin(#[from] PluginLoadError),
     /// A listener could not bind its address.
     #[error("listener {listener:?}: cannot bind {addr}: {source}")]
     Bind {
@@ -48,6 +49,14 @@ pub enum StartError {
         /// What is wrong.
         message: String,
     },
+    /// A start-up task on a blocking thread did not finish (it panicked or the runtime is shutting down).
+    #[error("start-up task {task} did not finish: {message}")]
+    Task {
+        /// What the task was doing.
+        task: &'static str,
+        /// The join error.
+        message: String,
+    },
     /// TLS settings were refused by rustls.
     #[error("listener {listener:?}: TLS settings: {source}")]
     Tls {
@@ -65,13 +74,15 @@ pub struct Server {
     /// Compiles replacement plugin builds on reload.
     runtime: plugin::PluginRuntime,
     /// Redis stores by name, for replacement builds' grants.
-    stores: plugin::Stores,
+    stores: crate::store::Stores,
     /// The admin listener, bound, with its settings.
     admin: Option<(TcpListener, crate::config::AdminSettings)>,
     /// The file-descriptor budget and the permits that enforce it.
     budgets: Budgets,
-    /// Automatic reload settings, and the config file they watch.
-    reload: (crate::config::ReloadSettings, std::path::PathBuf),
+    /// Automatic reload settings.
+    reload: crate::config::ReloadSettings,
+    /// The config file the server was built from: reloads read it again.
+    config_path: std::path::PathBuf,
     /// How long in-flight connections may take to finish on shutdown.
     shutdown_grace: Duration,
     /// Tells open connections to finish their current requests and close (graceful shutdown).
@@ -156,7 +167,7 @@ impl Server {
         let certificate_settings = config.certificates.clone();
         let statics = tokio::task::spawn_blocking(move || StaticCerts::load(&certificate_settings))
             .await
-            .map_err(|e| LoadError::Runtime(e.to_string()))??;
+            .map_err(|e| StartError::Task { task: "loading static certificates", message: e.to_string() })??;
         let stores = stores_for(&config);
         let invalidation =
             config.invalidation.as_ref().and_then(|i| Some((stores.get(&i.store)?.clone(), i.channel.clone())));
@@ -196,7 +207,8 @@ impl Server {
             listeners,
             admin,
             budgets,
-            reload: (config.reload.clone(), config.source.clone()),
+            reload: config.reload.clone(),
+            config_path: config.source.clone(),
             shutdown_grace: config.server.shutdown_grace,
             draining,
             runtime,
@@ -297,7 +309,7 @@ impl Server {
     /// [`crate::reload`]).
     pub fn reloader(&self) -> Arc<crate::reload::Reloader> {
         Arc::new(crate::reload::Reloader::new(
-            self.reload.1.clone(),
+            self.config_path.clone(),
             self.runtime.clone(),
             self.stores.clone(),
             self.plugins.clone(),
@@ -333,8 +345,8 @@ impl Server {
             tasks.spawn(listen_for_invalidations(store, channel, self.selector.cache().clone()));
         }
         self.resumption.spawn(&mut tasks);
-        if self.reload.0.watch {
-            tasks.spawn(crate::reload::watch(reloader.clone(), self.reload.0.watch_interval));
+        if self.reload.watch {
+            tasks.spawn(crate::reload::watch(reloader.clone(), self.reload.watch_interval));
         }
         #[cfg(unix)]
         tasks.spawn(reload_on_sighup(reloader.clone()));
@@ -406,7 +418,7 @@ async fn reload_on_sighup(reloader: Arc<crate::reload::Reloader>) {
 }
 
 /// One client per `[[redis]]` section (they connect on first use).
-pub fn stores_for(config: &Config) -> plugin::Stores {
+pub fn stores_for(config: &Config) -> crate::store::Stores {
     config.redis.iter().map(|r| (r.name.clone(), Arc::new(crate::store::RedisStore::new(r.clone())))).collect()
 }
 
@@ -516,23 +528,16 @@ impl ListenerCtx {
         }
     }
 
-    /// One log line and one counter per refused handshake; plugin faults at warn, client faults at info.
+    /// One log line and one counter per refused handshake, at the level the failure calls for.
     fn refused(&self, peer: SocketAddr, refusal: &Refusal) {
         let err = &refusal.error;
-        if let Some(counter) = self.metrics.handshake_failures.by_kind(err.kind()) {
-            inc(counter);
-        }
-        let (listener, servername, kind) = (&*self.name, Clip(refusal.servername.as_deref().unwrap_or("")), err.kind());
+        inc(self.metrics.handshake_failures.by(err.kind()));
+        let (listener, servername, kind) =
+            (&*self.name, Clip(refusal.servername.as_deref().unwrap_or("")), err.kind().label());
         // The cause may quote the name (malformed SNI): clip it too.
         let cause = err.to_string();
         let cause = crate::clip::ClipCause(&cause);
-        match err.blame() {
-            Blame::Client => {
-                tracing::info!(listener, %peer, %servername, kind, %cause, "handshake refused")
-            }
-            Blame::Plugin | Blame::Store => {
-                tracing::warn!(listener, %peer, %servername, kind, %cause, "handshake failed")
-            }
-        }
+        let what = if err.blame() == Blame::Client { "handshake refused" } else { "handshake failed" };
+        event_at!(err.level(), listener, %peer, %servername, kind, %cause, "{what}");
     }
 }

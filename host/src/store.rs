@@ -93,6 +93,11 @@ impl RedisStore {
         &self.settings.name
     }
 
+    /// `PING`: whether the store answers at all (a command-line tool asks before it relies on it).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.query::<String>(&redis::cmd("PING")).await.map(drop)
+    }
+
     /// `GET key`.
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.query(redis::cmd("GET").arg(key)).await
@@ -283,5 +288,39 @@ impl RedisStore {
                 .set_response_timeout(Some(s.timeout));
             Ok(Connection::Standalone(ConnectionManager::new_with_config(client, config).await.map_err(failed)?))
         }
+    }
+}
+
+/// The Redis stores of a config, by their `[[redis]] name`.
+#[derive(Debug, Clone, Default)]
+pub struct Stores {
+    by_name: std::collections::HashMap<String, std::sync::Arc<RedisStore>>,
+}
+
+impl Stores {
+    /// No stores.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) the store called `name`.
+    pub fn insert(&mut self, name: String, store: std::sync::Arc<RedisStore>) {
+        self.by_name.insert(name, store);
+    }
+
+    /// The store called `name`.
+    pub fn get(&self, name: &str) -> Option<&std::sync::Arc<RedisStore>> {
+        self.by_name.get(name)
+    }
+
+    /// Every store, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &std::sync::Arc<RedisStore>)> {
+        self.by_name.iter()
+    }
+}
+
+impl FromIterator<(String, std::sync::Arc<RedisStore>)> for Stores {
+    fn from_iter<I: IntoIterator<Item = (String, std::sync::Arc<RedisStore>)>>(iter: I) -> Self {
+        Self { by_name: iter.into_iter().collect() }
     }
 }

@@ -1,6 +1,6 @@
 //! The certificate cache: hits never call the plugin, concurrent misses share one call; latency figures.
 
-use tern::demo::spawn_echo_backend;
+use tern_fixtures::spawn_echo_backend;
 
 use crate::support::*;
 
@@ -13,14 +13,14 @@ async fn cache_hit_does_not_call_the_plugin() -> anyhow::Result<()> {
         let stream = connect(server.addr, &client, "a.test").await?;
         assert_eq!(served_leaf(&stream), pki.leaf("a.test"));
     }
-    assert_eq!(counter(&server.plugin_stats().calls), 1);
+    assert_eq!(server.plugin_stats().calls(), 1);
     assert_eq!((counter(&server.metrics.cache_misses), counter(&server.metrics.cache_hits)), (1, 4));
     // Case and a trailing dot do not make a new cache entry.
     connect(server.addr, &client, "A.Test.").await.map(|_| ()).or_else(|e| {
         // rustls clients may refuse to send a trailing dot; the normalisation itself is unit-tested.
         if e.kind() == std::io::ErrorKind::InvalidInput { Ok(()) } else { Err(e) }
     })?;
-    assert_eq!(counter(&server.plugin_stats().calls), 1);
+    assert_eq!(server.plugin_stats().calls(), 1);
     Ok(())
 }
 
@@ -46,7 +46,7 @@ async fn concurrent_misses_for_one_name_make_one_plugin_call() -> anyhow::Result
     for handshake in handshakes {
         assert_eq!(handshake.await??, pki.leaf("slow.test"));
     }
-    assert_eq!(counter(&server.plugin_stats().calls), 1);
+    assert_eq!(server.plugin_stats().calls(), 1);
     Ok(())
 }
 
@@ -64,6 +64,6 @@ async fn selection_latency_figures() -> anyhow::Result<()> {
     let server =
         TestServer::start(&basic_config(&pki, spawn_echo_backend().await?, "strict = true"), pki.dir.path()).await?;
     print_selection_latency(&server, &names, "file-path plugin").await?;
-    assert_eq!(counter(&server.plugin_stats().calls), N as u64);
+    assert_eq!(server.plugin_stats().calls(), N as u64);
     Ok(())
 }

@@ -93,7 +93,7 @@ async fn sighup_reloads_plugins_and_sigterm_lets_a_slow_request_finish() -> anyh
     let pki = Pki::new(&["default.test", "a.test"])?;
     pki.issue_as("a.test.v2", &["a.test"])?;
     let config = pki.path("tern.toml");
-    let backend = tern::demo::spawn_echo_backend().await?;
+    let backend = tern_fixtures::spawn_echo_backend().await?;
     let v1 = basic_config(&pki, backend, "default_certificate = \"default\"")
         .replace("[[listener]]", "on_swap = \"flush\"\n[[listener]]")
         + "\n[admin]\nbind = \"127.0.0.1:0\"\n";
@@ -144,7 +144,7 @@ async fn sighup_reloads_plugins_and_sigterm_lets_a_slow_request_finish() -> anyh
 async fn run_serves_with_json_logs_until_sigterm_and_exits_cleanly() -> anyhow::Result<()> {
     let pki = Pki::new(&["default.test", "a.test"])?;
     let config = pki.path("tern.toml");
-    let backend = tern::demo::spawn_echo_backend().await?;
+    let backend = tern_fixtures::spawn_echo_backend().await?;
     let text = basic_config(&pki, backend, "default_certificate = \"default\"") + "\n[log]\nformat = \"json\"\n";
     std::fs::write(&config, text)?;
     let (mut child, addr, log) = spawn_tern(&config).await?;
@@ -177,7 +177,7 @@ async fn run_serves_with_json_logs_until_sigterm_and_exits_cleanly() -> anyhow::
 async fn operator_errors_name_the_file_print_each_cause_once_and_never_a_backtrace() -> anyhow::Result<()> {
     let pki = Pki::new(&["default.test"])?;
     let config = pki.path("tern.toml");
-    let base = basic_config(&pki, tern::demo::spawn_echo_backend().await?, "default_certificate = \"default\"");
+    let base = basic_config(&pki, tern_fixtures::spawn_echo_backend().await?, "default_certificate = \"default\"");
     let check = |text: String| {
         let config = config.clone();
         async move {

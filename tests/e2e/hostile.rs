@@ -5,10 +5,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use tern::failure::FailureKind;
+use tern::plugin::Outcome;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use tern::demo::spawn_echo_backend;
+use tern_fixtures::spawn_echo_backend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::*;
@@ -201,11 +203,7 @@ async fn client_chosen_names_and_errors_cannot_open_the_breaker() -> anyhow::Res
         assert_eq!(served_leaf(&stream), pki.leaf("default.test"), "unknown long name gets the default");
     }
     let stats = server.plugin_stats();
-    assert_eq!(
-        (counter(&stats.errors), counter(&stats.not_found)),
-        (0, 10),
-        "a name that cannot be stored is not found"
-    );
+    assert_eq!((stats.errors(), stats.count(Outcome::NotFound)), (0, 10), "a name that cannot be stored is not found");
     assert_eq!(served_leaf(&connect(server.addr, &client, "g0.test").await?), pki.leaf("g0.test"));
     drop(server);
 
@@ -217,7 +215,7 @@ async fn client_chosen_names_and_errors_cannot_open_the_breaker() -> anyhow::Res
         assert_eq!(alert_of(&err), Some(REFUSED), "{err}");
     }
     assert_eq!(served_leaf(&connect(server.addr, &client, "g1.test").await?), pki.leaf("g1.test"));
-    assert_eq!(counter(&server.plugin_stats().circuit_open), 0);
+    assert_eq!(server.plugin_stats().count(Outcome::CircuitOpen), 0);
     Ok(())
 }
 
@@ -277,8 +275,8 @@ async fn an_expired_certificate_is_refused_counted_and_not_fetched_again() -> an
         let err = connect(server.addr, &client, name).await.unwrap_err();
         assert_eq!(alert_of(&err), Some(REFUSED), "{name}: {err}");
     }
-    assert_eq!(counter(&server.plugin_stats().calls), 2, "the refused answer is cached briefly");
-    assert_eq!(counter(&server.metrics.handshake_failures.bad_certificate), 4);
+    assert_eq!(server.plugin_stats().calls(), 2, "the refused answer is cached briefly");
+    assert_eq!(counter(server.metrics.handshake_failures.by(FailureKind::BadCertificate)), 4);
     assert_eq!(counter(&server.metrics.certificates_out_of_validity), 2);
     Ok(())
 }
@@ -756,13 +754,13 @@ async fn one_client_flooding_random_names_cannot_spend_the_plugin_rate_cap_of_ot
         let _ = connect_from("127.0.0.1", server.addr, &client, &format!("junk{i}.flood.test")).await;
     }
     let stats = server.plugin_stats();
-    let spent = counter(&stats.calls);
+    let spent = stats.calls();
     // A burst of 5, plus 5 per second of refill while the flood ran.
     let allowed = 5 + (started.elapsed().as_secs_f64() * 5.0).ceil() as u64;
     assert!(spent <= allowed, "{spent} calls for one client network (share 5/s, {allowed} allowed)");
     // Another network, at once: still within the overall cap.
     let stream = connect_from("127.0.1.1", server.addr, &client, "g0.test").await?;
     assert_eq!(served_leaf(&stream), pki.leaf("g0.test"), "a real name from another client was shed");
-    assert_eq!(counter(&stats.client_rate_limited), 40 - spent);
+    assert_eq!(stats.count(Outcome::ClientRateLimited), 40 - spent);
     Ok(())
 }

@@ -5,11 +5,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use tern::plugin::Outcome;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use tern::demo::spawn_echo_backend;
+use tern_fixtures::spawn_echo_backend;
 
 use crate::support::*;
 
@@ -94,7 +95,7 @@ async fn http_api_plugin_serves_each_name_its_certificate() -> anyhow::Result<()
     // 404 for the name and its wildcard: the default certificate.
     let stream = handshake(server.addr, &client, None, "default.test").await?;
     assert_eq!(served_leaf(&stream), pki.leaf("default.test"));
-    assert_eq!(counter(&server.plugin_stats().found), 2);
+    assert_eq!(server.plugin_stats().count(Outcome::Found), 2);
     assert_eq!(api.requests.load(Ordering::SeqCst), 3, "a, x.wild (404) and *.wild");
     Ok(())
 }
@@ -109,7 +110,7 @@ async fn hosts_outside_the_allow_list_are_refused_and_big_answers_are_cut_off() 
     let server = TestServer::start(&config, pki.dir.path()).await?;
     let err = connect(server.addr, &pki.client(&[]), "a.example.test").await.unwrap_err();
     assert_eq!(alert_of(&err), Some(REFUSED), "{err}");
-    assert_eq!(counter(&server.plugin_stats().errors), 1);
+    assert_eq!(server.plugin_stats().errors(), 1);
     assert_eq!(api.requests.load(Ordering::SeqCst), 0, "a refused request must not reach the network");
     drop(server);
 
@@ -117,7 +118,7 @@ async fn hosts_outside_the_allow_list_are_refused_and_big_answers_are_cut_off() 
     let server = TestServer::start(&config, pki.dir.path()).await?;
     let err = connect(server.addr, &pki.client(&[]), "big.example.test").await.unwrap_err();
     assert_eq!(alert_of(&err), Some(REFUSED), "{err}");
-    assert_eq!(counter(&server.plugin_stats().errors), 1, "a 2 MiB answer exceeds the 64 KiB cap");
+    assert_eq!(server.plugin_stats().errors(), 1, "a 2 MiB answer exceeds the 64 KiB cap");
     connect(server.addr, &pki.client(&[]), "a.example.test").await?;
     Ok(())
 }
@@ -133,7 +134,7 @@ async fn an_https_api_with_an_unverifiable_certificate_is_an_outage_not_a_crash(
     let chain = rustls::pki_types::CertificateDer::pem_file_iter(pki.certs().join("api.test.crt"))?
         .collect::<Result<Vec<_>, _>>()?;
     let key = rustls::pki_types::PrivateKeyDer::from_pem_file(pki.certs().join("api.test.key"))?;
-    let tls = rustls::ServerConfig::builder_with_provider(tern::tls::provider().clone())
+    let tls = rustls::ServerConfig::builder_with_provider(tern::crypto::provider().clone())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(chain, key)?;
@@ -157,7 +158,7 @@ async fn an_https_api_with_an_unverifiable_certificate_is_an_outage_not_a_crash(
     let stream = sni_verified_as(server.addr, &pki, "a.example.test", "default.test").await?;
     assert_eq!(served_leaf(&stream), pki.leaf("default.test"));
     assert!(counter(&hellos) >= 1, "the plugin's HTTPS request reached the API");
-    assert_eq!(counter(&server.plugin_stats().found), 0);
+    assert_eq!(server.plugin_stats().count(Outcome::Found), 0);
     // The process is fine: the next handshake is served the same way.
     let stream = sni_verified_as(server.addr, &pki, "a.example.test", "default.test").await?;
     assert_eq!(served_leaf(&stream), pki.leaf("default.test"));

@@ -5,32 +5,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Empty};
-use tern::demo::spawn_echo_backend;
+use tern_fixtures::spawn_echo_backend;
 
 use crate::support::*;
 
 const TOKEN: &str = "admin-secret";
-
-/// One admin request; returns status and body.
-pub(crate) async fn admin(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-) -> anyhow::Result<(u16, String)> {
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
-    let mut request = http::Request::builder().method(method).uri(path).header("host", "admin");
-    if let Some(token) = token {
-        request = request.header("authorization", format!("Bearer {token}"));
-    }
-    let response = sender.send_request(request.body(Empty::<bytes::Bytes>::new())?).await?;
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
-}
 
 fn admin_section() -> String {
     format!("\n[admin]\nbind = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n")
@@ -38,22 +17,6 @@ fn admin_section() -> String {
 
 fn admin_addr_of(server: &TestServer) -> SocketAddr {
     server.addrs.iter().find(|(n, _)| n == "admin").map(|(_, a)| *a).expect("admin listener bound")
-}
-
-/// The value of one sample, found by name and labels, from Prometheus text parsed by a real parser.
-pub(crate) fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid exposition");
-    let found = scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .unwrap_or_else(|| panic!("no sample {name} {labels:?}"));
-    match found.value {
-        prometheus_parse::Value::Counter(v)
-        | prometheus_parse::Value::Gauge(v)
-        | prometheus_parse::Value::Untyped(v) => v,
-        _ => panic!("{name} is not a plain sample"),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,7 +72,7 @@ async fn cache_lookup_shows_metadata_only_and_purge_forces_a_new_plugin_call() -
     let (status, _) = admin(admin_addr, "POST", "/cache/purge?name=a.example.test", Some(TOKEN)).await?;
     assert_eq!(status, 200);
     connect(server.addr, &pki.client(&[]), "a.example.test").await?;
-    assert_eq!(counter(&server.plugin_stats().calls), 2, "purged name asks the plugin again");
+    assert_eq!(server.plugin_stats().calls(), 2, "purged name asks the plugin again");
     let (status, body) = admin(admin_addr, "GET", "/plugins", Some(TOKEN)).await?;
     assert_eq!(status, 200);
     let plugins: serde_json::Value = serde_json::from_str(&body)?;
@@ -216,14 +179,14 @@ async fn a_changed_plugin_file_is_picked_up_by_the_watcher() -> anyhow::Result<(
     let server = TestServer::start(&config, pki.dir.path()).await?;
     let client = pki.client(&[]);
     connect(server.addr, &client, "chaos.example.test").await?;
-    assert_eq!(counter(&server.plugin_stats().traps), 0);
+    assert_eq!(server.plugin_stats().traps(), 0);
     // Replace the component with the chaos plugin: its "trap" names trap, which the file-path plugin never does.
     let changed = Instant::now();
     std::fs::copy(CHAOS_PLUGIN, &plugin_copy)?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let _ = connect(server.addr, &client, "trap.example.test").await;
-        if counter(&server.plugin_stats().traps) > 0 {
+        if server.plugin_stats().traps() > 0 {
             break;
         }
         anyhow::ensure!(Instant::now() < deadline, "the new build never served");

@@ -2,8 +2,10 @@
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tern::failure::FailureKind;
+use tern::plugin::Outcome;
 
-use tern::demo::spawn_echo_backend;
+use tern_fixtures::spawn_echo_backend;
 
 use crate::support::*;
 
@@ -32,11 +34,11 @@ async fn trap_fails_one_handshake_with_an_alert_and_is_counted() -> anyhow::Resu
     assert_eq!(alert_of(&err), Some(REFUSED), "{err}");
     connect(server.addr, &client, "g0.test").await?;
     let stats = server.plugin_stats();
-    assert_eq!((counter(&stats.traps), counter(&stats.errors), counter(&stats.found)), (1, 1, 1));
-    assert_eq!(counter(&server.metrics.handshake_failures.plugin), 2);
+    assert_eq!((stats.traps(), stats.errors(), stats.count(Outcome::Found)), (1, 1, 1));
+    assert_eq!(counter(server.metrics.handshake_failures.by(FailureKind::Plugin)), 2);
     // Failures are not cached: asking again calls the plugin again.
     connect(server.addr, &client, "trap.example.test").await.unwrap_err();
-    assert_eq!(counter(&stats.traps), 2);
+    assert_eq!(stats.traps(), 2);
     Ok(())
 }
 
@@ -77,7 +79,7 @@ async fn a_plugin_spinning_forever_on_one_name_does_not_delay_other_names() -> a
         spin_finished - started
     );
     let stats = server.plugin_stats();
-    assert_eq!((counter(&stats.timeouts), counter(&stats.found)), (1, GOOD.len() as u64));
+    assert_eq!((stats.count(Outcome::Timeout), stats.count(Outcome::Found)), (1, GOOD.len() as u64));
     Ok(())
 }
 
@@ -89,7 +91,7 @@ async fn memory_bomb_hits_the_cap_and_is_counted() -> anyhow::Result<()> {
     let client = pki.client(&[]);
     let err = connect(server.addr, &client, "bomb.example.test").await.unwrap_err();
     assert_eq!(alert_of(&err), Some(REFUSED), "{err}");
-    assert_eq!(counter(&server.plugin_stats().memory_limits), 1);
+    assert_eq!(server.plugin_stats().count(Outcome::MemoryLimit), 1);
     connect(server.addr, &client, "g1.test").await?;
     Ok(())
 }
@@ -114,9 +116,9 @@ async fn garbage_pem_mismatched_key_and_wrong_name_are_refused_and_cached_briefl
         let err = connect(server.addr, &client, name).await.unwrap_err();
         assert_eq!(alert_of(&err), Some(REFUSED), "{name}: {err}");
     }
-    assert_eq!(counter(&server.metrics.handshake_failures.bad_certificate), 4);
+    assert_eq!(counter(server.metrics.handshake_failures.by(FailureKind::BadCertificate)), 4);
     // The second garbage.test is answered from the refusal cached for cache.invalid_ttl.
-    assert_eq!(counter(&server.plugin_stats().calls), 3, "refused answers are cached briefly");
+    assert_eq!(server.plugin_stats().calls(), 3, "refused answers are cached briefly");
     connect(server.addr, &client, "other.test").await?;
     Ok(())
 }
@@ -139,7 +141,7 @@ async fn plugin_cannot_read_outside_its_granted_directory() -> anyhow::Result<()
     let server = TestServer::start(&config, pki.dir.path()).await?;
     let err = connect(server.addr, &pki.client(&[]), "escape.test").await.unwrap_err();
     assert_eq!(alert_of(&err), Some(REFUSED), "{err}");
-    assert_eq!(counter(&server.plugin_stats().errors), 1);
+    assert_eq!(server.plugin_stats().errors(), 1);
     Ok(())
 }
 
@@ -159,12 +161,12 @@ async fn a_plugin_that_keeps_failing_trips_the_breaker_and_recovers() -> anyhow:
     let stream = sni_verified_as(server.addr, &pki, "g0.test", "default.test").await?;
     assert_eq!(served_leaf(&stream), pki.leaf("default.test"));
     let stats = server.plugin_stats();
-    assert_eq!((counter(&stats.calls), counter(&stats.circuit_open)), (3, 1));
+    assert_eq!((stats.calls(), stats.count(Outcome::CircuitOpen)), (3, 1));
     // After the cooldown one trial call goes through; it succeeds and closes the breaker.
     tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(served_leaf(&connect(server.addr, &client, "g0.test").await?), pki.leaf("g0.test"));
     assert_eq!(served_leaf(&connect(server.addr, &client, "g1.test").await?), pki.leaf("g1.test"));
-    assert_eq!(counter(&stats.calls), 5);
+    assert_eq!(stats.calls(), 5);
     Ok(())
 }
 
@@ -212,11 +214,11 @@ async fn a_flood_of_random_names_keeps_cache_and_plugin_calls_bounded() -> anyho
     let elapsed = started.elapsed();
     server.selector.cache().run_pending_tasks().await;
     let stats = server.plugin_stats();
-    let calls = counter(&stats.calls);
+    let calls = stats.calls();
     let entries = server.selector.cache().entry_count();
     println!(
         "flood of {FLOOD} names in {elapsed:.1?}: {calls} plugin calls ({} shed by the {RATE}/s cap), {entries} cache entries, RSS {} -> {} MiB",
-        counter(&stats.rate_limited),
+        stats.count(Outcome::RateLimited),
         rss_before / 1024,
         rss_kib() / 1024
     );
@@ -224,7 +226,7 @@ async fn a_flood_of_random_names_keeps_cache_and_plugin_calls_bounded() -> anyho
     // A full bucket (one second's worth) plus the refill over the flood's duration.
     let allowed = RATE + (elapsed.as_secs_f64() * RATE as f64).ceil() as u64 + 1;
     assert!(calls <= allowed, "{calls} plugin calls exceed the cap ({allowed} allowed in {elapsed:?})");
-    assert_eq!(counter(&stats.calls) + counter(&stats.rate_limited), FLOOD as u64 + 1);
+    assert_eq!(stats.calls() + stats.count(Outcome::RateLimited), FLOOD as u64 + 1);
     Ok(())
 }
 

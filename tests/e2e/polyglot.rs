@@ -3,6 +3,7 @@
 //! and run under `tern plugin call`.
 
 use std::net::SocketAddr;
+use tern::plugin::Outcome;
 
 use anyhow::Context;
 
@@ -48,7 +49,7 @@ async fn rust_javascript_and_python_plugins_select_the_same_certificates() -> an
     redis.command(&["SET", "cert:c.poly.test.ttl", "soon"]).await?;
 
     let server =
-        TestServer::start(&config(tern::demo::spawn_echo_backend().await?, &redis.url()), pki.dir.path()).await?;
+        TestServer::start(&config(tern_fixtures::spawn_echo_backend().await?, &redis.url()), pki.dir.path()).await?;
     let client = pki.client(&[b"http/1.1"]);
     for (language, _) in LANGUAGES {
         let addr = server.addrs.iter().find(|(n, _)| n == language).map(|(_, a)| *a).expect("listener bound");
@@ -67,10 +68,10 @@ async fn rust_javascript_and_python_plugins_select_the_same_certificates() -> an
         let refused = connect(addr, &client, "c.poly.test").await.expect_err("bad TTL must fail the handshake");
         assert_eq!(alert_of(&refused), Some(REFUSED), "{language}: {refused}");
         let stats = server.plugins.iter().find(|(n, _)| n == language).expect("plugin loaded").1.stats();
-        assert_eq!(counter(&stats.found), 3, "{language}: a, b and the wildcard");
-        assert_eq!(counter(&stats.not_found), 1, "{language}: nobody");
-        assert_eq!(counter(&stats.errors), 1, "{language}: the bad TTL");
-        assert_eq!(counter(&stats.traps), 0, "{language}");
+        assert_eq!(stats.count(Outcome::Found), 3, "{language}: a, b and the wildcard");
+        assert_eq!(stats.count(Outcome::NotFound), 1, "{language}: nobody");
+        assert_eq!(stats.errors(), 1, "{language}: the bad TTL");
+        assert_eq!(stats.traps(), 0, "{language}");
     }
     Ok(())
 }

@@ -2,8 +2,10 @@
 //! `tern certs import`, grants, and Redis going away.
 
 use std::time::{Duration, Instant};
+use tern::failure::FailureKind;
+use tern::plugin::Outcome;
 
-use tern::demo::spawn_echo_backend;
+use tern_fixtures::spawn_echo_backend;
 
 use crate::redis_support::{RedisCluster, RedisServer};
 use crate::support::*;
@@ -59,7 +61,7 @@ async fn redis_plugin_serves_each_name_its_certificate_after_certs_import() -> a
     assert_eq!(served_leaf(&stream), pki.leaf("default.test"));
     assert!(connect(server.addr, &client, "liar.example.test").await.is_err());
     let stats = server.plugin_stats();
-    assert_eq!((counter(&stats.found), counter(&stats.errors)), (3, 0));
+    assert_eq!((stats.count(Outcome::Found), stats.errors()), (3, 0));
     Ok(())
 }
 
@@ -80,10 +82,10 @@ async fn hash_layout_with_a_stored_ttl_expires_from_the_cache() -> anyhow::Resul
     let client = pki.client(&[]);
     connect(server.addr, &client, "h.example.test").await?;
     connect(server.addr, &client, "h.example.test").await?;
-    assert_eq!(counter(&server.plugin_stats().calls), 1, "second handshake within the TTL is a cache hit");
+    assert_eq!(server.plugin_stats().calls(), 1, "second handshake within the TTL is a cache hit");
     tokio::time::sleep(Duration::from_millis(1300)).await;
     connect(server.addr, &client, "h.example.test").await?;
-    assert_eq!(counter(&server.plugin_stats().calls), 2, "the stored 1 s TTL must expire the entry");
+    assert_eq!(server.plugin_stats().calls(), 2, "the stored 1 s TTL must expire the entry");
     Ok(())
 }
 
@@ -98,7 +100,7 @@ async fn keys_outside_the_granted_prefixes_are_refused_to_the_plugin() -> anyhow
     let server = TestServer::start(&config, pki.dir.path()).await?;
     let err = connect(server.addr, &pki.client(&[]), "a.example.test").await.unwrap_err();
     assert_eq!(alert_of(&err), Some(REFUSED), "{err}");
-    assert_eq!(counter(&server.plugin_stats().errors), 1);
+    assert_eq!(server.plugin_stats().errors(), 1);
     // The same through `tern plugin call`, which shows the plugin's message.
     let url = redis.url();
     let call = |settings: &[&str]| {
@@ -135,7 +137,7 @@ async fn cluster_certificates_spread_over_slots_all_resolve() -> anyhow::Result<
     for name in &names {
         assert_eq!(served_leaf(&connect(server.addr, &client, name).await?), pki.leaf(name), "{name}");
     }
-    assert_eq!(counter(&server.plugin_stats().found), names.len() as u64);
+    assert_eq!(server.plugin_stats().count(Outcome::Found), names.len() as u64);
     Ok(())
 }
 
@@ -166,8 +168,8 @@ async fn redis_killed_cached_names_keep_working_misses_fail_fast_and_service_rec
     let strict = server.addrs.iter().find(|(n, _)| n == "strict").map(|(_, a)| *a).expect("strict listener");
     let err = connect(strict, &client, "later.example.test").await.unwrap_err();
     assert_eq!(alert_of(&err), Some(REFUSED), "{err}");
-    assert_eq!(counter(&server.plugin_stats().store_unavailable), 2);
-    assert_eq!(counter(&server.metrics.handshake_failures.plugin_unavailable), 1);
+    assert_eq!(server.plugin_stats().count(Outcome::StoreUnavailable), 2);
+    assert_eq!(counter(server.metrics.handshake_failures.by(FailureKind::PluginUnavailable)), 1);
 
     redis.restart().await?;
     import(&pki, &["--redis", &redis.url()]).await?;
@@ -250,7 +252,7 @@ async fn expired_entries_are_served_stale_while_redis_is_down() -> anyhow::Resul
     let stream = connect(server.addr, &client, "a.example.test").await?;
     assert_eq!(served_leaf(&stream), pki.leaf("a.example.test"));
     assert_eq!(counter(&server.metrics.stale_serves), 1);
-    assert_eq!(counter(&server.plugin_stats().errors), 1, "the refresh was tried and failed");
+    assert_eq!(server.plugin_stats().errors(), 1, "the refresh was tried and failed");
     Ok(())
 }
 
@@ -269,6 +271,6 @@ async fn redis_selection_latency_figures() -> anyhow::Result<()> {
         TestServer::start(&redis_config(&pki, spawn_echo_backend().await?, &[redis.url()], false, ""), pki.dir.path())
             .await?;
     print_selection_latency(&server, &names, "Redis plugin").await?;
-    assert_eq!(counter(&server.plugin_stats().found), names.len() as u64);
+    assert_eq!(server.plugin_stats().count(Outcome::Found), names.len() as u64);
     Ok(())
 }

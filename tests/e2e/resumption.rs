@@ -10,7 +10,6 @@ use anyhow::{Context, Result};
 use rustls::HandshakeKind;
 use rustls::client::Tls12Resumption;
 
-use crate::operations::{admin, sample};
 use crate::redis_support::RedisServer;
 use crate::support::*;
 
@@ -120,7 +119,7 @@ async fn openssl_tls12(pki: &Pki, addr: SocketAddr, session_flag: &str, extra: &
 async fn sessions_and_tickets_made_on_one_node_resume_on_another() -> Result<()> {
     let pki = Pki::new(&["default.test", "a.test"])?;
     let redis = RedisServer::start().await?;
-    let backend = tern::demo::spawn_echo_backend().await?;
+    let backend = tern_fixtures::spawn_echo_backend().await?;
     let a = Node::start(&pki, "a", &node_config(&pki, backend, &redis.url(), "a", "")).await?;
     let b = Node::start(&pki, "b", &node_config(&pki, backend, &redis.url(), "b", "")).await?;
 
@@ -168,7 +167,7 @@ async fn sessions_and_tickets_made_on_one_node_resume_on_another() -> Result<()>
 async fn clients_of_a_killed_node_resume_on_the_survivor() -> Result<()> {
     let pki = Pki::new(&["default.test", "a.test"])?;
     let redis = RedisServer::start().await?;
-    let backend = tern::demo::spawn_echo_backend().await?;
+    let backend = tern_fixtures::spawn_echo_backend().await?;
     let mut a = Node::start(&pki, "a", &node_config(&pki, backend, &redis.url(), "a", "")).await?;
     let b = Node::start(&pki, "b", &node_config(&pki, backend, &redis.url(), "b", "")).await?;
     let clients: Vec<_> = (0..30)
@@ -199,7 +198,7 @@ async fn clients_of_a_killed_node_resume_on_the_survivor() -> Result<()> {
 async fn a_node_started_later_resumes_sessions_made_before_it_started() -> Result<()> {
     let pki = Pki::new(&["default.test", "a.test"])?;
     let redis = RedisServer::start().await?;
-    let backend = tern::demo::spawn_echo_backend().await?;
+    let backend = tern_fixtures::spawn_echo_backend().await?;
     // Tickets off: TLS 1.3 resumes statefully too, so every session below travels through the stream.
     let config = |node: &str| node_config(&pki, backend, &redis.url(), node, "tickets = false");
     let a = Node::start(&pki, "a", &config("a")).await?;
@@ -224,7 +223,7 @@ async fn a_node_started_later_resumes_sessions_made_before_it_started() -> Resul
 async fn rotation_while_clients_resume_keeps_resumption_above_99_percent() -> Result<()> {
     let pki = Pki::new(&["default.test", "a.test"])?;
     let redis = RedisServer::start().await?;
-    let backend = tern::demo::spawn_echo_backend().await?;
+    let backend = tern_fixtures::spawn_echo_backend().await?;
     let fast = "ticket_rotation = \"1s\"\nticket_lifetime = \"3s\"";
     let a = Node::start(&pki, "a", &node_config(&pki, backend, &redis.url(), "a", fast)).await?;
     let b = Node::start(&pki, "b", &node_config(&pki, backend, &redis.url(), "b", fast)).await?;
@@ -290,12 +289,12 @@ impl rustls::time_provider::TimeProvider for FrozenClock {
 async fn a_ticket_older_than_the_key_window_gets_a_full_handshake() -> Result<()> {
     let pki = Pki::new(&["default.test", "a.test"])?;
     let redis = RedisServer::start().await?;
-    let backend = tern::demo::spawn_echo_backend().await?;
+    let backend = tern_fixtures::spawn_echo_backend().await?;
     let window = "ticket_rotation = \"1s\"\nticket_lifetime = \"1s\"";
     let a = Node::start(&pki, "a", &node_config(&pki, backend, &redis.url(), "a", window)).await?;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.ca.der())?;
-    let provider = tern::tls::provider().clone();
+    let provider = tern::crypto::provider().clone();
     let clock = Arc::new(FrozenClock(rustls::pki_types::UnixTime::now()));
     let mut client = rustls::ClientConfig::builder_with_details(provider, clock)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -323,7 +322,7 @@ async fn a_ticket_older_than_the_key_window_gets_a_full_handshake() -> Result<()
 async fn with_redis_down_nodes_use_local_keys_then_recover_the_fleet_keys() -> Result<()> {
     let pki = Pki::new(&["default.test", "a.test"])?;
     let mut redis = RedisServer::start().await?;
-    let backend = tern::demo::spawn_echo_backend().await?;
+    let backend = tern_fixtures::spawn_echo_backend().await?;
     let fast = "ticket_rotation = \"1s\"\nticket_lifetime = \"2s\"";
     let a = Node::start(&pki, "a", &node_config(&pki, backend, &redis.url(), "a", fast)).await?;
     let b = Node::start(&pki, "b", &node_config(&pki, backend, &redis.url(), "b", fast)).await?;
@@ -359,7 +358,7 @@ async fn with_redis_down_nodes_use_local_keys_then_recover_the_fleet_keys() -> R
 async fn listeners_with_other_client_auth_never_share_sessions() -> Result<()> {
     let pki = Pki::new(&["default.test", "a.test"])?;
     std::fs::write(pki.path("ca.pem"), pki.ca.pem())?;
-    let backend = tern::demo::spawn_echo_backend().await?;
+    let backend = tern_fixtures::spawn_echo_backend().await?;
     let mtls = |name: &str, mode: &str| {
         format!(
             "\n[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\nplugin = \"files\"\nbackend = \"http://{backend}\"\n\
@@ -399,7 +398,7 @@ async fn listeners_with_other_client_auth_never_share_sessions() -> Result<()> {
 async fn a_redis_cluster_carries_keys_and_sessions_too() -> Result<()> {
     let pki = Pki::new(&["default.test", "a.test"])?;
     let cluster = crate::redis_support::RedisCluster::start().await?;
-    let backend = tern::demo::spawn_echo_backend().await?;
+    let backend = tern_fixtures::spawn_echo_backend().await?;
     let urls = cluster.urls().iter().map(|u| format!("{u:?}")).collect::<Vec<_>>().join(", ");
     let config = |node: &str| {
         node_config(&pki, backend, "CLUSTER", node, "")

@@ -1,6 +1,8 @@
 //! Which certificate a handshake gets: per SNI, wildcard, default, strict, without SNI, malformed SNI.
 
-use tern::demo::spawn_echo_backend;
+use tern::failure::FailureKind;
+use tern::plugin::Outcome;
+use tern_fixtures::spawn_echo_backend;
 
 use crate::support::*;
 
@@ -48,7 +50,11 @@ async fn unknown_name_and_missing_sni_get_the_default_certificate() -> anyhow::R
     let stream = sni_verified_as(server.addr, &pki, "nobody.example.test", "default.test").await?;
     assert_eq!(served_leaf(&stream), pki.leaf("default.test"));
     assert_eq!(counter(&server.metrics.default_served), 2);
-    assert_eq!(counter(&server.plugin_stats().not_found), 1, "the unknown name was asked once, then negatively cached");
+    assert_eq!(
+        server.plugin_stats().count(Outcome::NotFound),
+        1,
+        "the unknown name was asked once, then negatively cached"
+    );
     Ok(())
 }
 
@@ -65,7 +71,7 @@ async fn strict_listener_refuses_unknown_names_and_missing_sni_with_an_alert() -
     // Known names still work on the strict listener.
     connect(server.addr, &client, "a.example.test").await?;
     let failures = &server.metrics.handshake_failures;
-    assert_eq!((counter(&failures.unknown_name), counter(&failures.no_sni)), (1, 1));
+    assert_eq!((counter(failures.by(FailureKind::UnknownName)), counter(failures.by(FailureKind::NoSni))), (1, 1));
     Ok(())
 }
 
@@ -81,7 +87,7 @@ async fn malformed_sni_is_refused_before_any_plugin_sees_it() -> anyhow::Result<
         let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
         assert!(text.contains("alert"), "{bad:?}: expected a TLS alert, got:\n{text}");
     }
-    assert_eq!(counter(&server.plugin_stats().calls), 0, "no malformed name may reach the plugin");
+    assert_eq!(server.plugin_stats().calls(), 0, "no malformed name may reach the plugin");
     Ok(())
 }
 
@@ -172,7 +178,7 @@ async fn static_certificates_serve_their_names_without_the_plugin() -> anyhow::R
         assert_eq!(served_leaf(&connect(server.addr, &client, name).await?), pki.leaf("static"), "{name}");
     }
     assert_eq!(counter(&server.metrics.static_hits), 2);
-    assert_eq!(counter(&server.plugin_stats().calls), 0);
+    assert_eq!(server.plugin_stats().calls(), 0);
     // A static certificate listed for a name it does not cover is refused at start-up.
     let bad = config.replacen("key = \"certs/static.key\"", "key = \"certs/static.key\"\nnames = [\"other.test\"]", 1);
     let err = TestServer::start(&bad, pki.dir.path()).await.err().expect("start-up must fail");

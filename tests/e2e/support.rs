@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use tern::demo::TestCa;
 use tern::metrics::Metrics;
+use tern_fixtures::TestCa;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -68,7 +68,7 @@ pub fn client_config(
 ) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.der()).expect("rcgen CA certificate parses");
-    let mut config = rustls::ClientConfig::builder_with_provider(tern::tls::provider().clone())
+    let mut config = rustls::ClientConfig::builder_with_provider(tern::crypto::provider().clone())
         .with_protocol_versions(versions)
         .expect("TLS 1.2/1.3 are supported")
         .with_root_certificates(roots)
@@ -113,7 +113,7 @@ pub fn basic_config(pki: &Pki, backend: SocketAddr, listener_keys: &str) -> Stri
 
 /// The most common set-up: file-path plugin, default certificate for unknown names, echo backend.
 pub async fn start_default(pki: &Pki) -> Result<TestServer> {
-    let backend = tern::demo::spawn_echo_backend().await?;
+    let backend = tern_fixtures::spawn_echo_backend().await?;
     TestServer::start(&basic_config(pki, backend, "default_certificate = \"default\""), pki.dir.path()).await
 }
 
@@ -325,11 +325,11 @@ pub struct NameOverride {
 }
 
 impl NameOverride {
-    fn new(ca: &tern::demo::TestCa, name: &str) -> anyhow::Result<std::sync::Arc<Self>> {
+    fn new(ca: &tern_fixtures::TestCa, name: &str) -> anyhow::Result<std::sync::Arc<Self>> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.der())?;
         let inner =
-            rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), tern::tls::provider().clone())
+            rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), tern::crypto::provider().clone())
                 .build()?;
         Ok(std::sync::Arc::new(Self { inner, name: rustls::pki_types::ServerName::try_from(name.to_string())? }))
     }
@@ -438,5 +438,36 @@ impl TernProcess {
         let admin = json["admin"].as_str().map(str::parse).transpose()?;
         let addr = listeners.first().context("no listener")?.1;
         Ok(Self { child, addr, listeners, admin, log, _ready: ready_dir })
+    }
+}
+
+/// One request to the admin API: (status, body).
+pub async fn admin(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> anyhow::Result<(u16, String)> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let mut request = http::Request::builder().method(method).uri(path).header("host", "admin");
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let response = sender.send_request(request.body(http_body_util::Empty::<bytes::Bytes>::new())?).await?;
+    let status = response.status().as_u16();
+    let body = http_body_util::BodyExt::collect(response.into_body()).await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// The value of one sample, found by name and labels, from Prometheus text parsed by a real parser.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid exposition");
+    let found = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .unwrap_or_else(|| panic!("no sample {name} {labels:?}"));
+    match found.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => v,
+        _ => panic!("{name} is not a plain sample"),
     }
 }

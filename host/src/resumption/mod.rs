@@ -9,8 +9,8 @@
 //! schedule). Resumption state is partitioned by *scope*: listeners with different client-authentication
 //! settings never share it (see [`scope_of`]).
 
-pub mod crypto;
-pub mod sessions;
+pub(crate) mod crypto;
+pub(crate) mod sessions;
 pub mod tickets;
 
 use std::collections::HashMap;

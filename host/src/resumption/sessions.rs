@@ -139,16 +139,6 @@ impl SessionCache {
     fn get(&self, key: &[u8]) -> Option<Entry> {
         self.local.get(key).filter(|e| e.expires > Instant::now())
     }
-
-    /// Sessions held locally (approximate).
-    pub fn len(&self) -> u64 {
-        self.local.entry_count()
-    }
-
-    /// Whether no session is held (approximate).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// rustls's session store for one resumption scope: a listener only ever sees sessions made under the same

@@ -2,11 +2,13 @@
 //! layout.
 
 use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
 use std::time::{Duration, Instant};
 
-use crate::certs;
-use crate::sni::ServerName;
-use crate::store::{RedisStore, StoreError};
+use tern::certs;
+use tern::sni::ServerName;
+use tern::store::{RedisStore, StoreError};
 
 /// How certificates are laid out in Redis (the Redis plugin's `layout` setting).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -128,4 +130,25 @@ fn validate(cert_file: &Path) -> Result<Pair, (PathBuf, String)> {
     // The same checks as serving: a pair tern would refuse is not imported.
     certs::validate_answer(&chain, &key, &probe).map_err(|e| skip(e.to_string()))?;
     Ok(Pair { name: name.to_ascii_lowercase(), chain, key })
+}
+
+/// Runs `tern certs import`: fails when nothing was imported.
+pub async fn run(dir: PathBuf, url: String, cluster: bool, layout: Layout, prefix: &str) -> Result<()> {
+    let store = crate::redis_store(url, cluster);
+    let report = import_dir(&dir, &store, layout, prefix).await?;
+    for (file, reason) in &report.skipped {
+        println!("skipped {}: {reason}", file.display());
+    }
+    let rate = report.imported as f64 / report.write_time.as_secs_f64().max(1e-9);
+    println!(
+        "imported {} pair(s), skipped {}; validated in {:.2?}, written in {:.2?} ({rate:.0} pairs/s)",
+        report.imported,
+        report.skipped.len(),
+        report.validate_time,
+        report.write_time
+    );
+    if report.imported == 0 {
+        bail!("nothing imported from {}: no valid <name>.crt / <name>.key pair", dir.display());
+    }
+    Ok(())
 }

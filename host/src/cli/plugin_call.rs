@@ -1,0 +1,147 @@
+//! `tern plugin call`: one call of a plugin without a server, and what it returned (a plugin author's tool).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tern::config::{Grants, KvGrant, PluginSettings, defaults};
+use tern::plugin::{self, Selection};
+use tern::sni::ServerName;
+
+/// Options of `tern plugin call`.
+#[derive(Debug, clap::Args)]
+pub struct CallArgs {
+    /// The plugin component (.wasm).
+    plugin: PathBuf,
+    /// The server name to select a certificate for.
+    servername: String,
+    /// A plugin setting, as key=value; repeatable.
+    #[arg(long = "setting", value_name = "KEY=VALUE")]
+    settings: Vec<String>,
+    /// Grant the plugin read-only access to this directory (mounted at /).
+    #[arg(long)]
+    files: Option<PathBuf>,
+    /// Grant the plugin key-value reads from this Redis (redis://host:port).
+    #[arg(long)]
+    redis: Option<String>,
+    /// With --redis: the URL is a Redis Cluster node.
+    #[arg(long, requires = "redis")]
+    cluster: bool,
+    /// With --redis: a key prefix the plugin may read; repeatable; default: every key.
+    #[arg(long = "kv-prefix", value_name = "PREFIX", requires = "redis")]
+    kv_prefixes: Vec<String>,
+    /// Deadline of the call.
+    #[arg(long, default_value = "1s")]
+    timeout: String,
+    /// Memory cap of the instance.
+    #[arg(long, default_value = "64MiB")]
+    memory_limit: String,
+}
+
+/// The name of the store `--redis` grants.
+const STORE: &str = "cli";
+
+/// Runs `tern plugin call`; exits 1 when the call failed or its answer was refused.
+pub async fn run(args: CallArgs) -> Result<()> {
+    let name =
+        ServerName::parse(&args.servername).map_err(|e| anyhow::anyhow!("server name {:?}: {e}", args.servername))?;
+    let (settings, stores) = plugin_settings(args).await?;
+    let runtime = plugin::PluginRuntime::new(settings.memory_limit.max(defaults::PLUGIN_MEMORY_LIMIT), 4)?;
+    let compile_started = Instant::now();
+    let loaded = plugin::load_all(&runtime, std::slice::from_ref(&settings), &stores).await?;
+    let compiled_in = compile_started.elapsed();
+    let plugin = loaded.into_iter().next().context("plugin did not load")?;
+    let call_started = Instant::now();
+    let answer = plugin.select(&name).await;
+    let called_in = call_started.elapsed();
+    println!("plugin:     {} (compiled in {compiled_in:.1?})", settings.path.display());
+    println!("servername: {name}");
+    println!("call took:  {called_in:.1?}");
+    let memory = plugin.stats().peak_memory_bytes();
+    if memory > 0 {
+        println!("memory:     {:.1} MiB of linear memory", memory as f64 / f64::from(1 << 20));
+    }
+    if !print_answer(answer, &name) {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// The settings of a one-off plugin from the command line, with the store `--redis` names (checked to answer, so
+/// that a store that is down is reported as such and not as a plugin that did not answer in time).
+async fn plugin_settings(args: CallArgs) -> Result<(PluginSettings, tern::store::Stores)> {
+    let mut settings = std::collections::BTreeMap::new();
+    for pair in &args.settings {
+        let Some((k, v)) = pair.split_once('=') else { bail!("--setting {pair:?}: expected KEY=VALUE") };
+        settings.insert(k.to_string(), v.to_string());
+    }
+    let mut stores = tern::store::Stores::new();
+    let mut kv = None;
+    if let Some(url) = args.redis {
+        let store = Arc::new(crate::redis_store(url.clone(), args.cluster));
+        store.ping().await.with_context(|| format!("--redis {url}: the store does not answer"))?;
+        stores.insert(STORE.into(), store);
+        let prefixes = if args.kv_prefixes.is_empty() { vec![String::new()] } else { args.kv_prefixes };
+        kv = Some(KvGrant { store: STORE.into(), prefixes });
+    }
+    let path = args.plugin;
+    let settings = PluginSettings {
+        name: path.file_stem().map_or_else(|| "plugin".into(), |s| s.to_string_lossy().into_owned()),
+        path: path.clone(),
+        timeout: tern::config::parse_duration(&args.timeout).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?,
+        memory_limit: usize::try_from(
+            tern::config::parse_size(&args.memory_limit).map_err(|e| anyhow::anyhow!("--memory-limit: {e}"))?,
+        )?,
+        max_concurrency: 1,
+        max_calls_per_second: None,
+        max_calls_per_second_per_client: None,
+        breaker_threshold: 0,
+        breaker_cooldown: Default::default(),
+        settings,
+        grants: Grants { files: args.files, kv, http: None },
+        probe_names: Vec::new(),
+        on_swap: Default::default(),
+    };
+    Ok((settings, stores))
+}
+
+/// Prints the plugin's answer and whether serving would accept it; false when the call failed or it would not.
+fn print_answer(answer: Result<Selection, plugin::PluginError>, name: &ServerName) -> bool {
+    let (chain, key, ttl) = match answer {
+        Err(err) => {
+            println!("result:     FAILED ({}): {err}", err.kind());
+            return false;
+        }
+        Ok(Selection::NotFound) => {
+            println!("result:     not-found (the listener's default certificate or strict alert applies)");
+            return true;
+        }
+        Ok(Selection::Found { chain, key, ttl }) => (chain, key, ttl),
+    };
+    println!(
+        "result:     found, {} bytes of chain, ttl hint {}",
+        chain.len(),
+        ttl.map_or("none".into(), |t| format!("{t:?}"))
+    );
+    // The same checks as serving (key matches leaf, leaf covers the name, valid now).
+    match tern::certs::validate_answer(chain.as_bytes(), key.as_bytes(), name) {
+        Err(err) => {
+            println!("validation: REJECTED: {err}");
+            false
+        }
+        Ok(parsed) => {
+            println!("subject alt names: {}", parsed.dns_names.join(", "));
+            println!("issuer:     {}", parsed.issuer);
+            println!("expires in: {}", humanize(parsed.remaining_validity()));
+            println!("key:        matches the leaf");
+            println!("validation: ok, covers {name}");
+            true
+        }
+    }
+}
+
+fn humanize(d: Duration) -> String {
+    let days = d.as_secs() / 86_400;
+    if days > 0 { format!("{days} days") } else { format!("{:?}", d) }
+}

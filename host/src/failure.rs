@@ -1,0 +1,119 @@
+//! What kind of failure a refused certificate selection was, whose fault, and how loudly to log it: the one list
+//! that the handshake counters (`tern_handshakes_total{outcome}`), log fields and log levels are derived from.
+
+/// The kind of a failed selection; one per [`crate::select::SelectError`] variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The client sent no server name and the listener is strict.
+    NoSni,
+    /// The server name is not a valid host name.
+    MalformedSni,
+    /// Nobody has a certificate for the name and the listener is strict.
+    UnknownName,
+    /// The plugin failed.
+    Plugin,
+    /// The plugin's store is down, or its rate cap or breaker shed the call, and the listener is strict.
+    PluginUnavailable,
+    /// The plugin's certificate is unusable.
+    BadCertificate,
+}
+
+impl FailureKind {
+    /// Every kind, in the order metrics list them; `ALL[k as usize] == k`.
+    pub const ALL: [FailureKind; 6] = [
+        FailureKind::NoSni,
+        FailureKind::MalformedSni,
+        FailureKind::UnknownName,
+        FailureKind::Plugin,
+        FailureKind::PluginUnavailable,
+        FailureKind::BadCertificate,
+    ];
+
+    /// Metric and log label.
+    pub fn label(self) -> &'static str {
+        match self {
+            FailureKind::NoSni => "no_sni",
+            FailureKind::MalformedSni => "malformed_sni",
+            FailureKind::UnknownName => "unknown_name",
+            FailureKind::Plugin => "plugin",
+            FailureKind::PluginUnavailable => "plugin_unavailable",
+            FailureKind::BadCertificate => "bad_certificate",
+        }
+    }
+
+    /// Whose fault a failure of this kind is.
+    pub fn blame(self) -> Blame {
+        match self {
+            FailureKind::NoSni | FailureKind::MalformedSni | FailureKind::UnknownName => Blame::Client,
+            FailureKind::Plugin | FailureKind::BadCertificate => Blame::Plugin,
+            FailureKind::PluginUnavailable => Blame::Store,
+        }
+    }
+}
+
+impl std::fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// Whose fault a failed selection was: decides the log level (client faults are routine noise on the internet,
+/// plugin faults need an operator).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// The client asked for something we do not serve.
+    Client,
+    /// The plugin, or what it read, misbehaved.
+    Plugin,
+    /// A store the plugin depends on is down.
+    Store,
+}
+
+/// One counter per [`FailureKind`], indexed by it: a new kind cannot go uncounted.
+#[derive(Debug, Default)]
+pub struct FailureCounters {
+    counters: [std::sync::atomic::AtomicU64; FailureKind::ALL.len()],
+}
+
+impl FailureCounters {
+    /// The counter of one kind.
+    pub fn by(&self, kind: FailureKind) -> &std::sync::atomic::AtomicU64 {
+        &self.counters[kind as usize]
+    }
+
+    /// Every kind with its counter.
+    pub fn all(&self) -> impl Iterator<Item = (FailureKind, &std::sync::atomic::AtomicU64)> {
+        FailureKind::ALL.into_iter().map(|kind| (kind, self.by(kind)))
+    }
+}
+
+/// Emits a `tracing` event at a level chosen at run time (the macros want it fixed at compile time).
+macro_rules! event_at {
+    ($level:expr, $($rest:tt)+) => {
+        match $level {
+            tracing::Level::ERROR => tracing::error!($($rest)+),
+            tracing::Level::WARN => tracing::warn!($($rest)+),
+            tracing::Level::INFO => tracing::info!($($rest)+),
+            tracing::Level::DEBUG => tracing::debug!($($rest)+),
+            _ => tracing::trace!($($rest)+),
+        }
+    };
+}
+pub(crate) use event_at;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_its_own_counter_and_label() {
+        let counters = FailureCounters::default();
+        let mut labels = std::collections::HashSet::new();
+        for (i, kind) in FailureKind::ALL.into_iter().enumerate() {
+            assert_eq!(kind as usize, i, "ALL is in declaration order");
+            assert!(labels.insert(kind.label()), "{kind:?}: label used twice");
+            crate::metrics::inc(counters.by(kind));
+        }
+        assert!(counters.all().all(|(_, c)| crate::metrics::get(c) == 1));
+    }
+}

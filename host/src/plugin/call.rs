@@ -1,0 +1,203 @@
+//! One plugin call: a fresh instance in a fresh `Store`, bounded by the guard (rate cap, breaker), the
+//! concurrency cap, a deadline and a memory cap; its failure classified into a [`PluginError`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+use wasmtime::component::ResourceTable;
+use wasmtime::{Store, UpdateDeadline};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{FsPerms, WasiCtx};
+
+use super::bindings::{CallState, CertSelectorPre, KvAccess, WitSelection};
+use super::limits::CallLimiter;
+use super::{Outcome, PluginError, PluginRuntime, PluginStats, Selection, guard, http};
+use crate::config::PluginSettings;
+use crate::sni::ServerName;
+
+/// Bytes of a plugin's stderr kept per call, to explain traps (a panic message fits easily).
+const STDERR_CAPTURE: usize = 2048;
+
+/// A compiled, linked plugin, ready to be called.
+pub struct Plugin {
+    pub(super) name: Arc<str>,
+    /// Keeps the engine and its epoch ticker alive as long as the plugin can be called: without the ticker a
+    /// spinning plugin would never yield and its deadline would never fire.
+    pub(super) runtime: PluginRuntime,
+    pub(super) pre: CertSelectorPre<CallState>,
+    /// The settings it was loaded from (a reload compares against them).
+    pub(super) source: PluginSettings,
+    /// SHA-256 of the component, hex.
+    pub(super) sha256: String,
+    /// The cache key prefix of this build's answers: the plugin name, or a new one after a flushing swap.
+    pub(super) cache_scope: Arc<str>,
+    /// `source.settings`, shared with every call's store.
+    pub(super) settings: Arc<BTreeMap<String, String>>,
+    pub(super) kv: Option<Arc<KvAccess>>,
+    pub(super) http: Option<Arc<crate::config::HttpGrant>>,
+    pub(super) permits: Arc<Semaphore>,
+    pub(super) guard: guard::Guard,
+    pub(super) stats: Arc<PluginStats>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin").field("name", &self.name).field("sha256", &self.sha256).finish_non_exhaustive()
+    }
+}
+
+impl Plugin {
+    /// The plugin's configured name.
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// Its call counters.
+    pub fn stats(&self) -> &Arc<PluginStats> {
+        &self.stats
+    }
+
+    /// The scope its answers are cached under.
+    pub fn cache_scope(&self) -> &Arc<str> {
+        &self.cache_scope
+    }
+
+    /// The settings it was loaded from.
+    pub fn source(&self) -> &PluginSettings {
+        &self.source
+    }
+
+    /// SHA-256 of the component, hex.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// Makes this plugin count into `stats` (a replacement keeps its slot's counters).
+    pub fn share_stats(&mut self, stats: Arc<PluginStats>) {
+        self.stats = stats;
+    }
+
+    /// Calls `select-certificate(servername)` in a fresh instance, within the plugin's limits.
+    pub async fn select(&self, servername: &ServerName) -> Result<Selection, PluginError> {
+        self.select_for(servername, None).await
+    }
+
+    /// Like [`Plugin::select`], on behalf of a client at `client` (its network's share of the rate cap applies).
+    pub async fn select_for(
+        &self,
+        servername: &ServerName,
+        client: Option<std::net::IpAddr>,
+    ) -> Result<Selection, PluginError> {
+        if let Err(shed) = self.guard.admit_for(client) {
+            let shed = PluginError::Shed(shed);
+            self.stats.record(shed.outcome());
+            return Err(shed);
+        }
+        // Waiting for a slot is bounded by the caller's handshake deadline, not by the plugin's own timeout.
+        let _permit = self.permits.acquire().await.map_err(|_| PluginError::Instantiate("plugin closed".into()))?;
+        self.stats.started();
+        let started = Instant::now();
+        let timeout = self.source.timeout;
+        let result = match tokio::time::timeout(timeout, self.call(servername)).await {
+            Ok(result) => result,
+            Err(_) => Err(PluginError::Timeout(timeout)),
+        };
+        self.stats.finished(started.elapsed());
+        self.stats.record(match &result {
+            Ok(Selection::Found { .. }) => Outcome::Found,
+            Ok(Selection::NotFound) => Outcome::NotFound,
+            Err(err) => err.outcome(),
+        });
+        self.guard.report(result.as_ref().is_err_and(PluginError::counts_against_plugin));
+        result
+    }
+
+    async fn call(&self, servername: &ServerName) -> Result<Selection, PluginError> {
+        // Epoch ticks (hence deadlines and yielding) while this call runs; dropped with the future on timeout.
+        let _ticking = self.runtime.ticker.running();
+        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
+        // Set by the kv and HTTP capabilities when the store behind them cannot be reached.
+        let store_down = Arc::new(AtomicBool::new(false));
+        let wasi = self.wasi_ctx(stderr.clone()).await?;
+        let state = CallState {
+            wasi,
+            stderr,
+            table: ResourceTable::new(),
+            limiter: CallLimiter::new(self.source.memory_limit, self.runtime.memory.clone()),
+            plugin: self.name.clone(),
+            servername: Some(servername.clone()),
+            settings: self.settings.clone(),
+            kv: self.kv.clone(),
+            http: wasmtime_wasi_http::WasiHttpCtx::new(),
+            http_hooks: http::HttpHooks { grant: self.http.clone(), store_down: store_down.clone() },
+            store_down: store_down.clone(),
+            log_lines: 0,
+        };
+        let mut store = Store::new(&self.runtime.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        // Yield to the executor at every tick: a spinning plugin shares its worker thread, and the timeout
+        // around this future can fire and drop it.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
+
+        let instance =
+            self.pre.instantiate_async(&mut store).await.map_err(|e| self.classify(&store, e, "instantiate"))?;
+        let answer = instance
+            .call_select_certificate(&mut store, servername.as_str())
+            .await
+            .map_err(|e| self.classify(&store, e, "call"))?;
+        self.stats.saw_memory(store.data().limiter.peak);
+        match answer {
+            Ok(WitSelection::Found(cert)) => Ok(Selection::Found {
+                chain: cert.chain,
+                key: cert.private_key,
+                ttl: cert.ttl_seconds.map(|s| Duration::from_secs(u64::from(s))),
+            }),
+            Ok(WitSelection::NotFound) => Ok(Selection::NotFound),
+            Err(message) if store_down.load(Ordering::Relaxed) => Err(PluginError::StoreUnavailable(message)),
+            Err(message) => Err(PluginError::Returned(message)),
+        }
+    }
+
+    /// The WASI context of one call: nothing inherited, the granted directory (if any) read-only at `/`.
+    async fn wasi_ctx(&self, stderr: MemoryOutputPipe) -> Result<WasiCtx, PluginError> {
+        let Some(dir) = self.source.grants.files.clone() else {
+            return Ok(WasiCtx::builder().stderr(stderr).build());
+        };
+        // Opening the directory is a filesystem call: keep it off the async workers.
+        tokio::task::spawn_blocking(move || {
+            let mut builder = WasiCtx::builder();
+            builder
+                .stderr(stderr)
+                .preopened_dir(&dir, "/", FsPerms::ReadOnly)
+                .map_err(|e| PluginError::Instantiate(format!("granted directory {}: {e}", dir.display())))?;
+            Ok(builder.build())
+        })
+        .await
+        .map_err(|e| PluginError::Instantiate(e.to_string()))?
+    }
+
+    fn classify(&self, store: &Store<CallState>, err: wasmtime::Error, stage: &str) -> PluginError {
+        if store.data().limiter.memory_exceeded {
+            return PluginError::MemoryLimit { limit: store.data().limiter.memory_limit() };
+        }
+        if store.data().limiter.budget_exceeded {
+            return PluginError::MemoryBudget { limit: self.runtime.memory.limit() };
+        }
+        if err.downcast_ref::<wasmtime::Trap>().is_some() || stage == "call" {
+            // A Rust plugin's panic message goes to stderr just before the trap: it says what went wrong.
+            let stderr = store.data().stderr.contents();
+            let stderr = String::from_utf8_lossy(&stderr);
+            let stderr = stderr.trim();
+            return PluginError::Trap(if stderr.is_empty() {
+                format!("{err:#}")
+            } else {
+                format!("{stderr} ({err:#})")
+            });
+        }
+        PluginError::Instantiate(format!("{err:#}"))
+    }
+}
