@@ -1,0 +1,265 @@
+//! Validation of the sections that list entries: static certificates, plugins and listeners.
+
+use std::collections::HashSet;
+
+use super::validate::Validator;
+use super::*;
+use crate::sni::ServerName;
+
+impl Validator<'_> {
+    pub(super) fn certificates(&self, raw: Vec<raw::Certificate>) -> Result<Vec<StaticCertSettings>, ConfigError> {
+        let mut seen = HashSet::new();
+        raw.into_iter()
+            .map(|c| {
+                let key = format!("certificate {:?}", c.name);
+                if !seen.insert(c.name.clone()) {
+                    return Err(self.err(key, "defined twice"));
+                }
+                let serve_names = match c.names {
+                    None => None,
+                    Some(names) => Some(
+                        names
+                            .iter()
+                            .map(|n| normalise_pattern(n).map_err(|m| self.err(format!("{key}.names"), m)))
+                            .collect::<Result<_, _>>()?,
+                    ),
+                };
+                Ok(StaticCertSettings { name: c.name, cert: self.path(&c.cert), key: self.path(&c.key), serve_names })
+            })
+            .collect()
+    }
+
+    pub(super) fn plugins(
+        &self,
+        raw: Vec<raw::Plugin>,
+        redis: &[RedisSettings],
+    ) -> Result<Vec<PluginSettings>, ConfigError> {
+        let mut seen = HashSet::new();
+        raw.into_iter()
+            .map(|p| {
+                if !seen.insert(p.name.clone()) {
+                    return Err(self.err(format!("plugin {:?}", p.name), "defined twice"));
+                }
+                self.plugin(p, redis)
+            })
+            .collect()
+    }
+
+    fn plugin(&self, p: raw::Plugin, redis: &[RedisSettings]) -> Result<PluginSettings, ConfigError> {
+        let key = format!("plugin {:?}", p.name);
+        let timeout = self.duration(&format!("{key}.timeout"), p.timeout.as_ref(), defaults::PLUGIN_TIMEOUT)?;
+        self.positive(&format!("{key}.timeout"), timeout)?;
+        let memory_limit =
+            self.size(&format!("{key}.memory_limit"), p.memory_limit.as_ref(), defaults::PLUGIN_MEMORY_LIMIT as u64)?;
+        // Below one Wasm page nothing can run; above 4 GiB is beyond 32-bit linear memory.
+        if !(64 << 10..=4 << 30).contains(&memory_limit) {
+            return Err(self.err(format!("{key}.memory_limit"), "must be between 64KiB and 4GiB"));
+        }
+        let max_concurrency = self.positive(
+            &format!("{key}.max_concurrency"),
+            p.max_concurrency.unwrap_or(defaults::PLUGIN_MAX_CONCURRENCY),
+        )?;
+        let settings = p
+            .settings
+            .into_iter()
+            .map(|(k, v)| Ok((k.clone(), self.value(&format!("{key}.settings.{k}"), v)?)))
+            .collect::<Result<_, _>>()?;
+        let files = p.grants.files.map(|dir| self.path(&dir));
+        let kv = p.grants.kv.map(|grant| self.kv_grant(&key, grant, redis)).transpose()?;
+        let http = p.grants.http.map(|grant| self.http_grant(&key, grant)).transpose()?;
+        let (max_calls_per_second, max_calls_per_second_per_client) =
+            self.call_rates(&key, p.max_calls_per_second, p.max_calls_per_second_per_client)?;
+        Ok(PluginSettings {
+            name: p.name,
+            path: self.path(&p.path),
+            timeout,
+            memory_limit: usize::try_from(memory_limit).unwrap_or(usize::MAX),
+            max_concurrency,
+            max_calls_per_second,
+            max_calls_per_second_per_client,
+            breaker_threshold: p.breaker_threshold.unwrap_or(defaults::BREAKER_THRESHOLD),
+            breaker_cooldown: self.duration(
+                &format!("{key}.breaker_cooldown"),
+                p.breaker_cooldown.as_ref(),
+                defaults::BREAKER_COOLDOWN,
+            )?,
+            settings,
+            grants: Grants { files, kv, http },
+            probe_names: p.probe_names,
+            on_swap: p.on_swap,
+        })
+    }
+
+    /// The call-rate cap and its per-client share (by default a quarter of the cap).
+    fn call_rates(
+        &self,
+        key: &str,
+        cap: Option<u32>,
+        share: Option<u32>,
+    ) -> Result<(Option<u32>, Option<u32>), ConfigError> {
+        if cap == Some(0) {
+            return Err(
+                self.err(format!("{key}.max_calls_per_second"), "must be greater than zero (omit it for no cap)")
+            );
+        }
+        let share = match (cap, share) {
+            (_, Some(0)) => {
+                return Err(self.err(format!("{key}.max_calls_per_second_per_client"), "must be greater than zero"));
+            }
+            (None, Some(_)) => {
+                return Err(self.err(
+                    format!("{key}.max_calls_per_second_per_client"),
+                    "is a share of max_calls_per_second: set that too",
+                ));
+            }
+            (Some(cap), None) => Some((cap / 4).max(1)),
+            (_, share) => share,
+        };
+        Ok((cap, share))
+    }
+
+    fn kv_grant(&self, key: &str, grant: raw::KvGrant, redis: &[RedisSettings]) -> Result<KvGrant, ConfigError> {
+        if !redis.iter().any(|r| r.name == grant.redis) {
+            return Err(self.err(format!("{key}.grants.kv.redis"), format!("no [[redis]] named {:?}", grant.redis)));
+        }
+        if grant.prefixes.is_empty() {
+            return Err(self.err(
+                format!("{key}.grants.kv.prefixes"),
+                "list the key prefixes the plugin may read ([\"\"] for every key)",
+            ));
+        }
+        Ok(KvGrant { store: grant.redis, prefixes: grant.prefixes })
+    }
+
+    fn http_grant(&self, key: &str, grant: raw::HttpGrant) -> Result<HttpGrant, ConfigError> {
+        let allow = grant
+            .allow
+            .iter()
+            .map(|a| normalise_authority(a).map_err(|m| self.err(format!("{key}.grants.http.allow"), m)))
+            .collect::<Result<_, _>>()?;
+        let timeout_key = format!("{key}.grants.http.timeout");
+        let timeout = self.duration(&timeout_key, grant.timeout.as_ref(), defaults::HTTP_TIMEOUT)?;
+        self.positive(&timeout_key, timeout)?;
+        let max_response_bytes = self.size(
+            &format!("{key}.grants.http.max_response_bytes"),
+            grant.max_response_bytes.as_ref(),
+            defaults::HTTP_MAX_RESPONSE_BYTES,
+        )?;
+        Ok(HttpGrant { allow, timeout, max_response_bytes })
+    }
+
+    pub(super) fn listeners(
+        &self,
+        raw: Vec<raw::Listener>,
+        certificates: &[StaticCertSettings],
+        plugins: &[PluginSettings],
+    ) -> Result<Vec<ListenerSettings>, ConfigError> {
+        if raw.is_empty() {
+            return Err(self.err("listener", "at least one [[listener]] is required"));
+        }
+        let mut names = HashSet::new();
+        raw.into_iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let name = l.name.unwrap_or_else(|| format!("listener-{i}"));
+                let key = format!("listener {name:?}");
+                if !names.insert(name.clone()) {
+                    return Err(self.err(key, "defined twice"));
+                }
+                let bind = l
+                    .bind
+                    .parse()
+                    .map_err(|_| self.err(format!("{key}.bind"), format!("{:?} is not an address:port", l.bind)))?;
+                if let Some(plugin) = &l.plugin
+                    && !plugins.iter().any(|p| &p.name == plugin)
+                {
+                    return Err(self.err(format!("{key}.plugin"), format!("no [[plugin]] named {plugin:?}")));
+                }
+                let fallback = match (l.default_certificate, l.strict) {
+                    (Some(_), true) => {
+                        return Err(self.err(
+                            format!("{key}.strict"),
+                            "strict listeners refuse unknown names: remove default_certificate or strict",
+                        ));
+                    }
+                    (Some(cert), false) => {
+                        if !certificates.iter().any(|c| c.name == cert) {
+                            return Err(self.err(
+                                format!("{key}.default_certificate"),
+                                format!("no [[certificate]] named {cert:?}"),
+                            ));
+                        }
+                        Fallback::DefaultCertificate(cert)
+                    }
+                    (None, true) => Fallback::Strict,
+                    (None, false) => {
+                        return Err(self.err(
+                            format!("{key}.default_certificate"),
+                            "missing: name a [[certificate]] to serve unknown names, or set strict = true",
+                        ));
+                    }
+                };
+                let alpn = l
+                    .alpn
+                    .unwrap_or_else(|| defaults::ALPN.iter().map(|s| s.to_string()).collect())
+                    .into_iter()
+                    .map(|p| match p.as_str() {
+                        "h2" | "http/1.1" => Ok(p.into_bytes()),
+                        _ => Err(self.err(format!("{key}.alpn"), format!("{p:?}: only \"h2\" and \"http/1.1\""))),
+                    })
+                    .collect::<Result<_, _>>()?;
+                let backend = parse_backend(&l.backend).map_err(|m| self.err(format!("{key}.backend"), m))?;
+                let required = match l.client_auth.as_deref() {
+                    None | Some("required") => true,
+                    Some("optional") => false,
+                    Some(other) => {
+                        return Err(self.err(
+                            format!("{key}.client_auth"),
+                            format!("{other:?}: expected \"required\" or \"optional\""),
+                        ));
+                    }
+                };
+                let client_auth = match l.client_ca {
+                    Some(ca) => Some(ClientAuth { ca: self.path(&ca), required }),
+                    None if l.client_auth.is_some() => {
+                        return Err(self.err(format!("{key}.client_auth"), "needs client_ca (the CAs to trust)"));
+                    }
+                    None => None,
+                };
+                Ok(ListenerSettings { name, bind, plugin: l.plugin, fallback, alpn, backend, client_auth })
+            })
+            .collect()
+    }
+}
+
+/// A server name or a `*.` wildcard pattern from the config, normalised.
+pub(super) fn normalise_pattern(raw: &str) -> Result<String, String> {
+    let (prefix, rest) = match raw.strip_prefix("*.") {
+        Some(rest) => ("*.", rest),
+        None => ("", raw),
+    };
+    ServerName::parse(rest).map(|n| format!("{prefix}{n}")).map_err(|e| format!("{raw:?}: {e}"))
+}
+
+/// `host:port` as written in an allow-list, lowercased; the port is required so that the grant is exact.
+fn normalise_authority(raw: &str) -> Result<String, String> {
+    let authority: http::uri::Authority = raw.parse().map_err(|e| format!("{raw:?}: {e}"))?;
+    if authority.port_u16().is_none() {
+        return Err(format!("{raw:?}: give host:port (e.g. \"api.example.com:443\")"));
+    }
+    Ok(authority.as_str().to_ascii_lowercase())
+}
+
+pub(super) fn parse_backend(raw: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = raw.parse().map_err(|e| format!("{raw:?}: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!("{raw:?}: only http:// backends are supported"));
+    }
+    if uri.authority().is_none() {
+        return Err(format!("{raw:?}: needs a host"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!("{raw:?}: give an origin only (no path or query)"));
+    }
+    Ok(uri)
+}

@@ -1,0 +1,321 @@
+use super::*;
+use crate::sni::ServerName;
+
+fn load(text: &str) -> Result<Config, ConfigError> {
+    Config::from_toml(text, Path::new("/etc/tern/tern.toml"))
+}
+
+/// The smallest useful config (also seeds the config fuzz target).
+pub(crate) const MINIMAL: &str = r#"
+    [[certificate]]
+    name = "fallback"
+    cert = "certs/fallback.crt"
+    key = "certs/fallback.key"
+
+    [[plugin]]
+    name = "files"
+    path = "plugins/file_path.wasm"
+    grants.files = "/srv/certs"
+    settings = { cert_template = "{name}.pem", ttl_seconds = 30 }
+
+    [[listener]]
+    bind = "127.0.0.1:8443"
+    plugin = "files"
+    default_certificate = "fallback"
+    backend = "http://127.0.0.1:8080"
+"#;
+
+#[test]
+fn minimal_file_gets_defaults_and_resolved_paths() {
+    let config = load(MINIMAL).unwrap();
+    assert_eq!(config.server.handshake_timeout, defaults::HANDSHAKE_TIMEOUT);
+    assert_eq!(config.cache.max_entries, defaults::CACHE_MAX_ENTRIES);
+    let plugin = &config.plugins[0];
+    assert_eq!(plugin.path, Path::new("/etc/tern/plugins/file_path.wasm"));
+    assert_eq!(plugin.grants.files.as_deref(), Some(Path::new("/srv/certs")));
+    assert_eq!(plugin.settings["ttl_seconds"], "30");
+    assert_eq!(plugin.timeout, defaults::PLUGIN_TIMEOUT);
+    let listener = &config.listeners[0];
+    assert_eq!(listener.name, "listener-0");
+    assert_eq!(listener.fallback, Fallback::DefaultCertificate("fallback".into()));
+    assert_eq!(listener.alpn, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
+    assert_eq!(config.certificates[0].cert, Path::new("/etc/tern/certs/fallback.crt"));
+}
+
+fn error_of(text: &str) -> String {
+    load(text).unwrap_err().to_string()
+}
+
+#[test]
+fn resumption_through_redis_needs_a_long_secret_that_debug_never_prints() {
+    let with =
+        |section: &str| format!("{MINIMAL}\n[[redis]]\nname = \"r\"\nurls = [\"redis://127.0.0.1:6379\"]\n{section}");
+    let err = error_of(&with("[resumption]\nredis = \"r\""));
+    assert!(err.contains("resumption.secret: missing"), "{err}");
+    let err = error_of(&with("[resumption]\nredis = \"r\"\nsecret = \"short\""));
+    assert!(err.contains("resumption.secret: too short"), "{err}");
+    let err = error_of(&with("[resumption]\nredis = \"nope\"\nsecret = \"0123456789abcdef0123456789abcdef\""));
+    assert!(err.contains("resumption.redis: no [[redis]] named \"nope\""), "{err}");
+    let err = error_of(&with("[resumption]\nticket_rotation = \"2h\"\nticket_lifetime = \"1h\""));
+    assert!(err.contains("resumption.ticket_lifetime: is shorter"), "{err}");
+    let secret = "0123456789abcdef0123456789abcdef-secret";
+    let config = load(&with(&format!("[resumption]\nredis = \"r\"\nsecret = \"{secret}\""))).unwrap();
+    assert_eq!(config.resumption.secret.as_ref().unwrap().bytes(), secret.as_bytes());
+    assert!(!format!("{config:?}").contains(secret), "Debug must not print the secret");
+    assert_eq!(load(MINIMAL).unwrap().resumption.store, None, "local resumption by default");
+}
+
+#[test]
+fn unknown_key_names_file_and_line() {
+    let err = error_of(&MINIMAL.replace("bind =", "bnid ="));
+    assert!(err.starts_with("/etc/tern/tern.toml: "), "{err}");
+    assert!(err.contains("unknown field `bnid`"), "{err}");
+    assert!(err.contains("line 14 `bnid = \"127.0.0.1:8443\"`"), "{err}");
+}
+
+#[test]
+fn bad_values_name_the_key() {
+    let cases = [
+        (MINIMAL.replace("127.0.0.1:8443", "localhost"), "listener \"listener-0\".bind"),
+        (MINIMAL.replace("[[plugin]]", "[[plugin]]\ntimeout = \"soon\""), "plugin \"files\".timeout"),
+        (MINIMAL.replace("[[plugin]]", "[[plugin]]\nmemory_limit = \"1TiB\""), "plugin \"files\".memory_limit"),
+        (MINIMAL.replace("plugin = \"files\"", "plugin = \"nope\""), "listener \"listener-0\".plugin"),
+        (
+            MINIMAL.replace("default_certificate = \"fallback\"", "default_certificate = \"x\""),
+            "listener \"listener-0\".default_certificate",
+        ),
+        (MINIMAL.replace("default_certificate = \"fallback\"", ""), "listener \"listener-0\".default_certificate"),
+        (MINIMAL.replace("http://127.0.0.1:8080", "https://b:1"), "listener \"listener-0\".backend"),
+        (MINIMAL.replace("http://127.0.0.1:8080", "http://b:1/api"), "listener \"listener-0\".backend"),
+        (format!("{MINIMAL}\n[cache]\nttl = \"0x\""), "cache.ttl"),
+        (format!("{MINIMAL}\n[cache]\nmax_entries = 0"), "cache.max_entries"),
+        (format!("{MINIMAL}\n[server]\nhandshake_timeout = \"0s\""), "server.handshake_timeout"),
+        (
+            MINIMAL.replace("key = \"certs/fallback.key\"", "key = \"k\"\nnames = [\"a/b\"]"),
+            "certificate \"fallback\".names",
+        ),
+    ];
+    for (text, key) in cases {
+        let err = error_of(&text);
+        assert!(err.contains(&format!(": {key}: ")), "expected key {key} in: {err}");
+    }
+}
+
+#[test]
+fn strict_and_default_certificate_exclude_each_other() {
+    let err = error_of(&MINIMAL.replace("plugin = \"files\"", "plugin = \"files\"\nstrict = true"));
+    assert!(err.contains(".strict: "), "{err}");
+    let config = load(&MINIMAL.replace("default_certificate = \"fallback\"", "strict = true")).unwrap();
+    assert_eq!(config.listeners[0].fallback, Fallback::Strict);
+}
+
+#[test]
+fn kv_grant_names_an_existing_store_and_prefixes() {
+    let with_store = format!("{MINIMAL}\n[[redis]]\nname = \"certs\"\nurls = [\"redis://127.0.0.1:6379\"]\n");
+    let grant = |g: &str| with_store.replace("grants.files = \"/srv/certs\"", g);
+    let config = load(&grant("grants.kv = { redis = \"certs\", prefixes = [\"cert:\"] }")).unwrap();
+    let kv = config.plugins[0].grants.kv.as_ref().unwrap();
+    assert_eq!((kv.store.as_str(), kv.prefixes.as_slice()), ("certs", &["cert:".to_string()][..]));
+    assert_eq!(config.redis[0].timeout, defaults::REDIS_TIMEOUT);
+    let err = load(&grant("grants.kv = { redis = \"nope\", prefixes = [\"\"] }")).unwrap_err().to_string();
+    assert!(err.contains("plugin \"files\".grants.kv.redis: no [[redis]] named \"nope\""), "{err}");
+    let err = load(&grant("grants.kv = { redis = \"certs\", prefixes = [] }")).unwrap_err().to_string();
+    assert!(err.contains(".grants.kv.prefixes"), "{err}");
+    let err = load(&with_store.replace("redis://127.0.0.1:6379", "127.0.0.1:6379")).unwrap_err().to_string();
+    assert!(err.contains("redis \"certs\".urls"), "{err}");
+}
+
+#[test]
+fn settings_can_come_from_the_environment_and_http_grants_need_ports() {
+    // PATH is set in every environment tests run in; the variable below in none.
+    let with =
+        |settings: &str| MINIMAL.replace("settings = { cert_template = \"{name}.pem\", ttl_seconds = 30 }", settings);
+    let config = load(&with("settings = { token = { env = \"PATH\" } }")).unwrap();
+    assert_eq!(config.plugins[0].settings["token"], std::env::var("PATH").unwrap());
+    let err = load(&with("settings = { token = { env = \"TERN_TEST_SURELY_UNSET_VARIABLE\" } }")).unwrap_err();
+    assert!(err.to_string().contains(".settings.token: environment variable TERN_TEST_SURELY_UNSET_VARIABLE"), "{err}");
+    let grant = |g: &str| MINIMAL.replace("grants.files = \"/srv/certs\"", g);
+    let config = load(&grant("grants.http = { allow = [\"API.example.com:443\"] }")).unwrap();
+    let http = config.plugins[0].grants.http.as_ref().unwrap();
+    assert_eq!(http.allow, ["api.example.com:443"]);
+    assert_eq!((http.timeout, http.max_response_bytes), (defaults::HTTP_TIMEOUT, defaults::HTTP_MAX_RESPONSE_BYTES));
+    let err = load(&grant("grants.http = { allow = [\"api.example.com\"] }")).unwrap_err().to_string();
+    assert!(err.contains(".grants.http.allow: \"api.example.com\": give host:port"), "{err}");
+}
+
+#[test]
+fn no_listener_is_an_error() {
+    assert!(error_of("").contains(": listener: "));
+}
+
+#[test]
+fn two_sockets_on_one_address_are_refused() {
+    let second = "[[listener]]\nname = \"b\"\nbind = \"BIND\"\nstrict = true\nbackend = \"http://127.0.0.1:1\"\n";
+    for (bind, clash) in [("127.0.0.1:8443", true), ("0.0.0.0:8443", true), ("127.0.0.2:8443", false)] {
+        let result = load(&format!("{MINIMAL}\n{}", second.replace("BIND", bind)));
+        assert_eq!(result.is_err(), clash, "{bind}: {result:?}");
+        if clash {
+            let err = result.unwrap_err().to_string();
+            assert!(
+                err.contains("listener \"b\".bind: ") && err.contains("already used by listener \"listener-0\""),
+                "{err}"
+            );
+        }
+    }
+    let err = error_of(&format!("{MINIMAL}\n[admin]\nbind = \"127.0.0.1:8443\"\n"));
+    assert!(err.contains("admin.bind: 127.0.0.1:8443 is already used"), "{err}");
+    let ephemeral = MINIMAL.replace("127.0.0.1:8443", "127.0.0.1:0");
+    assert!(load(&format!("{ephemeral}\n{}", second.replace("BIND", "127.0.0.1:0"))).is_ok(), "port 0 never clashes");
+}
+
+/// Random values for every numeric, duration and size key: validation never panics, and every value it
+/// accepts can be used by what consumes it (semaphores, budgets, the clock), so no config value can panic
+/// the server later.
+const NUMBERS: [&str; 10] =
+    ["1", "7", "1000", "10000000", "0", "10000001", "4294967296", "9223372036854775807", "-1", "18446744073709551615"];
+const DURATIONS: [&str; 11] = [
+    "\"1ms\"",
+    "\"10s\"",
+    "\"3650d\"",
+    "\"2h\"",
+    "\"0s\"",
+    "\"3651d\"",
+    "\"18446744073709551615ms\"",
+    "\"99999999999999d\"",
+    "\"1.5s\"",
+    "\"\"",
+    "5",
+];
+const SIZES: [&str; 9] = [
+    "\"64KiB\"",
+    "\"1MiB\"",
+    "\"16MiB\"",
+    "\"1TiB\"",
+    "0",
+    "1",
+    "\"18446744073709551615GiB\"",
+    "\"-1B\"",
+    "4294967296",
+];
+/// Every numeric key with the values it is tried with.
+const KEYS: [(&str, &str, &[&str]); 24] = [
+    ("server", "max_connections", &NUMBERS),
+    ("server", "session_cache_entries", &NUMBERS),
+    ("server", "h2_max_concurrent_streams", &NUMBERS),
+    ("server", "handshake_timeout", &DURATIONS),
+    ("server", "request_head_timeout", &DURATIONS),
+    ("server", "keepalive_timeout", &DURATIONS),
+    ("server", "request_body_timeout", &DURATIONS),
+    ("server", "send_timeout", &DURATIONS),
+    ("server", "tunnel_idle_timeout", &DURATIONS),
+    ("server", "h2_keepalive_interval", &DURATIONS),
+    ("server", "shutdown_grace", &DURATIONS),
+    ("server", "max_request_header_bytes", &SIZES),
+    ("server", "plugin_memory_total", &SIZES),
+    ("cache", "max_entries", &NUMBERS),
+    ("cache", "max_bytes", &SIZES),
+    ("cache", "ttl", &DURATIONS),
+    ("cache", "negative_ttl", &DURATIONS),
+    ("cache", "max_stale", &DURATIONS),
+    ("cache", "invalid_ttl", &DURATIONS),
+    ("proxy", "connect_timeout", &DURATIONS),
+    ("proxy", "response_timeout", &DURATIONS),
+    ("proxy", "pool_idle_timeout", &DURATIONS),
+    ("proxy", "max_connections_per_backend", &NUMBERS),
+    ("proxy", "max_backend_connections", &NUMBERS),
+];
+
+/// A config with a random subset of [`KEYS`] set, mostly to plausible values (the first four of each list).
+fn random_config(next: &mut impl FnMut() -> u64) -> String {
+    let mut sections: BTreeMap<&str, String> = BTreeMap::new();
+    for (section, key, values) in KEYS {
+        if next() % 4 == 0 {
+            let pool = if next() % 4 == 0 { values.len() } else { 4 };
+            let value = values[(next() % pool as u64) as usize];
+            sections.entry(section).or_default().push_str(&format!("{key} = {value}\n"));
+        }
+    }
+    let mut text = MINIMAL.to_string();
+    for (section, body) in &sections {
+        text.push_str(&format!("\n[{section}]\n{body}"));
+    }
+    text
+}
+
+/// Hands an accepted config's values to what uses them: clocks, semaphores, the descriptor budget, the cache.
+fn assert_usable(config: &Config, text: &str, runtime: &tokio::runtime::Runtime) {
+    let now = std::time::Instant::now();
+    let c = &config.server.client;
+    for d in [
+        config.server.handshake_timeout,
+        config.server.shutdown_grace,
+        c.request_head_timeout,
+        c.keepalive_timeout,
+        c.request_body_timeout,
+        c.send_timeout,
+        c.tunnel_idle_timeout,
+        c.h2_keepalive_interval,
+        config.cache.ttl,
+        config.cache.negative_ttl,
+        config.cache.max_ttl + config.cache.max_stale,
+        config.cache.invalid_ttl,
+        config.proxy.connect_timeout,
+        config.proxy.response_timeout,
+    ] {
+        assert!(now.checked_add(d).is_some(), "{d:?} overflows the clock:\n{text}");
+    }
+    for n in [config.server.max_connections, config.proxy.max_connections_per_backend] {
+        assert!(n <= tokio::sync::Semaphore::MAX_PERMITS, "{n}:\n{text}");
+    }
+    let budget = crate::fdlimit::budget(&config, 1 << 20);
+    assert!(
+        budget.clients <= tokio::sync::Semaphore::MAX_PERMITS && budget.backends <= tokio::sync::Semaphore::MAX_PERMITS
+    );
+    // The cache turns TTLs into expiry times (moka keeps nanoseconds in a u64): fill and read an entry.
+    let cache = crate::cache::CertCache::new(&config.cache, std::sync::Arc::default());
+    let key = crate::cache::CacheKey { plugin: "p".into(), name: ServerName::parse("a.test").unwrap() };
+    let filled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(async {
+            let load = async { Ok::<_, ()>(crate::cache::Answer::NotFound) };
+            let first = cache.get_or_load(key.clone(), load).await.is_ok();
+            cache.run_pending_tasks().await;
+            let _ = cache.get_or_load(key, async { Err::<crate::cache::Answer, ()>(()) }).await;
+            first
+        })
+    }));
+    assert!(filled.unwrap_or_else(|_| panic!("the cache panicked under:\n{text}")), "{text}");
+}
+
+#[test]
+fn no_accepted_value_can_panic_the_runtime() {
+    let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut accepted = 0;
+    for _ in 0..3000 {
+        let text = random_config(&mut next);
+        let Ok(config) = std::panic::catch_unwind(|| load(&text)).unwrap_or_else(|_| panic!("panicked on:\n{text}"))
+        else {
+            continue;
+        };
+        accepted += 1;
+        assert_usable(&config, &text, &runtime);
+    }
+    assert!(accepted > 100, "only {accepted} random configs were accepted: the test explores too little");
+}
+
+#[test]
+fn durations_and_sizes() {
+    assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+    assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+    assert!(parse_duration("1.5s").is_err());
+    assert!(parse_duration("10").is_err());
+    assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+    assert_eq!(parse_size("1000"), Ok(1000));
+    assert!(parse_size("12XB").is_err());
+}

@@ -1,0 +1,434 @@
+//! From the raw file to typed settings: every value checked, every default applied, every error naming the
+//! file and the key. The sections with a list of entries (certificates, plugins, listeners) are in
+//! [`super::sections`].
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::*;
+
+pub(super) struct Validator<'a> {
+    pub(super) file: &'a Path,
+    pub(super) base: &'a Path,
+}
+
+impl Validator<'_> {
+    pub(super) fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError { file: self.file.to_path_buf(), key: key.into(), message: message.into() }
+    }
+
+    pub(super) fn duration(&self, key: &str, raw: Option<&String>, default: Duration) -> Result<Duration, ConfigError> {
+        match raw {
+            None => Ok(default),
+            Some(text) => {
+                let duration = parse_duration(text).map_err(|message| self.err(key, message))?;
+                // Deadlines are added to the clock; a duration of millions of years would overflow it.
+                if duration > defaults::MAX_DURATION {
+                    return Err(self.err(key, format!("{text:?}: at most 3650d")));
+                }
+                Ok(duration)
+            }
+        }
+    }
+
+    pub(super) fn size(&self, key: &str, raw: Option<&raw::Size>, default: u64) -> Result<u64, ConfigError> {
+        match raw {
+            None => Ok(default),
+            Some(raw::Size::Bytes(n)) => Ok(*n),
+            Some(raw::Size::Text(text)) => parse_size(text).map_err(|message| self.err(key, message)),
+        }
+    }
+
+    /// A count between 1 and `ceiling`: what the runtime can allocate (a semaphore holds at most `usize::MAX >> 3`
+    /// permits, for one) is far above any ceiling, so an accepted value never fails at start-up.
+    pub(super) fn count(&self, key: &str, value: usize, ceiling: usize) -> Result<usize, ConfigError> {
+        if (1..=ceiling).contains(&value) {
+            Ok(value)
+        } else {
+            Err(self.err(key, format!("must be between 1 and {ceiling}")))
+        }
+    }
+
+    pub(super) fn client_limits(&self, raw: &raw::Server) -> Result<ClientLimits, ConfigError> {
+        let fallback = ClientLimits::default();
+        let timeout = |key: &str, value: Option<&String>, default: Duration| {
+            let key = format!("server.{key}");
+            let d = self.duration(&key, value, default)?;
+            self.positive(&key, d)
+        };
+        let streams = raw.h2_max_concurrent_streams.unwrap_or(fallback.h2_max_concurrent_streams);
+        if !(1..=10_000).contains(&streams) {
+            return Err(self.err("server.h2_max_concurrent_streams", "must be between 1 and 10000"));
+        }
+        let header_bytes = self.size(
+            "server.max_request_header_bytes",
+            raw.max_request_header_bytes.as_ref(),
+            u64::from(fallback.max_request_header_bytes),
+        )?;
+        // Below 8 KiB common browsers' heads (cookies) no longer fit; above 1 MiB a head is an attack.
+        if !(8 << 10..=1 << 20).contains(&header_bytes) {
+            return Err(self.err("server.max_request_header_bytes", "must be between 8KiB and 1MiB"));
+        }
+        Ok(ClientLimits {
+            request_head_timeout: timeout(
+                "request_head_timeout",
+                raw.request_head_timeout.as_ref(),
+                fallback.request_head_timeout,
+            )?,
+            keepalive_timeout: timeout(
+                "keepalive_timeout",
+                raw.keepalive_timeout.as_ref(),
+                fallback.keepalive_timeout,
+            )?,
+            request_body_timeout: timeout(
+                "request_body_timeout",
+                raw.request_body_timeout.as_ref(),
+                fallback.request_body_timeout,
+            )?,
+            send_timeout: timeout("send_timeout", raw.send_timeout.as_ref(), fallback.send_timeout)?,
+            tunnel_idle_timeout: timeout(
+                "tunnel_idle_timeout",
+                raw.tunnel_idle_timeout.as_ref(),
+                fallback.tunnel_idle_timeout,
+            )?,
+            h2_max_concurrent_streams: streams,
+            h2_keepalive_interval: timeout(
+                "h2_keepalive_interval",
+                raw.h2_keepalive_interval.as_ref(),
+                fallback.h2_keepalive_interval,
+            )?,
+            h2_keepalive_timeout: timeout(
+                "h2_keepalive_timeout",
+                raw.h2_keepalive_timeout.as_ref(),
+                fallback.h2_keepalive_timeout,
+            )?,
+            max_request_header_bytes: u32::try_from(header_bytes).unwrap_or(u32::MAX),
+        })
+    }
+
+    /// Two sockets on one address cannot both bind; a wildcard address (`0.0.0.0`, `[::]`) overlaps every
+    /// address of the same port. Port 0 (any free port) never clashes.
+    pub(super) fn distinct_addresses(
+        &self,
+        listeners: &[ListenerSettings],
+        admin: Option<&AdminSettings>,
+    ) -> Result<(), ConfigError> {
+        let mut seen: Vec<(String, SocketAddr)> = Vec::new();
+        let named = listeners
+            .iter()
+            .map(|l| (format!("listener {:?}.bind", l.name), l.bind))
+            .chain(admin.map(|a| ("admin.bind".to_string(), a.bind)));
+        for (key, addr) in named {
+            if addr.port() != 0
+                && let Some((other, _)) = seen.iter().find(|(_, b)| {
+                    b.port() == addr.port()
+                        && (b.ip() == addr.ip() || b.ip().is_unspecified() || addr.ip().is_unspecified())
+                })
+            {
+                return Err(self.err(key, format!("{addr} is already used by {other}")));
+            }
+            seen.push((key, addr));
+        }
+        Ok(())
+    }
+
+    pub(super) fn positive<T: PartialOrd + Default + Copy>(&self, key: &str, value: T) -> Result<T, ConfigError> {
+        if value > T::default() { Ok(value) } else { Err(self.err(key, "must be greater than zero")) }
+    }
+
+    /// A string, number or boolean as text, or `{ env = "NAME" }`: the value of tern's environment variable
+    /// (for secrets such as tokens, which then live in neither the file nor any log).
+    pub(super) fn value(&self, key: &str, value: toml::Value) -> Result<String, ConfigError> {
+        match value {
+            toml::Value::String(s) => Ok(s),
+            toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) => Ok(value.to_string()),
+            toml::Value::Table(t) if t.len() == 1 && t.get("env").is_some_and(toml::Value::is_str) => {
+                let var = t.get("env").and_then(toml::Value::as_str).unwrap_or_default();
+                std::env::var(var).map_err(|_| self.err(key, format!("environment variable {var} is not set")))
+            }
+            _ => Err(self.err(key, "must be a string, number, boolean or { env = \"VARIABLE\" }")),
+        }
+    }
+
+    pub(super) fn path(&self, raw: &str) -> PathBuf {
+        self.base.join(raw)
+    }
+
+    pub(super) fn validate(&self, raw: raw::File) -> Result<Config, ConfigError> {
+        let server = self.server(&raw.server)?;
+        let cache = self.cache(&raw.cache)?;
+        let proxy = self.proxy(&raw.proxy)?;
+        let certificates = self.certificates(raw.certificate)?;
+        let redis = self.redis(raw.redis)?;
+        let plugins = self.plugins(raw.plugin, &redis)?;
+        let listeners = self.listeners(raw.listener, &certificates, &plugins)?;
+        let invalidation = self.invalidation(raw.invalidation, &redis)?;
+        let resumption = match raw.resumption {
+            None => ResumptionSettings::default(),
+            Some(r) => self.resumption(r, &redis)?,
+        };
+        let admin = raw.admin.map(|a| self.admin(a)).transpose()?;
+        let reload = self.reload(&raw.reload)?;
+        self.distinct_addresses(&listeners, admin.as_ref())?;
+        let log = LogSettings {
+            format: raw.log.format,
+            level: raw.log.level.unwrap_or_else(|| "info".into()),
+            access: raw.log.access.unwrap_or(true),
+        };
+        Ok(Config {
+            log,
+            server,
+            cache,
+            proxy,
+            listeners,
+            certificates,
+            plugins,
+            redis,
+            invalidation,
+            resumption,
+            admin,
+            reload,
+            source: self.file.to_path_buf(),
+        })
+    }
+
+    fn server(&self, raw: &raw::Server) -> Result<ServerSettings, ConfigError> {
+        let max_connections = self.count(
+            "server.max_connections",
+            raw.max_connections.unwrap_or(defaults::MAX_CONNECTIONS),
+            defaults::MAX_CONNECTIONS_CEILING,
+        )?;
+        let server = ServerSettings {
+            handshake_timeout: self.duration(
+                "server.handshake_timeout",
+                raw.handshake_timeout.as_ref(),
+                defaults::HANDSHAKE_TIMEOUT,
+            )?,
+            max_connections,
+            session_cache_entries: raw.session_cache_entries.unwrap_or(defaults::SESSION_CACHE_ENTRIES),
+            shutdown_grace: self.duration(
+                "server.shutdown_grace",
+                raw.shutdown_grace.as_ref(),
+                defaults::SHUTDOWN_GRACE,
+            )?,
+            client: self.client_limits(raw)?,
+            plugin_memory_total: {
+                let total = self.size(
+                    "server.plugin_memory_total",
+                    raw.plugin_memory_total.as_ref(),
+                    defaults::PLUGIN_MEMORY_TOTAL as u64,
+                )?;
+                if !(1 << 20..=1 << 40).contains(&total) {
+                    return Err(self.err("server.plugin_memory_total", "must be between 1MiB and 1TiB"));
+                }
+                usize::try_from(total).unwrap_or(usize::MAX)
+            },
+        };
+        self.positive("server.handshake_timeout", server.handshake_timeout)?;
+        Ok(server)
+    }
+
+    fn cache(&self, raw: &raw::Cache) -> Result<CacheSettings, ConfigError> {
+        let cache = CacheSettings {
+            max_entries: self.positive("cache.max_entries", raw.max_entries.unwrap_or(defaults::CACHE_MAX_ENTRIES))?,
+            max_bytes: self.positive(
+                "cache.max_bytes",
+                self.size("cache.max_bytes", raw.max_bytes.as_ref(), defaults::CACHE_MAX_BYTES)?,
+            )?,
+            ttl: self.duration("cache.ttl", raw.ttl.as_ref(), defaults::CACHE_TTL)?,
+            max_ttl: self.duration("cache.max_ttl", raw.max_ttl.as_ref(), defaults::CACHE_MAX_TTL)?,
+            negative_ttl: self.duration(
+                "cache.negative_ttl",
+                raw.negative_ttl.as_ref(),
+                defaults::CACHE_NEGATIVE_TTL,
+            )?,
+            max_stale: self.duration("cache.max_stale", raw.max_stale.as_ref(), defaults::CACHE_MAX_STALE)?,
+            invalid_ttl: self.duration("cache.invalid_ttl", raw.invalid_ttl.as_ref(), defaults::CACHE_INVALID_TTL)?,
+        };
+        if cache.ttl > cache.max_ttl {
+            return Err(self.err("cache.ttl", "is longer than cache.max_ttl"));
+        }
+        if cache.max_bytes / cache.max_entries > u64::from(u32::MAX) {
+            return Err(self.err("cache.max_bytes", "more than 4 GiB per entry on average; raise cache.max_entries"));
+        }
+        Ok(cache)
+    }
+
+    fn proxy(&self, raw: &raw::Proxy) -> Result<ProxySettings, ConfigError> {
+        let proxy = ProxySettings {
+            connect_timeout: self.duration(
+                "proxy.connect_timeout",
+                raw.connect_timeout.as_ref(),
+                defaults::CONNECT_TIMEOUT,
+            )?,
+            response_timeout: self.duration(
+                "proxy.response_timeout",
+                raw.response_timeout.as_ref(),
+                defaults::RESPONSE_TIMEOUT,
+            )?,
+            pool_idle_timeout: self.duration(
+                "proxy.pool_idle_timeout",
+                raw.pool_idle_timeout.as_ref(),
+                defaults::POOL_IDLE_TIMEOUT,
+            )?,
+            max_connections_per_backend: self.count(
+                "proxy.max_connections_per_backend",
+                raw.max_connections_per_backend.unwrap_or(defaults::MAX_CONNECTIONS_PER_BACKEND),
+                defaults::MAX_CONNECTIONS_CEILING,
+            )?,
+            max_backend_connections: self.count(
+                "proxy.max_backend_connections",
+                raw.max_backend_connections.unwrap_or(defaults::MAX_BACKEND_CONNECTIONS),
+                defaults::MAX_CONNECTIONS_CEILING,
+            )?,
+        };
+        self.positive("proxy.connect_timeout", proxy.connect_timeout)?;
+        self.positive("proxy.response_timeout", proxy.response_timeout)?;
+        Ok(proxy)
+    }
+
+    fn invalidation(
+        &self,
+        raw: Option<raw::Invalidation>,
+        redis: &[RedisSettings],
+    ) -> Result<Option<InvalidationSettings>, ConfigError> {
+        let invalidation = match raw {
+            None => None,
+            Some(i) => {
+                if !redis.iter().any(|r| r.name == i.redis) {
+                    return Err(self.err("invalidation.redis", format!("no [[redis]] named {:?}", i.redis)));
+                }
+                let channel = i.channel.unwrap_or_else(|| defaults::INVALIDATION_CHANNEL.to_string());
+                Some(InvalidationSettings { store: i.redis, channel })
+            }
+        };
+        Ok(invalidation)
+    }
+
+    fn admin(&self, a: raw::Admin) -> Result<AdminSettings, ConfigError> {
+        let raw_bind = a.bind.unwrap_or_else(|| defaults::ADMIN_BIND.to_string());
+        let bind =
+            raw_bind.parse().map_err(|_| self.err("admin.bind", format!("{raw_bind:?} is not an address:port")))?;
+        let token = a.token.map(|t| self.value("admin.token", t)).transpose()?;
+        if token.as_deref() == Some("") {
+            return Err(self.err("admin.token", "is empty: remove it, or give a long random token"));
+        }
+        let max_connections = self.count(
+            "admin.max_connections",
+            a.max_connections.unwrap_or(defaults::ADMIN_MAX_CONNECTIONS),
+            defaults::MAX_CONNECTIONS_CEILING,
+        )?;
+        let request_head_timeout = self.duration(
+            "admin.request_head_timeout",
+            a.request_head_timeout.as_ref(),
+            defaults::ADMIN_REQUEST_HEAD_TIMEOUT,
+        )?;
+        self.positive("admin.request_head_timeout", request_head_timeout)?;
+        let connection_timeout = self.duration(
+            "admin.connection_timeout",
+            a.connection_timeout.as_ref(),
+            defaults::ADMIN_CONNECTION_TIMEOUT,
+        )?;
+        self.positive("admin.connection_timeout", connection_timeout)?;
+        Ok(AdminSettings { bind, token, max_connections, request_head_timeout, connection_timeout })
+    }
+
+    fn reload(&self, raw: &raw::Reload) -> Result<ReloadSettings, ConfigError> {
+        let reload = ReloadSettings {
+            watch: raw.watch,
+            watch_interval: self.duration(
+                "reload.watch_interval",
+                raw.watch_interval.as_ref(),
+                defaults::WATCH_INTERVAL,
+            )?,
+        };
+        self.positive("reload.watch_interval", reload.watch_interval)?;
+        Ok(reload)
+    }
+
+    pub(super) fn resumption(
+        &self,
+        r: raw::Resumption,
+        redis: &[RedisSettings],
+    ) -> Result<ResumptionSettings, ConfigError> {
+        let fallback = ResumptionSettings::default();
+        if let Some(store) = &r.redis
+            && !redis.iter().any(|s| &s.name == store)
+        {
+            return Err(self.err("resumption.redis", format!("no [[redis]] named {store:?}")));
+        }
+        let secret = match r.secret {
+            None => None,
+            Some(value) => {
+                let text = self.value("resumption.secret", value)?;
+                if text.len() < defaults::SECRET_MIN_LEN {
+                    return Err(self.err(
+                        "resumption.secret",
+                        format!("too short: at least {} bytes (e.g. `openssl rand -hex 32`)", defaults::SECRET_MIN_LEN),
+                    ));
+                }
+                Some(Secret(std::sync::Arc::new(zeroize::Zeroizing::new(text.into_bytes()))))
+            }
+        };
+        if r.redis.is_some() && secret.is_none() {
+            return Err(self.err(
+                "resumption.secret",
+                "missing: sessions and ticket keys are sealed in Redis with it; \
+                 e.g. secret = { env = \"TERN_RESUMPTION_SECRET\" }",
+            ));
+        }
+        let rotation =
+            self.duration("resumption.ticket_rotation", r.ticket_rotation.as_ref(), fallback.ticket_rotation)?;
+        self.positive("resumption.ticket_rotation", rotation)?;
+        let lifetime =
+            self.duration("resumption.ticket_lifetime", r.ticket_lifetime.as_ref(), fallback.ticket_lifetime)?;
+        if lifetime < rotation {
+            return Err(self.err("resumption.ticket_lifetime", "is shorter than resumption.ticket_rotation"));
+        }
+        if lifetime > Duration::from_secs(7 * 24 * 3600) {
+            return Err(self.err("resumption.ticket_lifetime", "TLS allows at most 7 days"));
+        }
+        let session_lifetime =
+            self.duration("resumption.session_lifetime", r.session_lifetime.as_ref(), fallback.session_lifetime)?;
+        self.positive("resumption.session_lifetime", session_lifetime)?;
+        let prefix = r.prefix.unwrap_or(fallback.prefix);
+        if prefix.is_empty() || prefix.contains(char::is_whitespace) {
+            return Err(self.err("resumption.prefix", "must be non-empty, without spaces"));
+        }
+        Ok(ResumptionSettings {
+            store: r.redis,
+            secret,
+            prefix,
+            tickets: r.tickets.unwrap_or(true),
+            ticket_rotation: rotation,
+            ticket_lifetime: lifetime,
+            session_lifetime,
+            node: r.node.unwrap_or(fallback.node),
+        })
+    }
+
+    pub(super) fn redis(&self, raw: Vec<raw::Redis>) -> Result<Vec<RedisSettings>, ConfigError> {
+        let mut seen = HashSet::new();
+        raw.into_iter()
+            .map(|r| {
+                let key = format!("redis {:?}", r.name);
+                if !seen.insert(r.name.clone()) {
+                    return Err(self.err(key, "defined twice"));
+                }
+                if r.urls.is_empty() || (!r.cluster && r.urls.len() > 1) {
+                    return Err(self.err(format!("{key}.urls"), "one URL, or several with cluster = true"));
+                }
+                for url in &r.urls {
+                    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                        return Err(self.err(format!("{key}.urls"), format!("{url:?}: expected redis://host:port")));
+                    }
+                }
+                let timeout = self.duration(&format!("{key}.timeout"), r.timeout.as_ref(), defaults::REDIS_TIMEOUT)?;
+                self.positive(&format!("{key}.timeout"), timeout)?;
+                Ok(RedisSettings { name: r.name, urls: r.urls, cluster: r.cluster, timeout })
+            })
+            .collect()
+    }
+}
