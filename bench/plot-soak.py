@@ -1,4 +1,4 @@
-"""Plot of a soak run (`soak` from bench/src/soak.rs): tern's RSS and open file descriptors over time, and the
+"""Plot of a soak run (`soak` from bench/src/soak/): tern's RSS and open file descriptors over time, and the
 handshake and plugin-call rates, with the Redis outages shaded and plugin swaps marked. Writes soak.png into the
 run's folder.
 

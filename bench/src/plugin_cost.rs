@@ -12,7 +12,7 @@
 //! layout), for distinct names, so every call is a real miss: Redis round trip, PEM returned to the host.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use std::time::{Duration, Instant};
@@ -61,57 +61,69 @@ async fn main() -> Result<()> {
         "plugin", "size", "compile", "first call", "median", "p99", "memory/inst"
     );
     for path in &args.plugins {
-        let size = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?.len();
-        let settings = PluginSettings {
-            name: "bench".into(),
-            path: path.clone(),
-            timeout: Duration::from_secs(10),
-            memory_limit: 256 << 20,
-            max_concurrency: 1,
-            max_calls_per_second: None,
-            max_calls_per_second_per_client: None,
-            breaker_threshold: 0,
-            breaker_cooldown: Duration::ZERO,
-            settings: BTreeMap::new(),
-            grants: Grants {
-                files: None,
-                kv: Some(KvGrant { store: "bench".into(), prefixes: vec![String::new()] }),
-                http: None,
-            },
-            probe_names: Vec::new(),
-            on_swap: Default::default(),
-        };
-        let runtime = plugin::PluginRuntime::new(settings.memory_limit, 4)?;
-        let started = Instant::now();
-        let plugin = plugin::load_all(&runtime, std::slice::from_ref(&settings), &stores)
-            .await?
-            .into_iter()
-            .next()
-            .context("plugin did not load")?;
-        let compile = started.elapsed();
-        let mut times = Vec::with_capacity(names.len());
-        for name in &names {
-            let name = ServerName::parse(name).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let started = Instant::now();
-            let answer = plugin.select(&name).await?;
-            times.push(started.elapsed());
-            anyhow::ensure!(matches!(answer, Selection::Found { .. }), "{} found nothing for {name}", path.display());
-        }
-        let first = times[0];
-        let mut rest = times[1..].to_vec();
-        rest.sort();
-        let at = |q: f64| rest.get(((rest.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or_default();
-        let memory = plugin.stats().peak_memory_bytes();
-        println!(
-            "{:<28} {:>7.2}MB {:>9.2}s {:>9.2}ms {:>9.3}ms {:>9.3}ms {:>10.1}MiB",
-            path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
-            size as f64 / 1e6,
-            compile.as_secs_f64(),
-            first.as_secs_f64() * 1e3,
-            at(0.5).as_secs_f64() * 1e3,
-            at(0.99).as_secs_f64() * 1e3,
-            memory as f64 / (1 << 20) as f64
-        );
+        measure(path, &names, &stores).await?;
     }
     Ok(())
+}
+
+/// Loads (compiles) the plugin at `path`, calls it once per name, and prints its line of the table.
+async fn measure(path: &Path, names: &[String], stores: &tern::store::Stores) -> Result<()> {
+    let size = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?.len();
+    let settings = plugin_settings(path);
+    let runtime = plugin::PluginRuntime::new(settings.memory_limit, 4)?;
+    let started = Instant::now();
+    let plugin = plugin::load_all(&runtime, std::slice::from_ref(&settings), stores)
+        .await?
+        .into_iter()
+        .next()
+        .context("plugin did not load")?;
+    let compile = started.elapsed();
+    let mut times = Vec::with_capacity(names.len());
+    for name in names {
+        let name = ServerName::parse(name).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let started = Instant::now();
+        let answer = plugin.select(&name).await?;
+        times.push(started.elapsed());
+        anyhow::ensure!(matches!(answer, Selection::Found { .. }), "{} found nothing for {name}", path.display());
+    }
+    let first = times[0];
+    let mut rest = times[1..].to_vec();
+    rest.sort();
+    let at = |q: f64| rest.get(((rest.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or_default();
+    let memory = plugin.stats().peak_memory_bytes();
+    println!(
+        "{:<28} {:>7.2}MB {:>9.2}s {:>9.2}ms {:>9.3}ms {:>9.3}ms {:>10.1}MiB",
+        path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+        size as f64 / 1e6,
+        compile.as_secs_f64(),
+        first.as_secs_f64() * 1e3,
+        at(0.5).as_secs_f64() * 1e3,
+        at(0.99).as_secs_f64() * 1e3,
+        memory as f64 / (1 << 20) as f64
+    );
+    Ok(())
+}
+
+/// The plugin at `path`: one instance at a time, 256 MiB of memory, no rate limit or breaker, and the keys of
+/// the Redis store `bench` readable.
+fn plugin_settings(path: &Path) -> PluginSettings {
+    PluginSettings {
+        name: "bench".into(),
+        path: path.to_path_buf(),
+        timeout: Duration::from_secs(10),
+        memory_limit: 256 << 20,
+        max_concurrency: 1,
+        max_calls_per_second: None,
+        max_calls_per_second_per_client: None,
+        breaker_threshold: 0,
+        breaker_cooldown: Duration::ZERO,
+        settings: BTreeMap::new(),
+        grants: Grants {
+            files: None,
+            kv: Some(KvGrant { store: "bench".into(), prefixes: vec![String::new()] }),
+            http: None,
+        },
+        probe_names: Vec::new(),
+        on_swap: Default::default(),
+    }
 }

@@ -1,0 +1,47 @@
+//! The benchmark's command line.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+pub struct Args {
+    /// Numbers of hosts (ECDSA P-256; 0: none).
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
+    pub sizes: Vec<usize>,
+    /// Numbers of hosts also run with RSA 2048 certificates (0: none).
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    pub rsa_sizes: Vec<usize>,
+    /// Seconds per load phase.
+    #[arg(long, default_value_t = 4.0)]
+    pub seconds: f64,
+    /// Concurrency levels of the full-handshake phases.
+    #[arg(long, value_delimiter = ',', default_value = "8,64")]
+    pub concurrency: Vec<usize>,
+    /// Configurations to run (tern-file, tern-redis, tern-static, nginx-static, nginx-var; diagnostic:
+    /// tern-static-idle-plugin).
+    #[arg(long, value_delimiter = ',', default_value = "tern-static,tern-file,tern-redis,nginx-static,nginx-var")]
+    pub configs: Vec<String>,
+    /// The tern binary.
+    #[arg(long, default_value = "target/release/tern")]
+    pub tern: PathBuf,
+    /// Where certificate sets are kept between runs.
+    #[arg(long, default_value = "target/bench-certs")]
+    pub certs: PathBuf,
+    /// Results folder (a timestamped subfolder and `latest` are written).
+    #[arg(long, default_value = "results")]
+    pub out: PathBuf,
+    /// Rounds of the interleaved cache-hit comparison (tern dynamic vs tern static, all running at once).
+    #[arg(long, default_value_t = 10)]
+    pub ab_rounds: usize,
+    /// Seconds per configuration and round of the interleaved comparison.
+    #[arg(long, default_value_t = 1.5)]
+    pub ab_seconds: f64,
+    /// Pin the servers to the last core and this program (the load client) to the others, instead of letting
+    /// the scheduler share all cores between them.
+    #[arg(long)]
+    pub pin: bool,
+    /// Do not install nginx from Debian packages when it is missing (skip the nginx rows instead).
+    #[arg(long)]
+    pub no_install: bool,
+}

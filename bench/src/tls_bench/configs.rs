@@ -1,0 +1,94 @@
+//! The configurations under test: tern's TOML and nginx's config for each, written from a certificate set.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use crate::Setup;
+
+/// A `[[certificate]]` entry for every host of the set (tern's static preload).
+fn static_certificates(setup: &Setup) -> String {
+    let dir = setup.dir.display();
+    setup
+        .names
+        .iter()
+        .map(|name| {
+            format!("[[certificate]]\nname = \"{name}\"\ncert = \"{dir}/{name}.crt\"\nkey = \"{dir}/{name}.key\"\n")
+        })
+        .collect()
+}
+
+pub fn tern_config(config: &str, setup: &Setup, addr: SocketAddr, backend: SocketAddr, redis_url: &str) -> String {
+    let dir = setup.dir.display();
+    let mut text = format!(
+        "[log]\nlevel = \"warn\"\naccess = false\n\n[cache]\nmax_entries = {}\n\n",
+        (setup.n + 1000).max(100_000)
+    );
+    let plugins = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/target/wasm32-wasip2/release");
+    match config {
+        "tern-static" => {
+            text += &static_certificates(setup);
+            text += &format!("\n[[listener]]\nbind = \"{addr}\"\nstrict = true\nbackend = \"http://{backend}\"\n");
+        }
+        // Diagnostic: the static preload plus a file plugin on the listener that is never asked (every name is
+        // static). Separates what a loaded plugin runtime costs a process from what the cache lookup costs.
+        "tern-static-idle-plugin" => {
+            text += &static_certificates(setup);
+            text += &format!(
+                "[[plugin]]\nname = \"files\"\npath = \"{}\"\ngrants.files = \"{dir}\"\n\n\
+                 [[listener]]\nbind = \"{addr}\"\nplugin = \"files\"\nstrict = true\nbackend = \"http://{backend}\"\n",
+                plugins.join("file_path.wasm").display()
+            );
+        }
+        "tern-file" => {
+            text += &format!(
+                "[[plugin]]\nname = \"files\"\npath = \"{}\"\ngrants.files = \"{dir}\"\n\n\
+                 [[listener]]\nbind = \"{addr}\"\nplugin = \"files\"\nstrict = true\nbackend = \"http://{backend}\"\n",
+                plugins.join("file_path.wasm").display()
+            );
+        }
+        _ => {
+            let prefix = &setup.prefix;
+            text += &format!(
+                "[[redis]]\nname = \"certs\"\nurls = [\"{redis_url}\"]\n\n\
+                 [[plugin]]\nname = \"redis\"\npath = \"{}\"\n\
+                 settings = {{ cert_key = \"{prefix}{{name}}.crt\", key_key = \"{prefix}{{name}}.key\" }}\n\
+                 grants.kv = {{ redis = \"certs\", prefixes = [\"{prefix}\"] }}\n\n\
+                 [[listener]]\nbind = \"{addr}\"\nplugin = \"redis\"\nstrict = true\nbackend = \"http://{backend}\"\n",
+                plugins.join("redis_plugin.wasm").display()
+            );
+        }
+    }
+    text
+}
+
+pub fn nginx_config(config: &str, setup: &Setup, addr: SocketAddr, backend: SocketAddr, prefix: &Path) -> String {
+    let dir = setup.dir.display();
+    let mut text = format!(
+        "user root;\nworker_processes 2;\npid {prefix}/nginx.pid;\nerror_log {prefix}/logs/error.log warn;\n\
+         worker_rlimit_nofile 65536;\nevents {{ worker_connections 16384; }}\n\
+         http {{\n  access_log off;\n  server_names_hash_max_size 1048576;\n  server_names_hash_bucket_size 128;\n\
+         ssl_protocols TLSv1.2 TLSv1.3;\n  ssl_session_cache shared:SSL:50m;\n  ssl_session_tickets on;\n\
+         upstream backend {{ server {backend}; keepalive 64; }}\n",
+        prefix = prefix.display()
+    );
+    let location =
+        "location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }";
+    match config {
+        "nginx-static" => {
+            for (i, name) in setup.names.iter().enumerate() {
+                let default = if i == 0 { " default_server" } else { "" };
+                text += &format!(
+                    "  server {{ listen {addr} ssl{default}; server_name {name}; \
+                     ssl_certificate {dir}/{name}.crt; ssl_certificate_key {dir}/{name}.key; {location} }}\n"
+                );
+            }
+        }
+        _ => {
+            text += &format!(
+                "  server {{ listen {addr} ssl default_server; server_name _; \
+                 ssl_certificate {dir}/$ssl_server_name.crt; ssl_certificate_key {dir}/$ssl_server_name.key; {location} }}\n"
+            );
+        }
+    }
+    text + "}\n"
+}

@@ -1,0 +1,144 @@
+//! tern against itself (dynamic via the file plugin, dynamic via the Redis plugin, static preload) and against
+//! nginx (preload, and `ssl_certificate $ssl_server_name`), side by side in one run, for N host certificates.
+//!
+//! ```text
+//! cargo build --release -p tern -p tern-bench
+//! target/release/tls-bench --sizes 1000,10000,100000          # writes results/<time>/ and results/latest/
+//! python3 bench/plot.py results/latest                         # PNG plots (matplotlib; see bench/plot.sh)
+//! ```
+//!
+//! Per configuration and N: time from start to the first successful handshake, RSS and PSS after start and after
+//! load, full-handshake throughput (one small request per connection, SNI drawn per connection, uniform and Zipf)
+//! at two concurrency levels, p50/p99 handshake latency, server CPU-seconds per 1,000 handshakes, cold (first
+//! handshake per name) vs warm latency, keep-alive requests/s, and resumed vs full (throughput and server CPU).
+//! Client and servers share this machine's cores: the client's own CPU time is reported beside the server's, and
+//! configurations are compared as ratios taken in the same run; the cache-hit comparison against tern's static
+//! preload runs all tern configurations at once and alternates short phases between them (`--ab-rounds`).
+
+mod args;
+mod backend;
+mod client;
+mod configs;
+mod environment;
+mod load;
+mod measure;
+mod report;
+mod server;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Parser;
+
+use crate::args::Args;
+use crate::backend::spawn_backend;
+use crate::environment::{machine_info, nginx_available, pin_client};
+use crate::measure::{compare_interleaved, run_config};
+use crate::report::{print_row, write_results};
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let work = tempfile::tempdir()?;
+    let machine = machine_info(&args).await;
+    if args.pin {
+        pin_client()?;
+    }
+    println!("{machine}");
+    let nginx = nginx_available(&args).await;
+    let backend = spawn_backend().await?;
+    let (_redis, redis_port) = tern_bench::start_redis(work.path()).await?;
+    let redis_url = format!("redis://127.0.0.1:{redis_port}");
+    let bench = Bench { args: &args, work: work.path(), backend, redis_url: &redis_url };
+    let mut results = Results::default();
+    let mut sets: Vec<(usize, tern_bench::KeyKind)> =
+        args.sizes.iter().filter(|&&n| n > 0).map(|&n| (n, tern_bench::KeyKind::Ecdsa)).collect();
+    sets.extend(args.rsa_sizes.iter().filter(|&&n| n > 0).map(|&n| (n, tern_bench::KeyKind::Rsa)));
+    for (n, kind) in sets {
+        run_set(&bench, n, kind, nginx, &mut results).await?;
+    }
+    write_results(&args, &machine, &results.rows, &results.comparisons)?;
+    Ok(())
+}
+
+/// What the certificate sets have measured so far: a row per configuration, and the interleaved comparisons.
+#[derive(Default)]
+struct Results {
+    rows: Vec<serde_json::Value>,
+    comparisons: Vec<serde_json::Value>,
+}
+
+/// One certificate set of `n` hosts: generated (or reused) and imported into Redis, then every configuration in
+/// turn and the interleaved comparison.
+async fn run_set(
+    bench: &Bench<'_>,
+    n: usize,
+    kind: tern_bench::KeyKind,
+    nginx: bool,
+    results: &mut Results,
+) -> Result<()> {
+    let args = bench.args;
+    let key = if kind == tern_bench::KeyKind::Rsa { "rsa2048" } else { "ecdsa-p256" };
+    // Absolute: configs resolve relative paths against their own folder.
+    let dir = std::path::absolute(&args.certs)?.join(format!("{key}-{n}"));
+    let started = Instant::now();
+    let domain = format!("{key}.bench.test");
+    if tern_bench::generate(n, &dir, &domain, kind)? {
+        println!("generated {n} {key} certificates in {:.1?}", started.elapsed());
+    }
+    let names: Arc<Vec<String>> = Arc::new((0..n).map(|i| format!("host{i}.{domain}")).collect());
+    // The Redis plugin's layout, under a per-set prefix.
+    let prefix = format!("{key}-{n}:");
+    let import = std::process::Command::new(&args.tern)
+        .args(["certs", "import"])
+        .arg(&dir)
+        .args(["--redis", bench.redis_url, "--prefix", &prefix])
+        .output()?;
+    anyhow::ensure!(import.status.success(), "certs import: {}", String::from_utf8_lossy(&import.stderr));
+    for config in &args.configs {
+        if config.starts_with("nginx") && !nginx {
+            continue;
+        }
+        let setup = Setup { n, key, dir: dir.clone(), names: names.clone(), prefix: prefix.clone() };
+        match run_config(bench, config, &setup).await {
+            Ok(row) => {
+                print_row(&row);
+                results.rows.push(row);
+            }
+            Err(err) => println!("{config} n={n} {key}: FAILED: {err:#}"),
+        }
+    }
+    let tern: Vec<&str> = ["tern-static", "tern-file", "tern-redis", "tern-static-idle-plugin"]
+        .into_iter()
+        .filter(|c| args.configs.iter().any(|a| a == c))
+        .collect();
+    if tern.len() > 1 && tern[0] == "tern-static" && args.ab_rounds > 0 {
+        let setup = Setup { n, key, dir: dir.clone(), names: names.clone(), prefix: prefix.clone() };
+        match compare_interleaved(bench, &tern, &setup).await {
+            Ok(result) => results.comparisons.push(result),
+            Err(err) => println!("interleaved comparison n={n} {key}: FAILED: {err:#}"),
+        }
+    }
+    Ok(())
+}
+
+/// What every configuration of a run shares: options, scratch folder, HTTP backend, Redis.
+#[derive(Clone, Copy)]
+pub(crate) struct Bench<'a> {
+    pub args: &'a Args,
+    pub work: &'a Path,
+    pub backend: SocketAddr,
+    pub redis_url: &'a str,
+}
+
+/// One certificate set: its size, key type, folder, host names and Redis prefix.
+pub(crate) struct Setup {
+    pub n: usize,
+    pub key: &'static str,
+    pub dir: PathBuf,
+    pub names: Arc<Vec<String>>,
+    pub prefix: String,
+}

@@ -1,0 +1,208 @@
+//! The measurements of one configuration, and the interleaved cache-hit comparison against tern-static.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde_json::json;
+
+use crate::client::{Client, Verify};
+use crate::load::{Draw, Mode, load, percentile};
+use crate::server::{Server, start_server};
+use crate::{Bench, Setup};
+
+pub async fn run_config(bench: &Bench<'_>, config: &str, setup: &Setup) -> Result<serde_json::Value> {
+    let (server, startup) = start_server(bench, config, setup).await?;
+    let args = bench.args;
+    let client = Client::new(&setup.dir)?;
+    let addr = server.addr;
+    let (rss_start, pss_start) = server.memory_mib();
+    let (mut cold, mut warm) = cold_and_warm(&client, addr, setup).await?;
+
+    // Full handshakes, one request each: uniform over N at each concurrency, Zipf at the highest, and a warmed
+    // hot set of 1,000 names (cache hits for the dynamic configurations).
+    let hot: Arc<Vec<String>> = Arc::new(setup.names.iter().take(1000).cloned().collect());
+    visit_all(&client, addr, &hot, false).await?;
+    let mut phases = serde_json::Map::new();
+    let top = *args.concurrency.iter().max().unwrap_or(&64);
+    let mut plan: Vec<(String, Arc<Vec<String>>, Draw, usize)> =
+        args.concurrency.iter().map(|&c| (format!("uniform_c{c}"), setup.names.clone(), Draw::Uniform, c)).collect();
+    plan.push((format!("zipf_c{top}"), setup.names.clone(), Draw::Zipf, top));
+    plan.push((format!("hot_c{top}"), hot.clone(), Draw::Uniform, top));
+    for (label, names, draw, concurrency) in plan {
+        let phase = load(&client, &server, names, draw, concurrency, args.seconds, Mode::Full).await?;
+        phases.insert(label, phase);
+    }
+    // Resumption: the client first holds a session for every hot name, so the phase measures resumed handshakes.
+    visit_all(&client, addr, &hot, true).await?;
+    let resumed = load(&client, &server, hot.clone(), Draw::Uniform, top, args.seconds, Mode::Resumed).await?;
+    let keepalive = load(&client, &server, hot.clone(), Draw::Uniform, top, args.seconds, Mode::KeepAlive).await?;
+    let (rss_after, pss_after) = server.memory_mib();
+    let full_rate = phases[&format!("hot_c{top}")]["rate"].as_f64().unwrap_or(0.0);
+    Ok(json!({
+        "config": config,
+        "n": setup.n,
+        "key": setup.key,
+        "startup_s": startup,
+        "rss_start_mib": rss_start,
+        "pss_start_mib": pss_start,
+        "rss_after_mib": rss_after,
+        "pss_after_mib": pss_after,
+        "cold_p50_ms": percentile(&mut cold, 0.5),
+        "cold_p99_ms": percentile(&mut cold, 0.99),
+        "warm_p50_ms": percentile(&mut warm, 0.5),
+        "warm_p99_ms": percentile(&mut warm, 0.99),
+        "phases": phases,
+        "resumed": resumed,
+        "resumed_over_full": resumed["rate"].as_f64().unwrap_or(0.0) / full_rate.max(1e-9),
+        // Server CPU per resumed handshake over per full handshake (same hot set, same concurrency).
+        "resumed_cost_ratio": resumed["server_cpu_s_per_1k"].as_f64().unwrap_or(0.0)
+            / phases[&format!("hot_c{top}")]["server_cpu_s_per_1k"].as_f64().unwrap_or(0.0).max(1e-9),
+        "top_concurrency": top,
+        "keepalive": keepalive,
+    }))
+}
+
+/// Cold vs warm: 200 names never asked before, one at a time, verified; then the same names again.
+async fn cold_and_warm(client: &Client, addr: SocketAddr, setup: &Setup) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    let sample: Vec<String> = setup.names.iter().rev().take(200.min(setup.n - 1)).cloned().collect();
+    let mut cold = Vec::new();
+    let mut warm = Vec::new();
+    for pass in [&mut cold, &mut warm] {
+        for name in &sample {
+            let t = Instant::now();
+            client.visit(addr, name, Verify::Yes, false).await.with_context(|| name.to_string())?;
+            pass.push(t.elapsed());
+        }
+    }
+    Ok((cold, warm))
+}
+
+/// One unverified connection for each name in turn (resuming or not): warms a server's cache, or the client's
+/// sessions.
+async fn visit_all(client: &Client, addr: SocketAddr, names: &[String], resume: bool) -> Result<()> {
+    for name in names {
+        client.visit(addr, name, Verify::No, resume).await?;
+    }
+    Ok(())
+}
+
+/// Cache-hit throughput of the dynamic configurations against tern's static preload, measured without drift: all
+/// configurations run at once, warmed on the hot set, and short phases alternate between them round by round
+/// (rotating the order), so each round's ratio compares neighbours in time. Reports the median and range of the
+/// per-round ratios of handshakes/s and of server CPU per handshake.
+pub async fn compare_interleaved(bench: &Bench<'_>, configs: &[&str], setup: &Setup) -> Result<serde_json::Value> {
+    let args = bench.args;
+    let mut servers = Vec::new();
+    for config in configs {
+        servers.push(start_server(bench, config, setup).await?.0);
+    }
+    let client = Client::new(&setup.dir)?;
+    let hot: Arc<Vec<String>> = Arc::new(setup.names.iter().take(1000).cloned().collect());
+    for server in &servers {
+        visit_all(&client, server.addr, &hot, false).await?;
+    }
+    let top = *args.concurrency.iter().max().unwrap_or(&64);
+    let rounds = Rounds::run(&client, &servers, &hot, top, args.ab_rounds, args.ab_seconds).await?;
+    let mut result = serde_json::Map::new();
+    // One server per configuration, in order; the first is tern-static.
+    for (i, config) in configs.iter().enumerate().skip(1) {
+        result.insert(config.to_string(), rounds.vs_static(i, config, setup));
+    }
+    Ok(json!({
+        "n": setup.n,
+        "key": setup.key,
+        "rounds": args.ab_rounds,
+        "seconds": args.ab_seconds,
+        "concurrency": top,
+        "static_rates": rounds.rates[0],
+        "static_cpu_s_per_1k": rounds.cpu[0],
+        "static_errors": rounds.errors[0],
+        "vs_static": result,
+    }))
+}
+
+/// What the interleaved rounds measured, per server (the first is tern-static).
+struct Rounds {
+    count: usize,
+    rates: Vec<Vec<f64>>,
+    cpu: Vec<Vec<f64>>,
+    errors: Vec<u64>,
+    /// (handshakes, server CPU-seconds) summed over all rounds: the ratio of totals is steadier than any round's.
+    totals: Vec<(f64, f64)>,
+}
+
+impl Rounds {
+    /// `count` rounds of one phase per server, the order rotating by one each round.
+    async fn run(
+        client: &Client,
+        servers: &[Server],
+        hot: &Arc<Vec<String>>,
+        top: usize,
+        count: usize,
+        seconds: f64,
+    ) -> Result<Self> {
+        let mut rates = vec![Vec::new(); servers.len()];
+        let mut cpu = vec![Vec::new(); servers.len()];
+        let mut errors = vec![0u64; servers.len()];
+        let mut totals = vec![(0.0f64, 0.0f64); servers.len()];
+        for round in 0..count {
+            for k in 0..servers.len() {
+                let i = (round + k) % servers.len();
+                let phase = load(client, &servers[i], hot.clone(), Draw::Uniform, top, seconds, Mode::Full).await?;
+                errors[i] += phase["errors"].as_u64().unwrap_or(0);
+                let count = phase["count"].as_f64().unwrap_or(0.0);
+                totals[i].0 += count;
+                totals[i].1 += phase["server_cpu_s_per_1k"].as_f64().unwrap_or(0.0) * count / 1000.0;
+                rates[i].push(phase["rate"].as_f64().unwrap_or(0.0));
+                cpu[i].push(phase["server_cpu_s_per_1k"].as_f64().unwrap_or(0.0));
+            }
+        }
+        Ok(Self { count, rates, cpu, errors, totals })
+    }
+
+    /// Server `i` (configuration `config`) against tern-static: printed, and as JSON.
+    fn vs_static(&self, i: usize, config: &str, setup: &Setup) -> serde_json::Value {
+        let Rounds { count, rates, cpu, errors, totals } = self;
+        let mut rate_ratio: Vec<f64> = (0..*count).map(|r| rates[i][r] / rates[0][r].max(1e-9)).collect();
+        let mut cpu_ratio: Vec<f64> = (0..*count).map(|r| cpu[i][r] / cpu[0][r].max(1e-9)).collect();
+        let rate_median = median(&mut rate_ratio);
+        let cpu_median = median(&mut cpu_ratio);
+        let rate_total = totals[i].0 / totals[0].0.max(1.0);
+        let cpu_total = (totals[i].1 / totals[i].0.max(1.0)) / (totals[0].1 / totals[0].0.max(1.0)).max(1e-12);
+        println!(
+            "interleaved n={} {}: {} / tern-static handshakes/s x{rate_total:.3} over all rounds, median x{rate_median:.3} (rounds {:.3}..{:.3}); server CPU per handshake x{cpu_total:.3} over all rounds, median x{cpu_median:.3} (rounds {:.3}..{:.3})",
+            setup.n,
+            setup.key,
+            config,
+            rate_ratio[0],
+            rate_ratio[rate_ratio.len() - 1],
+            cpu_ratio[0],
+            cpu_ratio[cpu_ratio.len() - 1]
+        );
+        json!({
+            "rate_ratio_total": rate_total,
+            "cpu_ratio_total": cpu_total,
+            "rate_ratio_median": rate_median,
+            "rate_ratio_min": rate_ratio[0],
+            "rate_ratio_max": rate_ratio[rate_ratio.len() - 1],
+            "cpu_ratio_median": cpu_median,
+            "cpu_ratio_min": cpu_ratio[0],
+            "cpu_ratio_max": cpu_ratio[cpu_ratio.len() - 1],
+            "rates": rates[i],
+            "cpu_s_per_1k": cpu[i],
+            "errors": errors[i],
+        })
+    }
+}
+
+/// Sorts `values` and returns the median.
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}

@@ -1,0 +1,117 @@
+//! The results: one line per configuration as it finishes, and `results.json` and `results.md` at the end.
+
+use anyhow::Result;
+use serde_json::{Value, json};
+
+use crate::args::Args;
+
+pub fn print_row(row: &Value) {
+    let top = &row["top_concurrency"];
+    let hot = &row["phases"][format!("hot_c{top}")];
+    let uniform = &row["phases"][format!("uniform_c{top}")];
+    println!(
+        "{:<13} n={:<7} {:<10} start {:>7.2}s rss {:>7.1}MiB pss {:>7.1}MiB | hot {:>6.0}/s p50 {:>5.2} p99 {:>6.2}ms cpu/1k {:.3}s | uniform {:>6.0}/s | cold p99 {:.2}ms warm p99 {:.2}ms | resumed x{:.2} rate, x{:.2} CPU | keep-alive {:.0} req/s",
+        row["config"].as_str().unwrap_or(""),
+        row["n"],
+        row["key"].as_str().unwrap_or(""),
+        row["startup_s"].as_f64().unwrap_or(0.0),
+        row["rss_start_mib"].as_f64().unwrap_or(0.0),
+        row["pss_start_mib"].as_f64().unwrap_or(0.0),
+        hot["rate"].as_f64().unwrap_or(0.0),
+        hot["p50_ms"].as_f64().unwrap_or(0.0),
+        hot["p99_ms"].as_f64().unwrap_or(0.0),
+        hot["server_cpu_s_per_1k"].as_f64().unwrap_or(0.0),
+        uniform["rate"].as_f64().unwrap_or(0.0),
+        row["cold_p99_ms"].as_f64().unwrap_or(0.0),
+        row["warm_p99_ms"].as_f64().unwrap_or(0.0),
+        row["resumed_over_full"].as_f64().unwrap_or(0.0),
+        row["resumed_cost_ratio"].as_f64().unwrap_or(0.0),
+        row["keepalive"]["rate"].as_f64().unwrap_or(0.0),
+    );
+}
+
+pub fn write_results(args: &Args, machine: &str, rows: &[Value], comparisons: &[Value]) -> Result<()> {
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let json =
+        json!({ "machine": machine, "seconds_per_phase": args.seconds, "rows": rows, "interleaved": comparisons });
+    let mut md = format!("Machine: {machine}\n\n");
+    md += "| config | N | key | start (s) | RSS (MiB) | PSS (MiB) | hot full hs/s | p50 / p99 (ms) | server CPU-s / 1k | uniform hs/s (c=max) | zipf hs/s | cold p50 / p99 (ms) | warm p50 / p99 (ms) | resumed ÷ full (hs/s) | resumed ÷ full (server CPU) | keep-alive req/s |\n";
+    md += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    for row in rows {
+        md += &row_markdown(row);
+    }
+    if !comparisons.is_empty() {
+        md += "\nCache hits, dynamic ÷ tern-static, interleaved rounds (all servers up at once, hot set warmed): ratio of the totals over all rounds, then the median and range of the per-round ratios:\n\n";
+        md += "| N | key | config | handshakes/s ratio, all rounds (median; range) | server CPU per handshake ratio, all rounds (median; range) | rounds × seconds |\n|---|---|---|---|---|---|\n";
+        for c in comparisons {
+            md += &comparison_markdown(c);
+        }
+    }
+    for folder in [args.out.join(stamp.to_string()), args.out.join("latest")] {
+        std::fs::create_dir_all(&folder)?;
+        std::fs::write(folder.join("results.json"), serde_json::to_string_pretty(&json)?)?;
+        std::fs::write(folder.join("results.md"), &md)?;
+    }
+    println!(
+        "\n{md}\nwritten to {} and {}",
+        args.out.join(stamp.to_string()).display(),
+        args.out.join("latest").display()
+    );
+    Ok(())
+}
+
+/// One configuration's line of the results table.
+fn row_markdown(row: &Value) -> String {
+    let top = &row["top_concurrency"];
+    let pick = |prefix: &str| row["phases"][format!("{prefix}_c{top}")].clone();
+    let (hot, uniform, zipf) = (pick("hot"), pick("uniform"), pick("zipf"));
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    format!(
+        "| {} | {} | {} | {:.2} | {:.0} | {:.0} | {:.0} | {:.2} / {:.2} | {:.3} | {:.0} | {:.0} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} | {:.2} | {:.0} |\n",
+        row["config"].as_str().unwrap_or(""),
+        row["n"],
+        row["key"].as_str().unwrap_or(""),
+        f(&row["startup_s"]),
+        f(&row["rss_start_mib"]),
+        f(&row["pss_start_mib"]),
+        f(&hot["rate"]),
+        f(&hot["p50_ms"]),
+        f(&hot["p99_ms"]),
+        f(&hot["server_cpu_s_per_1k"]),
+        f(&uniform["rate"]),
+        f(&zipf["rate"]),
+        f(&row["cold_p50_ms"]),
+        f(&row["cold_p99_ms"]),
+        f(&row["warm_p50_ms"]),
+        f(&row["warm_p99_ms"]),
+        f(&row["resumed_over_full"]),
+        f(&row["resumed_cost_ratio"]),
+        f(&row["keepalive"]["rate"]),
+    )
+}
+
+/// The lines of one certificate set's interleaved comparison, one per dynamic configuration.
+fn comparison_markdown(c: &Value) -> String {
+    let mut md = String::new();
+    if let Some(map) = c["vs_static"].as_object() {
+        for (config, r) in map {
+            let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+            md += &format!(
+                "| {} | {} | {config} | {:.3} ({:.3}; {:.3}–{:.3}) | {:.3} ({:.3}; {:.3}–{:.3}) | {} × {} |\n",
+                c["n"],
+                c["key"].as_str().unwrap_or(""),
+                f("rate_ratio_total"),
+                f("rate_ratio_median"),
+                f("rate_ratio_min"),
+                f("rate_ratio_max"),
+                f("cpu_ratio_total"),
+                f("cpu_ratio_median"),
+                f("cpu_ratio_min"),
+                f("cpu_ratio_max"),
+                c["rounds"],
+                c["seconds"],
+            );
+        }
+    }
+    md
+}

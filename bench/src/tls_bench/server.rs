@@ -1,0 +1,149 @@
+//! A server under test: its processes, their CPU time and memory, its start (pinned under `--pin`) and its end.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use tokio::process::{Child, Command};
+
+use crate::args::Args;
+use crate::client::{Client, Verify};
+use crate::configs::{nginx_config, tern_config};
+use crate::{Bench, Setup};
+
+/// A server under test: its processes (nginx: master and workers) and the listener.
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Server {
+    fn pids(&self) -> Vec<u32> {
+        let Some(pid) = self.child.id() else { return Vec::new() };
+        let mut pids = vec![pid];
+        if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+            pids.extend(children.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        }
+        pids
+    }
+
+    pub fn cpu_seconds(&self) -> f64 {
+        self.pids().into_iter().filter_map(|p| tern_bench::cpu_seconds(p).ok()).sum()
+    }
+
+    /// (RSS, PSS) in MiB over all processes.
+    pub fn memory_mib(&self) -> (f64, f64) {
+        let mut rss = 0.0;
+        let mut pss = 0.0;
+        for pid in self.pids() {
+            if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) {
+                for line in text.lines() {
+                    let value = |l: &str| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok());
+                    if line.starts_with("Rss:") {
+                        rss += value(line).unwrap_or(0.0) / 1024.0;
+                    } else if line.starts_with("Pss:") {
+                        pss += value(line).unwrap_or(0.0) / 1024.0;
+                    }
+                }
+            }
+        }
+        (rss, pss)
+    }
+}
+
+impl Drop for Server {
+    /// nginx workers outlive a killed master: kill every process of the server, and wait until they are gone
+    /// (reaped, memory freed) so that the next configuration's start-up is not measured against a dying one.
+    fn drop(&mut self) {
+        let pids = self.pids();
+        if pids.is_empty() {
+            return;
+        }
+        let _ = std::process::Command::new("kill").arg("-9").args(pids.iter().map(u32::to_string)).status();
+        // Gone or a zombie (its memory already freed) both count as dead; `try_wait` reaps the direct child.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline
+            && pids.iter().any(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|stat| stat.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+            })
+        {
+            std::thread::sleep(Duration::from_millis(5));
+            let _ = self.child.try_wait();
+        }
+    }
+}
+
+/// (client cores, server core) for `--pin`: the last core serves, the others load.
+pub fn pinned_cores() -> Result<(String, String)> {
+    let cores = std::thread::available_parallelism()?.get();
+    anyhow::ensure!(cores >= 2, "--pin needs at least 2 cores");
+    Ok((format!("0-{}", cores - 2), (cores - 1).to_string()))
+}
+
+/// A server process, pinned to the server core under `--pin` (nginx's workers inherit the affinity).
+fn server_command(args: &Args, program: &std::ffi::OsStr) -> Command {
+    match pinned_cores() {
+        Ok((_, server)) if args.pin => {
+            let mut command = Command::new("taskset");
+            command.args(["-c", &server]).arg(program);
+            command
+        }
+        _ => Command::new(program),
+    }
+}
+
+/// Starts one configuration and waits for its first successful (verified) handshake; returns the start-up time.
+pub async fn start_server(bench: &Bench<'_>, config: &str, setup: &Setup) -> Result<(Server, f64)> {
+    let Bench { args, work, backend, redis_url } = *bench;
+    let port = tokio::net::TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let started = Instant::now();
+    let child = match config {
+        "tern-static" | "tern-file" | "tern-redis" | "tern-static-idle-plugin" => {
+            let path = work.join(format!("{config}.toml"));
+            std::fs::write(&path, tern_config(config, setup, addr, backend, redis_url))?;
+            server_command(args, args.tern.as_os_str())
+                .args(["run", "-c"])
+                .arg(&path)
+                .stderr(std::fs::File::create(work.join(format!("{config}.log")))?)
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()?
+        }
+        "nginx-static" | "nginx-var" => {
+            let prefix = work.join(config);
+            std::fs::create_dir_all(prefix.join("logs"))?;
+            let conf = prefix.join("nginx.conf");
+            std::fs::write(&conf, nginx_config(config, setup, addr, backend, &prefix))?;
+            server_command(args, "nginx".as_ref())
+                .arg("-p")
+                .arg(&prefix)
+                .arg("-c")
+                .arg(&conf)
+                .args(["-g", "daemon off;"])
+                .stderr(std::fs::File::create(work.join(format!("{config}.log")))?)
+                .kill_on_drop(true)
+                .spawn()?
+        }
+        other => bail!("unknown configuration {other}"),
+    };
+    let mut server = Server { child, addr };
+    let client = Client::new(&setup.dir)?;
+    // Start-up: until a handshake for a known name succeeds.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if client.visit(addr, &setup.names[0], Verify::Yes, false).await.is_ok() {
+            break;
+        }
+        if let Some(status) = server.child.try_wait()? {
+            let log = std::fs::read_to_string(work.join(format!("{config}.log"))).unwrap_or_default();
+            bail!("{config} exited ({status}): {}", log.lines().take(3).collect::<Vec<_>>().join(" | "));
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{config} did not serve within 600 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let startup = started.elapsed().as_secs_f64();
+    Ok((server, startup))
+}
