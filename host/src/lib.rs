@@ -21,6 +21,7 @@ pub mod failure;
 mod fdlimit;
 #[doc(hidden)]
 pub mod fuzzing;
+mod listener;
 pub mod metrics;
 pub mod plugin;
 mod proxy;

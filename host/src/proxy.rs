@@ -162,23 +162,9 @@ impl Proxy {
             }};
         }
         let result = if conn.h2 {
-            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            builder
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(limits.h2_max_concurrent_streams)
-                .max_header_list_size(limits.max_request_header_bytes)
-                .keep_alive_interval(limits.h2_keepalive_interval)
-                .keep_alive_timeout(limits.h2_keepalive_timeout);
-            until_done!(builder.serve_connection(io, service))
+            until_done!(h2_builder(limits).serve_connection(io, service))
         } else {
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            // The watchdog bounds head reading; hyper's own timer would also cut keep-alive pauses at the head
-            // timeout.
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(None)
-                .max_buf_size(usize::try_from(limits.max_request_header_bytes).unwrap_or(usize::MAX).max(8192));
-            until_done!(builder.serve_connection(io, service).with_upgrades())
+            until_done!(h1_builder(limits).serve_connection(io, service).with_upgrades())
         };
         // Upgraded connections keep the client's slot (the caller's permit) until they end.
         let mut pending = std::mem::take(&mut *lock(&tunnels));
@@ -436,6 +422,29 @@ fn empty() -> Body {
     Full::new(Bytes::new()).map_err(|e| match e {}).boxed()
 }
 
+/// hyper's HTTP/2 server with the connection's stream, header and keep-alive limits.
+fn h2_builder(limits: &crate::config::ClientLimits) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_header_list_size(limits.max_request_header_bytes)
+        .keep_alive_interval(limits.h2_keepalive_interval)
+        .keep_alive_timeout(limits.h2_keepalive_timeout);
+    builder
+}
+
+/// hyper's HTTP/1.1 server with the connection's header limit. The watchdog bounds head reading; hyper's own
+/// timer would also cut keep-alive pauses at the head timeout.
+fn h1_builder(limits: &crate::config::ClientLimits) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .max_buf_size(usize::try_from(limits.max_request_header_bytes).unwrap_or(usize::MAX).max(8192));
+    builder
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -464,3 +473,4 @@ mod tests {
         assert!(headers.get(header::CONNECTION).is_none());
     }
 }
+

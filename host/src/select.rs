@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::cache::{Answer, CacheKey, Cached, CertCache, Lookup};
+use crate::cache::{Answer, CacheKey, Cached, CertCache, Loaded, Lookup};
 use crate::certs::{self, CertError, ParsedCert};
 use crate::config::StaticCertSettings;
 use crate::failure::{Blame, FailureKind, event_at};
@@ -243,28 +243,10 @@ impl Selector {
         };
         let plugin = &slot.current();
         let key = CacheKey { plugin: plugin.cache_scope().clone(), name: name.clone() };
-        let loaded = self.cache.get_or_load(key, load(plugin, &name, client)).await;
-        let describe = |failure: &LoadFailure| match failure {
-            LoadFailure::Plugin(source @ (PluginError::StoreUnavailable(_) | PluginError::Shed(_))) => {
-                SelectError::Unavailable {
-                    plugin: plugin.name().clone(),
-                    servername: name.clone(),
-                    source: source.clone(),
-                }
-            }
-            LoadFailure::Plugin(source) => {
-                SelectError::Plugin { plugin: plugin.name().clone(), servername: name.clone(), source: source.clone() }
-            }
-            LoadFailure::Certificate(source) => SelectError::BadCertificate {
-                plugin: plugin.name().clone(),
-                servername: name.clone(),
-                source: source.clone(),
-            },
-        };
-        let loaded = match loaded {
+        let loaded = match self.cache.get_or_load(key, load(plugin, &name, client)).await {
             Ok(loaded) => loaded,
             // A store outage is not the name's fault: the listener's fallback applies, as for an unknown name.
-            Err(failure) => match describe(&failure) {
+            Err(failure) => match describe(plugin, &name, &failure) {
                 outage @ SelectError::Unavailable { .. } => {
                     event_at!(outage.level(), servername = %name, cause = %outage, "plugin unavailable, applying the listener's fallback");
                     return self.fallback(policy, outage);
@@ -275,17 +257,33 @@ impl Selector {
         let latency =
             if loaded.lookup == Lookup::Miss { &self.metrics.selection_miss } else { &self.metrics.selection_hit };
         latency.observe(started.elapsed());
+        self.report_stale(plugin, &name, &loaded);
+        self.answer(policy, plugin, name, loaded)
+    }
+
+    /// Counts and logs an answer served past its TTL because refreshing it failed or was refused.
+    fn report_stale(&self, plugin: &Plugin, name: &ServerName, loaded: &Loaded<Arc<LoadFailure>>) {
         if let Some(failure) = &loaded.refresh_error {
             inc(&self.metrics.stale_serves);
-            let cause = describe(failure);
+            let cause = describe(plugin, name, failure);
             tracing::warn!(servername = %name, %cause, "refresh failed, serving the cached answer past its TTL");
         }
         if let Some(refused) = &loaded.refresh_invalid {
             inc(&self.metrics.stale_serves);
             self.count_invalid(refused);
-            let cause = describe(&LoadFailure::Certificate(refused.clone()));
+            let cause = describe(plugin, name, &LoadFailure::Certificate(refused.clone()));
             tracing::warn!(servername = %name, %cause, "refreshed certificate refused, serving the cached one past its TTL");
         }
+    }
+
+    /// The selection a cached (or just loaded) answer makes.
+    fn answer(
+        &self,
+        policy: &Policy,
+        plugin: &Plugin,
+        name: ServerName,
+        loaded: Loaded<Arc<LoadFailure>>,
+    ) -> Result<(Arc<ParsedCert>, Source), SelectError> {
         let (lookup, source) = match loaded.lookup {
             Lookup::Hit => (&self.metrics.cache_hits, Source::CacheHit),
             Lookup::Stale => (&self.metrics.cache_hits, Source::Stale),
@@ -301,7 +299,7 @@ impl Selector {
                 if source == Source::Plugin {
                     self.count_invalid(&error);
                 }
-                Err(describe(&LoadFailure::Certificate(error)))
+                Err(describe(plugin, &name, &LoadFailure::Certificate(error)))
             }
             Cached::NotFound { .. } => {
                 inc(if source == Source::Plugin {
@@ -328,6 +326,19 @@ impl Selector {
             }
             None => Err(strict_error),
         }
+    }
+}
+
+/// The selection error a failed load makes: store outages and shed calls are "unavailable" (the listener's
+/// fallback applies), other plugin failures and refused certificates fail the handshake.
+fn describe(plugin: &Plugin, name: &ServerName, failure: &LoadFailure) -> SelectError {
+    let (plugin, servername) = (plugin.name().clone(), name.clone());
+    match failure {
+        LoadFailure::Plugin(source @ (PluginError::StoreUnavailable(_) | PluginError::Shed(_))) => {
+            SelectError::Unavailable { plugin, servername, source: source.clone() }
+        }
+        LoadFailure::Plugin(source) => SelectError::Plugin { plugin, servername, source: source.clone() },
+        LoadFailure::Certificate(source) => SelectError::BadCertificate { plugin, servername, source: source.clone() },
     }
 }
 

@@ -10,6 +10,7 @@
 //! settings never share it (see [`scope_of`]).
 
 pub(crate) mod crypto;
+mod rotation;
 pub(crate) mod sessions;
 pub mod tickets;
 
@@ -20,8 +21,9 @@ use std::sync::{Arc, Mutex};
 use crate::config::ResumptionSettings;
 use crate::metrics::{Exposition, Histogram, get};
 use crate::store::RedisStore;
+use rotation::KeyManager;
 use sessions::{Replication, ScopedSessions, SessionCache, SharedSessions};
-use tickets::{KeyManager, Schedule, SharedKeys, Ticketer};
+use tickets::{Schedule, SharedKeys, Ticketer};
 
 /// Counters and gauges of resumption, per node.
 #[derive(Debug, Default)]

@@ -1,0 +1,136 @@
+//! One listener at work: its accept loop (a listener slot and a process-wide client slot before each accept),
+//! and each connection's handshake, refusal or proxying.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::clip::Clip;
+use crate::failure::{Blame, event_at};
+use crate::metrics::{Metrics, inc};
+use crate::proxy::Proxy;
+use crate::select::{Policy, Selector};
+use crate::tls::{self, Outcome, Refusal, TlsTemplate};
+
+/// A bound listener and what its connections share.
+#[derive(Debug)]
+pub(crate) struct Listener {
+    pub(crate) name: Arc<str>,
+    pub(crate) tcp: TcpListener,
+    pub(crate) ctx: Arc<ListenerCtx>,
+    pub(crate) connections: Arc<Semaphore>,
+    pub(crate) max_connections: usize,
+    /// Client connections of all listeners together (the file-descriptor budget's share).
+    pub(crate) all_clients: Arc<Semaphore>,
+}
+
+/// What every connection of one listener needs.
+#[derive(Debug)]
+pub(crate) struct ListenerCtx {
+    pub(crate) name: Arc<str>,
+    pub(crate) policy: Policy,
+    pub(crate) tls: TlsTemplate,
+    pub(crate) proxy: Arc<Proxy>,
+    pub(crate) selector: Arc<Selector>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) limits: crate::config::ClientLimits,
+    pub(crate) drain_signal: tokio::sync::watch::Receiver<bool>,
+}
+
+pub(crate) async fn accept_loop(listener: Listener) {
+    loop {
+        // Taking the slots before accepting leaves excess connections in the kernel's backlog: back-pressure, so
+        // the process never runs out of descriptors and `accept` never fails for everyone.
+        let Ok(permit) = listener.connections.clone().acquire_owned().await else {
+            return;
+        };
+        let Ok(global) = listener.all_clients.clone().acquire_owned().await else {
+            return;
+        };
+        let permit = (permit, global);
+        match listener.tcp.accept().await {
+            Ok((tcp, peer)) => {
+                let ctx = listener.ctx.clone();
+                tokio::spawn(async move {
+                    ctx.handle(tcp, peer).await;
+                    drop(permit);
+                });
+            }
+            Err(err) => {
+                // Out of file descriptors and similar: back off instead of spinning on the error.
+                tracing::warn!(listener = %listener.name, error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+impl ListenerCtx {
+    async fn handle(&self, tcp: TcpStream, peer: SocketAddr) {
+        let _ = tcp.set_nodelay(true);
+        let handshake = async {
+            match tls::accept(tcp, &self.selector, &self.policy, &self.tls).await {
+                Ok(Outcome::Accepted(accepted)) => Some(accepted),
+                Ok(Outcome::Refused(refusal)) => {
+                    self.refused(peer, &refusal);
+                    refusal.send_alert().await;
+                    None
+                }
+                Err((servername, err)) => {
+                    inc(&self.metrics.handshakes_tls_error);
+                    let servername = Clip(servername.as_deref().unwrap_or(""));
+                    tracing::info!(listener = %self.name, %peer, %servername, cause = %err, "handshake failed");
+                    None
+                }
+            }
+        };
+        let accepted = match tokio::time::timeout(self.handshake_timeout, handshake).await {
+            Ok(Some(accepted)) => accepted,
+            Ok(None) => return,
+            Err(_) => {
+                inc(&self.metrics.handshakes_timeout);
+                tracing::info!(listener = %self.name, %peer, timeout = ?self.handshake_timeout, "handshake timed out");
+                return;
+            }
+        };
+        inc(&self.metrics.handshakes_ok);
+        let tls = accepted.stream.get_ref().1;
+        match tls.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_2) => inc(&self.metrics.tls12),
+            Some(rustls::ProtocolVersion::TLSv1_3) => inc(&self.metrics.tls13),
+            _ => {}
+        }
+        if tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+            inc(&self.metrics.resumed);
+        }
+        let h2 = tls.alpn_protocol() == Some(b"h2");
+        tracing::debug!(listener = %self.name, %peer, servername = ?accepted.servername, source = ?accepted.source, h2, "handshake done");
+        let conn = crate::proxy::Connection {
+            peer,
+            h2,
+            servername: accepted.servername,
+            cert: accepted.cert,
+            limits: self.limits.clone(),
+        };
+        if let Err(err) = self.proxy.clone().serve(accepted.stream, conn, self.drain_signal.clone()).await {
+            tracing::debug!(listener = %self.name, %peer, error = %err, "connection ended with an error");
+        }
+    }
+
+    /// One log line and one counter per refused handshake, at the level the failure calls for.
+    fn refused(&self, peer: SocketAddr, refusal: &Refusal) {
+        let err = &refusal.error;
+        inc(self.metrics.handshake_failures.by(err.kind()));
+        let (listener, servername, kind) =
+            (&*self.name, Clip(refusal.servername.as_deref().unwrap_or("")), err.kind().label());
+        // The cause may quote the name (malformed SNI): clip it too.
+        let cause = err.to_string();
+        let cause = crate::clip::ClipCause(&cause);
+        let what = if err.blame() == Blame::Client { "handshake refused" } else { "handshake failed" };
+        event_at!(err.level(), listener, %peer, %servername, kind, %cause, "{what}");
+    }
+}
