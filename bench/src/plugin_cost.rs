@@ -11,7 +11,6 @@
 //! Every plugin reads the same certificates from a `redis-server` this program starts (the Redis plugin's default
 //! layout), for distinct names, so every call is a real miss: Redis round trip, PEM returned to the host.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -19,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use tern::config::{Grants, KvGrant, PluginSettings, RedisSettings};
+use tern::config::{KvGrant, PluginSettings, RedisSettings};
 use tern::plugin::{self, Selection};
 use tern::sni::ServerName;
 
@@ -107,23 +106,9 @@ async fn measure(path: &Path, names: &[String], stores: &tern::store::Stores) ->
 /// The plugin at `path`: one instance at a time, 256 MiB of memory, no rate limit or breaker, and the keys of
 /// the Redis store `bench` readable.
 fn plugin_settings(path: &Path) -> PluginSettings {
-    PluginSettings {
-        name: "bench".into(),
-        path: path.to_path_buf(),
-        timeout: Duration::from_secs(10),
-        memory_limit: 256 << 20,
-        max_concurrency: 1,
-        max_calls_per_second: None,
-        max_calls_per_second_per_client: None,
-        breaker_threshold: 0,
-        breaker_cooldown: Duration::ZERO,
-        settings: BTreeMap::new(),
-        grants: Grants {
-            files: None,
-            kv: Some(KvGrant { store: "bench".into(), prefixes: vec![String::new()] }),
-            http: None,
-        },
-        probe_names: Vec::new(),
-        on_swap: Default::default(),
-    }
+    let mut settings = PluginSettings::one_off("bench", path);
+    settings.timeout = Duration::from_secs(10);
+    settings.memory_limit = 256 << 20;
+    settings.grants.kv = Some(KvGrant { store: "bench".into(), prefixes: vec![String::new()] });
+    settings
 }

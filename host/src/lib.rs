@@ -12,7 +12,7 @@
 mod admin;
 mod backend;
 mod body;
-mod cache;
+pub mod cache;
 pub mod certs;
 mod clip;
 pub mod config;
@@ -31,7 +31,7 @@ pub mod select;
 pub mod server;
 pub mod sni;
 pub mod store;
-mod tls;
+pub mod tls;
 mod watchdog;
 
 pub use config::Config;

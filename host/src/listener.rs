@@ -73,7 +73,7 @@ impl ListenerCtx {
     async fn handle(&self, tcp: TcpStream, peer: SocketAddr) {
         let _ = tcp.set_nodelay(true);
         let handshake = async {
-            match tls::accept(tcp, &self.selector, &self.policy, &self.tls).await {
+            match tls::accept(tcp, Some(peer.ip()), &self.selector, &self.policy, &self.tls).await {
                 Ok(Outcome::Accepted(accepted)) => Some(accepted),
                 Ok(Outcome::Refused(refusal)) => {
                     self.refused(peer, &refusal);

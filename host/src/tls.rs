@@ -11,6 +11,7 @@ use rustls::ServerConfig;
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{Acceptor, ClientHello, ProducesTickets, ResolvesServerCert, StoresServerSessions};
 use rustls::sign::CertifiedKey;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::{LazyConfigAcceptor, StartHandshake};
@@ -63,9 +64,9 @@ impl TlsTemplate {
 
 /// Outcome of a successful handshake.
 #[derive(Debug)]
-pub struct Accepted {
+pub struct Accepted<IO = TcpStream> {
     /// The TLS stream, ready for HTTP.
-    pub stream: TlsStream<TcpStream>,
+    pub stream: TlsStream<IO>,
     /// The name the client asked for, normalised as selection saw it.
     pub servername: Option<ServerName>,
     /// Where the certificate came from.
@@ -76,8 +77,8 @@ pub struct Accepted {
 
 /// A handshake for which no certificate was chosen. The caller records it, then sends the alert, so that logs and
 /// counters are settled before the client learns the outcome.
-pub struct Refusal {
-    start: StartHandshake<TcpStream>,
+pub struct Refusal<IO = TcpStream> {
+    start: StartHandshake<IO>,
     reject: Arc<ServerConfig>,
     /// The SNI as the client sent it.
     pub servername: Option<String>,
@@ -85,13 +86,13 @@ pub struct Refusal {
     pub error: SelectError,
 }
 
-impl std::fmt::Debug for Refusal {
+impl<IO> std::fmt::Debug for Refusal<IO> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Refusal").field("servername", &self.servername).field("error", &self.error).finish()
     }
 }
 
-impl Refusal {
+impl<IO: AsyncRead + AsyncWrite + Unpin> Refusal<IO> {
     /// Ends the handshake with a fatal alert: a config whose resolver finds nothing makes rustls send one, which
     /// the client sees instead of a bare EOF.
     pub async fn send_alert(self) {
@@ -103,11 +104,11 @@ impl Refusal {
 // The accepted stream is moved once per handshake; boxing it would add an allocation to every handshake.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
-pub enum Outcome {
+pub enum Outcome<IO = TcpStream> {
     /// Handshake completed.
-    Accepted(Accepted),
+    Accepted(Accepted<IO>),
     /// No certificate: to be recorded, then refused. Boxed: it holds the buffered ClientHello and is the rare path.
-    Refused(Box<Refusal>),
+    Refused(Box<Refusal<IO>>),
 }
 
 /// A handshake that failed in TLS itself.
@@ -122,16 +123,17 @@ pub enum HandshakeError {
     Tls(std::io::Error),
 }
 
-/// Accepts one TLS connection on `tcp`. The caller bounds it with the handshake deadline.
-pub async fn accept(
-    tcp: TcpStream,
+/// Accepts one TLS connection on `io` (a TCP stream, or anything that reads and writes) from `client`. The caller
+/// bounds it with the handshake deadline.
+pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
+    io: IO,
+    client: Option<std::net::IpAddr>,
     selector: &Selector,
     policy: &Policy,
     tls: &TlsTemplate,
-) -> Result<Outcome, (Option<String>, HandshakeError)> {
-    let client = tcp.peer_addr().ok().map(|a| a.ip());
+) -> Result<Outcome<IO>, (Option<String>, HandshakeError)> {
     let start =
-        LazyConfigAcceptor::new(Acceptor::default(), tcp).await.map_err(|e| (None, HandshakeError::Hello(e)))?;
+        LazyConfigAcceptor::new(Acceptor::default(), io).await.map_err(|e| (None, HandshakeError::Hello(e)))?;
     let servername = start.client_hello().server_name().map(str::to_owned);
     match selector.select_for(policy, servername.as_deref(), client).await {
         Ok((cert, source)) => {

@@ -8,6 +8,7 @@ mod caching;
 mod cli;
 mod hostile;
 mod http_api;
+mod in_memory;
 mod operations;
 mod plugin_failures;
 mod polyglot;

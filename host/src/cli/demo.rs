@@ -60,7 +60,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             args.listen.ip()
         );
     }
-    println!("(unknown names get the default certificate for {DEFAULT_NAME}; Ctrl-C stops)");
+    println!(
+        "the last one is expected to fail: an unknown name gets the default certificate ({DEFAULT_NAME}), which \
+         does not cover it, so curl reports a certificate error; add -k to see the response. Ctrl-C stops."
+    );
     server.run(async { tokio::signal::ctrl_c().await.unwrap_or(()) }).await;
     Ok(())
 }

@@ -86,24 +86,15 @@ async fn plugin_settings(args: CallArgs) -> Result<(PluginSettings, tern::store:
         kv = Some(KvGrant { store: STORE.into(), prefixes });
     }
     let path = args.plugin;
-    let settings = PluginSettings {
-        name: path.file_stem().map_or_else(|| "plugin".into(), |s| s.to_string_lossy().into_owned()),
-        path: path.clone(),
-        timeout: tern::config::parse_duration(&args.timeout).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?,
-        memory_limit: usize::try_from(
-            tern::config::parse_size(&args.memory_limit).map_err(|e| anyhow::anyhow!("--memory-limit: {e}"))?,
-        )?,
-        max_concurrency: 1,
-        max_calls_per_second: None,
-        max_calls_per_second_per_client: None,
-        breaker_threshold: 0,
-        breaker_cooldown: Default::default(),
-        settings,
-        grants: Grants { files: args.files, kv, http: None },
-        probe_names: Vec::new(),
-        on_swap: Default::default(),
-    };
-    Ok((settings, stores))
+    let name = path.file_stem().map_or_else(|| "plugin".into(), |s| s.to_string_lossy().into_owned());
+    let mut plugin = PluginSettings::one_off(&name, &path);
+    plugin.timeout = tern::config::parse_duration(&args.timeout).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
+    plugin.memory_limit = usize::try_from(
+        tern::config::parse_size(&args.memory_limit).map_err(|e| anyhow::anyhow!("--memory-limit: {e}"))?,
+    )?;
+    plugin.settings = settings;
+    plugin.grants = Grants { files: args.files, kv, http: None };
+    Ok((plugin, stores))
 }
 
 /// Prints the plugin's answer and whether serving would accept it; false when the call failed or it would not.

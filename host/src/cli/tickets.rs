@@ -42,7 +42,7 @@ pub async fn run(command: TicketsCommand) -> Result<()> {
     let stores = tern::server::stores_for(&config);
     let store = stores.get(store_name).cloned().context("the [resumption] store is not defined")?;
     let (keys, schedule) = tern::resumption::fleet_keys(settings, store).context("[resumption] has no secret")?;
-    let now = tern::resumption::tickets::now_ms();
+    let now = tern::resumption::now_ms();
     let age = |ms: u64| {
         let secs = (now as i64 - ms as i64) / 1000;
         if secs >= 0 { format!("{secs}s ago") } else { format!("in {}s", -secs) }

@@ -426,6 +426,28 @@ pub struct ConfigError {
     pub message: String,
 }
 
+impl PluginSettings {
+    /// A plugin outside any config file (`tern plugin call`, tests, benchmarks): the configured defaults for
+    /// deadline and memory, one call at a time, no rate cap, no breaker, no grants.
+    pub fn one_off(name: &str, path: &Path) -> Self {
+        Self {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            timeout: defaults::PLUGIN_TIMEOUT,
+            memory_limit: defaults::PLUGIN_MEMORY_LIMIT,
+            max_concurrency: 1,
+            max_calls_per_second: None,
+            max_calls_per_second_per_client: None,
+            breaker_threshold: 0,
+            breaker_cooldown: Duration::ZERO,
+            settings: BTreeMap::new(),
+            grants: Grants::default(),
+            probe_names: Vec::new(),
+            on_swap: OnSwap::default(),
+        }
+    }
+}
+
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {

@@ -229,8 +229,8 @@ const KEYS: [(&str, &str, &[&str]); 24] = [
 fn random_config(next: &mut impl FnMut() -> u64) -> String {
     let mut sections: BTreeMap<&str, String> = BTreeMap::new();
     for (section, key, values) in KEYS {
-        if next() % 4 == 0 {
-            let pool = if next() % 4 == 0 { values.len() } else { 4 };
+        if next().is_multiple_of(4) {
+            let pool = if next().is_multiple_of(4) { values.len() } else { 4 };
             let value = values[(next() % pool as u64) as usize];
             sections.entry(section).or_default().push_str(&format!("{key} = {value}\n"));
         }
@@ -267,7 +267,7 @@ fn assert_usable(config: &Config, text: &str, runtime: &tokio::runtime::Runtime)
     for n in [config.server.max_connections, config.proxy.max_connections_per_backend] {
         assert!(n <= tokio::sync::Semaphore::MAX_PERMITS, "{n}:\n{text}");
     }
-    let budget = crate::fdlimit::budget(&config, 1 << 20);
+    let budget = crate::fdlimit::budget(config, 1 << 20);
     assert!(
         budget.clients <= tokio::sync::Semaphore::MAX_PERMITS && budget.backends <= tokio::sync::Semaphore::MAX_PERMITS
     );

@@ -12,7 +12,7 @@
 pub(crate) mod crypto;
 mod rotation;
 pub(crate) mod sessions;
-pub mod tickets;
+pub(crate) mod tickets;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +23,7 @@ use crate::metrics::{Exposition, Histogram, get};
 use crate::store::RedisStore;
 use rotation::KeyManager;
 use sessions::{Replication, ScopedSessions, SessionCache, SharedSessions};
+pub use tickets::now_ms;
 use tickets::{Schedule, SharedKeys, Ticketer};
 
 /// Counters and gauges of resumption, per node.

@@ -1,0 +1,197 @@
+//! The core path without sockets. Selection runs on a real plugin (the chaos test plugin, which misbehaves on
+//! request), a real cache and real static certificates: static, cache hit, miss, negative, stale, default,
+//! strict, plugin error and timeout. TLS acceptance runs over `tokio::io::duplex` with a real rustls client, and
+//! the handshake deadline under paused time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tern::cache::CertCache;
+use tern::config::{CacheSettings, Grants, PluginSettings, StaticCertSettings};
+use tern::failure::{Blame, FailureKind};
+use tern::metrics::Metrics;
+use tern::plugin::{Outcome, PluginError, PluginSlot};
+use tern::select::{Policy, SelectError, Selector, Source, StaticCerts};
+use tern::tls::{self, TlsTemplate};
+
+use crate::support::*;
+
+/// A selector over a static certificate (`static.test`), a default one (`default.test`) and the chaos plugin
+/// granted the PKI's directory (it serves `a.test`; `error.*` returns an error, `loop.*` spins).
+struct Core {
+    pki: Pki,
+    selector: Selector,
+    slot: Arc<PluginSlot>,
+    metrics: Arc<Metrics>,
+    /// Falls back to the default certificate.
+    lenient: Policy,
+    /// Refuses what nobody serves.
+    strict: Policy,
+}
+
+fn cache_settings(ttl: Duration) -> CacheSettings {
+    CacheSettings {
+        max_entries: 1000,
+        max_bytes: 16 << 20,
+        ttl,
+        max_ttl: Duration::from_secs(3600),
+        negative_ttl: Duration::from_secs(60),
+        max_stale: Duration::from_secs(60),
+        invalid_ttl: Duration::from_secs(10),
+    }
+}
+
+async fn core(cache: CacheSettings, plugin_timeout: Duration) -> anyhow::Result<Core> {
+    let pki = Pki::new(&["default.test", "static.test", "a.test"])?;
+    let certificate = |name: &str, serves: Vec<String>| StaticCertSettings {
+        name: name.into(),
+        cert: pki.certs().join(format!("{name}.test.crt")),
+        key: pki.certs().join(format!("{name}.test.key")),
+        serve_names: Some(serves),
+    };
+    let statics =
+        StaticCerts::load(&[certificate("default", vec![]), certificate("static", vec!["static.test".into()])])?;
+    let default = statics.by_id("default").cloned();
+    let mut settings = PluginSettings::one_off("chaos", std::path::Path::new(CHAOS_PLUGIN));
+    settings.timeout = plugin_timeout;
+    settings.max_concurrency = 4;
+    settings.grants = Grants { files: Some(pki.certs()), ..Grants::default() };
+    let runtime = tern::plugin::runtime_for(std::slice::from_ref(&settings))?;
+    let plugin = tern::plugin::load_all(&runtime, &[settings], &tern::store::Stores::new()).await?.remove(0);
+    let slot = Arc::new(PluginSlot::new(plugin));
+    let metrics = Arc::new(Metrics::default());
+    let selector = Selector::new(statics, CertCache::new(&cache, metrics.clone()), metrics.clone());
+    let lenient = Policy { plugin: Some(slot.clone()), default };
+    let strict = Policy { plugin: Some(slot.clone()), default: None };
+    Ok(Core { pki, selector, slot, metrics, lenient, strict })
+}
+
+impl Core {
+    async fn source(&self, policy: &Policy, sni: &str) -> Result<Source, SelectError> {
+        self.selector.select(policy, Some(sni)).await.map(|(_, source)| source)
+    }
+
+    async fn failure(&self, policy: &Policy, sni: Option<&str>) -> SelectError {
+        self.selector.select(policy, sni).await.map(|(_, s)| s).expect_err("selection should fail")
+    }
+
+    fn calls(&self) -> u64 {
+        self.slot.stats().calls()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selection_goes_static_then_cache_then_plugin_then_the_listeners_fallback() -> anyhow::Result<()> {
+    let core = core(cache_settings(Duration::from_secs(300)), Duration::from_secs(1)).await?;
+    assert_eq!(core.source(&core.lenient, "static.test").await?, Source::Static);
+    assert_eq!(core.calls(), 0, "a static certificate never asks the plugin");
+    assert_eq!(core.source(&core.lenient, "a.test").await?, Source::Plugin, "miss");
+    assert_eq!(core.source(&core.lenient, "A.Test.").await?, Source::CacheHit, "hit, under the normalised name");
+    assert_eq!(core.calls(), 1);
+    // Negative answers are cached too; the default certificate serves them.
+    assert_eq!(core.source(&core.lenient, "nobody.test").await?, Source::Default);
+    assert_eq!(core.source(&core.lenient, "nobody.test").await?, Source::Default);
+    assert_eq!((core.calls(), counter(&core.metrics.cache_negative_hits)), (2, 1));
+    // A strict listener refuses instead, and blames the client.
+    let unknown = core.failure(&core.strict, Some("nobody.test")).await;
+    assert_eq!((unknown.kind(), unknown.blame()), (FailureKind::UnknownName, Blame::Client), "{unknown}");
+    assert_eq!(core.failure(&core.strict, None).await.kind(), FailureKind::NoSni);
+    assert_eq!(core.failure(&core.strict, Some("bad..name")).await.kind(), FailureKind::MalformedSni);
+    assert_eq!(core.calls(), 2, "malformed names and cached negatives never reach the plugin");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_error_or_timeout_fails_that_name_only_and_blames_the_plugin() -> anyhow::Result<()> {
+    let core = core(cache_settings(Duration::from_secs(300)), Duration::from_millis(300)).await?;
+    let error = core.failure(&core.lenient, Some("error.test")).await;
+    assert!(
+        matches!(&error, SelectError::Plugin { source: PluginError::Returned(_), .. }),
+        "a plugin error is not papered over with the default certificate: {error}"
+    );
+    assert_eq!(error.blame(), Blame::Plugin);
+    let timeout = core.failure(&core.lenient, Some("loop.test")).await;
+    assert!(matches!(&timeout, SelectError::Plugin { source: PluginError::Timeout(_), .. }), "{timeout}");
+    assert_eq!(core.slot.stats().count(Outcome::Timeout), 1);
+    assert_eq!(core.source(&core.lenient, "a.test").await?, Source::Plugin, "other names are still served");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_that_is_refused_serves_the_cached_certificate_past_its_ttl() -> anyhow::Result<()> {
+    let core = core(cache_settings(Duration::from_millis(200)), Duration::from_secs(1)).await?;
+    let (first, source) = core.selector.select(&core.lenient, Some("a.test")).await?;
+    assert_eq!(source, Source::Plugin);
+    std::fs::write(core.pki.certs().join("a.test.crt"), "not a certificate")?;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (again, source) = core.selector.select(&core.lenient, Some("a.test")).await?;
+    assert_eq!(source, Source::Stale, "stale-if-error");
+    assert!(Arc::ptr_eq(&first, &again), "the certificate cached before");
+    assert_eq!((core.calls(), counter(&core.metrics.stale_serves)), (2, 1));
+    Ok(())
+}
+
+fn template() -> anyhow::Result<TlsTemplate> {
+    let sessions = rustls::server::ServerSessionMemoryCache::new(64);
+    Ok(TlsTemplate::new(&[b"http/1.1".to_vec()], None, sessions, None)?)
+}
+
+async fn client_over(
+    io: tokio::io::DuplexStream,
+    core: &Core,
+    name: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::io::DuplexStream>> {
+    let name = rustls::pki_types::ServerName::try_from(name.to_string())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    tokio_rustls::TlsConnector::from(core.pki.client(&[])).connect(name, io).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_over_memory_serves_the_chosen_certificate_or_refuses_with_an_alert() -> anyhow::Result<()> {
+    let core = core(cache_settings(Duration::from_secs(300)), Duration::from_secs(1)).await?;
+    let template = template()?;
+    let (client_io, server_io) = tokio::io::duplex(64 << 10);
+    let (client, served) = tokio::join!(
+        client_over(client_io, &core, "a.test"),
+        tls::accept(server_io, None, &core.selector, &core.lenient, &template)
+    );
+    let client = client?;
+    let Ok(tls::Outcome::Accepted(accepted)) = served else { anyhow::bail!("not accepted: {served:?}") };
+    assert_eq!((accepted.source, accepted.servername.as_ref().map(|n| n.as_str())), (Source::Plugin, Some("a.test")));
+    let leaf = client.get_ref().1.peer_certificates().expect("handshake done")[0].clone();
+    assert_eq!(leaf, core.pki.leaf("a.test"));
+
+    let (client_io, server_io) = tokio::io::duplex(64 << 10);
+    let server = async {
+        match tls::accept(server_io, None, &core.selector, &core.strict, &template).await {
+            Ok(tls::Outcome::Refused(refusal)) => {
+                let kind = refusal.error.kind();
+                refusal.send_alert().await;
+                Some(kind)
+            }
+            _ => None,
+        }
+    };
+    let (client, refused) = tokio::join!(client_over(client_io, &core, "nobody.test"), server);
+    assert_eq!(refused, Some(FailureKind::UnknownName));
+    let err = client.expect_err("a strict listener refuses an unknown name");
+    assert_eq!(alert_of(&err), Some(REFUSED), "{err}");
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_never_finishes_its_hello_is_held_only_until_the_deadline() -> anyhow::Result<()> {
+    let core = core(cache_settings(Duration::from_secs(300)), Duration::from_secs(1)).await?;
+    let template = template()?;
+    let (mut client_io, server_io) = tokio::io::duplex(64 << 10);
+    // The first bytes of a TLS record header, then nothing.
+    tokio::io::AsyncWriteExt::write_all(&mut client_io, &[0x16, 0x03, 0x01]).await?;
+    let started = tokio::time::Instant::now();
+    let deadline = Duration::from_secs(10);
+    let accepted =
+        tokio::time::timeout(deadline, tls::accept(server_io, None, &core.selector, &core.lenient, &template));
+    assert!(accepted.await.is_err(), "accept waits for the rest of the hello");
+    assert!(started.elapsed() >= deadline, "and only the deadline ends it");
+    assert_eq!(core.calls(), 0);
+    Ok(())
+}
