@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing of tern with cargo-fuzz (libFuzzer). Not part of CI: CI replays the committed corpus on
-# the stable toolchain through `cargo test` (tests in host/src/fuzzing.rs). See docs/fuzzing.md.
+# the stable toolchain through `cargo test` (tests in host/src/fuzzing/). See docs/fuzzing.md.
 #
 #   scripts/fuzz.sh [seconds-per-target] [target...]
 #

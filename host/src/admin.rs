@@ -45,7 +45,7 @@ pub struct AdminState {
     /// Bind address, token (required by every endpoint but the probes) and connection limits.
     pub settings: crate::config::AdminSettings,
     /// Connection budgets, published as gauges.
-    pub budgets: crate::server::Budgets,
+    pub budgets: crate::fdlimit::Budgets,
     /// The plugin runtime, for its memory budget gauge.
     pub plugin_memory: crate::plugin::PluginRuntime,
     /// Turns true when shutdown begins: readiness fails so load balancers stop sending traffic.
@@ -146,8 +146,8 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Reply {
 
 fn render_metrics(state: &AdminState) -> String {
     let mut x = Exposition::default();
-    state.budgets.publish(&state.metrics);
     state.metrics.render(&mut x);
+    state.budgets.render(&mut x);
     state.plugin_memory.render(&mut x);
     state.resumption.render(&mut x);
     state.selector.cache().render(&mut x);

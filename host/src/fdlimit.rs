@@ -61,6 +61,67 @@ pub fn open_now() -> Option<usize> {
     std::fs::read_dir("/proc/self/fd").ok().map(|dir| dir.count())
 }
 
+/// The process's connection budgets : permits for client connections of all listeners
+/// and for backend connections of all backends.
+#[derive(Debug, Clone)]
+pub struct Budgets {
+    /// How descriptors were shared out.
+    pub fd: FdBudget,
+    /// One permit per open client connection.
+    pub clients: std::sync::Arc<tokio::sync::Semaphore>,
+    /// One permit per open backend connection.
+    pub backends: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl Budgets {
+    /// Raises the descriptor limit and sizes the budgets for `config`, warning if they had to shrink.
+    pub fn for_config(config: &Config) -> Self {
+        let limit = raise_limit();
+        let fd = budget(config, limit);
+        if fd.scaled {
+            tracing::warn!(
+                fd_limit = limit,
+                clients = fd.clients,
+                backends = fd.backends,
+                "the file-descriptor limit is below what max_connections and proxy.max_backend_connections ask \
+                 for; connections are capped to fit (raise the limit, e.g. LimitNOFILE= in the systemd unit)"
+            );
+        }
+        Self {
+            fd,
+            clients: std::sync::Arc::new(tokio::sync::Semaphore::new(fd.clients)),
+            backends: std::sync::Arc::new(tokio::sync::Semaphore::new(fd.backends)),
+        }
+    }
+
+    /// Appends the budgets and what is in use of them, and the descriptors open now, as gauges.
+    pub(crate) fn render(&self, x: &mut crate::metrics::Exposition) {
+        let in_use = |budget: usize, free: usize| budget.saturating_sub(free) as u64;
+        for (name, help, value) in [
+            ("tern_open_files_limit", "The soft file-descriptor limit in force.", self.fd.limit),
+            ("tern_client_connections_budget", "Client connections all listeners may hold.", self.fd.clients as u64),
+            (
+                "tern_client_connections_open",
+                "Client connections open.",
+                in_use(self.fd.clients, self.clients.available_permits()),
+            ),
+            ("tern_backend_connections_budget", "Backend connections the process may hold.", self.fd.backends as u64),
+            (
+                "tern_backend_connections_open",
+                "Backend connections open.",
+                in_use(self.fd.backends, self.backends.available_permits()),
+            ),
+        ] {
+            x.family(name, "gauge", help);
+            x.sample(name, "", value);
+        }
+        if let Some(open) = open_now() {
+            x.family("tern_open_files", "gauge", "File descriptors open.");
+            x.sample("tern_open_files", "", open as u64);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

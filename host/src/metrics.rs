@@ -54,8 +54,6 @@ pub struct Metrics {
     pub backend_connections_exhausted: AtomicU64,
     /// Plugin answers refused because the certificate's validity period does not include now.
     pub certificates_out_of_validity: AtomicU64,
-    /// Gauges refreshed when metrics are rendered (file descriptors, connection budgets).
-    pub gauges: Gauges,
 }
 
 /// Client connections closed by their watchdog.
@@ -78,21 +76,6 @@ impl TimeoutCounters {
             crate::watchdog::Expired::Send => &self.send,
         }
     }
-}
-
-/// Budgets fixed at start-up, and what is in use of them (set by whoever renders).
-#[derive(Debug, Default)]
-pub struct Gauges {
-    /// The soft file-descriptor limit in force.
-    pub fd_limit: AtomicU64,
-    /// Client connections all listeners may hold.
-    pub client_budget: AtomicU64,
-    /// Backend connections the process may hold.
-    pub backend_budget: AtomicU64,
-    /// Client connection permits taken now.
-    pub clients_open: AtomicU64,
-    /// Backend connection permits taken now.
-    pub backends_open: AtomicU64,
 }
 
 /// Upper bounds of the latency buckets, in microseconds (Prometheus `le`, plus +Inf).
@@ -254,21 +237,6 @@ impl Metrics {
             "Plugin certificates refused as expired or not yet valid.",
         );
         x.sample("tern_certificates_out_of_validity_total", "", get(&self.certificates_out_of_validity));
-        let g = &self.gauges;
-        for (name, help, counter) in [
-            ("tern_open_files_limit", "The soft file-descriptor limit in force.", &g.fd_limit),
-            ("tern_client_connections_budget", "Client connections all listeners may hold.", &g.client_budget),
-            ("tern_client_connections_open", "Client connections open.", &g.clients_open),
-            ("tern_backend_connections_budget", "Backend connections the process may hold.", &g.backend_budget),
-            ("tern_backend_connections_open", "Backend connections open.", &g.backends_open),
-        ] {
-            x.family(name, "gauge", help);
-            x.sample(name, "", get(counter));
-        }
-        if let Some(open) = crate::fdlimit::open_now() {
-            x.family("tern_open_files", "gauge", "File descriptors open.");
-            x.sample("tern_open_files", "", open as u64);
-        }
     }
 }
 

@@ -473,4 +473,3 @@ mod tests {
         assert!(headers.get(header::CONNECTION).is_none());
     }
 }
-

@@ -10,6 +10,7 @@ use tokio::sync::Semaphore;
 
 use crate::cache::CertCache;
 use crate::config::{Config, Fallback, ListenerSettings};
+use crate::fdlimit::Budgets;
 use crate::listener::{Listener, ListenerCtx, accept_loop};
 use crate::metrics::Metrics;
 use crate::plugin::{self, PluginLoadError, PluginSlot};
@@ -95,47 +96,6 @@ pub struct Server {
     handshake_timeout: Duration,
 }
 
-/// The process's connection budgets (see [`crate::fdlimit`]): permits for client connections of all listeners
-/// and for backend connections of all backends.
-#[derive(Debug, Clone)]
-pub struct Budgets {
-    /// How descriptors were shared out.
-    pub fd: crate::fdlimit::FdBudget,
-    /// One permit per open client connection.
-    pub clients: Arc<Semaphore>,
-    /// One permit per open backend connection.
-    pub backends: Arc<Semaphore>,
-}
-
-impl Budgets {
-    /// Raises the descriptor limit and sizes the budgets for `config`, warning if they had to shrink.
-    pub fn for_config(config: &Config) -> Self {
-        let limit = crate::fdlimit::raise_limit();
-        let fd = crate::fdlimit::budget(config, limit);
-        if fd.scaled {
-            tracing::warn!(
-                fd_limit = limit,
-                clients = fd.clients,
-                backends = fd.backends,
-                "the file-descriptor limit is below what max_connections and proxy.max_backend_connections ask \
-                 for; connections are capped to fit (raise the limit, e.g. LimitNOFILE= in the systemd unit)"
-            );
-        }
-        Self { fd, clients: Arc::new(Semaphore::new(fd.clients)), backends: Arc::new(Semaphore::new(fd.backends)) }
-    }
-
-    /// Writes the budgets and what is in use of them into `metrics`' gauges.
-    pub fn publish(&self, metrics: &Metrics) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let g = &metrics.gauges;
-        g.fd_limit.store(self.fd.limit, Relaxed);
-        g.client_budget.store(self.fd.clients as u64, Relaxed);
-        g.backend_budget.store(self.fd.backends as u64, Relaxed);
-        g.clients_open.store(self.fd.clients.saturating_sub(self.clients.available_permits()) as u64, Relaxed);
-        g.backends_open.store(self.fd.backends.saturating_sub(self.backends.available_permits()) as u64, Relaxed);
-    }
-}
-
 impl Server {
     /// Loads static certificates and plugins (off the async workers) and binds every listener.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
@@ -177,7 +137,6 @@ impl Server {
                 a.clone(),
             )),
         };
-        budgets.publish(&metrics);
         Ok(Self {
             listeners,
             admin,

@@ -132,8 +132,7 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
     policy: &Policy,
     tls: &TlsTemplate,
 ) -> Result<Outcome<IO>, (Option<String>, HandshakeError)> {
-    let start =
-        LazyConfigAcceptor::new(Acceptor::default(), io).await.map_err(|e| (None, HandshakeError::Hello(e)))?;
+    let start = LazyConfigAcceptor::new(Acceptor::default(), io).await.map_err(|e| (None, HandshakeError::Hello(e)))?;
     let servername = start.client_hello().server_name().map(str::to_owned);
     match selector.select_for(policy, servername.as_deref(), client).await {
         Ok((cert, source)) => {
