@@ -18,9 +18,8 @@ pub enum FailureKind {
     BadCertificate,
 }
 
-impl FailureKind {
-    /// Every kind, in the order metrics list them; `ALL[k as usize] == k`.
-    pub const ALL: [FailureKind; 6] = [
+impl crate::counters::Key for FailureKind {
+    const ALL: &'static [FailureKind] = &[
         FailureKind::NoSni,
         FailureKind::MalformedSni,
         FailureKind::UnknownName,
@@ -29,8 +28,7 @@ impl FailureKind {
         FailureKind::BadCertificate,
     ];
 
-    /// Metric and log label.
-    pub fn label(self) -> &'static str {
+    fn label(self) -> &'static str {
         match self {
             FailureKind::NoSni => "no_sni",
             FailureKind::MalformedSni => "malformed_sni",
@@ -41,6 +39,12 @@ impl FailureKind {
         }
     }
 
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl FailureKind {
     /// Whose fault a failure of this kind is.
     pub fn blame(self) -> Blame {
         match self {
@@ -53,7 +57,7 @@ impl FailureKind {
 
 impl std::fmt::Display for FailureKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.label())
+        f.write_str(crate::counters::Key::label(*self))
     }
 }
 
@@ -69,24 +73,6 @@ pub enum Blame {
     Store,
 }
 
-/// One counter per [`FailureKind`], indexed by it: a new kind cannot go uncounted.
-#[derive(Debug, Default)]
-pub struct FailureCounters {
-    counters: [std::sync::atomic::AtomicU64; FailureKind::ALL.len()],
-}
-
-impl FailureCounters {
-    /// The counter of one kind.
-    pub fn by(&self, kind: FailureKind) -> &std::sync::atomic::AtomicU64 {
-        &self.counters[kind as usize]
-    }
-
-    /// Every kind with its counter.
-    pub fn all(&self) -> impl Iterator<Item = (FailureKind, &std::sync::atomic::AtomicU64)> {
-        FailureKind::ALL.into_iter().map(|kind| (kind, self.by(kind)))
-    }
-}
-
 /// Emits a `tracing` event at a level chosen at run time (the macros want it fixed at compile time).
 macro_rules! event_at {
     ($level:expr, $($rest:tt)+) => {
@@ -100,20 +86,3 @@ macro_rules! event_at {
     };
 }
 pub(crate) use event_at;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_kind_has_its_own_counter_and_label() {
-        let counters = FailureCounters::default();
-        let mut labels = std::collections::HashSet::new();
-        for (i, kind) in FailureKind::ALL.into_iter().enumerate() {
-            assert_eq!(kind as usize, i, "ALL is in declaration order");
-            assert!(labels.insert(kind.label()), "{kind:?}: label used twice");
-            crate::metrics::inc(counters.by(kind));
-        }
-        assert!(counters.all().all(|(_, c)| crate::metrics::get(c) == 1));
-    }
-}

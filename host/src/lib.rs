@@ -16,6 +16,7 @@ pub mod cache;
 pub mod certs;
 mod clip;
 pub mod config;
+pub mod counters;
 pub mod crypto;
 pub mod failure;
 mod fdlimit;
@@ -32,7 +33,7 @@ pub mod server;
 pub mod sni;
 pub mod store;
 pub mod tls;
-mod watchdog;
+pub mod watchdog;
 
 pub use config::Config;
 pub use server::Server;

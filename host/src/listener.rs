@@ -9,6 +9,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::clip::Clip;
+use crate::counters::Key as _;
 use crate::failure::{Blame, event_at};
 use crate::metrics::{Metrics, inc};
 use crate::proxy::Proxy;

@@ -11,7 +11,7 @@ pub struct Metrics {
     /// Handshakes completed.
     pub handshakes_ok: AtomicU64,
     /// Handshakes that failed before a certificate was chosen, by [`crate::failure::FailureKind`].
-    pub handshake_failures: crate::failure::FailureCounters,
+    pub handshake_failures: crate::counters::Counters<crate::failure::FailureKind>,
     /// Handshakes that failed in TLS itself (protocol error, client gave up) after selection.
     pub handshakes_tls_error: AtomicU64,
     /// Handshakes cut off by the handshake deadline.
@@ -45,7 +45,7 @@ pub struct Metrics {
     /// Time to the backend's response headers.
     pub backend_latency: Histogram,
     /// Client connections closed by their watchdog, by reason.
-    pub connections_timed_out: TimeoutCounters,
+    pub connections_timed_out: crate::counters::Counters<crate::watchdog::Expired>,
     /// Requests answered 421 because their host is not the connection's.
     pub misdirected_requests: AtomicU64,
     /// Requests answered 408 because the client paused its upload too long.
@@ -54,28 +54,6 @@ pub struct Metrics {
     pub backend_connections_exhausted: AtomicU64,
     /// Plugin answers refused because the certificate's validity period does not include now.
     pub certificates_out_of_validity: AtomicU64,
-}
-
-/// Client connections closed by their watchdog.
-#[derive(Debug, Default)]
-pub struct TimeoutCounters {
-    /// `request_head`
-    pub request_head: AtomicU64,
-    /// `idle`
-    pub idle: AtomicU64,
-    /// `send`
-    pub send: AtomicU64,
-}
-
-impl TimeoutCounters {
-    /// The counter of one reason.
-    pub fn by(&self, why: crate::watchdog::Expired) -> &AtomicU64 {
-        match why {
-            crate::watchdog::Expired::RequestHead => &self.request_head,
-            crate::watchdog::Expired::Idle => &self.idle,
-            crate::watchdog::Expired::Send => &self.send,
-        }
-    }
 }
 
 /// Upper bounds of the latency buckets, in microseconds (Prometheus `le`, plus +Inf).
@@ -157,6 +135,19 @@ impl Exposition {
         self
     }
 
+    /// One sample per (label value, counter), all under the label `label`.
+    pub fn counters<'a>(
+        &mut self,
+        name: &str,
+        label: &str,
+        counters: impl IntoIterator<Item = (&'static str, &'a AtomicU64)>,
+    ) -> &mut Self {
+        for (value, counter) in counters {
+            self.sample(name, &format!("{label}=\"{value}\""), get(counter));
+        }
+        self
+    }
+
     /// A histogram's samples.
     pub fn histogram(&mut self, name: &str, labels: &str, histogram: &Histogram) -> &mut Self {
         histogram.render(&mut self.out, name, labels);
@@ -179,9 +170,7 @@ impl Metrics {
     pub fn render(&self, x: &mut Exposition) {
         x.family("tern_handshakes_total", "counter", "TLS handshakes by outcome.");
         x.sample("tern_handshakes_total", "outcome=\"ok\"", get(&self.handshakes_ok));
-        for (kind, counter) in self.handshake_failures.all() {
-            x.sample("tern_handshakes_total", &format!("outcome=\"{}\"", kind.label()), get(counter));
-        }
+        x.counters("tern_handshakes_total", "outcome", self.handshake_failures.all());
         x.sample("tern_handshakes_total", "outcome=\"tls_error\"", get(&self.handshakes_tls_error));
         x.sample("tern_handshakes_total", "outcome=\"timeout\"", get(&self.handshakes_timeout));
         x.family("tern_tls_version_total", "counter", "Completed handshakes by TLS version.");
@@ -194,16 +183,18 @@ impl Metrics {
         x.sample("tern_tls_handshakes_total", "kind=\"full\"", get(&self.handshakes_ok).saturating_sub(resumed));
         x.sample("tern_tls_handshakes_total", "kind=\"resumed\"", resumed);
         x.family("tern_selections_total", "counter", "Certificate selections by how they were answered.");
-        for (how, counter) in [
-            ("static", &self.static_hits),
-            ("cache_hit", &self.cache_hits),
-            ("cache_negative_hit", &self.cache_negative_hits),
-            ("cache_miss", &self.cache_misses),
-            ("stale", &self.stale_serves),
-            ("default", &self.default_served),
-        ] {
-            x.sample("tern_selections_total", &format!("how=\"{how}\""), get(counter));
-        }
+        x.counters(
+            "tern_selections_total",
+            "how",
+            [
+                ("static", &self.static_hits),
+                ("cache_hit", &self.cache_hits),
+                ("cache_negative_hit", &self.cache_negative_hits),
+                ("cache_miss", &self.cache_misses),
+                ("stale", &self.stale_serves),
+                ("default", &self.default_served),
+            ],
+        );
         x.family("tern_cache_evictions_total", "counter", "Cache entries evicted for size.");
         x.sample("tern_cache_evictions_total", "", get(&self.cache_evictions));
         x.family("tern_selection_seconds", "histogram", "Certificate selection latency, by cache outcome.");
@@ -216,21 +207,17 @@ impl Metrics {
         x.family("tern_backend_response_seconds", "histogram", "Time to the backend's response headers.");
         x.histogram("tern_backend_response_seconds", "", &self.backend_latency);
         x.family("tern_client_timeouts_total", "counter", "Client connections closed by a deadline, by reason.");
-        for (why, counter) in [
-            ("request_head", &self.connections_timed_out.request_head),
-            ("idle", &self.connections_timed_out.idle),
-            ("send", &self.connections_timed_out.send),
-        ] {
-            x.sample("tern_client_timeouts_total", &format!("reason=\"{why}\""), get(counter));
-        }
+        x.counters("tern_client_timeouts_total", "reason", self.connections_timed_out.all());
         x.family("tern_requests_refused_total", "counter", "Requests tern answered itself, by reason.");
-        for (why, counter) in [
-            ("misdirected", &self.misdirected_requests),
-            ("body_timeout", &self.request_body_timeouts),
-            ("backend_busy", &self.backend_connections_exhausted),
-        ] {
-            x.sample("tern_requests_refused_total", &format!("reason=\"{why}\""), get(counter));
-        }
+        x.counters(
+            "tern_requests_refused_total",
+            "reason",
+            [
+                ("misdirected", &self.misdirected_requests),
+                ("body_timeout", &self.request_body_timeouts),
+                ("backend_busy", &self.backend_connections_exhausted),
+            ],
+        );
         x.family(
             "tern_certificates_out_of_validity_total",
             "counter",

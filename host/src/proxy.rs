@@ -8,6 +8,8 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+
+use crate::counters::Key as _;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;

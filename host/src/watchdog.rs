@@ -32,14 +32,19 @@ pub enum Expired {
     Send,
 }
 
-impl Expired {
-    /// Metric and log label.
-    pub fn label(self) -> &'static str {
+impl crate::counters::Key for Expired {
+    const ALL: &'static [Expired] = &[Expired::RequestHead, Expired::Idle, Expired::Send];
+
+    fn label(self) -> &'static str {
         match self {
             Expired::RequestHead => "request_head",
             Expired::Idle => "idle",
             Expired::Send => "send",
         }
+    }
+
+    fn index(self) -> usize {
+        self as usize
     }
 }
 

@@ -309,65 +309,12 @@ pub async fn sni_verified_as(
     verify_as: &str,
 ) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     // rustls sends the verification name as SNI, so a verifier that checks another name does the trick.
-    let verifier = NameOverride::new(&pki.ca, verify_as)?;
+    let verifier = tern_fixtures::TestVerifier::verify_as(&pki.ca, verify_as, tern::crypto::provider().clone())?;
     let mut config = (*pki.client(&[])).clone();
     config.dangerous().set_certificate_verifier(verifier);
     let name = rustls::pki_types::ServerName::try_from(sni.to_string())?;
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await?)
-}
-
-/// Verifies the chain with the normal WebPKI verifier, but against a fixed name instead of the SNI.
-#[derive(Debug)]
-pub struct NameOverride {
-    inner: std::sync::Arc<rustls::client::WebPkiServerVerifier>,
-    name: rustls::pki_types::ServerName<'static>,
-}
-
-impl NameOverride {
-    fn new(ca: &tern_fixtures::TestCa, name: &str) -> anyhow::Result<std::sync::Arc<Self>> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca.der())?;
-        let inner =
-            rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), tern::crypto::provider().clone())
-                .build()?;
-        Ok(std::sync::Arc::new(Self { inner, name: rustls::pki_types::ServerName::try_from(name.to_string())? }))
-    }
-}
-
-impl rustls::client::danger::ServerCertVerifier for NameOverride {
-    fn verify_server_cert(
-        &self,
-        end_entity: &rustls::pki_types::CertificateDer<'_>,
-        intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        ocsp: &[u8],
-        now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        self.inner.verify_server_cert(end_entity, intermediates, &self.name, ocsp, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
 }
 
 /// Every line a child process wrote to stderr so far.

@@ -33,7 +33,7 @@ impl Clients {
         verify.resumption = rustls::client::Resumption::disabled();
         verify.alpn_protocols = vec![b"http/1.1".to_vec()];
         let mut any = verify.clone();
-        any.dangerous().set_certificate_verifier(Arc::new(tern_bench::AcceptAll(provider)));
+        any.dangerous().set_certificate_verifier(tern_fixtures::TestVerifier::accept_any(provider));
         Ok(Self { verify: Arc::new(verify), any: Arc::new(any) })
     }
 }

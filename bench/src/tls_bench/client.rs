@@ -44,7 +44,7 @@ impl Client {
         verifying.resumption = rustls::client::Resumption::disabled();
         verifying.alpn_protocols = vec![b"http/1.1".to_vec()];
         let mut fast = verifying.clone();
-        fast.dangerous().set_certificate_verifier(Arc::new(tern_bench::AcceptAll(provider)));
+        fast.dangerous().set_certificate_verifier(tern_fixtures::TestVerifier::accept_any(provider));
         let mut resuming = fast.clone();
         // rustls remembers size ÷ 8 servers (8 TLS 1.3 tickets each): room for 8,192 names, above the hot set.
         resuming.resumption = rustls::client::Resumption::in_memory_sessions(65_536);

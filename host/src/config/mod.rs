@@ -4,15 +4,13 @@
 //! | concept | file |
 //! |---|---|
 //! | the typed settings, loading | `mod.rs` |
-//! | defaults | `defaults.rs` |
-//! | the TOML shape | `raw.rs` |
+//! | the TOML shape, and the defaults of what it leaves out | `raw.rs` |
 //! | validation of the single sections (server, cache, proxy, admin, resumption, ...) | `validate.rs` |
 //! | validation of listed entries (certificates, plugins, listeners) | `sections.rs` |
 //! | durations and sizes | `units.rs` |
 //!
 //! Relative paths in the file are resolved against the folder that holds the file.
 
-pub mod defaults;
 pub(crate) mod raw;
 mod sections;
 #[cfg(test)]
@@ -20,6 +18,7 @@ pub(crate) mod tests;
 mod units;
 mod validate;
 
+pub use raw::defaults;
 pub use units::{parse_duration, parse_size};
 use validate::Validator;
 

@@ -1,20 +1,16 @@
 //! Validation of the sections that list entries: static certificates, plugins and listeners.
 
-use std::collections::HashSet;
-
 use super::validate::Validator;
 use super::*;
 use crate::sni::ServerName;
 
 impl Validator<'_> {
     pub(super) fn certificates(&self, raw: Vec<raw::Certificate>) -> Result<Vec<StaticCertSettings>, ConfigError> {
-        let mut seen = HashSet::new();
-        raw.into_iter()
-            .map(|c| {
-                let key = format!("certificate {:?}", c.name);
-                if !seen.insert(c.name.clone()) {
-                    return Err(self.err(key, "defined twice"));
-                }
+        self.entries(
+            "certificate",
+            raw,
+            |c| &c.name,
+            |key, c| {
                 let serve_names = match c.names {
                     None => None,
                     Some(names) => Some(
@@ -25,8 +21,8 @@ impl Validator<'_> {
                     ),
                 };
                 Ok(StaticCertSettings { name: c.name, cert: self.path(&c.cert), key: self.path(&c.key), serve_names })
-            })
-            .collect()
+            },
+        )
     }
 
     pub(super) fn plugins(
@@ -34,21 +30,12 @@ impl Validator<'_> {
         raw: Vec<raw::Plugin>,
         redis: &[RedisSettings],
     ) -> Result<Vec<PluginSettings>, ConfigError> {
-        let mut seen = HashSet::new();
-        raw.into_iter()
-            .map(|p| {
-                if !seen.insert(p.name.clone()) {
-                    return Err(self.err(format!("plugin {:?}", p.name), "defined twice"));
-                }
-                self.plugin(p, redis)
-            })
-            .collect()
+        self.entries("plugin", raw, |p| &p.name, |_, p| self.plugin(p, redis))
     }
 
     fn plugin(&self, p: raw::Plugin, redis: &[RedisSettings]) -> Result<PluginSettings, ConfigError> {
         let key = format!("plugin {:?}", p.name);
-        let timeout = self.duration(&format!("{key}.timeout"), p.timeout.as_ref(), defaults::PLUGIN_TIMEOUT)?;
-        self.positive(&format!("{key}.timeout"), timeout)?;
+        let timeout = self.deadline(&format!("{key}.timeout"), p.timeout.as_ref(), defaults::PLUGIN_TIMEOUT)?;
         let memory_limit =
             self.size(&format!("{key}.memory_limit"), p.memory_limit.as_ref(), defaults::PLUGIN_MEMORY_LIMIT as u64)?;
         // Below one Wasm page nothing can run; above 4 GiB is beyond 32-bit linear memory.
@@ -138,8 +125,7 @@ impl Validator<'_> {
             .map(|a| normalise_authority(a).map_err(|m| self.err(format!("{key}.grants.http.allow"), m)))
             .collect::<Result<_, _>>()?;
         let timeout_key = format!("{key}.grants.http.timeout");
-        let timeout = self.duration(&timeout_key, grant.timeout.as_ref(), defaults::HTTP_TIMEOUT)?;
-        self.positive(&timeout_key, timeout)?;
+        let timeout = self.deadline(&timeout_key, grant.timeout.as_ref(), defaults::HTTP_TIMEOUT)?;
         let max_response_bytes = self.size(
             &format!("{key}.grants.http.max_response_bytes"),
             grant.max_response_bytes.as_ref(),
@@ -157,15 +143,13 @@ impl Validator<'_> {
         if raw.is_empty() {
             return Err(self.err("listener", "at least one [[listener]] is required"));
         }
-        let mut names = HashSet::new();
-        raw.into_iter()
-            .enumerate()
-            .map(|(i, l)| {
-                let name = l.name.unwrap_or_else(|| format!("listener-{i}"));
-                let key = format!("listener {name:?}");
-                if !names.insert(name.clone()) {
-                    return Err(self.err(key, "defined twice"));
-                }
+        let named =
+            raw.into_iter().enumerate().map(|(i, l)| (l.name.clone().unwrap_or_else(|| format!("listener-{i}")), l));
+        self.entries(
+            "listener",
+            named.collect(),
+            |(name, _)| name,
+            |key, (name, l)| {
                 let bind = l
                     .bind
                     .parse()
@@ -227,8 +211,8 @@ impl Validator<'_> {
                     None => None,
                 };
                 Ok(ListenerSettings { name, bind, plugin: l.plugin, fallback, alpn, backend, client_auth })
-            })
-            .collect()
+            },
+        )
     }
 }
 

@@ -9,6 +9,18 @@ use std::time::Duration;
 
 use super::*;
 
+/// `section.field` read from `raw.field` as a duration (`deadline!`: one that must not be zero), or the default.
+macro_rules! duration {
+    ($v:expr, $section:literal, $raw:ident . $field:ident, $default:expr) => {
+        $v.duration(concat!($section, ".", stringify!($field)), $raw.$field.as_ref(), $default)?
+    };
+}
+macro_rules! deadline {
+    ($v:expr, $section:literal, $raw:ident . $field:ident, $default:expr) => {
+        $v.deadline(concat!($section, ".", stringify!($field)), $raw.$field.as_ref(), $default)?
+    };
+}
+
 pub(super) struct Validator<'a> {
     pub(super) file: &'a Path,
     pub(super) base: &'a Path,
@@ -53,11 +65,6 @@ impl Validator<'_> {
 
     pub(super) fn client_limits(&self, raw: &raw::Server) -> Result<ClientLimits, ConfigError> {
         let fallback = ClientLimits::default();
-        let timeout = |key: &str, value: Option<&String>, default: Duration| {
-            let key = format!("server.{key}");
-            let d = self.duration(&key, value, default)?;
-            self.positive(&key, d)
-        };
         let streams = raw.h2_max_concurrent_streams.unwrap_or(fallback.h2_max_concurrent_streams);
         if !(1..=10_000).contains(&streams) {
             return Err(self.err("server.h2_max_concurrent_streams", "must be between 1 and 10000"));
@@ -72,38 +79,14 @@ impl Validator<'_> {
             return Err(self.err("server.max_request_header_bytes", "must be between 8KiB and 1MiB"));
         }
         Ok(ClientLimits {
-            request_head_timeout: timeout(
-                "request_head_timeout",
-                raw.request_head_timeout.as_ref(),
-                fallback.request_head_timeout,
-            )?,
-            keepalive_timeout: timeout(
-                "keepalive_timeout",
-                raw.keepalive_timeout.as_ref(),
-                fallback.keepalive_timeout,
-            )?,
-            request_body_timeout: timeout(
-                "request_body_timeout",
-                raw.request_body_timeout.as_ref(),
-                fallback.request_body_timeout,
-            )?,
-            send_timeout: timeout("send_timeout", raw.send_timeout.as_ref(), fallback.send_timeout)?,
-            tunnel_idle_timeout: timeout(
-                "tunnel_idle_timeout",
-                raw.tunnel_idle_timeout.as_ref(),
-                fallback.tunnel_idle_timeout,
-            )?,
+            request_head_timeout: deadline!(self, "server", raw.request_head_timeout, fallback.request_head_timeout),
+            keepalive_timeout: deadline!(self, "server", raw.keepalive_timeout, fallback.keepalive_timeout),
+            request_body_timeout: deadline!(self, "server", raw.request_body_timeout, fallback.request_body_timeout),
+            send_timeout: deadline!(self, "server", raw.send_timeout, fallback.send_timeout),
+            tunnel_idle_timeout: deadline!(self, "server", raw.tunnel_idle_timeout, fallback.tunnel_idle_timeout),
             h2_max_concurrent_streams: streams,
-            h2_keepalive_interval: timeout(
-                "h2_keepalive_interval",
-                raw.h2_keepalive_interval.as_ref(),
-                fallback.h2_keepalive_interval,
-            )?,
-            h2_keepalive_timeout: timeout(
-                "h2_keepalive_timeout",
-                raw.h2_keepalive_timeout.as_ref(),
-                fallback.h2_keepalive_timeout,
-            )?,
+            h2_keepalive_interval: deadline!(self, "server", raw.h2_keepalive_interval, fallback.h2_keepalive_interval),
+            h2_keepalive_timeout: deadline!(self, "server", raw.h2_keepalive_timeout, fallback.h2_keepalive_timeout),
             max_request_header_bytes: u32::try_from(header_bytes).unwrap_or(u32::MAX),
         })
     }
@@ -132,6 +115,34 @@ impl Validator<'_> {
             seen.push((key, addr));
         }
         Ok(())
+    }
+
+    /// A duration that must not be zero (a deadline or an interval).
+    pub(super) fn deadline(&self, key: &str, raw: Option<&String>, default: Duration) -> Result<Duration, ConfigError> {
+        let value = self.duration(key, raw, default)?;
+        self.positive(key, value)
+    }
+
+    /// Validates the entries of a listed section (`[[redis]]`, `[[plugin]]`...) one by one, refusing a name used
+    /// twice; `each` gets the entry's error key (`redis "main"`).
+    pub(super) fn entries<T, U>(
+        &self,
+        what: &str,
+        raw: Vec<T>,
+        name: impl Fn(&T) -> &str,
+        mut each: impl FnMut(String, T) -> Result<U, ConfigError>,
+    ) -> Result<Vec<U>, ConfigError> {
+        let mut seen = HashSet::new();
+        raw.into_iter()
+            .map(|entry| {
+                let name = name(&entry).to_string();
+                let key = format!("{what} {name:?}");
+                if !seen.insert(name) {
+                    return Err(self.err(key, "defined twice"));
+                }
+                each(key, entry)
+            })
+            .collect()
     }
 
     pub(super) fn positive<T: PartialOrd + Default + Copy>(&self, key: &str, value: T) -> Result<T, ConfigError> {
@@ -201,18 +212,10 @@ impl Validator<'_> {
             defaults::MAX_CONNECTIONS_CEILING,
         )?;
         let server = ServerSettings {
-            handshake_timeout: self.duration(
-                "server.handshake_timeout",
-                raw.handshake_timeout.as_ref(),
-                defaults::HANDSHAKE_TIMEOUT,
-            )?,
+            handshake_timeout: deadline!(self, "server", raw.handshake_timeout, defaults::HANDSHAKE_TIMEOUT),
             max_connections,
             session_cache_entries: raw.session_cache_entries.unwrap_or(defaults::SESSION_CACHE_ENTRIES),
-            shutdown_grace: self.duration(
-                "server.shutdown_grace",
-                raw.shutdown_grace.as_ref(),
-                defaults::SHUTDOWN_GRACE,
-            )?,
+            shutdown_grace: duration!(self, "server", raw.shutdown_grace, defaults::SHUTDOWN_GRACE),
             client: self.client_limits(raw)?,
             plugin_memory_total: {
                 let total = self.size(
@@ -226,7 +229,6 @@ impl Validator<'_> {
                 usize::try_from(total).unwrap_or(usize::MAX)
             },
         };
-        self.positive("server.handshake_timeout", server.handshake_timeout)?;
         Ok(server)
     }
 
@@ -237,15 +239,11 @@ impl Validator<'_> {
                 "cache.max_bytes",
                 self.size("cache.max_bytes", raw.max_bytes.as_ref(), defaults::CACHE_MAX_BYTES)?,
             )?,
-            ttl: self.duration("cache.ttl", raw.ttl.as_ref(), defaults::CACHE_TTL)?,
-            max_ttl: self.duration("cache.max_ttl", raw.max_ttl.as_ref(), defaults::CACHE_MAX_TTL)?,
-            negative_ttl: self.duration(
-                "cache.negative_ttl",
-                raw.negative_ttl.as_ref(),
-                defaults::CACHE_NEGATIVE_TTL,
-            )?,
-            max_stale: self.duration("cache.max_stale", raw.max_stale.as_ref(), defaults::CACHE_MAX_STALE)?,
-            invalid_ttl: self.duration("cache.invalid_ttl", raw.invalid_ttl.as_ref(), defaults::CACHE_INVALID_TTL)?,
+            ttl: duration!(self, "cache", raw.ttl, defaults::CACHE_TTL),
+            max_ttl: duration!(self, "cache", raw.max_ttl, defaults::CACHE_MAX_TTL),
+            negative_ttl: duration!(self, "cache", raw.negative_ttl, defaults::CACHE_NEGATIVE_TTL),
+            max_stale: duration!(self, "cache", raw.max_stale, defaults::CACHE_MAX_STALE),
+            invalid_ttl: duration!(self, "cache", raw.invalid_ttl, defaults::CACHE_INVALID_TTL),
         };
         if cache.ttl > cache.max_ttl {
             return Err(self.err("cache.ttl", "is longer than cache.max_ttl"));
@@ -258,21 +256,9 @@ impl Validator<'_> {
 
     fn proxy(&self, raw: &raw::Proxy) -> Result<ProxySettings, ConfigError> {
         let proxy = ProxySettings {
-            connect_timeout: self.duration(
-                "proxy.connect_timeout",
-                raw.connect_timeout.as_ref(),
-                defaults::CONNECT_TIMEOUT,
-            )?,
-            response_timeout: self.duration(
-                "proxy.response_timeout",
-                raw.response_timeout.as_ref(),
-                defaults::RESPONSE_TIMEOUT,
-            )?,
-            pool_idle_timeout: self.duration(
-                "proxy.pool_idle_timeout",
-                raw.pool_idle_timeout.as_ref(),
-                defaults::POOL_IDLE_TIMEOUT,
-            )?,
+            connect_timeout: deadline!(self, "proxy", raw.connect_timeout, defaults::CONNECT_TIMEOUT),
+            response_timeout: deadline!(self, "proxy", raw.response_timeout, defaults::RESPONSE_TIMEOUT),
+            pool_idle_timeout: duration!(self, "proxy", raw.pool_idle_timeout, defaults::POOL_IDLE_TIMEOUT),
             max_connections_per_backend: self.count(
                 "proxy.max_connections_per_backend",
                 raw.max_connections_per_backend.unwrap_or(defaults::MAX_CONNECTIONS_PER_BACKEND),
@@ -284,8 +270,6 @@ impl Validator<'_> {
                 defaults::MAX_CONNECTIONS_CEILING,
             )?,
         };
-        self.positive("proxy.connect_timeout", proxy.connect_timeout)?;
-        self.positive("proxy.response_timeout", proxy.response_timeout)?;
         Ok(proxy)
     }
 
@@ -320,32 +304,15 @@ impl Validator<'_> {
             a.max_connections.unwrap_or(defaults::ADMIN_MAX_CONNECTIONS),
             defaults::MAX_CONNECTIONS_CEILING,
         )?;
-        let request_head_timeout = self.duration(
-            "admin.request_head_timeout",
-            a.request_head_timeout.as_ref(),
-            defaults::ADMIN_REQUEST_HEAD_TIMEOUT,
-        )?;
-        self.positive("admin.request_head_timeout", request_head_timeout)?;
-        let connection_timeout = self.duration(
-            "admin.connection_timeout",
-            a.connection_timeout.as_ref(),
-            defaults::ADMIN_CONNECTION_TIMEOUT,
-        )?;
-        self.positive("admin.connection_timeout", connection_timeout)?;
+        let request_head_timeout =
+            deadline!(self, "admin", a.request_head_timeout, defaults::ADMIN_REQUEST_HEAD_TIMEOUT);
+        let connection_timeout = deadline!(self, "admin", a.connection_timeout, defaults::ADMIN_CONNECTION_TIMEOUT);
         Ok(AdminSettings { bind, token, max_connections, request_head_timeout, connection_timeout })
     }
 
     fn reload(&self, raw: &raw::Reload) -> Result<ReloadSettings, ConfigError> {
-        let reload = ReloadSettings {
-            watch: raw.watch,
-            watch_interval: self.duration(
-                "reload.watch_interval",
-                raw.watch_interval.as_ref(),
-                defaults::WATCH_INTERVAL,
-            )?,
-        };
-        self.positive("reload.watch_interval", reload.watch_interval)?;
-        Ok(reload)
+        let watch_interval = deadline!(self, "reload", raw.watch_interval, defaults::WATCH_INTERVAL);
+        Ok(ReloadSettings { watch: raw.watch, watch_interval })
     }
 
     pub(super) fn resumption(
@@ -379,20 +346,15 @@ impl Validator<'_> {
                  e.g. secret = { env = \"TERN_RESUMPTION_SECRET\" }",
             ));
         }
-        let rotation =
-            self.duration("resumption.ticket_rotation", r.ticket_rotation.as_ref(), fallback.ticket_rotation)?;
-        self.positive("resumption.ticket_rotation", rotation)?;
-        let lifetime =
-            self.duration("resumption.ticket_lifetime", r.ticket_lifetime.as_ref(), fallback.ticket_lifetime)?;
+        let rotation = deadline!(self, "resumption", r.ticket_rotation, fallback.ticket_rotation);
+        let lifetime = duration!(self, "resumption", r.ticket_lifetime, fallback.ticket_lifetime);
         if lifetime < rotation {
             return Err(self.err("resumption.ticket_lifetime", "is shorter than resumption.ticket_rotation"));
         }
         if lifetime > Duration::from_secs(7 * 24 * 3600) {
             return Err(self.err("resumption.ticket_lifetime", "TLS allows at most 7 days"));
         }
-        let session_lifetime =
-            self.duration("resumption.session_lifetime", r.session_lifetime.as_ref(), fallback.session_lifetime)?;
-        self.positive("resumption.session_lifetime", session_lifetime)?;
+        let session_lifetime = deadline!(self, "resumption", r.session_lifetime, fallback.session_lifetime);
         let prefix = r.prefix.unwrap_or(fallback.prefix);
         if prefix.is_empty() || prefix.contains(char::is_whitespace) {
             return Err(self.err("resumption.prefix", "must be non-empty, without spaces"));
@@ -410,13 +372,11 @@ impl Validator<'_> {
     }
 
     pub(super) fn redis(&self, raw: Vec<raw::Redis>) -> Result<Vec<RedisSettings>, ConfigError> {
-        let mut seen = HashSet::new();
-        raw.into_iter()
-            .map(|r| {
-                let key = format!("redis {:?}", r.name);
-                if !seen.insert(r.name.clone()) {
-                    return Err(self.err(key, "defined twice"));
-                }
+        self.entries(
+            "redis",
+            raw,
+            |r| &r.name,
+            |key, r| {
                 if r.urls.is_empty() || (!r.cluster && r.urls.len() > 1) {
                     return Err(self.err(format!("{key}.urls"), "one URL, or several with cluster = true"));
                 }
@@ -425,10 +385,9 @@ impl Validator<'_> {
                         return Err(self.err(format!("{key}.urls"), format!("{url:?}: expected redis://host:port")));
                     }
                 }
-                let timeout = self.duration(&format!("{key}.timeout"), r.timeout.as_ref(), defaults::REDIS_TIMEOUT)?;
-                self.positive(&format!("{key}.timeout"), timeout)?;
+                let timeout = self.deadline(&format!("{key}.timeout"), r.timeout.as_ref(), defaults::REDIS_TIMEOUT)?;
                 Ok(RedisSettings { name: r.name, urls: r.urls, cluster: r.cluster, timeout })
-            })
-            .collect()
+            },
+        )
     }
 }

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tern::failure::FailureKind;
 use tern::plugin::Outcome;
+use tern::watchdog::Expired;
 use tern_fixtures::spawn_echo_backend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -38,7 +39,7 @@ async fn connections_that_send_nothing_a_partial_head_or_only_the_h2_preface_are
     let (status, _, _) = tokio::time::timeout(Duration::from_secs(10), fourth).await???;
     assert_eq!(status, 200);
     println!("fourth client served {:?} after the slots were taken", started.elapsed());
-    assert_eq!(eventually_equals(&server.metrics.connections_timed_out.request_head, 3).await, 3);
+    assert_eq!(eventually_equals(server.metrics.connections_timed_out.by(Expired::RequestHead), 3).await, 3);
     Ok(())
 }
 
@@ -55,7 +56,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeout() -
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
     let closed = closed_within(&mut stream, Duration::from_secs(4)).await.expect("idle connection closed");
     assert!(closed < Duration::from_secs(4), "closed after {closed:?}");
-    assert_eq!(eventually_equals(&server.metrics.connections_timed_out.idle, 1).await, 1);
+    assert_eq!(eventually_equals(server.metrics.connections_timed_out.by(Expired::Idle), 1).await, 1);
     Ok(())
 }
 
@@ -130,7 +131,7 @@ async fn a_client_that_never_reads_a_large_response_is_cut_off() -> anyhow::Resu
     assert!(drained.is_ok(), "connection neither closed nor finished");
     println!("read {read} of {SIZE} bytes before tern closed the stalled connection");
     assert!(read < SIZE, "the whole response was delivered: the stalled connection was never cut");
-    assert_eq!(eventually_equals(&server.metrics.connections_timed_out.send, 1).await, 1);
+    assert_eq!(eventually_equals(server.metrics.connections_timed_out.by(Expired::Send), 1).await, 1);
     Ok(())
 }
 
