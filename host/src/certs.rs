@@ -238,6 +238,17 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_key_file_is_blamed_and_not_the_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (chain, _) = self_signed(&["a.example.com"]);
+        let (cert, key) = (dir.path().join("a.crt"), dir.path().join("a.key"));
+        std::fs::write(&cert, chain).unwrap();
+        std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").unwrap();
+        let err = load_files(&cert, &key).unwrap_err().to_string();
+        assert!(err.starts_with(&key.display().to_string()), "{err}");
+    }
+
+    #[test]
     fn parses_and_covers_exact_and_wildcard_names() {
         let (chain, key) = self_signed(&["a.example.com", "*.example.net"]);
         let parsed = parse(chain.as_bytes(), key.as_bytes()).unwrap();

@@ -210,3 +210,29 @@ async fn operator_errors_name_the_file_print_each_cause_once_and_never_a_backtra
     assert!(text(&output).contains("nothing imported"), "{}", text(&output));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_name_the_config_file_the_file_at_fault_and_a_store_that_is_down() -> anyhow::Result<()> {
+    let pki = Pki::new(&["default.test"])?;
+    let config = pki.path("tern.toml");
+    std::fs::write(
+        &config,
+        basic_config(&pki, tern_fixtures::spawn_echo_backend().await?, "default_certificate = \"default\""),
+    )?;
+    // A corrupt key: the key file is blamed, and the config file that named it is said too.
+    let key = pki.certs().join("default.test.key");
+    std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n")?;
+    let out = text(&run_command(tern(&["check", "-c", &config.to_string_lossy()])).await?);
+    assert!(out.contains(&config.display().to_string()), "the config file: {out}");
+    assert!(out.contains(&key.display().to_string()), "the key file, not the certificate: {out}");
+    assert!(!out.contains("default.test.crt"), "{out}");
+    // A Redis that refuses connections is reported as down, not as a plugin that did not answer in time.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let url = format!("redis://{closed}");
+    let output = run_command(tern(&["plugin", "call", REDIS_PLUGIN, "a.test", "--redis", &url])).await?;
+    assert!(!output.status.success());
+    let out = text(&output);
+    assert!(out.contains(&url) && out.contains("does not answer"), "{out}");
+    assert!(!out.contains("did not answer within"), "{out}");
+    Ok(())
+}
