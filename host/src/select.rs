@@ -248,7 +248,11 @@ impl Selector {
             // A store outage is not the name's fault: the listener's fallback applies, as for an unknown name.
             Err(failure) => match describe(plugin, &name, &failure) {
                 outage @ SelectError::Unavailable { .. } => {
-                    event_at!(outage.level(), servername = %name, cause = %outage, "plugin unavailable, applying the listener's fallback");
+                    let what = match &outage {
+                        SelectError::Unavailable { source, .. } if source.is_shed() => "plugin call shed",
+                        _ => "store unavailable",
+                    };
+                    event_at!(outage.level(), servername = %name, cause = %outage, "{what}, applying the listener's fallback");
                     return self.fallback(policy, outage);
                 }
                 other => return Err(other),
