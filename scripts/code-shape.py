@@ -56,11 +56,23 @@ def walk(path, is_root):
     seen.add(path)
     here = os.path.dirname(path) if is_root or path.endswith("mod.rs") else os.path.splitext(path)[0]
     in_tests = False
-    for line in open(path, encoding="utf-8"):
+    lines = open(path, encoding="utf-8").read().split("\n")
+    for i, line in enumerate(lines):
         if re.match(r"^#\[cfg\(test\)\]", line):
-            in_tests = True
+            following = next((l for l in lines[i + 1 :] if not l.startswith("#[")), "")
+            # An inline test module ends the file's public items; `mod tests;` (a file of its own) does not.
+            in_tests = in_tests or not following.rstrip().endswith(";")
         if in_tests:
             continue
+        reexport = re.match(r"^\s*pub\s+use\s+(\w+)::(\w+);", line)
+        if reexport:
+            # A module re-exported from a private one (`pub use raw::defaults;`): count its items as well.
+            inner = module_file(here, reexport.group(1))
+            if inner:
+                text = open(inner, encoding="utf-8").read()
+                block = re.search(r"(?ms)^pub mod " + reexport.group(2) + r" \{\n(.*?)^\}", text)
+                if block:
+                    count += sum(1 for l in block.group(1).split("\n") if item_re.match(l))
         m = item_re.match(line)
         if m:
             if m.group(2) == "mod":

@@ -14,7 +14,7 @@ use crate::sni::ServerName;
 
 /// What the cache holds for a name.
 #[derive(Debug, Clone)]
-pub enum Cached {
+pub(crate) enum Cached {
     /// The plugin's certificate, parsed and validated.
     Found {
         /// The certificate.
@@ -47,7 +47,7 @@ impl Cached {
     }
 
     /// Whether the entry may be served without asking the plugin.
-    pub fn is_fresh(&self) -> bool {
+    pub(crate) fn is_fresh(&self) -> bool {
         Instant::now() < self.fresh_until()
     }
 
@@ -62,7 +62,7 @@ impl Cached {
 
 /// Cache key: the plugin that answered and the name it answered for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct CacheKey {
+pub(crate) struct CacheKey {
     /// The plugin's cache scope: its name, or a new one after a swap that flushed the cache.
     pub plugin: Arc<str>,
     /// Normalised server name.
@@ -71,7 +71,7 @@ pub struct CacheKey {
 
 /// How a lookup was answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lookup {
+pub(crate) enum Lookup {
     /// A fresh entry, without calling the plugin.
     Hit,
     /// Loaded now (by this caller, or by a concurrent caller whose load this one waited for).
@@ -82,7 +82,7 @@ pub enum Lookup {
 
 /// A lookup's answer; `refresh_error` says why a stale entry was served.
 #[derive(Debug)]
-pub struct Loaded<E> {
+pub(crate) struct Loaded<E> {
     /// How it was answered.
     pub lookup: Lookup,
     /// The entry.
@@ -135,7 +135,7 @@ impl CertCache {
     /// A missing entry is loaded once however many callers miss at once; the error of a failed load goes to every
     /// waiting caller and is not cached. A stale entry (past its TTL, within `cache.max_stale`) is refreshed once;
     /// if that refresh fails, the stale entry is served and the error reported alongside.
-    pub async fn get_or_load<E, F>(&self, key: CacheKey, load: F) -> Result<Loaded<Arc<E>>, Arc<E>>
+    pub(crate) async fn get_or_load<E, F>(&self, key: CacheKey, load: F) -> Result<Loaded<Arc<E>>, Arc<E>>
     where
         E: Send + Sync + 'static,
         F: Future<Output = Result<Answer, E>>,
@@ -215,13 +215,8 @@ impl CertCache {
         outcome.unwrap_or_else(unreachable_outcome)
     }
 
-    /// Drops the cached answer for `key`, if any.
-    pub async fn invalidate(&self, key: &CacheKey) {
-        self.inner.invalidate(key).await;
-    }
-
     /// Drops every plugin's answer for `name`; a `*.parent` pattern drops every name one label below `parent`.
-    pub fn invalidate_name(&self, name: &str) {
+    pub(crate) fn invalidate_name(&self, name: &str) {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         let result = match name.strip_prefix("*.") {
             Some(parent) => {
@@ -239,17 +234,17 @@ impl CertCache {
     }
 
     /// The entry for `key`, fresh or stale, without loading anything.
-    pub async fn peek(&self, key: &CacheKey) -> Option<Cached> {
+    pub(crate) async fn peek(&self, key: &CacheKey) -> Option<Cached> {
         self.inner.get(key).await
     }
 
     /// Drops every cached answer.
-    pub fn invalidate_all(&self) {
+    pub(crate) fn invalidate_all(&self) {
         self.inner.invalidate_all();
     }
 
     /// Drops every answer of one plugin (a swap with `on_swap = "flush"`).
-    pub fn invalidate_plugin(&self, plugin: &str) {
+    pub(crate) fn invalidate_plugin(&self, plugin: &str) {
         let plugin: Arc<str> = Arc::from(plugin);
         if let Err(err) = self.inner.invalidate_entries_if(move |key, _| key.plugin == plugin) {
             tracing::error!(error = %err, "cache invalidation refused");
@@ -270,7 +265,7 @@ impl CertCache {
     }
 
     /// Weighted size: estimated bytes, with each entry counted at least at its slot size.
-    pub fn weighted_size(&self) -> u64 {
+    pub(crate) fn weighted_size(&self) -> u64 {
         self.inner.weighted_size()
     }
 
@@ -287,7 +282,7 @@ fn unreachable_outcome<T, E>() -> Result<T, E> {
 
 /// A plugin's answer before the cache applies its bounds.
 #[derive(Debug)]
-pub enum Answer {
+pub(crate) enum Answer {
     /// A validated certificate and the plugin's TTL hint.
     Found(Arc<ParsedCert>, Option<Duration>),
     /// The plugin does not know the name.

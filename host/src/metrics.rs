@@ -85,7 +85,7 @@ impl Histogram {
     }
 
     /// Appends the histogram in Prometheus text format (seconds), with `labels` (e.g. `cache="hit"`).
-    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
+    pub(crate) fn render(&self, out: &mut String, name: &str, labels: &str) {
         let sep = if labels.is_empty() { "" } else { "," };
         let mut cumulative = 0;
         for (i, bound) in BUCKETS_MICROS.iter().enumerate() {
@@ -114,7 +114,7 @@ pub fn inc(counter: &AtomicU64) {
 
 /// Builds Prometheus text exposition: `# HELP`/`# TYPE` once per family, then its samples.
 #[derive(Debug, Default)]
-pub struct Exposition {
+pub(crate) struct Exposition {
     out: String,
 }
 
@@ -161,13 +161,13 @@ impl Exposition {
 }
 
 /// Escapes a label value for the text format.
-pub fn label_value(raw: &str) -> String {
+pub(crate) fn label_value(raw: &str) -> String {
     raw.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 impl Metrics {
     /// Appends the process-wide families.
-    pub fn render(&self, x: &mut Exposition) {
+    pub(crate) fn render(&self, x: &mut Exposition) {
         x.family("tern_handshakes_total", "counter", "TLS handshakes by outcome.");
         x.sample("tern_handshakes_total", "outcome=\"ok\"", get(&self.handshakes_ok));
         x.counters("tern_handshakes_total", "outcome", self.handshake_failures.all());

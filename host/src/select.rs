@@ -83,7 +83,7 @@ impl SelectError {
     /// How loudly to log it: client faults at info (routine on the internet), plugin faults and store outages at
     /// warn, calls the rate cap or breaker shed at debug (the breaker logs when it opens, the counters count every
     /// shed call: a flood of them must not flood the log).
-    pub fn level(&self) -> tracing::Level {
+    pub(crate) fn level(&self) -> tracing::Level {
         match self {
             SelectError::Unavailable { source, .. } if source.is_shed() => tracing::Level::DEBUG,
             _ if self.blame() == Blame::Client => tracing::Level::INFO,
@@ -177,7 +177,7 @@ impl StaticCerts {
     }
 
     /// The static certificate serving `name`: an exact entry, else the wildcard one label up.
-    pub fn lookup(&self, name: &ServerName) -> Option<&Arc<ParsedCert>> {
+    pub(crate) fn lookup(&self, name: &ServerName) -> Option<&Arc<ParsedCert>> {
         if self.by_pattern.is_empty() {
             return None; // plugin-only listeners: no hashing, no wildcard string per handshake
         }

@@ -42,7 +42,7 @@ enum Connection {
 }
 
 /// A connection owned by one task (see [`RedisStore::dedicated`]); it reconnects by itself.
-pub struct Dedicated(String, Connection);
+pub(crate) struct Dedicated(String, Connection);
 
 impl std::fmt::Debug for Dedicated {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -52,7 +52,7 @@ impl std::fmt::Debug for Dedicated {
 
 impl Dedicated {
     /// Runs one command; the connection's own response timeout bounds it.
-    pub async fn run<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> Result<T, StoreError> {
+    pub(crate) async fn run<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> Result<T, StoreError> {
         let reply = match &mut self.1 {
             Connection::Standalone(c) => cmd.query_async::<T>(c).await,
             Connection::Cluster(c) => cmd.query_async::<T>(c).await,
@@ -104,7 +104,7 @@ impl RedisStore {
     }
 
     /// `MGET keys...` (split by slot on a cluster).
-    pub async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+    pub(crate) async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
@@ -112,7 +112,7 @@ impl RedisStore {
     }
 
     /// `HMGET key fields...`.
-    pub async fn hash_get(&self, key: &str, fields: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+    pub(crate) async fn hash_get(&self, key: &str, fields: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         if fields.is_empty() {
             return Ok(Vec::new());
         }
@@ -155,7 +155,7 @@ impl RedisStore {
     /// Subscribes to `channel` on a dedicated connection and yields its messages as text. The stream ends when
     /// the connection drops; the caller resubscribes. On a cluster, any node will do: Redis Cluster forwards
     /// every `PUBLISH` to all nodes.
-    pub async fn subscribe(
+    pub(crate) async fn subscribe(
         &self,
         channel: &str,
     ) -> Result<impl futures_util::Stream<Item = String> + Send + use<>, StoreError> {
@@ -186,7 +186,7 @@ impl RedisStore {
     }
 
     /// Runs a pipeline in one round trip, ignoring replies. On a cluster every command must touch keys of one slot.
-    pub async fn pipeline(&self, pipe: &redis::Pipeline) -> Result<(), StoreError> {
+    pub(crate) async fn pipeline(&self, pipe: &redis::Pipeline) -> Result<(), StoreError> {
         let mut connection = self.connection().await?.clone();
         let reply = tokio::time::timeout(self.settings.timeout, async {
             match &mut connection {
@@ -201,7 +201,7 @@ impl RedisStore {
     /// A connection of its own, for blocking reads (`XREAD BLOCK`) that would otherwise hold up every command
     /// queued behind them on the shared multiplexed connection. `patience` is how long a reply may take (longer
     /// than the block time).
-    pub async fn dedicated(&self, patience: Duration) -> Result<Dedicated, StoreError> {
+    pub(crate) async fn dedicated(&self, patience: Duration) -> Result<Dedicated, StoreError> {
         let s = &self.settings;
         let failed = |e: redis::RedisError| self.unavailable(e.to_string());
         let connect = async {

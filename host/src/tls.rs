@@ -20,7 +20,7 @@ use crate::certs::ParsedCert;
 use crate::select::{Policy, SelectError, Selector, Source};
 use crate::sni::ServerName;
 
-pub use crate::crypto::provider;
+use crate::crypto::provider;
 
 /// A listener's TLS settings, from which each handshake's config is cloned.
 #[derive(Debug, Clone)]
@@ -55,7 +55,7 @@ impl TlsTemplate {
     }
 
     /// The config that serves `key` (a clone of the template: ~0.1 µs, shares session state).
-    pub fn serving(&self, key: Arc<CertifiedKey>) -> Arc<ServerConfig> {
+    pub(crate) fn serving(&self, key: Arc<CertifiedKey>) -> Arc<ServerConfig> {
         let mut config = (*self.base).clone();
         config.cert_resolver = Arc::new(Chosen(key));
         Arc::new(config)
@@ -169,7 +169,7 @@ impl ResolvesServerCert for NoCertificate {
 }
 
 /// A verifier for client certificates chaining to the CAs in `ca_pem`; `required` refuses clients without one.
-pub fn client_verifier(ca_pem: &[u8], required: bool) -> Result<Arc<dyn ClientCertVerifier>, String> {
+pub(crate) fn client_verifier(ca_pem: &[u8], required: bool) -> Result<Arc<dyn ClientCertVerifier>, String> {
     let mut roots = rustls::RootCertStore::empty();
     use rustls::pki_types::pem::PemObject;
     let certs = rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem)

@@ -50,7 +50,7 @@ impl crate::counters::Key for Expired {
 
 /// What one client connection is doing, as far as its deadlines are concerned.
 #[derive(Debug)]
-pub struct Activity {
+pub(crate) struct Activity {
     origin: Instant,
     limits: ClientLimits,
     /// HTTP/2: bytes arriving while idle are pings and settings, not a request head.
@@ -70,7 +70,7 @@ pub struct Activity {
 
 impl Activity {
     /// A connection whose handshake just completed.
-    pub fn new(limits: ClientLimits, h2: bool) -> Arc<Self> {
+    pub(crate) fn new(limits: ClientLimits, h2: bool) -> Arc<Self> {
         Arc::new(Self {
             origin: Instant::now(),
             limits,
@@ -90,7 +90,7 @@ impl Activity {
 
     /// A request head is complete: the request is in flight until the returned guard drops (with its response
     /// body, once that is written or abandoned).
-    pub fn begin(self: &Arc<Self>) -> InFlight {
+    pub(crate) fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.served.store(true, Ordering::Release);
         self.head_started.store(UNSET, Ordering::Release);
@@ -147,7 +147,7 @@ impl Activity {
 
     /// Resolves when a deadline passes, saying which. Re-reads the state at every wake-up: requests that
     /// started or ended in between move the deadline.
-    pub async fn expired(&self) -> Expired {
+    pub(crate) async fn expired(&self) -> Expired {
         // With requests in flight and nothing stalled there is no deadline; a change of state (a request
         // starting or ending, a write stalling) wakes the loop to compute the new one.
         loop {
@@ -167,7 +167,7 @@ impl Activity {
 
 /// A request in flight; dropping it may make the connection idle.
 #[derive(Debug)]
-pub struct InFlight(Arc<Activity>);
+pub(crate) struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -177,14 +177,14 @@ impl Drop for InFlight {
 
 /// A client stream that reports reads and stalled writes to its connection's [`Activity`].
 #[derive(Debug)]
-pub struct Tracked<S> {
+pub(crate) struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
 }
 
 impl<S> Tracked<S> {
     /// Wraps `inner`.
-    pub fn new(inner: S, activity: Arc<Activity>) -> Self {
+    pub(crate) fn new(inner: S, activity: Arc<Activity>) -> Self {
         Self { inner, activity }
     }
 }
@@ -233,7 +233,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
 }
 
 /// Copies bytes both ways until either side closes or nothing moves for `idle` (upgraded connections).
-pub async fn splice_with_idle_timeout<A, B>(a: A, b: B, idle: Duration) -> std::io::Result<()>
+pub(crate) async fn splice_with_idle_timeout<A, B>(a: A, b: B, idle: Duration) -> std::io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,

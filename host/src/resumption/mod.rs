@@ -63,7 +63,7 @@ pub struct ResumptionMetrics {
 
 impl ResumptionMetrics {
     /// Appends the resumption families.
-    pub fn render(&self, x: &mut Exposition) {
+    pub(crate) fn render(&self, x: &mut Exposition) {
         x.family("tern_tickets_issued_total", "counter", "Session tickets issued.");
         x.sample("tern_tickets_issued_total", "", get(&self.tickets_issued));
         x.family("tern_ticket_rejections_total", "counter", "Tickets refused (a full handshake followed), by reason.");
@@ -102,7 +102,7 @@ impl ResumptionMetrics {
 /// The scope of a listener's resumption state: listeners share sessions and tickets only with listeners of the
 /// same client-authentication settings (same CA bundle, same mode), so a session authenticated by one CA never
 /// resumes where another CA, or none, is required.
-pub fn scope_of(client_auth: Option<(&[u8], bool)>) -> String {
+pub(crate) fn scope_of(client_auth: Option<(&[u8], bool)>) -> String {
     match client_auth {
         None => "none".to_string(),
         Some((ca_pem, required)) => {
@@ -114,7 +114,7 @@ pub fn scope_of(client_auth: Option<(&[u8], bool)>) -> String {
 }
 
 /// A scope's session store and ticketer (none when tickets are off).
-pub type ScopeState = (Arc<ScopedSessions>, Option<Arc<Ticketer>>);
+pub(crate) type ScopeState = (Arc<ScopedSessions>, Option<Arc<Ticketer>>);
 
 /// What a node needs for resumption: the key manager, the session cache, and their background tasks.
 #[derive(Debug)]
@@ -129,7 +129,7 @@ pub struct Resumption {
 impl Resumption {
     /// Builds the node's resumption state and fills the key ring once (from Redis if configured and reachable,
     /// else with local keys) so the first handshake already gets a ticket.
-    pub async fn start(
+    pub(crate) async fn start(
         settings: &ResumptionSettings,
         store: Option<Arc<RedisStore>>,
         session_capacity: u64,
@@ -179,7 +179,7 @@ impl Resumption {
     }
 
     /// The session store and ticketer for listeners of `scope` (one pair per scope, shared by its listeners).
-    pub fn for_scope(&self, scope: &str) -> ScopeState {
+    pub(crate) fn for_scope(&self, scope: &str) -> ScopeState {
         let mut scopes = self.scopes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         scopes
             .entry(scope.to_string())
@@ -189,7 +189,7 @@ impl Resumption {
 
     /// Starts the background tasks: key refresh (and the rotation announcements that wake it), session
     /// replication.
-    pub fn spawn(&self, tasks: &mut tokio::task::JoinSet<()>) {
+    pub(crate) fn spawn(&self, tasks: &mut tokio::task::JoinSet<()>) {
         if let Some(keys) = &self.keys {
             let wake = Arc::new(tokio::sync::Notify::new());
             if let Some(shared) = keys.shared() {
