@@ -19,19 +19,27 @@ pub trait Key: Copy + std::fmt::Debug + PartialEq + 'static {
 #[derive(Debug)]
 pub struct Counters<K: Key> {
     counters: Box<[AtomicU64]>,
+    /// Where a key left out of [`Key::ALL`] by mistake is counted (never rendered): counting must not panic.
+    unlisted: AtomicU64,
     keys: PhantomData<K>,
 }
 
 impl<K: Key> Default for Counters<K> {
     fn default() -> Self {
-        Self { counters: K::ALL.iter().map(|_| AtomicU64::new(0)).collect(), keys: PhantomData }
+        Self {
+            counters: K::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
+            unlisted: AtomicU64::new(0),
+            keys: PhantomData,
+        }
     }
 }
 
 impl<K: Key> Counters<K> {
     /// The counter of `key`.
     pub fn by(&self, key: K) -> &AtomicU64 {
-        &self.counters[key.index()]
+        let counter = self.counters.get(key.index());
+        debug_assert!(counter.is_some(), "{key:?} is missing from Key::ALL");
+        counter.unwrap_or(&self.unlisted)
     }
 
     /// The count of `key`.
