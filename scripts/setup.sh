@@ -2,7 +2,8 @@
 # Installs what building and testing tern needs on a machine that has only rustup/cargo and Debian:
 # the wasm32-wasip2 Rust target (plugins) and, for the test suite, the openssl and curl clients and
 # redis-server / redis-cli (the tests start their own Redis servers and clusters), and node/npm and python3-venv
-# (the JavaScript and Python example plugins the tests build, see scripts/build-polyglot.sh).
+# (the JavaScript and Python example plugins the tests build, see scripts/build-polyglot.sh), and haproxy (the real
+# peer in front of tern in the PROXY protocol tests).
 # Usage: scripts/setup.sh [demo|test]    (idempotent; quiet when everything is present)
 set -euo pipefail
 mode="${1:-demo}"
@@ -14,8 +15,8 @@ fi
 
 if [ "$mode" = test ]; then
   missing=()
-  for tool in openssl curl redis-server redis-cli node npm python3; do
-    if ! command -v "$tool" >/dev/null 2>&1; then
+  for tool in openssl curl redis-server redis-cli node npm python3 haproxy; do
+    if ! command -v "$tool" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$tool" ]; then
       case "$tool" in
         redis-cli) missing+=(redis-tools) ;;
         node) missing+=(nodejs) ;;

@@ -78,5 +78,6 @@ mod tests {
         super::assert_well_formed::<crate::failure::FailureKind>();
         super::assert_well_formed::<crate::plugin::Outcome>();
         super::assert_well_formed::<crate::watchdog::Expired>();
+        super::assert_well_formed::<crate::proxy_protocol::Refused>();
     }
 }

@@ -26,6 +26,7 @@ mod listener;
 pub mod metrics;
 pub mod plugin;
 mod proxy;
+pub mod proxy_protocol;
 mod reload;
 pub mod resumption;
 pub mod select;

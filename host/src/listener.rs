@@ -39,6 +39,8 @@ pub(crate) struct ListenerCtx {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) handshake_timeout: Duration,
     pub(crate) limits: crate::config::ClientLimits,
+    /// PROXY protocol from trusted peers, if the listener takes it.
+    pub(crate) proxy_protocol: Option<crate::config::ProxyProtocolSettings>,
     pub(crate) drain_signal: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -71,11 +73,23 @@ pub(crate) async fn accept_loop(listener: Listener) {
 }
 
 impl ListenerCtx {
-    async fn handle(&self, tcp: TcpStream, peer: SocketAddr) {
+    async fn handle(&self, mut tcp: TcpStream, tcp_peer: SocketAddr) {
         let _ = tcp.set_nodelay(true);
         let handshake = async {
+            // Behind a trusted load balancer, the client is who its PROXY protocol header says.
+            let peer = match &self.proxy_protocol {
+                None => tcp_peer,
+                Some(settings) => match crate::proxy_protocol::client_of(&mut tcp, tcp_peer, settings).await {
+                    Ok(client) => client,
+                    Err(why) => {
+                        self.metrics.proxy_protocol_refused.inc(why);
+                        tracing::info!(listener = %self.name, peer = %tcp_peer, cause = %why, "connection refused");
+                        return None;
+                    }
+                },
+            };
             match tls::accept(tcp, Some(peer.ip()), &self.selector, &self.policy, &self.tls).await {
-                Ok(Outcome::Accepted(accepted)) => Some(accepted),
+                Ok(Outcome::Accepted(accepted)) => Some((accepted, peer)),
                 Ok(Outcome::Refused(refusal)) => {
                     self.refused(peer, &refusal);
                     refusal.send_alert().await;
@@ -89,12 +103,13 @@ impl ListenerCtx {
                 }
             }
         };
-        let accepted = match tokio::time::timeout(self.handshake_timeout, handshake).await {
+        let (accepted, peer) = match tokio::time::timeout(self.handshake_timeout, handshake).await {
             Ok(Some(accepted)) => accepted,
             Ok(None) => return,
             Err(_) => {
                 inc(&self.metrics.handshakes_timeout);
-                tracing::info!(listener = %self.name, %peer, timeout = ?self.handshake_timeout, "handshake timed out");
+                let timeout = self.handshake_timeout;
+                tracing::info!(listener = %self.name, peer = %tcp_peer, ?timeout, "handshake timed out");
                 return;
             }
         };

@@ -46,6 +46,8 @@ pub struct Metrics {
     pub backend_latency: Histogram,
     /// Client connections closed by their watchdog, by reason.
     pub connections_timed_out: crate::counters::Counters<crate::watchdog::Expired>,
+    /// Connections closed before their handshake over their PROXY protocol header, by reason.
+    pub proxy_protocol_refused: crate::counters::Counters<crate::proxy_protocol::Refused>,
     /// Requests answered 421 because their host is not the connection's.
     pub misdirected_requests: AtomicU64,
     /// Requests answered 408 because the client paused its upload too long.
@@ -208,6 +210,12 @@ impl Metrics {
         x.histogram("tern_backend_response_seconds", "", &self.backend_latency);
         x.family("tern_client_timeouts_total", "counter", "Client connections closed by a deadline, by reason.");
         x.counters("tern_client_timeouts_total", "reason", self.connections_timed_out.all());
+        x.family(
+            "tern_proxy_protocol_refused_total",
+            "counter",
+            "Connections closed over their PROXY header, by reason.",
+        );
+        x.counters("tern_proxy_protocol_refused_total", "reason", self.proxy_protocol_refused.all());
         x.family("tern_requests_refused_total", "counter", "Requests tern answered itself, by reason.");
         x.counters(
             "tern_requests_refused_total",

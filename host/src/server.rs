@@ -208,6 +208,7 @@ impl Server {
             metrics: metrics.clone(),
             handshake_timeout: config.server.handshake_timeout,
             limits: config.server.client.clone(),
+            proxy_protocol: settings.proxy_protocol.clone(),
         });
         Ok(Listener {
             name,

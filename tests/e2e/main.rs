@@ -13,6 +13,7 @@ mod operations;
 mod plugin_failures;
 mod polyglot;
 mod proxy;
+mod proxy_protocol;
 mod redis;
 mod redis_support;
 mod resumption;

@@ -18,6 +18,7 @@ pub(crate) mod tests;
 mod units;
 mod validate;
 
+pub use crate::proxy_protocol::{Cidr, ProxyProtocolSettings};
 pub use raw::defaults;
 pub use units::{parse_duration, parse_size};
 use validate::Validator;
@@ -314,6 +315,8 @@ pub struct ListenerSettings {
     pub backend: http::Uri,
     /// Client certificates, if the listener asks for them.
     pub client_auth: Option<ClientAuth>,
+    /// PROXY protocol from the listener's trusted peers (load balancers in front of it), if it takes it.
+    pub proxy_protocol: Option<ProxyProtocolSettings>,
 }
 
 /// A listener's answer for clients without SNI and for names neither static certificates nor the plugin know.

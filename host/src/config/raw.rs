@@ -142,6 +142,15 @@ pub struct Listener {
     pub backend: String,
     pub client_ca: Option<String>,
     pub client_auth: Option<String>,
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// `listener.proxy_protocol`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyProtocol {
+    pub trusted: Vec<String>,
+    pub required: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

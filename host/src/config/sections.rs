@@ -105,6 +105,15 @@ impl Validator<'_> {
         Ok((cap, share))
     }
 
+    fn proxy_protocol(&self, key: &str, raw: raw::ProxyProtocol) -> Result<ProxyProtocolSettings, ConfigError> {
+        let key = format!("{key}.proxy_protocol.trusted");
+        if raw.trusted.is_empty() {
+            return Err(self.err(key, "list the load balancers' addresses or networks that may send the header"));
+        }
+        let trusted = raw.trusted.iter().map(|t| t.parse().map_err(|m| self.err(&key, m))).collect::<Result<_, _>>()?;
+        Ok(ProxyProtocolSettings { trusted, required: raw.required.unwrap_or(true) })
+    }
+
     fn kv_grant(&self, key: &str, grant: raw::KvGrant, redis: &[RedisSettings]) -> Result<KvGrant, ConfigError> {
         if !redis.iter().any(|r| r.name == grant.redis) {
             return Err(self.err(format!("{key}.grants.kv.redis"), format!("no [[redis]] named {:?}", grant.redis)));
@@ -210,7 +219,17 @@ impl Validator<'_> {
                     }
                     None => None,
                 };
-                Ok(ListenerSettings { name, bind, plugin: l.plugin, fallback, alpn, backend, client_auth })
+                let proxy_protocol = l.proxy_protocol.map(|pp| self.proxy_protocol(&key, pp)).transpose()?;
+                Ok(ListenerSettings {
+                    name,
+                    bind,
+                    plugin: l.plugin,
+                    fallback,
+                    alpn,
+                    backend,
+                    client_auth,
+                    proxy_protocol,
+                })
             },
         )
     }

@@ -319,3 +319,25 @@ fn durations_and_sizes() {
     assert_eq!(parse_size("1000"), Ok(1000));
     assert!(parse_size("12XB").is_err());
 }
+
+#[test]
+fn proxy_protocol_takes_trusted_networks_and_names_a_bad_one() {
+    let with = |value: &str| {
+        MINIMAL.replace("bind = \"127.0.0.1:8443\"", &format!("bind = \"127.0.0.1:8443\"\nproxy_protocol = {value}"))
+    };
+    let config = load(&with(r#"{ trusted = ["10.0.0.0/8", "2001:db8::/32", "127.0.0.1"] }"#)).unwrap();
+    let pp = config.listeners[0].proxy_protocol.as_ref().unwrap();
+    assert!(pp.required, "required unless said otherwise");
+    let trusts = |ip: &str| pp.trusted.iter().any(|net| net.contains(ip.parse().unwrap()));
+    assert!(trusts("10.200.0.1") && trusts("2001:db8:ffff::1") && trusts("127.0.0.1") && trusts("::ffff:10.1.1.1"));
+    assert!(!trusts("11.0.0.1") && !trusts("127.0.0.2") && !trusts("2001:db9::1"));
+    assert!(load(MINIMAL).unwrap().listeners[0].proxy_protocol.is_none(), "off unless configured");
+    let optional = load(&with(r#"{ trusted = ["0.0.0.0/0"], required = false }"#)).unwrap();
+    assert!(!optional.listeners[0].proxy_protocol.as_ref().unwrap().required);
+    for (bad, want) in
+        [(r#"{ trusted = [] }"#, "list the load balancers"), (r#"{ trusted = ["10.0.0.0/33"] }"#, "prefix length")]
+    {
+        let err = error_of(&with(bad));
+        assert!(err.contains("proxy_protocol.trusted") && err.contains(want), "{err}");
+    }
+}

@@ -32,7 +32,7 @@ use crate::store::RedisStore;
 pub type Target = (&'static str, fn(&[u8]));
 
 /// Every target.
-pub const TARGETS: [Target; 7] = [
+pub const TARGETS: [Target; 8] = [
     ("sni", sni),
     ("config", config),
     ("certificate", certificate),
@@ -40,6 +40,7 @@ pub const TARGETS: [Target; 7] = [
     ("session_stream", session_stream),
     ("ticket", ticket),
     ("ticket_key", ticket_key),
+    ("proxy_header", proxy_header),
 ];
 
 /// The operator secret the fixture keys derive from (as `[resumption] secret` would). Not a real secret.
@@ -248,6 +249,12 @@ pub fn ticket_key(data: &[u8]) {
     if let Some(key) = fixtures().keys.open(RECORD_SLOT, RECORD_GENERATION, &record) {
         assert_eq!((key.slot, key.generation), (RECORD_SLOT, RECORD_GENERATION));
     }
+}
+
+/// The first bytes of a connection on a listener that takes PROXY protocol: told apart from TLS, and the header
+/// parsed when complete (`proxy_protocol`).
+pub fn proxy_header(data: &[u8]) {
+    crate::proxy_protocol::fuzz_classify_and_parse(data);
 }
 
 #[cfg(test)]

@@ -68,6 +68,11 @@ fn ticket_key_corpus() {
 }
 
 #[test]
+fn proxy_header_corpus() {
+    replay("proxy_header");
+}
+
+#[test]
 fn every_target_has_a_fuzz_target_file_and_nothing_else_does() {
     let dir = corpus_root().join("../fuzz_targets");
     let mut files: Vec<String> = std::fs::read_dir(&dir)
@@ -129,6 +134,7 @@ fn seed_generators_make_seeds_every_target_accepts() {
             "session_stream" => session_stream_seeds(),
             "ticket" => ticket_seeds(),
             "ticket_key" => ticket_key_seeds(),
+            "proxy_header" => proxy_header_seeds(),
             other => panic!("no seeds for {other}"),
         };
         assert!(!seeds.is_empty(), "{target}: no seeds");
@@ -458,5 +464,32 @@ fn ticket_key_seeds() -> Seeds {
         ("hex-lower", name.clone().into_bytes()),
         ("hex-odd", b"abc".to_vec()),
         ("hex-non-ascii", "0\u{e9}0".as_bytes().to_vec()),
+    ])
+}
+
+fn proxy_header_seeds() -> Seeds {
+    let v2 = |source: &str, destination: &str| {
+        let (source, destination): (std::net::SocketAddr, std::net::SocketAddr) =
+            (source.parse().unwrap(), destination.parse().unwrap());
+        ppp::v2::Builder::with_addresses(
+            ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+            ppp::v2::Protocol::Stream,
+            (source, destination),
+        )
+        .write_tlv(ppp::v2::Type::Authority, b"a.example.com")
+        .unwrap()
+        .build()
+        .unwrap()
+    };
+    let mut with_tls = v2("192.0.2.7:40000", "127.0.0.1:443");
+    with_tls.extend_from_slice(&[0x16, 0x03, 0x01, 0x00, 0x05]);
+    named([
+        ("v2-ipv4", v2("192.0.2.7:40000", "127.0.0.1:443")),
+        ("v2-ipv6", v2("[2001:db8::1]:40000", "[2001:db8::2]:443")),
+        ("v2-then-tls", with_tls),
+        ("v1-tcp4", b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 443\r\n".to_vec()),
+        ("v1-tcp6", b"PROXY TCP6 2001:db8::1 2001:db8::2 40000 443\r\n".to_vec()),
+        ("v1-unknown", b"PROXY UNKNOWN\r\n".to_vec()),
+        ("tls-record", vec![0x16, 0x03, 0x01, 0x02, 0x00, 0x01]),
     ])
 }
