@@ -105,6 +105,29 @@ impl Validator<'_> {
         Ok((cap, share))
     }
 
+    /// `client_ca` and `client_auth`: mutual TLS, required unless `client_auth = "optional"`.
+    fn client_auth(
+        &self,
+        key: &str,
+        ca: Option<String>,
+        mode: Option<&str>,
+    ) -> Result<Option<ClientAuth>, ConfigError> {
+        let required = match mode {
+            None | Some("required") => true,
+            Some("optional") => false,
+            Some(other) => {
+                return Err(
+                    self.err(format!("{key}.client_auth"), format!("{other:?}: expected \"required\" or \"optional\""))
+                );
+            }
+        };
+        match ca {
+            Some(ca) => Ok(Some(ClientAuth { ca: self.path(&ca), required })),
+            None if mode.is_some() => Err(self.err(format!("{key}.client_auth"), "needs client_ca (the CAs to trust)")),
+            None => Ok(None),
+        }
+    }
+
     fn proxy_protocol(&self, key: &str, raw: raw::ProxyProtocol) -> Result<ProxyProtocolSettings, ConfigError> {
         let key = format!("{key}.proxy_protocol.trusted");
         if raw.trusted.is_empty() {
@@ -202,23 +225,7 @@ impl Validator<'_> {
                     })
                     .collect::<Result<_, _>>()?;
                 let backend = parse_backend(&l.backend).map_err(|m| self.err(format!("{key}.backend"), m))?;
-                let required = match l.client_auth.as_deref() {
-                    None | Some("required") => true,
-                    Some("optional") => false,
-                    Some(other) => {
-                        return Err(self.err(
-                            format!("{key}.client_auth"),
-                            format!("{other:?}: expected \"required\" or \"optional\""),
-                        ));
-                    }
-                };
-                let client_auth = match l.client_ca {
-                    Some(ca) => Some(ClientAuth { ca: self.path(&ca), required }),
-                    None if l.client_auth.is_some() => {
-                        return Err(self.err(format!("{key}.client_auth"), "needs client_ca (the CAs to trust)"));
-                    }
-                    None => None,
-                };
+                let client_auth = self.client_auth(&key, l.client_ca, l.client_auth.as_deref())?;
                 let proxy_protocol = l.proxy_protocol.map(|pp| self.proxy_protocol(&key, pp)).transpose()?;
                 Ok(ListenerSettings {
                     name,
