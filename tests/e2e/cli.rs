@@ -236,3 +236,22 @@ async fn errors_name_the_config_file_the_file_at_fault_and_a_store_that_is_down(
     assert!(!out.contains("did not answer within"), "{out}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_systemd_unit_verifies_clean() -> anyhow::Result<()> {
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../dist/systemd/tern.service"))?;
+    for hardening in ["NoNewPrivileges=yes", "ProtectSystem=strict", "CapabilityBoundingSet=CAP_NET_BIND_SERVICE"] {
+        assert!(unit.contains(hardening), "{hardening}");
+    }
+    assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"), "reload is SIGHUP");
+    // Verified as installed, with this build's binary where the unit expects /usr/local/bin/tern.
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("tern.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/tern", TERN))?;
+    let mut command = Command::new("systemd-analyze");
+    command.arg("verify").arg(&path);
+    let output = run_command(command).await?;
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(text(&output).trim(), "", "systemd-analyze has no complaint (unknown keys only warn)");
+    Ok(())
+}
