@@ -24,6 +24,7 @@ mod fdlimit;
 pub mod fuzzing;
 mod listener;
 pub mod metrics;
+pub mod negotiated;
 pub mod plugin;
 mod proxy;
 pub mod proxy_protocol;

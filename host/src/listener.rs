@@ -123,6 +123,8 @@ impl ListenerCtx {
         if tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
             inc(&self.metrics.resumed);
         }
+        let suite = tls.negotiated_cipher_suite().map(|s| s.suite());
+        self.metrics.negotiated.record(suite, tls.negotiated_key_exchange_group().map(|g| g.name()));
         let h2 = tls.alpn_protocol() == Some(b"h2");
         tracing::debug!(listener = %self.name, %peer, servername = ?accepted.servername, source = ?accepted.source, h2, "handshake done");
         let conn = crate::proxy::Connection {

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub tls13: AtomicU64,
     /// Completed handshakes that resumed a session.
     pub resumed: AtomicU64,
+    /// Completed handshakes by cipher suite and key-exchange group.
+    pub negotiated: crate::negotiated::Negotiated,
     /// Selections served by a static certificate.
     pub static_hits: AtomicU64,
     /// Selections served from the cache (positive answers).
@@ -178,6 +180,7 @@ impl Metrics {
         x.family("tern_tls_version_total", "counter", "Completed handshakes by TLS version.");
         x.sample("tern_tls_version_total", "version=\"1.2\"", get(&self.tls12));
         x.sample("tern_tls_version_total", "version=\"1.3\"", get(&self.tls13));
+        self.negotiated.render(x);
         x.family("tern_tls_resumed_total", "counter", "Completed handshakes that resumed a session.");
         x.sample("tern_tls_resumed_total", "", get(&self.resumed));
         x.family("tern_tls_handshakes_total", "counter", "Completed handshakes, full or resumed.");

@@ -9,6 +9,7 @@ mod cli;
 mod hostile;
 mod http_api;
 mod in_memory;
+mod negotiation;
 mod operations;
 mod plugin_failures;
 mod polyglot;

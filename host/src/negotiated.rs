@@ -1,0 +1,62 @@
+//! What completed handshakes negotiated: one counter per cipher suite and per key-exchange group that tern's crypto
+//! provider offers (a fixed, small set, so the labels are bounded), so that operators can see, for example, how
+//! many clients use the post-quantum hybrid `X25519MLKEM768`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rustls::{CipherSuite, NamedGroup};
+
+use crate::metrics::Exposition;
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct Negotiated {
+    suites: Vec<(CipherSuite, AtomicU64)>,
+    groups: Vec<(NamedGroup, AtomicU64)>,
+}
+
+impl Default for Negotiated {
+    fn default() -> Self {
+        let provider = crate::crypto::provider();
+        Self {
+            suites: provider.cipher_suites.iter().map(|s| (s.suite(), AtomicU64::new(0))).collect(),
+            groups: provider.kx_groups.iter().map(|g| (g.name(), AtomicU64::new(0))).collect(),
+        }
+    }
+}
+
+impl Negotiated {
+    /// Counts one completed handshake (a resumed TLS 1.2 one has no key exchange).
+    pub(crate) fn record(&self, suite: Option<CipherSuite>, group: Option<NamedGroup>) {
+        if let Some((_, counter)) = self.suites.iter().find(|(s, _)| Some(*s) == suite) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some((_, counter)) = self.groups.iter().find(|(g, _)| Some(*g) == group) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Handshakes that negotiated `suite`.
+    pub fn suite(&self, suite: CipherSuite) -> u64 {
+        self.suites.iter().find(|(s, _)| *s == suite).map_or(0, |(_, c)| c.load(Ordering::Relaxed))
+    }
+
+    /// Handshakes that negotiated `group`.
+    pub fn group(&self, group: NamedGroup) -> u64 {
+        self.groups.iter().find(|(g, _)| *g == group).map_or(0, |(_, c)| c.load(Ordering::Relaxed))
+    }
+
+    /// Appends `tern_tls_cipher_suites_total{suite}` and `tern_tls_key_exchange_groups_total{group}`.
+    pub(crate) fn render(&self, x: &mut Exposition) {
+        x.family("tern_tls_cipher_suites_total", "counter", "Completed handshakes by cipher suite.");
+        for (suite, counter) in &self.suites {
+            let label = format!("suite=\"{}\"", suite.as_str().unwrap_or("unknown"));
+            x.sample("tern_tls_cipher_suites_total", &label, counter.load(Ordering::Relaxed));
+        }
+        x.family("tern_tls_key_exchange_groups_total", "counter", "Completed handshakes by key-exchange group.");
+        for (group, counter) in &self.groups {
+            let label = format!("group=\"{}\"", group.as_str().unwrap_or("unknown"));
+            x.sample("tern_tls_key_exchange_groups_total", &label, counter.load(Ordering::Relaxed));
+        }
+    }
+}
