@@ -38,10 +38,6 @@ impl crate::counters::Key for FailureKind {
             FailureKind::BadCertificate => "bad_certificate",
         }
     }
-
-    fn index(self) -> usize {
-        self as usize
-    }
 }
 
 impl FailureKind {
@@ -52,12 +48,6 @@ impl FailureKind {
             FailureKind::Plugin | FailureKind::BadCertificate => Blame::Plugin,
             FailureKind::PluginUnavailable => Blame::Store,
         }
-    }
-}
-
-impl std::fmt::Display for FailureKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(crate::counters::Key::label(*self))
     }
 }
 

@@ -61,8 +61,8 @@ pub fn open_now() -> Option<usize> {
     std::fs::read_dir("/proc/self/fd").ok().map(|dir| dir.count())
 }
 
-/// The process's connection budgets : permits for client connections of all listeners
-/// and for backend connections of all backends.
+/// The process's connection budgets: permits for client connections of all listeners and for backend connections
+/// of all backends.
 #[derive(Debug, Clone)]
 pub struct Budgets {
     /// How descriptors were shared out.

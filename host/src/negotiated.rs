@@ -28,35 +28,39 @@ impl Default for Negotiated {
 impl Negotiated {
     /// Counts one completed handshake (a resumed TLS 1.2 one has no key exchange).
     pub(crate) fn record(&self, suite: Option<CipherSuite>, group: Option<NamedGroup>) {
-        if let Some((_, counter)) = self.suites.iter().find(|(s, _)| Some(*s) == suite) {
+        if let Some(counter) = suite.and_then(|s| counter_of(&self.suites, s)) {
             counter.fetch_add(1, Ordering::Relaxed);
         }
-        if let Some((_, counter)) = self.groups.iter().find(|(g, _)| Some(*g) == group) {
+        if let Some(counter) = group.and_then(|g| counter_of(&self.groups, g)) {
             counter.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Handshakes that negotiated `suite`.
     pub fn suite(&self, suite: CipherSuite) -> u64 {
-        self.suites.iter().find(|(s, _)| *s == suite).map_or(0, |(_, c)| c.load(Ordering::Relaxed))
+        counter_of(&self.suites, suite).map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
     /// Handshakes that negotiated `group`.
     pub fn group(&self, group: NamedGroup) -> u64 {
-        self.groups.iter().find(|(g, _)| *g == group).map_or(0, |(_, c)| c.load(Ordering::Relaxed))
+        counter_of(&self.groups, group).map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
     /// Appends `tern_tls_cipher_suites_total{suite}` and `tern_tls_key_exchange_groups_total{group}`.
     pub(crate) fn render(&self, x: &mut Exposition) {
+        let named = |name: Option<&'static str>| name.unwrap_or("unknown");
         x.family("tern_tls_cipher_suites_total", "counter", "Completed handshakes by cipher suite.");
-        for (suite, counter) in &self.suites {
-            let label = format!("suite=\"{}\"", suite.as_str().unwrap_or("unknown"));
-            x.sample("tern_tls_cipher_suites_total", &label, counter.load(Ordering::Relaxed));
-        }
+        x.counters("tern_tls_cipher_suites_total", "suite", self.suites.iter().map(|(s, c)| (named(s.as_str()), c)));
         x.family("tern_tls_key_exchange_groups_total", "counter", "Completed handshakes by key-exchange group.");
-        for (group, counter) in &self.groups {
-            let label = format!("group=\"{}\"", group.as_str().unwrap_or("unknown"));
-            x.sample("tern_tls_key_exchange_groups_total", &label, counter.load(Ordering::Relaxed));
-        }
+        x.counters(
+            "tern_tls_key_exchange_groups_total",
+            "group",
+            self.groups.iter().map(|(g, c)| (named(g.as_str()), c)),
+        );
     }
+}
+
+/// The counter of `key` in a provider's list.
+fn counter_of<K: PartialEq>(list: &[(K, AtomicU64)], key: K) -> Option<&AtomicU64> {
+    list.iter().find(|(k, _)| *k == key).map(|(_, counter)| counter)
 }

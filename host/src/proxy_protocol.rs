@@ -33,17 +33,17 @@ pub struct ProxyProtocolSettings {
     /// Refuse a trusted peer's connection that comes without a header.
     pub required: bool,
 }
+
 /// An IP network (`10.0.0.0/8`, `2001:db8::/32`, or one address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {
-    network: std::net::IpAddr,
+    network: IpAddr,
     prefix: u8,
 }
 
 impl Cidr {
     /// Whether `ip` is in the network (an IPv4 address in IPv6-mapped form counts as IPv4).
-    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
-        use std::net::IpAddr;
+    pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
             v4 => v4,
@@ -68,7 +68,7 @@ impl std::str::FromStr for Cidr {
     /// Parses `address/prefix` or a single address.
     fn from_str(text: &str) -> Result<Self, String> {
         let (address, prefix) = text.split_once('/').map_or((text, None), |(a, p)| (a, Some(p)));
-        let network: std::net::IpAddr =
+        let network: IpAddr =
             address.trim().parse().map_err(|_| format!("{text:?}: expected an IP address or network (10.0.0.0/8)"))?;
         let bits = if network.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
@@ -117,10 +117,6 @@ impl crate::counters::Key for Refused {
             Refused::Closed => "closed",
         }
     }
-
-    fn index(self) -> usize {
-        self as usize
-    }
 }
 
 /// What the first bytes of a connection are.
@@ -136,7 +132,7 @@ enum Start {
 
 /// Classifies the first bytes of a connection.
 fn classify(bytes: &[u8]) -> Result<Start, Refused> {
-    if bytes.len() >= V2_SIGNATURE.len() && bytes.starts_with(V2_SIGNATURE) {
+    if bytes.starts_with(V2_SIGNATURE) {
         if bytes.len() < 16 {
             return Ok(Start::Partial);
         }
@@ -149,7 +145,7 @@ fn classify(bytes: &[u8]) -> Result<Start, Refused> {
             Ok(Start::Partial)
         };
     }
-    if bytes.len() >= V1_PREFIX.len() && bytes.starts_with(V1_PREFIX) {
+    if bytes.starts_with(V1_PREFIX) {
         let window = &bytes[..bytes.len().min(V1_MAX)];
         return match window.windows(2).position(|pair| pair == b"\r\n") {
             Some(end) => Ok(Start::Header(end + 2)),
@@ -180,7 +176,7 @@ fn source_of(header: &[u8]) -> Result<Option<SocketAddr>, Refused> {
 }
 
 /// Fuzz entry: classifies `data` as the start of a connection and parses the header it holds, if complete. A
-/// header's length never exceeds the input, and a parsed v2 header is exactly as long as classification said.
+/// header's length never exceeds the input.
 #[doc(hidden)]
 pub fn fuzz_classify_and_parse(data: &[u8]) {
     if let Ok(Start::Header(length)) = classify(data) {

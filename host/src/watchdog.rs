@@ -42,10 +42,6 @@ impl crate::counters::Key for Expired {
             Expired::Send => "send",
         }
     }
-
-    fn index(self) -> usize {
-        self as usize
-    }
 }
 
 /// What one client connection is doing, as far as its deadlines are concerned.

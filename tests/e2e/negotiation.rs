@@ -31,8 +31,7 @@ async fn cipher_suites_and_key_exchange_groups_are_counted_as_negotiated() -> an
         let with_group = seen.iter().filter(|(_, g)| g == group).count() as u64;
         assert_eq!((negotiated.suite(*suite), negotiated.group(*group)), (1, with_group), "{suite:?} {group:?}");
     }
-    let admin = server.addrs.iter().find(|(n, _)| n == "admin").map(|(_, a)| *a).expect("admin bound");
-    let (_, text) = crate::support::admin(admin, "GET", "/metrics", None).await?;
+    let (_, text) = crate::support::admin(server.admin_addr(), "GET", "/metrics", None).await?;
     let group = seen[1].1.as_str().expect("a named group");
     let both = if seen[0].1 == seen[1].1 { 2.0 } else { 1.0 };
     assert_eq!(sample(&text, "tern_tls_key_exchange_groups_total", &[("group", group)]), both);

@@ -15,17 +15,13 @@ fn admin_section() -> String {
     format!("\n[admin]\nbind = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n")
 }
 
-fn admin_addr_of(server: &TestServer) -> SocketAddr {
-    server.addrs.iter().find(|(n, _)| n == "admin").map(|(_, a)| *a).expect("admin listener bound")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_valid_prometheus_text_and_move_with_traffic() -> anyhow::Result<()> {
     let pki = Pki::new(&["default.test", "a.example.test", "b.example.test"])?;
     let config =
         basic_config(&pki, spawn_echo_backend().await?, "default_certificate = \"default\"") + &admin_section();
     let server = TestServer::start(&config, pki.dir.path()).await?;
-    let admin_addr = admin_addr_of(&server);
+    let admin_addr = server.admin_addr();
     assert_eq!(admin(admin_addr, "GET", "/metrics", None).await?.0, 401, "metrics need the token");
     assert_eq!(admin(admin_addr, "GET", "/healthz", None).await?, (200, "ok\n".into()));
     let client = pki.client(&[b"h2"]);
@@ -49,7 +45,7 @@ async fn metrics_are_valid_prometheus_text_and_move_with_traffic() -> anyhow::Re
     )
     .await?;
     assert!(connect(strict.addr, &client, "nobody.example.test").await.is_err());
-    let (_, text) = admin(admin_addr_of(&strict), "GET", "/metrics", Some(TOKEN)).await?;
+    let (_, text) = admin(strict.admin_addr(), "GET", "/metrics", Some(TOKEN)).await?;
     assert_eq!(sample(&text, "tern_handshakes_total", &[("outcome", "unknown_name")]), 1.0);
     Ok(())
 }
@@ -60,7 +56,7 @@ async fn cache_lookup_shows_metadata_only_and_purge_forces_a_new_plugin_call() -
     let config =
         basic_config(&pki, spawn_echo_backend().await?, "default_certificate = \"default\"") + &admin_section();
     let server = TestServer::start(&config, pki.dir.path()).await?;
-    let admin_addr = admin_addr_of(&server);
+    let admin_addr = server.admin_addr();
     connect(server.addr, &pki.client(&[]), "a.example.test").await?;
     let (status, body) = admin(admin_addr, "GET", "/cache/lookup?name=a.example.test", Some(TOKEN)).await?;
     assert_eq!(status, 200, "{body}");
@@ -121,7 +117,7 @@ async fn swapping_the_plugin_under_load_fails_no_handshake_and_a_broken_build_is
         .replace("[[listener]]", "on_swap = \"flush\"\nprobe_names = [\"a.example.test\"]\n\n[[listener]]")
         + &admin_section();
     let server = TestServer::start(&v1, pki.dir.path()).await?;
-    let admin_addr = admin_addr_of(&server);
+    let admin_addr = server.admin_addr();
     let client = pki.client(&[]);
     assert_eq!(served_leaf(&connect(server.addr, &client, "a.example.test").await?), pki.leaf("a.example.test"));
 

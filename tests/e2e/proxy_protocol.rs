@@ -2,14 +2,14 @@
 //! `send-proxy` (v1). Clients connect from their own loopback addresses (127.0.0.2, 127.0.0.3) so that the client
 //! address tern reports can be told from HAProxy's (127.0.0.1).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tern::proxy_protocol::Refused;
 use tern_fixtures::spawn_echo_backend;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 use crate::support::*;
 
@@ -25,13 +25,9 @@ impl Drop for HaProxy {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// HAProxy forwarding TCP to `tern`: one frontend per PROXY protocol version; returns (v2 address, v1 address).
 async fn haproxy_in_front_of(tern: SocketAddr) -> anyhow::Result<(HaProxy, SocketAddr, SocketAddr)> {
-    let (v2, v1) = (free_port()?, free_port()?);
+    let (v2, v1) = (free_port().await?, free_port().await?);
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("haproxy.cfg");
     std::fs::write(
@@ -63,13 +59,6 @@ async fn haproxy_in_front_of(tern: SocketAddr) -> anyhow::Result<(HaProxy, Socke
     Ok((haproxy, v2, v1))
 }
 
-/// A TCP connection to `to` from the loopback address `from`.
-async fn connect_from(from: &str, to: SocketAddr) -> anyhow::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(from.parse::<IpAddr>()?, 0))?;
-    Ok(socket.connect(to).await?)
-}
-
 /// What the backend saw as the client address of a request made over `tcp`.
 async fn forwarded_for(tcp: TcpStream, client: &Arc<rustls::ClientConfig>) -> anyhow::Result<String> {
     let name = rustls::pki_types::ServerName::try_from("a.test")?;
@@ -89,16 +78,16 @@ async fn haproxy_tells_tern_the_client_address_and_no_one_else_can() -> anyhow::
     let (_haproxy, v2, v1) = haproxy_in_front_of(server.addr).await?;
     let client = pki.client(&[b"http/1.1"]);
     // Through HAProxy, with either version, the backend sees the client, not HAProxy.
-    assert_eq!(forwarded_for(connect_from("127.0.0.2", v2).await?, &client).await?, "127.0.0.2", "v2");
-    assert_eq!(forwarded_for(connect_from("127.0.0.2", v1).await?, &client).await?, "127.0.0.2", "v1");
+    assert_eq!(forwarded_for(tcp_from("127.0.0.2", v2).await?, &client).await?, "127.0.0.2", "v2");
+    assert_eq!(forwarded_for(tcp_from("127.0.0.2", v1).await?, &client).await?, "127.0.0.2", "v1");
     // A client that is not a trusted peer is served as itself...
-    assert_eq!(forwarded_for(connect_from("127.0.0.3", server.addr).await?, &client).await?, "127.0.0.3");
+    assert_eq!(forwarded_for(tcp_from("127.0.0.3", server.addr).await?, &client).await?, "127.0.0.3");
     // ... but may not claim another address.
-    let mut forged = connect_from("127.0.0.3", server.addr).await?;
+    let mut forged = tcp_from("127.0.0.3", server.addr).await?;
     forged.write_all(b"PROXY TCP4 198.51.100.9 127.0.0.1 4000 443\r\n").await?;
     assert!(forwarded_for(forged, &client).await.is_err(), "a forged header from an untrusted peer is refused");
     // A trusted peer must send the header.
-    assert!(forwarded_for(connect_from("127.0.0.1", server.addr).await?, &client).await.is_err());
+    assert!(forwarded_for(tcp_from("127.0.0.1", server.addr).await?, &client).await.is_err());
     let refused = &server.metrics.proxy_protocol_refused;
     assert_eq!((refused.get(Refused::Untrusted), refused.get(Refused::Missing)), (1, 1));
     assert_eq!(counter(&server.metrics.handshakes_ok), 3, "refused connections never reach TLS");

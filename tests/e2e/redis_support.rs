@@ -7,6 +7,8 @@ use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
+use crate::support::free_port;
+
 /// One `redis-server` process.
 pub struct RedisServer {
     pub port: u16,
@@ -111,9 +113,4 @@ impl RedisCluster {
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
     }
-}
-
-/// A port that was free a moment ago (redis-server needs a number; port 0 would disable TCP).
-async fn free_port() -> Result<u16> {
-    Ok(tokio::net::TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port())
 }

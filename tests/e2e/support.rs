@@ -128,6 +128,11 @@ pub struct TestServer {
 }
 
 impl TestServer {
+    /// The admin listener's address (the config has an `[admin]` section).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.addrs.iter().find(|(n, _)| n == "admin").map(|(_, a)| *a).expect("admin listener bound")
+    }
+
     /// Starts tern from config text; relative paths resolve against `dir`.
     pub async fn start(config: &str, dir: &Path) -> Result<Self> {
         init_logging();
@@ -417,4 +422,16 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         | prometheus_parse::Value::Untyped(v) => v,
         _ => panic!("{name} is not a plain sample"),
     }
+}
+
+/// A port that was free a moment ago (for peers that need a number: redis-server, HAProxy).
+pub async fn free_port() -> Result<u16> {
+    Ok(tokio::net::TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port())
+}
+
+/// A TCP connection to `to` from the loopback address `source` (tests tell clients apart by address).
+pub async fn tcp_from(source: &str, to: SocketAddr) -> Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source.parse()?, 0))?;
+    Ok(socket.connect(to).await?)
 }

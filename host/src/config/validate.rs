@@ -9,15 +9,11 @@ use std::time::Duration;
 
 use super::*;
 
-/// `section.field` read from `raw.field` as a duration (`deadline!`: one that must not be zero), or the default.
+/// `section.field` read from `raw.field` by `self.duration` (or `self.deadline`: a duration that must not be zero),
+/// or the default.
 macro_rules! duration {
-    ($v:expr, $section:literal, $raw:ident . $field:ident, $default:expr) => {
-        $v.duration(concat!($section, ".", stringify!($field)), $raw.$field.as_ref(), $default)?
-    };
-}
-macro_rules! deadline {
-    ($v:expr, $section:literal, $raw:ident . $field:ident, $default:expr) => {
-        $v.deadline(concat!($section, ".", stringify!($field)), $raw.$field.as_ref(), $default)?
+    ($v:ident . $read:ident, $section:literal, $raw:ident . $field:ident, $default:expr) => {
+        $v.$read(concat!($section, ".", stringify!($field)), $raw.$field.as_ref(), $default)?
     };
 }
 
@@ -79,14 +75,39 @@ impl Validator<'_> {
             return Err(self.err("server.max_request_header_bytes", "must be between 8KiB and 1MiB"));
         }
         Ok(ClientLimits {
-            request_head_timeout: deadline!(self, "server", raw.request_head_timeout, fallback.request_head_timeout),
-            keepalive_timeout: deadline!(self, "server", raw.keepalive_timeout, fallback.keepalive_timeout),
-            request_body_timeout: deadline!(self, "server", raw.request_body_timeout, fallback.request_body_timeout),
-            send_timeout: deadline!(self, "server", raw.send_timeout, fallback.send_timeout),
-            tunnel_idle_timeout: deadline!(self, "server", raw.tunnel_idle_timeout, fallback.tunnel_idle_timeout),
+            request_head_timeout: duration!(
+                self.deadline,
+                "server",
+                raw.request_head_timeout,
+                fallback.request_head_timeout
+            ),
+            keepalive_timeout: duration!(self.deadline, "server", raw.keepalive_timeout, fallback.keepalive_timeout),
+            request_body_timeout: duration!(
+                self.deadline,
+                "server",
+                raw.request_body_timeout,
+                fallback.request_body_timeout
+            ),
+            send_timeout: duration!(self.deadline, "server", raw.send_timeout, fallback.send_timeout),
+            tunnel_idle_timeout: duration!(
+                self.deadline,
+                "server",
+                raw.tunnel_idle_timeout,
+                fallback.tunnel_idle_timeout
+            ),
             h2_max_concurrent_streams: streams,
-            h2_keepalive_interval: deadline!(self, "server", raw.h2_keepalive_interval, fallback.h2_keepalive_interval),
-            h2_keepalive_timeout: deadline!(self, "server", raw.h2_keepalive_timeout, fallback.h2_keepalive_timeout),
+            h2_keepalive_interval: duration!(
+                self.deadline,
+                "server",
+                raw.h2_keepalive_interval,
+                fallback.h2_keepalive_interval
+            ),
+            h2_keepalive_timeout: duration!(
+                self.deadline,
+                "server",
+                raw.h2_keepalive_timeout,
+                fallback.h2_keepalive_timeout
+            ),
             max_request_header_bytes: u32::try_from(header_bytes).unwrap_or(u32::MAX),
         })
     }
@@ -212,10 +233,10 @@ impl Validator<'_> {
             defaults::MAX_CONNECTIONS_CEILING,
         )?;
         let server = ServerSettings {
-            handshake_timeout: deadline!(self, "server", raw.handshake_timeout, defaults::HANDSHAKE_TIMEOUT),
+            handshake_timeout: duration!(self.deadline, "server", raw.handshake_timeout, defaults::HANDSHAKE_TIMEOUT),
             max_connections,
             session_cache_entries: raw.session_cache_entries.unwrap_or(defaults::SESSION_CACHE_ENTRIES),
-            shutdown_grace: duration!(self, "server", raw.shutdown_grace, defaults::SHUTDOWN_GRACE),
+            shutdown_grace: duration!(self.duration, "server", raw.shutdown_grace, defaults::SHUTDOWN_GRACE),
             client: self.client_limits(raw)?,
             plugin_memory_total: {
                 let total = self.size(
@@ -239,11 +260,11 @@ impl Validator<'_> {
                 "cache.max_bytes",
                 self.size("cache.max_bytes", raw.max_bytes.as_ref(), defaults::CACHE_MAX_BYTES)?,
             )?,
-            ttl: duration!(self, "cache", raw.ttl, defaults::CACHE_TTL),
-            max_ttl: duration!(self, "cache", raw.max_ttl, defaults::CACHE_MAX_TTL),
-            negative_ttl: duration!(self, "cache", raw.negative_ttl, defaults::CACHE_NEGATIVE_TTL),
-            max_stale: duration!(self, "cache", raw.max_stale, defaults::CACHE_MAX_STALE),
-            invalid_ttl: duration!(self, "cache", raw.invalid_ttl, defaults::CACHE_INVALID_TTL),
+            ttl: duration!(self.duration, "cache", raw.ttl, defaults::CACHE_TTL),
+            max_ttl: duration!(self.duration, "cache", raw.max_ttl, defaults::CACHE_MAX_TTL),
+            negative_ttl: duration!(self.duration, "cache", raw.negative_ttl, defaults::CACHE_NEGATIVE_TTL),
+            max_stale: duration!(self.duration, "cache", raw.max_stale, defaults::CACHE_MAX_STALE),
+            invalid_ttl: duration!(self.duration, "cache", raw.invalid_ttl, defaults::CACHE_INVALID_TTL),
         };
         if cache.ttl > cache.max_ttl {
             return Err(self.err("cache.ttl", "is longer than cache.max_ttl"));
@@ -256,9 +277,9 @@ impl Validator<'_> {
 
     fn proxy(&self, raw: &raw::Proxy) -> Result<ProxySettings, ConfigError> {
         let proxy = ProxySettings {
-            connect_timeout: deadline!(self, "proxy", raw.connect_timeout, defaults::CONNECT_TIMEOUT),
-            response_timeout: deadline!(self, "proxy", raw.response_timeout, defaults::RESPONSE_TIMEOUT),
-            pool_idle_timeout: duration!(self, "proxy", raw.pool_idle_timeout, defaults::POOL_IDLE_TIMEOUT),
+            connect_timeout: duration!(self.deadline, "proxy", raw.connect_timeout, defaults::CONNECT_TIMEOUT),
+            response_timeout: duration!(self.deadline, "proxy", raw.response_timeout, defaults::RESPONSE_TIMEOUT),
+            pool_idle_timeout: duration!(self.duration, "proxy", raw.pool_idle_timeout, defaults::POOL_IDLE_TIMEOUT),
             max_connections_per_backend: self.count(
                 "proxy.max_connections_per_backend",
                 raw.max_connections_per_backend.unwrap_or(defaults::MAX_CONNECTIONS_PER_BACKEND),
@@ -305,13 +326,14 @@ impl Validator<'_> {
             defaults::MAX_CONNECTIONS_CEILING,
         )?;
         let request_head_timeout =
-            deadline!(self, "admin", a.request_head_timeout, defaults::ADMIN_REQUEST_HEAD_TIMEOUT);
-        let connection_timeout = deadline!(self, "admin", a.connection_timeout, defaults::ADMIN_CONNECTION_TIMEOUT);
+            duration!(self.deadline, "admin", a.request_head_timeout, defaults::ADMIN_REQUEST_HEAD_TIMEOUT);
+        let connection_timeout =
+            duration!(self.deadline, "admin", a.connection_timeout, defaults::ADMIN_CONNECTION_TIMEOUT);
         Ok(AdminSettings { bind, token, max_connections, request_head_timeout, connection_timeout })
     }
 
     fn reload(&self, raw: &raw::Reload) -> Result<ReloadSettings, ConfigError> {
-        let watch_interval = deadline!(self, "reload", raw.watch_interval, defaults::WATCH_INTERVAL);
+        let watch_interval = duration!(self.deadline, "reload", raw.watch_interval, defaults::WATCH_INTERVAL);
         Ok(ReloadSettings { watch: raw.watch, watch_interval })
     }
 
@@ -346,15 +368,15 @@ impl Validator<'_> {
                  e.g. secret = { env = \"TERN_RESUMPTION_SECRET\" }",
             ));
         }
-        let rotation = deadline!(self, "resumption", r.ticket_rotation, fallback.ticket_rotation);
-        let lifetime = duration!(self, "resumption", r.ticket_lifetime, fallback.ticket_lifetime);
+        let rotation = duration!(self.deadline, "resumption", r.ticket_rotation, fallback.ticket_rotation);
+        let lifetime = duration!(self.duration, "resumption", r.ticket_lifetime, fallback.ticket_lifetime);
         if lifetime < rotation {
             return Err(self.err("resumption.ticket_lifetime", "is shorter than resumption.ticket_rotation"));
         }
         if lifetime > Duration::from_secs(7 * 24 * 3600) {
             return Err(self.err("resumption.ticket_lifetime", "TLS allows at most 7 days"));
         }
-        let session_lifetime = deadline!(self, "resumption", r.session_lifetime, fallback.session_lifetime);
+        let session_lifetime = duration!(self.deadline, "resumption", r.session_lifetime, fallback.session_lifetime);
         let prefix = r.prefix.unwrap_or(fallback.prefix);
         if prefix.is_empty() || prefix.contains(char::is_whitespace) {
             return Err(self.err("resumption.prefix", "must be non-empty, without spaces"));

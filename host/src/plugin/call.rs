@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use wasmtime::component::ResourceTable;
@@ -99,13 +99,11 @@ impl Plugin {
         // Waiting for a slot is bounded by the caller's handshake deadline, not by the plugin's own timeout.
         let _permit = self.permits.acquire().await.map_err(|_| PluginError::Instantiate("plugin closed".into()))?;
         self.stats.started();
-        let started = Instant::now();
         let timeout = self.source.timeout;
         let result = match tokio::time::timeout(timeout, self.call(servername)).await {
             Ok(result) => result,
             Err(_) => Err(PluginError::Timeout(timeout)),
         };
-        self.stats.finished(started.elapsed());
         self.stats.record(match &result {
             Ok(Selection::Found { .. }) => Outcome::Found,
             Ok(Selection::NotFound) => Outcome::NotFound,

@@ -142,10 +142,6 @@ impl Key for Outcome {
             Outcome::Instantiate => "instantiate",
         }
     }
-
-    fn index(self) -> usize {
-        self as usize
-    }
 }
 
 impl Outcome {
@@ -188,8 +184,6 @@ pub struct PluginStats {
     calls: AtomicU64,
     /// One counter per [`Outcome`].
     outcomes: Counters<Outcome>,
-    /// Total time spent in calls, microseconds.
-    busy_micros: AtomicU64,
     /// The largest linear memory one call's instance held, bytes.
     peak_memory_bytes: AtomicU64,
 }
@@ -230,11 +224,6 @@ impl PluginStats {
 
     pub(crate) fn record(&self, outcome: Outcome) {
         self.outcomes.inc(outcome);
-    }
-
-    pub(crate) fn finished(&self, busy: Duration) {
-        let micros = u64::try_from(busy.as_micros()).unwrap_or(u64::MAX);
-        self.busy_micros.fetch_add(micros, Ordering::Relaxed);
     }
 
     pub(crate) fn saw_memory(&self, bytes: usize) {

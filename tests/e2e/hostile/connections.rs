@@ -273,7 +273,7 @@ async fn the_admin_listener_closes_idle_connections_and_caps_them() -> anyhow::R
     let config = basic_config(&pki, spawn_echo_backend().await?, "default_certificate = \"default\"")
         + "\n[admin]\nbind = \"127.0.0.1:0\"\nmax_connections = 2\nrequest_head_timeout = \"1s\"\n";
     let server = TestServer::start(&config, pki.dir.path()).await?;
-    let admin = server.addrs.iter().find(|(n, _)| n == "admin").expect("admin bound").1;
+    let admin = server.admin_addr();
     let mut idle = Vec::new();
     for _ in 0..2 {
         idle.push(tokio::net::TcpStream::connect(admin).await?);

@@ -377,9 +377,7 @@ async fn connect_from(
     config: &Arc<rustls::ClientConfig>,
     name: &str,
 ) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind(format!("{source}:0").parse()?)?;
-    let tcp = socket.connect(addr).await?;
+    let tcp = tcp_from(source, addr).await?;
     let server_name = rustls::pki_types::ServerName::try_from(name.to_string())?;
     Ok(tokio_rustls::TlsConnector::from(config.clone()).connect(server_name, tcp).await?)
 }
