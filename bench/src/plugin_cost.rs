@@ -81,9 +81,9 @@ async fn measure(path: &Path, names: &[String], stores: &tern::store::Stores) ->
     for name in names {
         let name = ServerName::parse(name).map_err(|e| anyhow::anyhow!("{e}"))?;
         let started = Instant::now();
-        let answer = plugin.select(&name).await?;
+        let answer = plugin.select(&name, "bench").await?;
         times.push(started.elapsed());
-        anyhow::ensure!(matches!(answer, Selection::Found { .. }), "{} found nothing for {name}", path.display());
+        anyhow::ensure!(matches!(answer, Selection::Serve { .. }), "{} found nothing for {name}", path.display());
     }
     let first = times[0];
     let mut rest = times[1..].to_vec();

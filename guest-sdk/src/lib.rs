@@ -1,9 +1,17 @@
-//! Write tern certificate-selection plugins in a few lines of Rust.
+//! Write tern plugins in a few lines of Rust.
 //!
-//! A plugin implements [`Selector`] and registers it with [`export_selector!`]; build it as a `cdylib` for the
+//! A plugin implements [`Plugin`] and registers it with [`export_plugin!`]; build it as a `cdylib` for the
 //! `wasm32-wasip2` target and the result is a WebAssembly component tern can load. The contract it fulfils is the
-//! WIT package `tern:plugin@0.1.0` (in the repository's `wit/` folder); this crate hides the generated bindings
-//! behind plain Rust types.
+//! WIT package `tern:plugin@0.2.0` (in the repository's `wit/` folder): the plugin is told the server name and
+//! the listener, and answers with one or more certificates and an optional route, a passthrough target, or
+//! not-found. This crate hides the generated bindings behind plain Rust types.
+//!
+//! Plugins written for 0.1 (the [`Selector`] trait and [`export_selector!`]) compile unchanged: they are
+//! exported as 0.2 plugins that serve one certificate to the listener's backend. Building with the cargo
+//! feature `contract-0-1` exports them against `tern:plugin@0.1.0` instead (only [`Selector`] is available then).
+//! Moving a 0.1 plugin to 0.2 is one line: `export_selector!(T)` becomes `export_plugin!(T)` once `T`
+//! implements [`Plugin`] (`fn select(hello: &Hello) -> Result<Answer, String>`, with `Answer::from(selection)`
+//! turning a 0.1 [`Selection`] into an answer).
 //!
 //! ```no_run
 //! use tern_guest::{config, Certificate, Selection, Selector};
@@ -37,6 +45,21 @@ pub use wit_bindgen;
 /// The generated bindings. Not part of the public API: use the types and functions re-exported below.
 #[doc(hidden)]
 #[allow(unsafe_code, missing_debug_implementations, clippy::all)]
+#[cfg(not(feature = "contract-0-1"))]
+pub mod __bindings {
+    wit_bindgen::generate!({
+        path: "../wit/tern-plugin-0.2.0",
+        world: "cert-selector",
+        pub_export_macro: true,
+        export_macro_name: "__export_cert_selector",
+        default_bindings_module: "tern_guest::__bindings",
+    });
+}
+
+/// The 0.1 bindings (cargo feature `contract-0-1`).
+#[doc(hidden)]
+#[allow(unsafe_code, missing_debug_implementations, clippy::all)]
+#[cfg(feature = "contract-0-1")]
 pub mod __bindings {
     wit_bindgen::generate!({
         path: "../wit/tern-plugin-0.1.0",
@@ -48,6 +71,11 @@ pub mod __bindings {
 }
 
 use __bindings::tern::plugin::types as wit;
+
+#[cfg(not(feature = "contract-0-1"))]
+mod contract;
+#[cfg(not(feature = "contract-0-1"))]
+pub use contract::{Answer, Hello, Plugin, Route, Served};
 
 /// A certificate chosen for a server name.
 #[derive(Clone, PartialEq, Eq)]
@@ -112,9 +140,11 @@ macro_rules! export_selector {
             struct __TernExport;
             impl $crate::__bindings::Guest for __TernExport {
                 fn select_certificate(
-                    servername: ::std::string::String,
-                ) -> ::std::result::Result<$crate::__private::WitSelection, ::std::string::String> {
-                    $crate::__private::to_wit(<$selector as $crate::Selector>::select(&servername))
+                    request: $crate::__private::Request,
+                ) -> ::std::result::Result<$crate::__private::WitAnswer, ::std::string::String> {
+                    $crate::__private::selector_answer(<$selector as $crate::Selector>::select(
+                        $crate::__private::servername(&request),
+                    ))
                 }
             }
     $crate::__bindings::__export_cert_selector!(__TernExport with_types_in $crate::__bindings);
@@ -122,21 +152,57 @@ macro_rules! export_selector {
     };
 }
 
-/// Support for [`export_selector!`]; not part of the public API.
+/// Support for the export macros; not part of the public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use super::wit::Selection as WitSelection;
+    #[cfg(feature = "contract-0-1")]
+    pub use super::wit::Selection as WitAnswer;
+    #[cfg(not(feature = "contract-0-1"))]
+    pub use super::wit::{Answer as WitAnswer, Hello as Request};
+    /// What the 0.1 export is called with: the server name.
+    #[cfg(feature = "contract-0-1")]
+    pub type Request = String;
 
-    /// Converts a plugin's answer into the WIT type.
-    pub fn to_wit(answer: Result<super::Selection, String>) -> Result<WitSelection, String> {
+    pub(crate) fn ttl_seconds(ttl: Option<std::time::Duration>) -> Option<u32> {
+        ttl.map(|ttl| u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX))
+    }
+
+    /// The server name of a call.
+    #[cfg(feature = "contract-0-1")]
+    pub fn servername(request: &Request) -> &str {
+        request
+    }
+
+    /// The server name of a call.
+    #[cfg(not(feature = "contract-0-1"))]
+    pub fn servername(request: &Request) -> &str {
+        &request.servername
+    }
+
+    /// Converts a 0.1-style answer into the WIT type.
+    #[cfg(feature = "contract-0-1")]
+    pub fn selector_answer(answer: Result<super::Selection, String>) -> Result<WitAnswer, String> {
         answer.map(|selection| match selection {
-            super::Selection::Found(cert) => WitSelection::Found(super::wit::Certificate {
+            super::Selection::Found(cert) => WitAnswer::Found(super::wit::Certificate {
+                ttl_seconds: ttl_seconds(cert.ttl),
                 chain: cert.chain,
                 private_key: cert.private_key,
-                ttl_seconds: cert.ttl.map(|ttl| u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX)),
             }),
-            super::Selection::NotFound => WitSelection::NotFound,
+            super::Selection::NotFound => WitAnswer::NotFound,
         })
+    }
+
+    /// Converts a 0.1-style answer into the WIT type.
+    #[cfg(not(feature = "contract-0-1"))]
+    pub fn selector_answer(answer: Result<super::Selection, String>) -> Result<WitAnswer, String> {
+        answer.map(|selection| super::Answer::from(selection).into_wit())
+    }
+
+    /// Calls a [`Plugin`](super::Plugin) and converts its answer.
+    #[cfg(not(feature = "contract-0-1"))]
+    pub fn plugin_answer<P: super::Plugin>(request: Request) -> Result<WitAnswer, String> {
+        let hello = super::Hello { servername: request.servername, listener: request.listener };
+        P::select(&hello).map(super::Answer::into_wit)
     }
 }
 
@@ -256,11 +322,17 @@ mod tests {
     #[test]
     fn ttl_saturates() {
         let cert = Certificate::new("c", "k").with_ttl(Duration::from_secs(u64::MAX));
-        match __private::to_wit(Ok(Selection::Found(cert))) {
-            Ok(__private::WitSelection::Found(cert)) => {
-                assert_eq!(cert.ttl_seconds, Some(u32::MAX))
-            }
+        let answer = __private::selector_answer(Ok(Selection::Found(cert)));
+        #[cfg(not(feature = "contract-0-1"))]
+        let ttl = match answer {
+            Ok(__private::WitAnswer::Serve(served)) => served.ttl_seconds,
             other => panic!("expected a certificate, got {other:?}"),
-        }
+        };
+        #[cfg(feature = "contract-0-1")]
+        let ttl = match answer {
+            Ok(__private::WitAnswer::Found(cert)) => cert.ttl_seconds,
+            other => panic!("expected a certificate, got {other:?}"),
+        };
+        assert_eq!(ttl, Some(u32::MAX));
     }
 }

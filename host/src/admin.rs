@@ -40,6 +40,10 @@ pub struct AdminState {
     pub selector: Arc<Selector>,
     /// Plugin slots by name.
     pub plugins: HashMap<String, Arc<PluginSlot>>,
+    /// Listener names (0.2 plugins' answers are cached per listener).
+    pub listeners: Vec<Arc<str>>,
+    /// Upstream pools, for their metrics.
+    pub upstreams: Arc<crate::upstream::Upstreams>,
     /// Reloads plugins.
     pub reloader: Arc<Reloader>,
     /// Bind address, token (required by every endpoint but the probes) and connection limits.
@@ -151,6 +155,7 @@ fn render_metrics(state: &AdminState) -> String {
     state.plugin_memory.render(&mut x);
     state.resumption.render(&mut x);
     state.selector.cache().render(&mut x);
+    state.upstreams.render(&mut x);
     let mut plugins: Vec<_> = state.plugins.iter().collect();
     plugins.sort_by(|a, b| a.0.cmp(b.0));
     x.family("tern_plugin_calls_total", "counter", "Plugin calls by outcome.");
@@ -182,29 +187,62 @@ fn plugin_status(state: &AdminState) -> serde_json::Value {
 async fn lookup(state: &AdminState, name: &ServerName) -> serde_json::Value {
     let mut answers = Vec::new();
     for (plugin, slot) in &state.plugins {
-        let key = CacheKey { plugin: slot.current().cache_scope().clone(), name: name.clone() };
-        let Some(cached) = state.selector.cache().peek(&key).await else { continue };
-        let fresh = cached.is_fresh();
-        answers.push(match cached {
-            Cached::Found { cert, .. } => serde_json::json!({
-                "plugin": plugin,
-                "answer": "found",
-                "fresh": fresh,
-                "dns_names": cert.dns_names,
-                "issuer": cert.issuer,
-                "not_after": cert.not_after.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-            }),
-            Cached::NotFound { .. } => serde_json::json!({ "plugin": plugin, "answer": "not_found", "fresh": fresh }),
-            Cached::Invalid { error, .. } => serde_json::json!({
-                "plugin": plugin,
-                "answer": "invalid",
-                "fresh": fresh,
-                "error": error.to_string(),
-            }),
-        });
+        let current = slot.current();
+        let listeners: Vec<Option<Arc<str>>> = match current.contract() {
+            crate::plugin::Contract::V0_1 => vec![None],
+            _ => state.listeners.iter().cloned().map(Some).collect(),
+        };
+        for listener in listeners {
+            let key =
+                CacheKey { plugin: current.cache_scope().clone(), listener: listener.clone(), name: name.clone() };
+            let Some(cached) = state.selector.cache().peek(&key).await else { continue };
+            let mut answer = describe_cached(&cached);
+            answer["plugin"] = serde_json::json!(plugin);
+            answer["fresh"] = serde_json::json!(cached.is_fresh());
+            if let Some(listener) = listener {
+                answer["listener"] = serde_json::json!(&*listener);
+            }
+            answers.push(answer);
+        }
     }
-    let static_names = state.selector.statics().lookup(name).map(|c| c.dns_names.clone());
+    let static_names = state.selector.statics().lookup(name).map(|c| c.primary().dns_names.clone());
     serde_json::json!({ "name": name.as_str(), "cached": answers, "static": static_names })
+}
+
+/// A cached answer's metadata: names, issuers, expiry, route or target; never a key, never PEM.
+fn describe_cached(cached: &Cached) -> serde_json::Value {
+    let unix = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    match cached {
+        Cached::Found { served, .. } => {
+            let certificates: Vec<_> = served
+                .certs()
+                .iter()
+                .map(|cert| {
+                    serde_json::json!({
+                        "dns_names": cert.dns_names,
+                        "issuer": cert.issuer,
+                        "key": crate::certs::key_kind(&cert.certified),
+                        "not_after": unix(cert.not_after),
+                    })
+                })
+                .collect();
+            let first = served.primary();
+            serde_json::json!({
+                "answer": "found",
+                // The first certificate's fields at the top level, as before certificate sets.
+                "dns_names": first.dns_names,
+                "issuer": first.issuer,
+                "not_after": unix(first.not_after),
+                "certificates": certificates,
+                "route": served.route.describe(),
+            })
+        }
+        Cached::Passthrough { target, .. } => {
+            serde_json::json!({ "answer": "passthrough", "target": target.to_string() })
+        }
+        Cached::NotFound { .. } => serde_json::json!({ "answer": "not_found" }),
+        Cached::Invalid { error, .. } => serde_json::json!({ "answer": "invalid", "error": error.to_string() }),
+    }
 }
 
 fn query_param(query: Option<&str>, wanted: &str) -> Option<String> {

@@ -52,6 +52,15 @@ impl<B: Body> Upload<B> {
     }
 }
 
+impl UploadWatch {
+    /// The watch of a request without a body: done at once.
+    pub fn finished() -> Self {
+        let (tx, done) = oneshot::channel();
+        let _ = tx.send(());
+        Self { done, timed_out: Arc::new(AtomicBool::new(false)) }
+    }
+}
+
 impl<B> Upload<B> {
     fn finished(&mut self) {
         if let Some(tx) = self.done.take() {

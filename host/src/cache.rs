@@ -8,18 +8,27 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::certs::{CertError, ParsedCert};
+use crate::answer::Served;
+use crate::certs::CertError;
 use crate::config::CacheSettings;
+use crate::route::Target;
 use crate::sni::ServerName;
 
 /// What the cache holds for a name.
 #[derive(Debug, Clone)]
 pub(crate) enum Cached {
-    /// The plugin's certificate, parsed and validated.
+    /// The plugin's certificates, parsed and validated, and the route it granted.
     Found {
-        /// The certificate.
-        cert: Arc<ParsedCert>,
+        /// The certificates and route.
+        served: Arc<Served>,
         /// Served without asking the plugin until then.
+        fresh_until: Instant,
+    },
+    /// The plugin passes the name's connections through to a granted TCP target.
+    Passthrough {
+        /// The target.
+        target: Arc<Target>,
+        /// Answered without asking the plugin until then.
         fresh_until: Instant,
     },
     /// The plugin does not know the name.
@@ -41,6 +50,7 @@ impl Cached {
     fn fresh_until(&self) -> Instant {
         match self {
             Cached::Found { fresh_until, .. }
+            | Cached::Passthrough { fresh_until, .. }
             | Cached::NotFound { fresh_until }
             | Cached::Invalid { fresh_until, .. } => *fresh_until,
         }
@@ -53,18 +63,22 @@ impl Cached {
 
     fn bytes(&self) -> usize {
         match self {
-            Cached::Found { cert, .. } => cert.bytes,
+            Cached::Found { served, .. } => served.bytes(),
+            Cached::Passthrough { target, .. } => target.host.len() + 64,
             Cached::NotFound { .. } => 64,
             Cached::Invalid { .. } => 256,
         }
     }
 }
 
-/// Cache key: the plugin that answered and the name it answered for.
+/// Cache key: the plugin that answered, the listener it answered for (0.2 plugins are told the listener, so
+/// their answers may differ by listener) and the name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct CacheKey {
     /// The plugin's cache scope: its name, or a new one after a swap that flushed the cache.
     pub plugin: Arc<str>,
+    /// The listener, for plugins that are told it; `None` for 0.1 plugins, whose answers hold on every listener.
+    pub listener: Option<Arc<str>>,
     /// Normalised server name.
     pub name: ServerName,
 }
@@ -283,8 +297,10 @@ fn unreachable_outcome<T, E>() -> Result<T, E> {
 /// A plugin's answer before the cache applies its bounds.
 #[derive(Debug)]
 pub(crate) enum Answer {
-    /// A validated certificate and the plugin's TTL hint.
-    Found(Arc<ParsedCert>, Option<Duration>),
+    /// Validated certificates with their granted route, and the plugin's TTL hint.
+    Found(Arc<Served>, Option<Duration>),
+    /// A granted passthrough target and the plugin's TTL hint.
+    Passthrough(Arc<Target>, Option<Duration>),
     /// The plugin does not know the name.
     NotFound,
     /// The plugin answered with a certificate that failed validation.
@@ -295,9 +311,12 @@ impl Answer {
     fn into_cached(self, settings: &CacheSettings) -> Cached {
         let now = Instant::now();
         match self {
-            Answer::Found(cert, hint) => {
-                let ttl = hint.unwrap_or(settings.ttl).min(settings.max_ttl).min(cert.remaining_validity());
-                Cached::Found { cert, fresh_until: now + ttl }
+            Answer::Found(served, hint) => {
+                let ttl = hint.unwrap_or(settings.ttl).min(settings.max_ttl).min(served.remaining_validity());
+                Cached::Found { served, fresh_until: now + ttl }
+            }
+            Answer::Passthrough(target, hint) => {
+                Cached::Passthrough { target, fresh_until: now + hint.unwrap_or(settings.ttl).min(settings.max_ttl) }
             }
             Answer::NotFound => Cached::NotFound { fresh_until: now + settings.negative_ttl },
             Answer::Invalid(error) => Cached::Invalid { error, fresh_until: now + settings.invalid_ttl },
@@ -317,8 +336,8 @@ impl KeepUntilStaleLimit {
         match value {
             Cached::Invalid { .. } => fresh,
             // Never past the leaf's notAfter: an expired certificate is refused by every client.
-            Cached::Found { cert, .. } => (fresh + self.max_stale).min(cert.remaining_validity()),
-            Cached::NotFound { .. } => fresh + self.max_stale,
+            Cached::Found { served, .. } => (fresh + self.max_stale).min(served.remaining_validity()),
+            Cached::Passthrough { .. } | Cached::NotFound { .. } => fresh + self.max_stale,
         }
     }
 }
@@ -357,7 +376,7 @@ mod tests {
     }
 
     fn key(name: &str) -> CacheKey {
-        CacheKey { plugin: Arc::from("p"), name: ServerName::parse(name).unwrap() }
+        CacheKey { plugin: Arc::from("p"), listener: None, name: ServerName::parse(name).unwrap() }
     }
 
     #[tokio::test]

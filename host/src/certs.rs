@@ -83,6 +83,33 @@ pub enum CertError {
         /// The names it does cover.
         covers: String,
     },
+    /// A certificate set (contract 0.2) is empty or longer than [`MAX_SET`].
+    #[error("a certificate set holds 1 to {max} certificates, this one {len}", max = MAX_SET)]
+    SetSize {
+        /// How many the plugin sent.
+        len: usize,
+    },
+    /// One member of a certificate set is unusable.
+    #[error("certificate {} of the set: {error}", index + 1)]
+    Member {
+        /// Its position, from 0.
+        index: usize,
+        /// What is wrong with it.
+        error: Box<CertError>,
+    },
+}
+
+/// Most certificates one answer may hold (ECDSA, RSA and room for a migration).
+pub const MAX_SET: usize = 8;
+
+impl CertError {
+    /// The error itself, out of a set's member wrapper.
+    pub fn innermost(&self) -> &CertError {
+        match self {
+            CertError::Member { error, .. } => error.innermost(),
+            other => other,
+        }
+    }
 }
 
 /// Parses a PEM chain (leaf first) and PEM private key, and checks that they belong together.
@@ -127,6 +154,25 @@ pub fn validate_answer(chain_pem: &[u8], key_pem: &[u8], name: &ServerName) -> R
     Ok(parsed)
 }
 
+/// [`validate_answer`] for every member of a certificate set (1 to [`MAX_SET`] `(chain, key)` PEM pairs).
+pub fn validate_set<'a>(
+    members: impl ExactSizeIterator<Item = (&'a [u8], &'a [u8])>,
+    name: &ServerName,
+) -> Result<Vec<Arc<ParsedCert>>, CertError> {
+    let len = members.len();
+    if !(1..=MAX_SET).contains(&len) {
+        return Err(CertError::SetSize { len });
+    }
+    members
+        .enumerate()
+        .map(|(index, (chain, key))| match validate_answer(chain, key, name) {
+            Ok(parsed) => Ok(Arc::new(parsed)),
+            Err(error) if len == 1 => Err(error),
+            Err(error) => Err(CertError::Member { index, error: Box::new(error) }),
+        })
+        .collect()
+}
+
 impl ParsedCert {
     /// Checks that the leaf covers `name`, following RFC 6125 wildcard rules (webpki's implementation).
     pub fn check_covers(&self, name: &ServerName) -> Result<(), CertError> {
@@ -160,6 +206,17 @@ impl ParsedCert {
     /// How long the leaf stays valid from now (zero if it already expired).
     pub fn remaining_validity(&self) -> Duration {
         self.not_after.duration_since(SystemTime::now()).unwrap_or_default()
+    }
+}
+
+/// The key's algorithm as operators name it: `ECDSA`, `RSA`, `Ed25519`.
+pub fn key_kind(key: &CertifiedKey) -> &'static str {
+    match key.key.algorithm() {
+        rustls::SignatureAlgorithm::ECDSA => "ECDSA",
+        rustls::SignatureAlgorithm::RSA => "RSA",
+        rustls::SignatureAlgorithm::ED25519 => "Ed25519",
+        rustls::SignatureAlgorithm::ED448 => "Ed448",
+        _ => "other",
     }
 }
 

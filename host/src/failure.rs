@@ -16,6 +16,8 @@ pub enum FailureKind {
     PluginUnavailable,
     /// The plugin's certificate is unusable.
     BadCertificate,
+    /// The plugin's route or passthrough target is malformed or not granted.
+    BadRoute,
 }
 
 impl crate::counters::Key for FailureKind {
@@ -26,6 +28,7 @@ impl crate::counters::Key for FailureKind {
         FailureKind::Plugin,
         FailureKind::PluginUnavailable,
         FailureKind::BadCertificate,
+        FailureKind::BadRoute,
     ];
 
     fn label(self) -> &'static str {
@@ -36,6 +39,7 @@ impl crate::counters::Key for FailureKind {
             FailureKind::Plugin => "plugin",
             FailureKind::PluginUnavailable => "plugin_unavailable",
             FailureKind::BadCertificate => "bad_certificate",
+            FailureKind::BadRoute => "bad_route",
         }
     }
 }
@@ -45,7 +49,7 @@ impl FailureKind {
     pub fn blame(self) -> Blame {
         match self {
             FailureKind::NoSni | FailureKind::MalformedSni | FailureKind::UnknownName => Blame::Client,
-            FailureKind::Plugin | FailureKind::BadCertificate => Blame::Plugin,
+            FailureKind::Plugin | FailureKind::BadCertificate | FailureKind::BadRoute => Blame::Plugin,
             FailureKind::PluginUnavailable => Blame::Store,
         }
     }

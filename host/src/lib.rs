@@ -10,6 +10,7 @@
 //! private to the crate.
 
 mod admin;
+pub mod answer;
 mod backend;
 mod body;
 pub mod cache;
@@ -30,11 +31,13 @@ mod proxy;
 pub mod proxy_protocol;
 mod reload;
 pub mod resumption;
+pub mod route;
 pub mod select;
 pub mod server;
 pub mod sni;
 pub mod store;
 pub mod tls;
+pub mod upstream;
 pub mod watchdog;
 
 pub use config::Config;

@@ -38,6 +38,8 @@ pub(crate) struct ListenerCtx {
     pub(crate) selector: Arc<Selector>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) handshake_timeout: Duration,
+    /// Connecting to a passthrough target gives up after this long (`proxy.connect_timeout`).
+    pub(crate) passthrough_connect_timeout: Duration,
     pub(crate) limits: crate::config::ClientLimits,
     /// PROXY protocol from trusted peers, if the listener takes it.
     pub(crate) proxy_protocol: Option<crate::config::ProxyProtocolSettings>,
@@ -90,6 +92,10 @@ impl ListenerCtx {
             };
             match tls::accept(tcp, Some(peer.ip()), &self.selector, &self.policy, &self.tls).await {
                 Ok(Outcome::Accepted(accepted)) => Some((accepted, peer)),
+                Ok(Outcome::Passthrough(passthrough)) => {
+                    self.pass_through(*passthrough, peer).await;
+                    None
+                }
                 Ok(Outcome::Refused(refusal)) => {
                     self.refused(peer, &refusal);
                     refusal.send_alert().await;
@@ -131,11 +137,47 @@ impl ListenerCtx {
             peer,
             h2,
             servername: accepted.servername,
-            cert: accepted.cert,
+            served: accepted.served,
             limits: self.limits.clone(),
         };
         if let Err(err) = self.proxy.clone().serve(accepted.stream, conn, self.drain_signal.clone()).await {
             tracing::debug!(listener = %self.name, %peer, error = %err, "connection ended with an error");
+        }
+    }
+
+    /// Forwards a connection the plugin passes through: connects to the target (within the handshake deadline,
+    /// which bounds this call), replays the client's bytes, then splices both ways until either side closes or
+    /// nothing moves for `server.tunnel_idle_timeout`. The client's connection slot stays taken until then.
+    async fn pass_through(&self, passthrough: tls::Passthrough, peer: SocketAddr) {
+        use tokio::io::AsyncWriteExt;
+        let tls::Passthrough { io, hello, target, servername, .. } = passthrough;
+        let servername = servername.as_ref().map_or("", |n| n.as_str());
+        let connect = tokio::net::TcpStream::connect((target.host.as_str(), target.port));
+        let mut upstream = match tokio::time::timeout(self.passthrough_connect_timeout, connect).await {
+            Ok(Ok(upstream)) => upstream,
+            Ok(Err(err)) => {
+                inc(&self.metrics.passthrough_failed);
+                tracing::warn!(listener = %self.name, %peer, servername, %target, error = %err, "passthrough target unreachable");
+                return;
+            }
+            Err(_) => {
+                inc(&self.metrics.passthrough_failed);
+                tracing::warn!(listener = %self.name, %peer, servername, %target, "passthrough target did not accept in time");
+                return;
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        if let Err(err) = upstream.write_all(&hello).await {
+            inc(&self.metrics.passthrough_failed);
+            tracing::warn!(listener = %self.name, %peer, servername, %target, error = %err, "passthrough target closed");
+            return;
+        }
+        inc(&self.metrics.passthrough);
+        tracing::debug!(listener = %self.name, %peer, servername, %target, "passing through");
+        let idle = self.limits.tunnel_idle_timeout;
+        let spliced = crate::watchdog::splice_with_idle_timeout(io, upstream, idle);
+        if let Err(err) = spliced.await {
+            tracing::debug!(listener = %self.name, %peer, error = %err, "passthrough ended");
         }
     }
 

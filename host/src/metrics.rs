@@ -58,6 +58,10 @@ pub struct Metrics {
     pub backend_connections_exhausted: AtomicU64,
     /// Plugin answers refused because the certificate's validity period does not include now.
     pub certificates_out_of_validity: AtomicU64,
+    /// Connections passed through to a plugin's TCP target.
+    pub passthrough: AtomicU64,
+    /// Passthrough connections whose target could not be reached.
+    pub passthrough_failed: AtomicU64,
 }
 
 /// Upper bounds of the latency buckets, in microseconds (Prometheus `le`, plus +Inf).
@@ -211,6 +215,9 @@ impl Metrics {
         }
         x.family("tern_backend_response_seconds", "histogram", "Time to the backend's response headers.");
         x.histogram("tern_backend_response_seconds", "", &self.backend_latency);
+        x.family("tern_passthrough_connections_total", "counter", "Connections passed through untouched, by outcome.");
+        x.sample("tern_passthrough_connections_total", "outcome=\"forwarded\"", get(&self.passthrough));
+        x.sample("tern_passthrough_connections_total", "outcome=\"target_unreachable\"", get(&self.passthrough_failed));
         x.family("tern_client_timeouts_total", "counter", "Client connections closed by a deadline, by reason.");
         x.counters("tern_client_timeouts_total", "reason", self.connections_timed_out.all());
         x.family(

@@ -15,30 +15,31 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use http_body_util::{BodyExt, Either, Empty, Full, combinators::BoxBody};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::backend::{BoundedConnector, Budget};
-use crate::body::{Counted, Upload};
-use crate::certs::ParsedCert;
+use crate::answer::Served;
+use crate::backend::Budget;
+use crate::body::{Counted, Upload, UploadWatch};
 use crate::clip::Clip;
 use crate::config::{ClientLimits, ProxySettings};
 use crate::metrics::{Metrics, inc};
+use crate::route::Route;
 use crate::sni::ServerName;
+use crate::upstream::{Failure, HttpClient, Pool, UpBody, Upstreams};
 use crate::watchdog::{Activity, Tracked};
 
 /// Response body type: the backend's streamed body, or a small one tern makes itself.
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-/// One listener's proxy to its backend.
+/// One listener's proxy: to its backend, or to the pool or origin a plugin routed the name to.
 #[derive(Debug, Clone)]
 pub struct Proxy {
-    client: Client<BoundedConnector, Upload<Incoming>>,
+    client: HttpClient,
     backend: Uri,
+    upstreams: Arc<Upstreams>,
     response_timeout: std::time::Duration,
     connect_timeout: std::time::Duration,
     metrics: Arc<Metrics>,
@@ -53,8 +54,8 @@ pub struct Connection {
     pub h2: bool,
     /// The SNI the handshake was for (normalised), if the client sent one.
     pub servername: Option<ServerName>,
-    /// The certificate served: a request may name any host it covers.
-    pub cert: Arc<ParsedCert>,
+    /// The certificates and route of the answer: a request may name any host one of them covers.
+    pub served: Arc<Served>,
     /// The listener's client limits.
     pub limits: ClientLimits,
 }
@@ -81,20 +82,20 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 const GOAWAY_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Proxy {
-    /// A proxy to `backend` (an `http://host:port` origin) whose connections count against `budget`.
-    pub fn new(backend: Uri, settings: &ProxySettings, metrics: Arc<Metrics>, budget: Budget) -> Self {
-        let mut connector = HttpConnector::new();
-        // A backend that is down must give a fast 502, not hang the client.
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        connector.set_nodelay(true);
-        let connector = BoundedConnector::new(connector, budget, settings.connect_timeout);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(settings.pool_idle_timeout)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
+    /// A proxy to `backend` (an `http://host:port` origin) whose connections count against `budget`, and to
+    /// the routes of `upstreams`.
+    pub fn new(
+        backend: Uri,
+        settings: &ProxySettings,
+        metrics: Arc<Metrics>,
+        budget: Budget,
+        upstreams: Arc<Upstreams>,
+    ) -> Self {
+        let client = crate::upstream::client(settings, settings.connect_timeout, budget, crate::upstream::no_tls());
         Self {
             client,
             backend,
+            upstreams,
             response_timeout: settings.response_timeout,
             connect_timeout: settings.connect_timeout,
             metrics,
@@ -198,7 +199,7 @@ impl Proxy {
         response
     }
 
-    /// Forwards one request; failures become 4xx/5xx responses.
+    /// Forwards one request along the connection's route; failures become 4xx/5xx responses.
     async fn forward_inner(&self, mut req: Request<Incoming>, conn: &Connection, tunnels: &Tunnels) -> Response<Body> {
         if let Err(status) = check_authority(&req, conn) {
             inc(&self.metrics.misdirected_requests);
@@ -210,35 +211,29 @@ impl Proxy {
             Err(status) => return simple(status, "bad request\n"),
         };
         let sent_at = std::time::Instant::now();
-        let mut request = std::pin::pin!(self.client.request(upstream));
-        // The response deadline starts once the client has finished uploading: a slow upload to a healthy backend
-        // is bounded by the body's own idle timeout, not by the backend's response timeout.
-        let sent = tokio::select! {
-            sent = request.as_mut() => Ok(sent),
-            _ = upload.done => tokio::time::timeout(self.response_timeout, request.as_mut()).await,
+        let sent = match &conn.served.route {
+            Route::Listener => {
+                let upstream = with_base(upstream, &self.backend);
+                self.exchange(&self.client, upstream, upload, self.response_timeout).await
+            }
+            Route::Origin(origin) => match self.upstreams.origin_client(origin.ca.as_deref()).await {
+                Ok(client) => {
+                    let upstream = with_base(upstream, &origin.base);
+                    self.exchange(&client, upstream, upload, self.response_timeout).await
+                }
+                Err(why) => {
+                    tracing::warn!(origin = %origin, error = %why, "no TLS trust for the origin");
+                    Err(Failed::Other(why))
+                }
+            },
+            Route::Pool(name) => match self.upstreams.pool(name) {
+                Some(pool) => self.via_pool(pool, upstream, upload).await,
+                None => Err(Failed::NoServer),
+            },
         };
         let mut response = match sent {
-            Ok(Ok(response)) => response,
-            Ok(Err(_)) if upload.timed_out.load(Ordering::Acquire) => {
-                inc(&self.metrics.request_body_timeouts);
-                return simple(StatusCode::REQUEST_TIMEOUT, "request body timeout\n");
-            }
-            Ok(Err(err)) if crate::backend::is_exhausted(&err) => {
-                inc(&self.metrics.backend_status[0]);
-                inc(&self.metrics.backend_connections_exhausted);
-                tracing::warn!(backend = %self.backend, wait = ?self.connect_timeout, "backend connection limit reached");
-                return simple(StatusCode::SERVICE_UNAVAILABLE, "backend busy\n");
-            }
-            Ok(Err(err)) => {
-                inc(&self.metrics.backend_status[0]);
-                tracing::warn!(backend = %self.backend, error = %err, "backend unreachable");
-                return simple(StatusCode::BAD_GATEWAY, "bad gateway\n");
-            }
-            Err(_) => {
-                inc(&self.metrics.backend_status[0]);
-                tracing::warn!(backend = %self.backend, timeout = ?self.response_timeout, "backend did not answer");
-                return simple(StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n");
-            }
+            Ok(response) => response,
+            Err(failed) => return self.refuse(failed, &conn.served.route),
         };
         self.metrics.backend_latency.observe(sent_at.elapsed());
         let class = usize::from(response.status().as_u16() / 100).min(5);
@@ -256,12 +251,120 @@ impl Proxy {
         response.map(BodyExt::boxed)
     }
 
+    /// Sends one request and waits for the response head. The response deadline starts once the client has
+    /// finished uploading: a slow upload to a healthy backend is bounded by the body's own idle timeout, not by
+    /// the backend's response timeout.
+    async fn exchange(
+        &self,
+        client: &HttpClient,
+        upstream: Request<UpBody>,
+        upload: UploadWatch,
+        response_timeout: std::time::Duration,
+    ) -> Result<Response<Incoming>, Failed> {
+        let mut request = std::pin::pin!(client.request(upstream));
+        let sent = tokio::select! {
+            sent = request.as_mut() => Ok(sent),
+            _ = upload.done => tokio::time::timeout(response_timeout, request.as_mut()).await,
+        };
+        match sent {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(_)) if upload.timed_out.load(Ordering::Acquire) => Err(Failed::UploadTimeout),
+            Ok(Err(err)) if crate::backend::is_exhausted(&err) => Err(Failed::Busy),
+            Ok(Err(err)) if err.is_connect() => Err(Failed::Connect(err.to_string())),
+            Ok(Err(err)) => Err(Failed::Other(err.to_string())),
+            Err(_) => Err(Failed::Timeout(response_timeout)),
+        }
+    }
+
+    /// Sends a request to a server of `pool`; a connect failure of a bodiless idempotent request moves on to
+    /// another server, up to the pool's `retries`. Each outcome feeds the server's passive health.
+    async fn via_pool(
+        &self,
+        pool: &Pool,
+        upstream: Request<UpBody>,
+        upload: UploadWatch,
+    ) -> Result<Response<Incoming>, Failed> {
+        let retry = retry_template(&upstream);
+        let (mut next, mut upload) = (Some(upstream), Some(upload));
+        let mut tried = Vec::with_capacity(2);
+        loop {
+            let Some(index) = pool.pick(&tried) else {
+                return Err(Failed::NoServer);
+            };
+            tried.push(index);
+            let request = match (next.take(), &retry) {
+                (Some(request), _) => request,
+                (None, Some(template)) => template.rebuild(),
+                (None, None) => return Err(Failed::NoServer),
+            };
+            let server = &pool.servers[index];
+            let request = with_base(request, &server.base);
+            let watch = upload.take().unwrap_or_else(UploadWatch::finished);
+            let in_flight = pool.start(index);
+            let started = std::time::Instant::now();
+            let result = self.exchange(&server.client, request, watch, pool.settings.response_timeout).await;
+            drop(in_flight);
+            let failure = match &result {
+                Ok(_) => {
+                    pool.succeeded(index, started.elapsed());
+                    return result;
+                }
+                Err(Failed::Connect(_)) => Failure::Connect,
+                Err(Failed::Timeout(_) | Failed::Other(_)) => Failure::Timeout,
+                Err(Failed::Busy) => Failure::Busy,
+                Err(Failed::UploadTimeout | Failed::NoServer) => return result,
+            };
+            pool.failed(index, failure);
+            let retries_left = tried.len() <= pool.settings.retries as usize;
+            if failure != Failure::Connect || retry.is_none() || !retries_left {
+                return result;
+            }
+            tracing::debug!(pool = %pool.name, server = %server.address, "connect failed, retrying on another server");
+        }
+    }
+
+    /// The response, counter and log line of a request that got no response head.
+    fn refuse(&self, failed: Failed, route: &Route) -> Response<Body> {
+        if failed != Failed::UploadTimeout {
+            inc(&self.metrics.backend_status[0]);
+        }
+        let backend = match route {
+            Route::Listener => self.backend.to_string(),
+            other => other.describe(),
+        };
+        match failed {
+            Failed::UploadTimeout => {
+                inc(&self.metrics.request_body_timeouts);
+                simple(StatusCode::REQUEST_TIMEOUT, "request body timeout\n")
+            }
+            Failed::Busy => {
+                inc(&self.metrics.backend_connections_exhausted);
+                tracing::warn!(%backend, wait = ?self.connect_timeout, "backend connection limit reached");
+                simple(StatusCode::SERVICE_UNAVAILABLE, "backend busy\n")
+            }
+            Failed::NoServer => {
+                tracing::warn!(%backend, "no server of the pool is up");
+                simple(StatusCode::SERVICE_UNAVAILABLE, "no backend server available\n")
+            }
+            Failed::Connect(error) | Failed::Other(error) => {
+                tracing::warn!(%backend, %error, "backend unreachable");
+                simple(StatusCode::BAD_GATEWAY, "bad gateway\n")
+            }
+            Failed::Timeout(timeout) => {
+                tracing::warn!(%backend, ?timeout, "backend did not answer");
+                simple(StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n")
+            }
+        }
+    }
+
+    /// The request as it goes upstream, URI without scheme and authority (the route adds them). A request
+    /// without a body goes with an empty one, so that it can be sent again after a connect failure.
     fn upstream_request(
         &self,
         req: Request<Incoming>,
         conn: &Connection,
         upgrade: bool,
-    ) -> Result<(Request<Upload<Incoming>>, crate::body::UploadWatch), StatusCode> {
+    ) -> Result<(Request<UpBody>, UploadWatch), StatusCode> {
         let (mut parts, body) = req.into_parts();
         // HTTP/2 carries the host in :authority; HTTP/1.1 in the Host header.
         let host = parts
@@ -271,9 +374,7 @@ impl Proxy {
             .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()))
             .ok_or(StatusCode::BAD_REQUEST)?;
         let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let mut uri = self.backend.clone().into_parts();
-        uri.path_and_query = Some(path.parse().map_err(|_| StatusCode::BAD_REQUEST)?);
-        parts.uri = Uri::from_parts(uri).map_err(|_| StatusCode::BAD_REQUEST)?;
+        parts.uri = path.parse().map_err(|_| StatusCode::BAD_REQUEST)?;
         parts.version = Version::HTTP_11;
 
         let headers = &mut parts.headers;
@@ -291,9 +392,68 @@ impl Proxy {
         if upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
+        if http_body::Body::is_end_stream(&body) {
+            return Ok((Request::from_parts(parts, Either::Right(Empty::new())), UploadWatch::finished()));
+        }
         let (body, watch) = Upload::new(body, conn.limits.request_body_timeout);
-        Ok((Request::from_parts(parts, body), watch))
+        Ok((Request::from_parts(parts, Either::Left(body)), watch))
     }
+}
+
+/// Why a request got no response head from upstream.
+#[derive(Debug, PartialEq, Eq)]
+enum Failed {
+    /// The client paused its upload past `server.request_body_timeout`.
+    UploadTimeout,
+    /// The connection budget was spent and nothing came free in time.
+    Busy,
+    /// No server of the pool is up.
+    NoServer,
+    /// No connection could be made.
+    Connect(String),
+    /// The connection failed after it was made.
+    Other(String),
+    /// No response head within the response timeout.
+    Timeout(std::time::Duration),
+}
+
+/// Sets the scheme and authority of an upstream request's URI (`base` is `scheme://host:port`).
+fn with_base(mut request: Request<UpBody>, base: &Uri) -> Request<UpBody> {
+    let mut parts = base.clone().into_parts();
+    parts.path_and_query = request.uri().path_and_query().cloned();
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *request.uri_mut() = uri;
+    }
+    request
+}
+
+/// What it takes to send a bodiless request again.
+struct RetryTemplate {
+    method: http::Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl RetryTemplate {
+    fn rebuild(&self) -> Request<UpBody> {
+        let mut request = Request::new(Either::Right(Empty::new()));
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+}
+
+/// Requests that may go to a second server after a connect failure: idempotent methods (RFC 9110 §9.2.2)
+/// without a body. Nothing reached the first server, but a body could not be sent again.
+fn retry_template(request: &Request<UpBody>) -> Option<RetryTemplate> {
+    let idempotent = request.method().is_idempotent();
+    let bodiless = matches!(request.body(), Either::Right(_));
+    (idempotent && bodiless).then(|| RetryTemplate {
+        method: request.method().clone(),
+        uri: request.uri().clone(),
+        headers: request.headers().clone(),
+    })
 }
 
 type Tunnels = std::sync::Mutex<tokio::task::JoinSet<()>>;
@@ -320,7 +480,7 @@ fn check_authority(req: &Request<Incoming>, conn: &Connection) -> Result<(), Sta
             continue;
         }
         match ServerName::parse(host) {
-            Ok(name) if conn.cert.check_covers(&name).is_ok() => {}
+            Ok(name) if conn.served.covers(&name) => {}
             _ => return Err(StatusCode::MISDIRECTED_REQUEST),
         }
     }

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::cache::CertCache;
-use crate::certs::{self, CertError};
 use crate::config::{Config, ConfigError, OnSwap, PluginSettings};
 use crate::plugin::{Plugin, PluginError, PluginLoadError, PluginRuntime, PluginSlot, Selection};
 use crate::sni::{MalformedName, ServerName};
@@ -61,7 +60,7 @@ pub enum ReloadError {
         /// The probe name.
         name: ServerName,
         /// Why it was refused.
-        source: CertError,
+        source: crate::select::AnswerError,
     },
     /// A blocking task of the reload did not finish (it panicked or the runtime is shutting down).
     #[error("reload task did not finish: {0}")]
@@ -180,14 +179,14 @@ impl Reloader {
 async fn probe(plugin: &Plugin, names: &[String]) -> Result<(), ReloadError> {
     for raw in names {
         let name = ServerName::parse(raw).map_err(|source| ReloadError::ProbeName { name: raw.clone(), source })?;
-        match plugin.select(&name).await {
+        // Probes are not made on any listener's behalf.
+        let selection = match plugin.select(&name, "").await {
             Err(source) => return Err(ReloadError::ProbeFailed { name, source }),
             Ok(Selection::NotFound) => return Err(ReloadError::ProbeNotFound { name }),
-            Ok(Selection::Found { chain, key, .. }) => {
-                if let Err(source) = certs::validate_answer(chain.as_bytes(), key.as_bytes(), &name) {
-                    return Err(ReloadError::ProbeRefused { name, source });
-                }
-            }
+            Ok(selection) => selection,
+        };
+        if let Err(source) = crate::select::check_answer(&plugin.source().grants, &name, selection) {
+            return Err(ReloadError::ProbeRefused { name, source });
         }
     }
     Ok(())

@@ -5,12 +5,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::answer::{Choice, Served};
 use crate::cache::{Answer, CacheKey, Cached, CertCache, Loaded, Lookup};
-use crate::certs::{self, CertError, ParsedCert};
+use crate::certs::{self, CertError};
 use crate::config::StaticCertSettings;
 use crate::failure::{Blame, FailureKind, event_at};
 use crate::metrics::{Metrics, inc};
-use crate::plugin::{Plugin, PluginError, PluginSlot, Selection};
+use crate::plugin::{Contract, Plugin, PluginError, PluginSlot, RouteRequest, Selection};
+use crate::route::RouteError;
 use crate::sni::{MalformedName, ServerName};
 
 /// Why no certificate was chosen. The handshake then fails with a TLS alert.
@@ -60,6 +62,16 @@ pub enum SelectError {
         /// What is wrong with it.
         source: CertError,
     },
+    /// The plugin's route or passthrough target is malformed or outside its `grants.routes`.
+    #[error("plugin {plugin} returned a route it may not use for {servername}: {source}")]
+    BadRoute {
+        /// Plugin name.
+        plugin: Arc<str>,
+        /// The name asked for.
+        servername: ServerName,
+        /// What is wrong with it.
+        source: RouteError,
+    },
 }
 
 impl SelectError {
@@ -72,6 +84,7 @@ impl SelectError {
             SelectError::Unavailable { .. } => FailureKind::PluginUnavailable,
             SelectError::Plugin { .. } => FailureKind::Plugin,
             SelectError::BadCertificate { .. } => FailureKind::BadCertificate,
+            SelectError::BadRoute { .. } => FailureKind::BadRoute,
         }
     }
 
@@ -110,19 +123,21 @@ pub enum Source {
 /// A listener's selection policy.
 #[derive(Debug, Clone)]
 pub struct Policy {
+    /// The listener's name (0.2 plugins are told it).
+    pub listener: Arc<str>,
     /// The plugin asked about names static certificates do not serve (its current build).
     pub plugin: Option<Arc<PluginSlot>>,
     /// The default certificate; `None` is strict mode.
-    pub default: Option<Arc<ParsedCert>>,
+    pub default: Option<Arc<Served>>,
 }
 
 /// Static certificates, by the names they serve.
 #[derive(Debug, Default)]
 pub struct StaticCerts {
     /// By server name or `*.` wildcard pattern.
-    by_pattern: HashMap<String, Arc<ParsedCert>>,
+    by_pattern: HashMap<String, Arc<Served>>,
     /// By the certificate's name in the config.
-    by_id: HashMap<String, Arc<ParsedCert>>,
+    by_id: HashMap<String, Arc<Served>>,
 }
 
 /// A static certificate that cannot serve.
@@ -154,7 +169,8 @@ impl StaticCerts {
         for s in settings {
             let parsed = certs::load_files(&s.cert, &s.key)
                 .map_err(|source| StaticCertError::Load { name: s.name.clone(), source })?;
-            let parsed = Arc::new(parsed);
+            let served = Arc::new(Served::single(Arc::new(parsed)));
+            let parsed = served.primary();
             let patterns = s.serve_names.clone().unwrap_or_else(|| parsed.dns_names.clone());
             for pattern in patterns {
                 // A wildcard pattern is checked through a name it must cover.
@@ -164,20 +180,20 @@ impl StaticCerts {
                 parsed
                     .check_covers(&probe)
                     .map_err(|source| StaticCertError::Coverage { name: s.name.clone(), source })?;
-                certs.by_pattern.insert(pattern, parsed.clone());
+                certs.by_pattern.insert(pattern, served.clone());
             }
-            certs.by_id.insert(s.name.clone(), parsed);
+            certs.by_id.insert(s.name.clone(), served);
         }
         Ok(certs)
     }
 
     /// The static certificate named `id` in the config.
-    pub fn by_id(&self, id: &str) -> Option<&Arc<ParsedCert>> {
+    pub fn by_id(&self, id: &str) -> Option<&Arc<Served>> {
         self.by_id.get(id)
     }
 
     /// The static certificate serving `name`: an exact entry, else the wildcard one label up.
-    pub(crate) fn lookup(&self, name: &ServerName) -> Option<&Arc<ParsedCert>> {
+    pub(crate) fn lookup(&self, name: &ServerName) -> Option<&Arc<Served>> {
         if self.by_pattern.is_empty() {
             return None; // plugin-only listeners: no hashing, no wildcard string per handshake
         }
@@ -198,6 +214,8 @@ pub struct Selector {
 enum LoadFailure {
     Plugin(PluginError),
     Certificate(CertError),
+    /// Never cached: a route outside the grants is refused afresh each time.
+    Route(RouteError),
 }
 
 impl Selector {
@@ -217,7 +235,7 @@ impl Selector {
     }
 
     /// Chooses the certificate for a ClientHello's SNI (`None`: the client sent none).
-    pub async fn select(&self, policy: &Policy, sni: Option<&str>) -> Result<(Arc<ParsedCert>, Source), SelectError> {
+    pub async fn select(&self, policy: &Policy, sni: Option<&str>) -> Result<(Choice, Source), SelectError> {
         self.select_for(policy, sni, None).await
     }
 
@@ -227,7 +245,7 @@ impl Selector {
         policy: &Policy,
         sni: Option<&str>,
         client: Option<std::net::IpAddr>,
-    ) -> Result<(Arc<ParsedCert>, Source), SelectError> {
+    ) -> Result<(Choice, Source), SelectError> {
         let Some(raw) = sni else {
             return self.fallback(policy, SelectError::NoServerName);
         };
@@ -236,14 +254,15 @@ impl Selector {
         if let Some(cert) = self.statics.lookup(&name) {
             self.metrics.selection_hit.observe(started.elapsed());
             inc(&self.metrics.static_hits);
-            return Ok((cert.clone(), Source::Static));
+            return Ok((Choice::Serve(cert.clone()), Source::Static));
         }
         let Some(slot) = &policy.plugin else {
             return self.fallback(policy, SelectError::UnknownName { servername: name });
         };
         let plugin = &slot.current();
-        let key = CacheKey { plugin: plugin.cache_scope().clone(), name: name.clone() };
-        let loaded = match self.cache.get_or_load(key, load(plugin, &name, client)).await {
+        let listener = (plugin.contract() != Contract::V0_1).then(|| policy.listener.clone());
+        let key = CacheKey { plugin: plugin.cache_scope().clone(), listener, name: name.clone() };
+        let loaded = match self.cache.get_or_load(key, load(plugin, &name, &policy.listener, client)).await {
             Ok(loaded) => loaded,
             // A store outage is not the name's fault: the listener's fallback applies, as for an unknown name.
             Err(failure) => match describe(plugin, &name, &failure) {
@@ -287,16 +306,20 @@ impl Selector {
         plugin: &Plugin,
         name: ServerName,
         loaded: Loaded<Arc<LoadFailure>>,
-    ) -> Result<(Arc<ParsedCert>, Source), SelectError> {
+    ) -> Result<(Choice, Source), SelectError> {
         let (lookup, source) = match loaded.lookup {
             Lookup::Hit => (&self.metrics.cache_hits, Source::CacheHit),
             Lookup::Stale => (&self.metrics.cache_hits, Source::Stale),
             Lookup::Miss => (&self.metrics.cache_misses, Source::Plugin),
         };
         match loaded.value {
-            Cached::Found { cert, .. } => {
+            Cached::Found { served, .. } => {
                 inc(lookup);
-                Ok((cert.clone(), source))
+                Ok((Choice::Serve(served), source))
+            }
+            Cached::Passthrough { target, .. } => {
+                inc(lookup);
+                Ok((Choice::Passthrough(target), source))
             }
             Cached::Invalid { error, .. } => {
                 inc(lookup);
@@ -317,16 +340,16 @@ impl Selector {
     }
 
     fn count_invalid(&self, error: &CertError) {
-        if matches!(error, CertError::Expired { .. } | CertError::NotYetValid { .. }) {
+        if matches!(error.innermost(), CertError::Expired { .. } | CertError::NotYetValid { .. }) {
             inc(&self.metrics.certificates_out_of_validity);
         }
     }
 
-    fn fallback(&self, policy: &Policy, strict_error: SelectError) -> Result<(Arc<ParsedCert>, Source), SelectError> {
+    fn fallback(&self, policy: &Policy, strict_error: SelectError) -> Result<(Choice, Source), SelectError> {
         match &policy.default {
             Some(cert) => {
                 inc(&self.metrics.default_served);
-                Ok((cert.clone(), Source::Default))
+                Ok((Choice::Serve(cert.clone()), Source::Default))
             }
             None => Err(strict_error),
         }
@@ -343,20 +366,66 @@ fn describe(plugin: &Plugin, name: &ServerName, failure: &LoadFailure) -> Select
         }
         LoadFailure::Plugin(source) => SelectError::Plugin { plugin, servername, source: source.clone() },
         LoadFailure::Certificate(source) => SelectError::BadCertificate { plugin, servername, source: source.clone() },
+        LoadFailure::Route(source) => SelectError::BadRoute { plugin, servername, source: source.clone() },
     }
 }
 
-/// Calls the plugin and validates its answer for `name`. An answer that fails validation is an answer too: it
-/// is cached briefly (`cache.invalid_ttl`) so that repeated handshakes for the name do not call the plugin again.
-async fn load(plugin: &Plugin, name: &ServerName, client: Option<std::net::IpAddr>) -> Result<Answer, LoadFailure> {
-    match plugin.select_for(name, client).await.map_err(LoadFailure::Plugin)? {
+/// Why a plugin's answer was refused.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum AnswerError {
+    /// A certificate of the set is unusable.
+    #[error(transparent)]
+    Certificate(CertError),
+    /// The route or passthrough target is malformed or not granted.
+    #[error(transparent)]
+    Route(RouteError),
+}
+
+/// Everything a plugin's answer for `name` must pass before it is served or cached: every certificate of a set
+/// (parses, key matches leaf, covers the name, valid now), and its route or passthrough target against the
+/// plugin's grants. The one check used by serving and by reload probes.
+pub(crate) fn check_answer(
+    grants: &crate::config::Grants,
+    name: &ServerName,
+    selection: Selection,
+) -> Result<Answer, AnswerError> {
+    match selection {
         Selection::NotFound => Ok(Answer::NotFound),
-        Selection::Found { chain, key, ttl } => {
-            // Parsing a key and checking a chain is CPU work of tens of microseconds: fine on a worker.
-            Ok(match certs::validate_answer(chain.as_bytes(), key.as_bytes(), name) {
-                Ok(parsed) => Answer::Found(Arc::new(parsed), ttl),
-                Err(error) => Answer::Invalid(error),
-            })
+        Selection::Passthrough { target, ttl } => {
+            let target = grants.routes.passthrough(&target).map_err(AnswerError::Route)?;
+            Ok(Answer::Passthrough(Arc::new(target), ttl))
         }
+        Selection::Serve { certificates, route, ttl } => {
+            let route = match route {
+                None => crate::route::Route::Listener,
+                Some(RouteRequest::Pool(pool)) => grants.routes.pool(&pool).map_err(AnswerError::Route)?,
+                Some(RouteRequest::Origin(url)) => {
+                    grants.routes.origin(&url, grants.origin_ca.as_deref()).map_err(AnswerError::Route)?
+                }
+            };
+            // Parsing keys and checking chains is CPU work of tens of microseconds each: fine on a worker.
+            let members = certificates.iter().map(|c| (c.chain.as_bytes(), c.key.as_bytes()));
+            let set = certs::validate_set(members, name).map_err(AnswerError::Certificate)?;
+            let served = Served::new(set, route).ok_or(AnswerError::Certificate(CertError::SetSize { len: 0 }))?;
+            Ok(Answer::Found(Arc::new(served), ttl))
+        }
+    }
+}
+
+/// Calls the plugin and checks its answer for `name`. A certificate that fails validation is an answer too: it
+/// is cached briefly (`cache.invalid_ttl`) so that repeated handshakes for the name do not call the plugin again.
+/// A route outside the grants is a load failure, never cached.
+async fn load(
+    plugin: &Plugin,
+    name: &ServerName,
+    listener: &str,
+    client: Option<std::net::IpAddr>,
+) -> Result<Answer, LoadFailure> {
+    let selection = plugin.select_for(name, listener, client).await.map_err(LoadFailure::Plugin)?;
+    match check_answer(&plugin.source().grants, name, selection) {
+        Ok(answer) => Ok(answer),
+        Err(AnswerError::Certificate(error)) => Ok(Answer::Invalid(error)),
+        Err(AnswerError::Route(error)) => Err(LoadFailure::Route(error)),
     }
 }

@@ -93,6 +93,7 @@ pub struct Server {
     plugins: HashMap<String, Arc<PluginSlot>>,
     metrics: Arc<Metrics>,
     resumption: Arc<Resumption>,
+    upstreams: Arc<crate::upstream::Upstreams>,
     handshake_timeout: Duration,
 }
 
@@ -120,10 +121,18 @@ impl Server {
         let selector =
             Arc::new(Selector::new(statics, CertCache::new(&config.cache, metrics.clone()), metrics.clone()));
 
+        let upstreams =
+            Arc::new(crate::upstream::Upstreams::new(&config.upstreams, &config.proxy, budgets.backends.clone()));
         let (draining, drain_signal) = tokio::sync::watch::channel(false);
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for settings in &config.listeners {
-            let shared = Shared { selector: &selector, plugins: &plugins, metrics: &metrics, budgets: &budgets };
+            let shared = Shared {
+                selector: &selector,
+                plugins: &plugins,
+                metrics: &metrics,
+                budgets: &budgets,
+                upstreams: &upstreams,
+            };
             listeners.push(Self::listener(&config, settings, shared, &resumption, &drain_signal).await?);
         }
         let admin = match &config.admin {
@@ -152,6 +161,7 @@ impl Server {
             plugins,
             metrics,
             resumption,
+            upstreams,
             handshake_timeout: config.server.handshake_timeout,
         })
     }
@@ -163,14 +173,18 @@ impl Server {
         resumption: &Resumption,
         drain_signal: &tokio::sync::watch::Receiver<bool>,
     ) -> Result<Listener, StartError> {
-        let Shared { selector, plugins, metrics, budgets } = shared;
+        let Shared { selector, plugins, metrics, budgets, upstreams } = shared;
         let name: Arc<str> = Arc::from(settings.name.as_str());
         let default = match &settings.fallback {
             // Validated in config: the named certificate exists.
             Fallback::DefaultCertificate(id) => selector.statics().by_id(id).cloned(),
             Fallback::Strict => None,
         };
-        let policy = Policy { plugin: settings.plugin.as_ref().and_then(|p| plugins.get(p).cloned()), default };
+        let policy = Policy {
+            listener: name.clone(),
+            plugin: settings.plugin.as_ref().and_then(|p| plugins.get(p).cloned()),
+            default,
+        };
         let (verifier, scope) = match &settings.client_auth {
             None => (None, scope_of(None)),
             Some(auth) => {
@@ -202,7 +216,9 @@ impl Server {
                 &config.proxy,
                 metrics.clone(),
                 crate::backend::Budget::new(config.proxy.max_connections_per_backend, budgets.backends.clone()),
+                upstreams.clone(),
             )),
+            passthrough_connect_timeout: config.proxy.connect_timeout,
             drain_signal: drain_signal.clone(),
             selector: selector.clone(),
             metrics: metrics.clone(),
@@ -285,6 +301,7 @@ impl Server {
         }
         #[cfg(unix)]
         tasks.spawn(reload_on_sighup(reloader.clone()));
+        let listener_names = self.listeners.iter().map(|l| l.name.clone()).collect();
         let mut connection_slots = Vec::new();
         for listener in self.listeners {
             if let Ok(addr) = listener.tcp.local_addr() {
@@ -302,6 +319,8 @@ impl Server {
                 resumption: self.resumption.metrics().clone(),
                 selector: self.selector.clone(),
                 plugins: self.plugins.clone(),
+                listeners: listener_names,
+                upstreams: self.upstreams.clone(),
                 reloader,
                 settings,
                 budgets: self.budgets.clone(),
@@ -336,6 +355,7 @@ struct Shared<'a> {
     plugins: &'a HashMap<String, Arc<PluginSlot>>,
     metrics: &'a Arc<Metrics>,
     budgets: &'a Budgets,
+    upstreams: &'a Arc<crate::upstream::Upstreams>,
 }
 
 /// Reloads plugins on every SIGHUP.

@@ -11,12 +11,14 @@ use rustls::ServerConfig;
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{Acceptor, ClientHello, ProducesTickets, ResolvesServerCert, StoresServerSessions};
 use rustls::sign::CertifiedKey;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::StartHandshake;
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::{LazyConfigAcceptor, StartHandshake};
 
+use crate::answer::{Choice, Served};
 use crate::certs::ParsedCert;
+use crate::route::Target;
 use crate::select::{Policy, SelectError, Selector, Source};
 use crate::sni::ServerName;
 
@@ -71,8 +73,26 @@ pub struct Accepted<IO = TcpStream> {
     pub servername: Option<ServerName>,
     /// Where the certificate came from.
     pub source: Source,
-    /// The certificate served.
+    /// The certificate served (the member of `served` the client's signature schemes chose).
     pub cert: Arc<ParsedCert>,
+    /// The whole answer: every certificate of the set (a request may name any host one covers) and the route.
+    pub served: Arc<Served>,
+}
+
+/// A connection to forward untouched: the client's bytes so far (the ClientHello, and anything after it in the
+/// same reads) and the target the plugin chose.
+#[derive(Debug)]
+pub struct Passthrough<IO = TcpStream> {
+    /// The client connection, positioned after `hello`.
+    pub io: IO,
+    /// Every byte read from the client so far, to be replayed to the target first.
+    pub hello: Vec<u8>,
+    /// Where to.
+    pub target: Arc<Target>,
+    /// The name the client asked for.
+    pub servername: Option<ServerName>,
+    /// Where the answer came from.
+    pub source: Source,
 }
 
 /// A handshake for which no certificate was chosen. The caller records it, then sends the alert, so that logs and
@@ -109,7 +129,13 @@ pub enum Outcome<IO = TcpStream> {
     Accepted(Accepted<IO>),
     /// No certificate: to be recorded, then refused. Boxed: it holds the buffered ClientHello and is the rare path.
     Refused(Box<Refusal<IO>>),
+    /// The plugin passes this name through to a TCP target.
+    Passthrough(Box<Passthrough<IO>>),
 }
+
+/// Bytes a ClientHello may take, across however many records (rustls's own limit on a handshake message is
+/// 64 KiB; real ones are 0.5 to 2 KB, post-quantum key shares included). Past it the connection is refused.
+const MAX_CLIENT_HELLO: usize = 64 << 10;
 
 /// A handshake that failed in TLS itself.
 #[derive(Debug, thiserror::Error)]
@@ -126,25 +152,69 @@ pub enum HandshakeError {
 /// Accepts one TLS connection on `io` (a TCP stream, or anything that reads and writes) from `client`. The caller
 /// bounds it with the handshake deadline.
 pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
-    io: IO,
+    mut io: IO,
     client: Option<std::net::IpAddr>,
     selector: &Selector,
     policy: &Policy,
     tls: &TlsTemplate,
 ) -> Result<Outcome<IO>, (Option<String>, HandshakeError)> {
-    let start = LazyConfigAcceptor::new(Acceptor::default(), io).await.map_err(|e| (None, HandshakeError::Hello(e)))?;
-    let servername = start.client_hello().server_name().map(str::to_owned);
+    let (accepted, hello) = read_client_hello(&mut io).await.map_err(|e| (None, HandshakeError::Hello(e)))?;
+    let servername = accepted.client_hello().server_name().map(str::to_owned);
+    // Selection succeeded, so a name that was sent parsed there; the same rule again.
+    let parsed_name = || servername.as_deref().and_then(|raw| ServerName::parse(raw).ok());
     match selector.select_for(policy, servername.as_deref(), client).await {
-        Ok((cert, source)) => {
-            let stream = start
+        Ok((Choice::Serve(served), source)) => {
+            let cert = served.for_client(accepted.client_hello().signature_schemes()).clone();
+            let stream = StartHandshake::from_parts(accepted, io)
                 .into_stream(tls.serving(cert.certified.clone()))
                 .await
                 .map_err(|e| (servername.clone(), HandshakeError::Tls(e)))?;
-            // Selection succeeded, so a name that was sent parsed there; the same rule again.
-            let servername = servername.and_then(|raw| ServerName::parse(&raw).ok());
-            Ok(Outcome::Accepted(Accepted { stream, servername, source, cert }))
+            Ok(Outcome::Accepted(Accepted { stream, servername: parsed_name(), source, cert, served }))
         }
-        Err(error) => Ok(Outcome::Refused(Box::new(Refusal { start, reject: tls.reject.clone(), servername, error }))),
+        Ok((Choice::Passthrough(target), source)) => {
+            Ok(Outcome::Passthrough(Box::new(Passthrough { io, hello, target, servername: parsed_name(), source })))
+        }
+        Err(error) => {
+            let start = StartHandshake::from_parts(accepted, io);
+            Ok(Outcome::Refused(Box::new(Refusal { start, reject: tls.reject.clone(), servername, error })))
+        }
+    }
+}
+
+/// Reads until rustls has a whole ClientHello, keeping every byte read (a passthrough replays them). A
+/// malformed hello gets rustls's alert.
+async fn read_client_hello<IO: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut IO,
+) -> std::io::Result<(rustls::server::Accepted, Vec<u8>)> {
+    let mut acceptor = Acceptor::default();
+    let mut seen = Vec::with_capacity(2048);
+    loop {
+        let start = seen.len();
+        if start >= MAX_CLIENT_HELLO {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "ClientHello larger than 64 KiB"));
+        }
+        seen.resize((start + 4096).min(MAX_CLIENT_HELLO), 0);
+        let n = io.read(&mut seen[start..]).await?;
+        seen.truncate(start + n);
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let mut fresh = &seen[start..];
+        while !fresh.is_empty() {
+            if acceptor.read_tls(&mut fresh)? == 0 {
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "ClientHello buffer full"));
+            }
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => return Ok((accepted, seen)),
+            Ok(None) => {}
+            Err((err, mut alert)) => {
+                let mut bytes = Vec::new();
+                let _ = alert.write(&mut bytes);
+                let _ = io.write_all(&bytes).await;
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, err));
+            }
+        }
     }
 }
 

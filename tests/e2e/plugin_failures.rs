@@ -187,7 +187,8 @@ async fn a_flood_of_random_names_keeps_cache_and_plugin_calls_bounded() -> anyho
     ) + "\n[cache]\nmax_entries = 1000\nmax_bytes = \"4MiB\"\n";
     let server = Arc::new(TestServer::start(&config, pki.dir.path()).await?);
     let default = server.selector.statics().by_id("default").cloned();
-    let policy = Arc::new(tern::select::Policy { plugin: Some(server.plugins[0].1.clone()), default });
+    let policy =
+        Arc::new(tern::select::Policy { listener: "test".into(), plugin: Some(server.plugins[0].1.clone()), default });
     let (_, source) = server.selector.select(&policy, Some("legit.example.test")).await?;
     assert_eq!(source, tern::select::Source::Plugin);
     let rss_before = rss_kib();

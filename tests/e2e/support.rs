@@ -287,7 +287,8 @@ pub const HTTP_API_PLUGIN: &str = env!("TERN_PLUGIN_HTTP_API");
 /// Selects every name twice straight through the selector (no TLS): first round misses (plugin call, store
 /// reads, parse, validation), second round hits. Prints median and p99 of each; asserts nothing about time.
 pub async fn print_selection_latency(server: &TestServer, names: &[String], what: &str) -> Result<()> {
-    let policy = tern::select::Policy { plugin: Some(server.plugins[0].1.clone()), default: None };
+    let policy =
+        tern::select::Policy { listener: "test".into(), plugin: Some(server.plugins[0].1.clone()), default: None };
     let mut rounds = [Vec::with_capacity(names.len()), Vec::with_capacity(names.len())];
     for round in &mut rounds {
         for name in names {

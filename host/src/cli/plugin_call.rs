@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tern::config::{Grants, KvGrant, PluginSettings, defaults};
-use tern::plugin::{self, Selection};
+use tern::plugin::{self, RouteRequest, Selection};
 use tern::sni::ServerName;
 
 /// Options of `tern plugin call`.
@@ -16,6 +16,9 @@ pub struct CallArgs {
     plugin: PathBuf,
     /// The server name to select a certificate for.
     servername: String,
+    /// The listener name the plugin is told (contract 0.2).
+    #[arg(long, default_value = "cli")]
+    listener: String,
     /// A plugin setting, as key=value; repeatable.
     #[arg(long = "setting", value_name = "KEY=VALUE")]
     settings: Vec<String>,
@@ -46,6 +49,7 @@ const STORE: &str = "cli";
 pub async fn run(args: CallArgs) -> Result<()> {
     let name =
         ServerName::parse(&args.servername).map_err(|e| anyhow::anyhow!("server name {:?}: {e}", args.servername))?;
+    let listener = args.listener.clone();
     let (settings, stores) = plugin_settings(args).await?;
     let runtime = plugin::PluginRuntime::new(settings.memory_limit.max(defaults::PLUGIN_MEMORY_LIMIT), 4)?;
     let compile_started = Instant::now();
@@ -53,10 +57,11 @@ pub async fn run(args: CallArgs) -> Result<()> {
     let compiled_in = compile_started.elapsed();
     let plugin = loaded.into_iter().next().context("plugin did not load")?;
     let call_started = Instant::now();
-    let answer = plugin.select(&name).await;
+    let answer = plugin.select(&name, &listener).await;
     let called_in = call_started.elapsed();
     println!("plugin:     {} (compiled in {compiled_in:.1?})", settings.path.display());
     println!("servername: {name}");
+    println!("contract:   tern:plugin@{}", plugin.contract().version());
     println!("call took:  {called_in:.1?}");
     let memory = plugin.stats().peak_memory_bytes();
     if memory > 0 {
@@ -93,13 +98,14 @@ async fn plugin_settings(args: CallArgs) -> Result<(PluginSettings, tern::store:
         tern::config::parse_size(&args.memory_limit).map_err(|e| anyhow::anyhow!("--memory-limit: {e}"))?,
     )?;
     plugin.settings = settings;
-    plugin.grants = Grants { files: args.files, kv, http: None };
+    plugin.grants = Grants { files: args.files, kv, ..Grants::default() };
     Ok((plugin, stores))
 }
 
 /// Prints the plugin's answer and whether serving would accept it; false when the call failed or it would not.
+/// Routes and passthrough targets are shown as sent: whether they are granted depends on the server's config.
 fn print_answer(answer: Result<Selection, plugin::PluginError>, name: &ServerName) -> bool {
-    let (chain, key, ttl) = match answer {
+    let (certificates, route, ttl) = match answer {
         Err(err) => {
             println!("result:     FAILED ({}): {err}", err.kind());
             return false;
@@ -108,24 +114,47 @@ fn print_answer(answer: Result<Selection, plugin::PluginError>, name: &ServerNam
             println!("result:     not-found (the listener's default certificate or strict alert applies)");
             return true;
         }
-        Ok(Selection::Found { chain, key, ttl }) => (chain, key, ttl),
+        Ok(Selection::Passthrough { target, ttl }) => {
+            println!(
+                "result:     passthrough to {target}, ttl hint {}",
+                ttl.map_or("none".into(), |t| format!("{t:?}"))
+            );
+            println!("validation: the target must match the plugin's grants.routes.passthrough");
+            return true;
+        }
+        Ok(Selection::Serve { certificates, route, ttl }) => (certificates, route, ttl),
     };
     println!(
-        "result:     found, {} bytes of chain, ttl hint {}",
-        chain.len(),
+        "result:     found, {} certificate(s), ttl hint {}",
+        certificates.len(),
         ttl.map_or("none".into(), |t| format!("{t:?}"))
     );
-    // The same checks as serving (key matches leaf, leaf covers the name, valid now).
-    match tern::certs::validate_answer(chain.as_bytes(), key.as_bytes(), name) {
+    match &route {
+        None => println!("route:      the listener's backend"),
+        Some(RouteRequest::Pool(pool)) => println!("route:      pool {pool:?} (must be in grants.routes.pools)"),
+        Some(RouteRequest::Origin(url)) => match tern::route::parse_origin(url) {
+            Ok(origin) => println!("route:      origin {origin} (must match grants.routes.origins)"),
+            Err(err) => {
+                println!("route:      REJECTED: {err}");
+                return false;
+            }
+        },
+    }
+    // The same checks as serving (key matches leaf, leaf covers the name, valid now), for every member.
+    let members = certificates.iter().map(|c| (c.chain.as_bytes(), c.key.as_bytes()));
+    match tern::certs::validate_set(members, name) {
         Err(err) => {
             println!("validation: REJECTED: {err}");
             false
         }
-        Ok(parsed) => {
-            println!("subject alt names: {}", parsed.dns_names.join(", "));
-            println!("issuer:     {}", parsed.issuer);
-            println!("expires in: {}", humanize(parsed.remaining_validity()));
-            println!("key:        matches the leaf");
+        Ok(set) => {
+            for (i, parsed) in set.iter().enumerate() {
+                println!("certificate {}: {} key", i + 1, tern::certs::key_kind(&parsed.certified));
+                println!("  subject alt names: {}", parsed.dns_names.join(", "));
+                println!("  issuer:     {}", parsed.issuer);
+                println!("  expires in: {}", humanize(parsed.remaining_validity()));
+                println!("  key:        matches the leaf");
+            }
             println!("validation: ok, covers {name}");
             true
         }

@@ -46,6 +46,8 @@ pub struct Config {
     pub plugins: Vec<PluginSettings>,
     /// Redis stores plugins may be granted.
     pub redis: Vec<RedisSettings>,
+    /// Upstream pools plugins may route names to.
+    pub upstreams: Vec<UpstreamSettings>,
     /// Where cache invalidations arrive from, if anywhere.
     pub invalidation: Option<InvalidationSettings>,
     /// Session resumption: tickets and the session cache, local or shared by a fleet through Redis.
@@ -394,6 +396,64 @@ pub struct Grants {
     pub kv: Option<KvGrant>,
     /// Outgoing HTTP through `wasi:http`, limited to listed authorities.
     pub http: Option<HttpGrant>,
+    /// Routes and passthrough targets the plugin's answers may name (contract 0.2); none by default.
+    pub routes: crate::route::RouteGrants,
+    /// `grants.routes.origin_ca`: CA certificates (PEM) that `https` origins of this plugin's routes are verified
+    /// against, instead of the system roots.
+    pub origin_ca: Option<PathBuf>,
+}
+
+/// `[[upstream]]`: a pool of servers that plugin answers may route names to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamSettings {
+    /// Name routes and grants refer to it by.
+    pub name: String,
+    /// `host:port` of each server (HTTP/1.1, cleartext).
+    pub servers: Vec<String>,
+    /// How a server is chosen per request.
+    pub balance: Balance,
+    /// Connecting to a server gives up after this long (then the next server, or 502).
+    pub connect_timeout: Duration,
+    /// Waiting for response headers gives up after this long (then 504).
+    pub response_timeout: Duration,
+    /// Open connections per server; requests beyond wait up to `connect_timeout`, then 503.
+    pub max_connections_per_server: usize,
+    /// Consecutive failed requests (connect errors, 5xx-free failures: resets and timeouts) that eject a server.
+    pub max_fails: u32,
+    /// How long an ejected server is skipped before it gets traffic again.
+    pub fail_timeout: Duration,
+    /// Further servers tried after a connect failure, for requests without a body and with an idempotent method.
+    pub retries: u32,
+    /// Active HTTP checks, if configured.
+    pub health_check: Option<HealthCheckSettings>,
+}
+
+/// `upstream.balance`
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Each server in turn (the default).
+    #[default]
+    RoundRobin,
+    /// The server with the fewest requests in flight (ties in turn).
+    LeastRequests,
+}
+
+/// `[upstream.health_check]`: a `GET` of `path` on every server each `interval`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckSettings {
+    /// Request path.
+    pub path: String,
+    /// Time between checks of one server.
+    pub interval: Duration,
+    /// A check that has no response head within this long fails.
+    pub timeout: Duration,
+    /// The status a passing check answers with.
+    pub expected_status: u16,
+    /// Consecutive passing checks that bring a down server back.
+    pub rise: u32,
+    /// Consecutive failing checks that take a server out.
+    pub fall: u32,
 }
 
 /// `grants.http`: where a plugin may send HTTP requests, and within which limits.

@@ -22,6 +22,8 @@ pub struct File {
     pub plugin: Vec<Plugin>,
     #[serde(default)]
     pub redis: Vec<Redis>,
+    #[serde(default)]
+    pub upstream: Vec<Upstream>,
     pub invalidation: Option<Invalidation>,
     pub resumption: Option<Resumption>,
     pub admin: Option<Admin>,
@@ -190,6 +192,45 @@ pub struct Grants {
     pub files: Option<String>,
     pub kv: Option<KvGrant>,
     pub http: Option<HttpGrant>,
+    pub routes: Option<RouteGrant>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteGrant {
+    #[serde(default)]
+    pub pools: Vec<String>,
+    #[serde(default)]
+    pub origins: Vec<String>,
+    #[serde(default)]
+    pub passthrough: Vec<String>,
+    pub origin_ca: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    pub name: String,
+    pub servers: Vec<String>,
+    pub balance: Option<super::Balance>,
+    pub connect_timeout: Option<String>,
+    pub response_timeout: Option<String>,
+    pub max_connections_per_server: Option<usize>,
+    pub max_fails: Option<u32>,
+    pub fail_timeout: Option<String>,
+    pub retries: Option<u32>,
+    pub health_check: Option<HealthCheck>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    pub path: Option<String>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub expected_status: Option<u16>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -298,6 +339,23 @@ pub mod defaults {
     pub const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
     /// `grants.http.timeout`
     pub const HTTP_TIMEOUT: Duration = Duration::from_millis(500);
+    /// `upstream.max_fails`: consecutive failures that eject a server (nginx's `max_fails` is 1; HAProxy's
+    /// `fall` 3)
+    pub const UPSTREAM_MAX_FAILS: u32 = 3;
+    /// `upstream.fail_timeout`: how long an ejected server sits out (nginx's `fail_timeout` 10 s)
+    pub const UPSTREAM_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `upstream.retries`: further servers tried after a connect failure of an idempotent request
+    pub const UPSTREAM_RETRIES: u32 = 1;
+    /// `upstream.health_check.path`
+    pub const HEALTH_PATH: &str = "/";
+    /// `upstream.health_check.interval` (HAProxy's `inter` 2 s)
+    pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+    /// `upstream.health_check.timeout`
+    pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+    /// `upstream.health_check.rise`: passing checks that bring a server back (HAProxy's `rise` 2)
+    pub const HEALTH_RISE: u32 = 2;
+    /// `upstream.health_check.fall`: failing checks that take a server out (HAProxy's `fall` 3)
+    pub const HEALTH_FALL: u32 = 3;
     /// `grants.http.max_response_bytes`: 1 MiB
     pub const HTTP_MAX_RESPONSE_BYTES: u64 = 1 << 20;
     /// `invalidation.channel`

@@ -29,11 +29,17 @@ impl Validator<'_> {
         &self,
         raw: Vec<raw::Plugin>,
         redis: &[RedisSettings],
+        upstreams: &[UpstreamSettings],
     ) -> Result<Vec<PluginSettings>, ConfigError> {
-        self.entries("plugin", raw, |p| &p.name, |_, p| self.plugin(p, redis))
+        self.entries("plugin", raw, |p| &p.name, |_, p| self.plugin(p, redis, upstreams))
     }
 
-    fn plugin(&self, p: raw::Plugin, redis: &[RedisSettings]) -> Result<PluginSettings, ConfigError> {
+    fn plugin(
+        &self,
+        p: raw::Plugin,
+        redis: &[RedisSettings],
+        upstreams: &[UpstreamSettings],
+    ) -> Result<PluginSettings, ConfigError> {
         let key = format!("plugin {:?}", p.name);
         let timeout = self.deadline(&format!("{key}.timeout"), p.timeout.as_ref(), defaults::PLUGIN_TIMEOUT)?;
         let memory_limit =
@@ -54,6 +60,8 @@ impl Validator<'_> {
         let files = p.grants.files.map(|dir| self.path(&dir));
         let kv = p.grants.kv.map(|grant| self.kv_grant(&key, grant, redis)).transpose()?;
         let http = p.grants.http.map(|grant| self.http_grant(&key, grant)).transpose()?;
+        let origin_ca = p.grants.routes.as_ref().and_then(|r| r.origin_ca.as_deref()).map(|ca| self.path(ca));
+        let routes = self.route_grant(&key, p.grants.routes.unwrap_or_default(), upstreams)?;
         let (max_calls_per_second, max_calls_per_second_per_client) =
             self.call_rates(&key, p.max_calls_per_second, p.max_calls_per_second_per_client)?;
         Ok(PluginSettings {
@@ -71,7 +79,7 @@ impl Validator<'_> {
                 defaults::BREAKER_COOLDOWN,
             )?,
             settings,
-            grants: Grants { files, kv, http },
+            grants: Grants { files, kv, http, routes, origin_ca },
             probe_names: p.probe_names,
             on_swap: p.on_swap,
         })
@@ -148,6 +156,96 @@ impl Validator<'_> {
             ));
         }
         Ok(KvGrant { store: grant.redis, prefixes: grant.prefixes })
+    }
+
+    fn route_grant(
+        &self,
+        key: &str,
+        grant: raw::RouteGrant,
+        upstreams: &[UpstreamSettings],
+    ) -> Result<crate::route::RouteGrants, ConfigError> {
+        use crate::route::Pattern;
+        if let Some(pool) = grant.pools.iter().find(|p| !upstreams.iter().any(|u| &u.name == *p)) {
+            return Err(self.err(format!("{key}.grants.routes.pools"), format!("no [[upstream]] named {pool:?}")));
+        }
+        let patterns = |what: &str, list: &[String], parse: fn(&str) -> Result<Pattern, String>| {
+            list.iter()
+                .map(|p| parse(p).map_err(|m| self.err(format!("{key}.grants.routes.{what}"), m)))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(crate::route::RouteGrants {
+            pools: grant.pools.clone(),
+            origins: patterns("origins", &grant.origins, Pattern::origin)?,
+            passthrough: patterns("passthrough", &grant.passthrough, Pattern::target)?,
+        })
+    }
+
+    pub(super) fn upstreams(
+        &self,
+        raw: Vec<raw::Upstream>,
+        proxy: &ProxySettings,
+    ) -> Result<Vec<UpstreamSettings>, ConfigError> {
+        self.entries("upstream", raw, |u| &u.name, |key, u| self.upstream(&key, u, proxy))
+    }
+
+    fn upstream(&self, key: &str, u: raw::Upstream, proxy: &ProxySettings) -> Result<UpstreamSettings, ConfigError> {
+        if u.servers.is_empty() {
+            return Err(self.err(format!("{key}.servers"), "list at least one host:port"));
+        }
+        for server in &u.servers {
+            crate::route::parse_origin(&format!("http://{server}"))
+                .ok()
+                .filter(|o| server.ends_with(&format!(":{}", o.port)))
+                .ok_or_else(|| self.err(format!("{key}.servers"), format!("{server:?} is not host:port")))?;
+        }
+        let health_check = u.health_check.map(|h| self.health_check(key, h)).transpose()?;
+        Ok(UpstreamSettings {
+            name: u.name,
+            servers: u.servers,
+            balance: u.balance.unwrap_or_default(),
+            connect_timeout: self.deadline(
+                &format!("{key}.connect_timeout"),
+                u.connect_timeout.as_ref(),
+                proxy.connect_timeout,
+            )?,
+            response_timeout: self.deadline(
+                &format!("{key}.response_timeout"),
+                u.response_timeout.as_ref(),
+                proxy.response_timeout,
+            )?,
+            max_connections_per_server: self.positive(
+                &format!("{key}.max_connections_per_server"),
+                u.max_connections_per_server.unwrap_or(proxy.max_connections_per_backend),
+            )?,
+            max_fails: u.max_fails.unwrap_or(defaults::UPSTREAM_MAX_FAILS),
+            fail_timeout: self.duration(
+                &format!("{key}.fail_timeout"),
+                u.fail_timeout.as_ref(),
+                defaults::UPSTREAM_FAIL_TIMEOUT,
+            )?,
+            retries: u.retries.unwrap_or(defaults::UPSTREAM_RETRIES),
+            health_check,
+        })
+    }
+
+    fn health_check(&self, key: &str, h: raw::HealthCheck) -> Result<HealthCheckSettings, ConfigError> {
+        let key = format!("{key}.health_check");
+        let path = h.path.unwrap_or_else(|| defaults::HEALTH_PATH.into());
+        if !path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err() {
+            return Err(self.err(format!("{key}.path"), format!("{path:?} is not a request path")));
+        }
+        let expected_status = h.expected_status.unwrap_or(200);
+        if !(100..=599).contains(&expected_status) {
+            return Err(self.err(format!("{key}.expected_status"), "must be an HTTP status (100-599)"));
+        }
+        Ok(HealthCheckSettings {
+            path,
+            interval: self.deadline(&format!("{key}.interval"), h.interval.as_ref(), defaults::HEALTH_INTERVAL)?,
+            timeout: self.deadline(&format!("{key}.timeout"), h.timeout.as_ref(), defaults::HEALTH_TIMEOUT)?,
+            expected_status,
+            rise: self.positive(&format!("{key}.rise"), h.rise.unwrap_or(defaults::HEALTH_RISE))?,
+            fall: self.positive(&format!("{key}.fall"), h.fall.unwrap_or(defaults::HEALTH_FALL))?,
+        })
     }
 
     fn http_grant(&self, key: &str, grant: raw::HttpGrant) -> Result<HttpGrant, ConfigError> {

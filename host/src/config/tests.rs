@@ -273,7 +273,7 @@ fn assert_usable(config: &Config, text: &str, runtime: &tokio::runtime::Runtime)
     );
     // The cache turns TTLs into expiry times (moka keeps nanoseconds in a u64): fill and read an entry.
     let cache = crate::cache::CertCache::new(&config.cache, std::sync::Arc::default());
-    let key = crate::cache::CacheKey { plugin: "p".into(), name: ServerName::parse("a.test").unwrap() };
+    let key = crate::cache::CacheKey { plugin: "p".into(), listener: None, name: ServerName::parse("a.test").unwrap() };
     let filled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         runtime.block_on(async {
             let load = async { Ok::<_, ()>(crate::cache::Answer::NotFound) };

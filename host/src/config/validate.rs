@@ -194,7 +194,8 @@ impl Validator<'_> {
         let proxy = self.proxy(&raw.proxy)?;
         let certificates = self.certificates(raw.certificate)?;
         let redis = self.redis(raw.redis)?;
-        let plugins = self.plugins(raw.plugin, &redis)?;
+        let upstreams = self.upstreams(raw.upstream, &proxy)?;
+        let plugins = self.plugins(raw.plugin, &redis, &upstreams)?;
         let listeners = self.listeners(raw.listener, &certificates, &plugins)?;
         let invalidation = self.invalidation(raw.invalidation, &redis)?;
         let resumption = match raw.resumption {
@@ -218,6 +219,7 @@ impl Validator<'_> {
             certificates,
             plugins,
             redis,
+            upstreams,
             invalidation,
             resumption,
             admin,

@@ -8,23 +8,27 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::limits::CallLimiter;
 use crate::sni::ServerName;
 
-#[allow(unsafe_code, missing_debug_implementations, clippy::all)]
-mod generated {
-    wasmtime::component::bindgen!({
-        path: "../wit/tern-plugin-0.1.0",
-        world: "cert-selector",
-        imports: {
-            // Key-value calls will wait on the network: async, so a slow store never holds a worker thread.
-            "tern:plugin/kv": async,
-            default: async,
-        },
-        exports: { default: async },
-    });
+/// The generated bindings of each contract version. Both link against the same [`CallState`]; the interfaces
+/// they share (log, config, kv) are implemented once below and adapted to each version by `host_interfaces!`.
+macro_rules! contract {
+    ($module:ident, $path:literal) => {
+        #[allow(unsafe_code, missing_debug_implementations, clippy::all)]
+        pub mod $module {
+            wasmtime::component::bindgen!({
+                path: $path,
+                world: "cert-selector",
+                imports: {
+                    // Key-value calls wait on the network: async, so a slow store never holds a worker thread.
+                    "tern:plugin/kv": async,
+                    default: async,
+                },
+                exports: { default: async },
+            });
+        }
+    };
 }
-
-pub use generated::tern::plugin::types::Selection as WitSelection;
-use generated::tern::plugin::{config, kv, log};
-pub use generated::{CertSelector, CertSelectorPre};
+contract!(v0_1, "../wit/tern-plugin-0.1.0");
+contract!(v0_2, "../wit/tern-plugin-0.2.0");
 
 /// Longest log line a plugin may write; longer ones are cut.
 const MAX_LOG_LINE: usize = 1024;
@@ -61,15 +65,93 @@ impl wasmtime_wasi_http::WasiHttpView for CallState {
     }
 }
 
-/// Adds the tern interfaces (log, config, kv) to a linker.
+/// Adds the tern interfaces (log, config, kv) of every contract version to a linker.
 pub fn add_to_linker(linker: &mut wasmtime::component::Linker<CallState>) -> wasmtime::Result<()> {
-    CertSelector::add_to_linker::<_, wasmtime::component::HasSelf<_>>(linker, |state| state)
+    v0_1::CertSelector::add_to_linker::<_, wasmtime::component::HasSelf<_>>(linker, |state| state)?;
+    v0_2::CertSelector::add_to_linker::<_, wasmtime::component::HasSelf<_>>(linker, |state| state)
 }
 
-impl generated::tern::plugin::types::Host for CallState {}
+/// The host side of log, config and kv for one contract version: thin adapters to [`CallState`]'s methods.
+macro_rules! host_interfaces {
+    ($version:ident) => {
+        impl $version::tern::plugin::types::Host for CallState {}
 
-impl log::Host for CallState {
-    async fn log(&mut self, level: log::Level, message: String) {
+        impl $version::tern::plugin::log::Host for CallState {
+            async fn log(&mut self, level: $version::tern::plugin::log::Level, message: String) {
+                use $version::tern::plugin::log::Level;
+                let level = match level {
+                    Level::Trace => tracing::Level::TRACE,
+                    Level::Debug => tracing::Level::DEBUG,
+                    Level::Info => tracing::Level::INFO,
+                    Level::Warn => tracing::Level::WARN,
+                    Level::Error => tracing::Level::ERROR,
+                };
+                self.log_line(level, message);
+            }
+        }
+
+        impl $version::tern::plugin::config::Host for CallState {
+            async fn get(&mut self, key: String) -> Option<String> {
+                self.settings.get(&key).cloned()
+            }
+
+            async fn get_all(&mut self) -> Vec<(String, String)> {
+                self.settings.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+            }
+        }
+
+        impl From<KvError> for $version::tern::plugin::kv::Error {
+            fn from(err: KvError) -> Self {
+                match err {
+                    KvError::Denied(m) => Self::Denied(m),
+                    KvError::Unavailable(m) => Self::Unavailable(m),
+                    KvError::Other(m) => Self::Other(m),
+                }
+            }
+        }
+
+        impl $version::tern::plugin::kv::Host for CallState {
+            async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, $version::tern::plugin::kv::Error> {
+                let grant = self.kv_grant(std::slice::from_ref(&key))?;
+                let result = grant.store.get(&key).await;
+                Ok(self.kv_result(result)?)
+            }
+
+            async fn get_many(
+                &mut self,
+                keys: Vec<String>,
+            ) -> Result<Vec<Option<Vec<u8>>>, $version::tern::plugin::kv::Error> {
+                let grant = self.kv_grant(&keys)?;
+                let result = grant.store.get_many(&keys).await;
+                Ok(self.kv_result(result)?)
+            }
+
+            async fn hash_get(
+                &mut self,
+                key: String,
+                fields: Vec<String>,
+            ) -> Result<Vec<Option<Vec<u8>>>, $version::tern::plugin::kv::Error> {
+                let grant = self.kv_grant(std::slice::from_ref(&key))?;
+                let result = grant.store.hash_get(&key, &fields).await;
+                Ok(self.kv_result(result)?)
+            }
+        }
+    };
+}
+host_interfaces!(v0_1);
+host_interfaces!(v0_2);
+
+/// Why a key-value call failed, before it is given the WIT type of the caller's contract version.
+#[derive(Debug)]
+pub(super) enum KvError {
+    Denied(String),
+    Unavailable(String),
+    Other(String),
+}
+
+impl CallState {
+    /// Writes one line of the plugin's log, clipped, at most [`MAX_LOG_LINES_PER_CALL`] per call.
+    fn log_line(&mut self, level: tracing::Level, message: String) {
         self.log_lines += 1;
         if self.log_lines > MAX_LOG_LINES_PER_CALL {
             return;
@@ -85,60 +167,12 @@ impl log::Host for CallState {
         }
         let plugin = &*self.plugin;
         let servername = self.servername.as_ref().map(ServerName::as_str).unwrap_or("");
-        match level {
-            log::Level::Trace => {
-                tracing::trace!(target: "tern::plugin", plugin, servername, "{message}")
-            }
-            log::Level::Debug => {
-                tracing::debug!(target: "tern::plugin", plugin, servername, "{message}")
-            }
-            log::Level::Info => {
-                tracing::info!(target: "tern::plugin", plugin, servername, "{message}")
-            }
-            log::Level::Warn => {
-                tracing::warn!(target: "tern::plugin", plugin, servername, "{message}")
-            }
-            log::Level::Error => {
-                tracing::error!(target: "tern::plugin", plugin, servername, "{message}")
-            }
-        }
-    }
-}
-
-impl config::Host for CallState {
-    async fn get(&mut self, key: String) -> Option<String> {
-        self.settings.get(&key).cloned()
+        crate::failure::event_at!(level, target: "tern::plugin", plugin, servername, "{message}");
     }
 
-    async fn get_all(&mut self) -> Vec<(String, String)> {
-        self.settings.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-    }
-}
-
-impl kv::Host for CallState {
-    async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, kv::Error> {
-        let grant = self.kv_grant(std::slice::from_ref(&key))?;
-        let result = grant.store.get(&key).await;
-        self.kv_result(result)
-    }
-
-    async fn get_many(&mut self, keys: Vec<String>) -> Result<Vec<Option<Vec<u8>>>, kv::Error> {
-        let grant = self.kv_grant(&keys)?;
-        let result = grant.store.get_many(&keys).await;
-        self.kv_result(result)
-    }
-
-    async fn hash_get(&mut self, key: String, fields: Vec<String>) -> Result<Vec<Option<Vec<u8>>>, kv::Error> {
-        let grant = self.kv_grant(std::slice::from_ref(&key))?;
-        let result = grant.store.hash_get(&key, &fields).await;
-        self.kv_result(result)
-    }
-}
-
-impl CallState {
     /// Converts a store reply for the guest, remembering an outage so the host can tell "store down" from a
     /// plugin's own error.
-    fn kv_result<T>(&self, result: Result<T, crate::store::StoreError>) -> Result<T, kv::Error> {
+    fn kv_result<T>(&self, result: Result<T, crate::store::StoreError>) -> Result<T, KvError> {
         result.map_err(|err| {
             if matches!(err, crate::store::StoreError::Unavailable { .. }) {
                 self.store_down.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -148,12 +182,12 @@ impl CallState {
     }
 
     /// The plugin's grant, if it covers every key asked for.
-    fn kv_grant(&self, keys: &[String]) -> Result<Arc<KvAccess>, kv::Error> {
+    fn kv_grant(&self, keys: &[String]) -> Result<Arc<KvAccess>, KvError> {
         let Some(grant) = &self.kv else {
-            return Err(kv::Error::Denied(format!("plugin {} has no key-value grant", self.plugin)));
+            return Err(KvError::Denied(format!("plugin {} has no key-value grant", self.plugin)));
         };
         if let Some(outside) = keys.iter().find(|key| !grant.prefixes.iter().any(|p| key.starts_with(p.as_str()))) {
-            return Err(kv::Error::Denied(format!(
+            return Err(KvError::Denied(format!(
                 "key {outside:?} is outside the prefixes granted to plugin {}",
                 self.plugin
             )));
@@ -171,9 +205,9 @@ pub struct KvAccess {
     pub prefixes: Vec<String>,
 }
 
-fn to_wit(err: crate::store::StoreError) -> kv::Error {
+fn to_wit(err: crate::store::StoreError) -> KvError {
     match err {
-        crate::store::StoreError::Unavailable { .. } => kv::Error::Unavailable(err.to_string()),
-        _ => kv::Error::Other(err.to_string()),
+        crate::store::StoreError::Unavailable { .. } => KvError::Unavailable(err.to_string()),
+        _ => KvError::Other(err.to_string()),
     }
 }

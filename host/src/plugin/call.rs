@@ -12,9 +12,9 @@ use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, WasiCtx};
 
-use super::bindings::{CallState, CertSelectorPre, KvAccess, WitSelection};
+use super::bindings::{CallState, KvAccess, v0_1, v0_2};
 use super::limits::CallLimiter;
-use super::{Outcome, PluginError, PluginRuntime, PluginStats, Selection, guard, http};
+use super::{Outcome, PemCertificate, PluginError, PluginRuntime, PluginStats, RouteRequest, Selection, guard, http};
 use crate::config::PluginSettings;
 use crate::sni::ServerName;
 
@@ -27,7 +27,7 @@ pub struct Plugin {
     /// Keeps the engine and its epoch ticker alive as long as the plugin can be called: without the ticker a
     /// spinning plugin would never yield and its deadline would never fire.
     pub(super) runtime: PluginRuntime,
-    pub(super) pre: CertSelectorPre<CallState>,
+    pub(super) pre: Pre,
     /// The settings it was loaded from (a reload compares against them).
     pub(super) source: PluginSettings,
     /// SHA-256 of the component, hex.
@@ -41,6 +41,43 @@ pub struct Plugin {
     pub(super) permits: Arc<Semaphore>,
     pub(super) guard: guard::Guard,
     pub(super) stats: Arc<PluginStats>,
+}
+
+/// The contract version a plugin was built against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Contract {
+    /// `tern:plugin@0.1.0`: one certificate, no route.
+    V0_1,
+    /// `tern:plugin@0.2.0`: certificate sets, routes, passthrough; told the listener.
+    V0_2,
+}
+
+impl Contract {
+    /// The WIT package version.
+    pub fn version(self) -> &'static str {
+        match self {
+            Contract::V0_1 => "0.1.0",
+            Contract::V0_2 => "0.2.0",
+        }
+    }
+}
+
+/// A pre-instantiated component of either contract version.
+pub(super) enum Pre {
+    V0_1(v0_1::CertSelectorPre<CallState>),
+    V0_2(v0_2::CertSelectorPre<CallState>),
+}
+
+impl Pre {
+    /// The component's exports checked against 0.2, then 0.1.
+    pub(super) fn new(instance: wasmtime::component::InstancePre<CallState>) -> Result<Self, wasmtime::Error> {
+        match v0_2::CertSelectorPre::new(instance.clone()) {
+            Ok(pre) => Ok(Pre::V0_2(pre)),
+            Err(v2) => v0_1::CertSelectorPre::new(instance)
+                .map(Pre::V0_1)
+                .map_err(|v1| wasmtime::Error::msg(format!("as 0.2.0: {v2:#}; as 0.1.0: {v1:#}"))),
+        }
+    }
 }
 
 impl std::fmt::Debug for Plugin {
@@ -75,20 +112,30 @@ impl Plugin {
         &self.sha256
     }
 
+    /// The contract version it was built against.
+    pub fn contract(&self) -> Contract {
+        match self.pre {
+            Pre::V0_1(_) => Contract::V0_1,
+            Pre::V0_2(_) => Contract::V0_2,
+        }
+    }
+
     /// Makes this plugin count into `stats` (a replacement keeps its slot's counters).
     pub fn share_stats(&mut self, stats: Arc<PluginStats>) {
         self.stats = stats;
     }
 
-    /// Calls `select-certificate(servername)` in a fresh instance, within the plugin's limits.
-    pub async fn select(&self, servername: &ServerName) -> Result<Selection, PluginError> {
-        self.select_for(servername, None).await
+    /// Calls `select-certificate` for `servername` reached on `listener` in a fresh instance, within the
+    /// plugin's limits.
+    pub async fn select(&self, servername: &ServerName, listener: &str) -> Result<Selection, PluginError> {
+        self.select_for(servername, listener, None).await
     }
 
     /// Like [`Plugin::select`], on behalf of a client at `client` (its network's share of the rate cap applies).
     pub async fn select_for(
         &self,
         servername: &ServerName,
+        listener: &str,
         client: Option<std::net::IpAddr>,
     ) -> Result<Selection, PluginError> {
         if let Err(shed) = self.guard.admit_for(client) {
@@ -100,12 +147,12 @@ impl Plugin {
         let _permit = self.permits.acquire().await.map_err(|_| PluginError::Instantiate("plugin closed".into()))?;
         self.stats.started();
         let timeout = self.source.timeout;
-        let result = match tokio::time::timeout(timeout, self.call(servername)).await {
+        let result = match tokio::time::timeout(timeout, self.call(servername, listener)).await {
             Ok(result) => result,
             Err(_) => Err(PluginError::Timeout(timeout)),
         };
         self.stats.record(match &result {
-            Ok(Selection::Found { .. }) => Outcome::Found,
+            Ok(Selection::Serve { .. } | Selection::Passthrough { .. }) => Outcome::Found,
             Ok(Selection::NotFound) => Outcome::NotFound,
             Err(err) => err.outcome(),
         });
@@ -113,7 +160,7 @@ impl Plugin {
         result
     }
 
-    async fn call(&self, servername: &ServerName) -> Result<Selection, PluginError> {
+    async fn call(&self, servername: &ServerName, listener: &str) -> Result<Selection, PluginError> {
         // Epoch ticks (hence deadlines and yielding) while this call runs; dropped with the future on timeout.
         let _ticking = self.runtime.ticker.running();
         let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
@@ -141,20 +188,27 @@ impl Plugin {
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
 
-        let instance =
-            self.pre.instantiate_async(&mut store).await.map_err(|e| self.classify(&store, e, "instantiate"))?;
-        let answer = instance
-            .call_select_certificate(&mut store, servername.as_str())
-            .await
-            .map_err(|e| self.classify(&store, e, "call"))?;
+        let classify = |store: &Store<CallState>, e| self.classify(store, e, "instantiate");
+        let answer = match &self.pre {
+            Pre::V0_1(pre) => {
+                let instance = pre.instantiate_async(&mut store).await.map_err(|e| classify(&store, e))?;
+                let answer = instance.call_select_certificate(&mut store, servername.as_str()).await;
+                answer.map(|answer| answer.map(from_v0_1))
+            }
+            Pre::V0_2(pre) => {
+                let instance = pre.instantiate_async(&mut store).await.map_err(|e| classify(&store, e))?;
+                let hello = v0_2::tern::plugin::types::Hello {
+                    servername: servername.as_str().to_string(),
+                    listener: listener.to_string(),
+                };
+                let answer = instance.call_select_certificate(&mut store, &hello).await;
+                answer.map(|answer| answer.map(from_v0_2))
+            }
+        }
+        .map_err(|e| self.classify(&store, e, "call"))?;
         self.stats.saw_memory(store.data().limiter.peak);
         match answer {
-            Ok(WitSelection::Found(cert)) => Ok(Selection::Found {
-                chain: cert.chain,
-                key: cert.private_key,
-                ttl: cert.ttl_seconds.map(|s| Duration::from_secs(u64::from(s))),
-            }),
-            Ok(WitSelection::NotFound) => Ok(Selection::NotFound),
+            Ok(selection) => Ok(selection),
             Err(message) if store_down.load(Ordering::Relaxed) => Err(PluginError::StoreUnavailable(message)),
             Err(message) => Err(PluginError::Returned(message)),
         }
@@ -197,5 +251,42 @@ impl Plugin {
             });
         }
         PluginError::Instantiate(format!("{err:#}"))
+    }
+}
+
+fn ttl(seconds: Option<u32>) -> Option<Duration> {
+    seconds.map(|s| Duration::from_secs(u64::from(s)))
+}
+
+/// A 0.1 answer: a set of one certificate, no route.
+fn from_v0_1(answer: v0_1::tern::plugin::types::Selection) -> Selection {
+    use v0_1::tern::plugin::types::Selection as Wit;
+    match answer {
+        Wit::Found(cert) => Selection::Serve {
+            certificates: vec![PemCertificate { chain: cert.chain, key: cert.private_key }],
+            route: None,
+            ttl: ttl(cert.ttl_seconds),
+        },
+        Wit::NotFound => Selection::NotFound,
+    }
+}
+
+fn from_v0_2(answer: v0_2::tern::plugin::types::Answer) -> Selection {
+    use v0_2::tern::plugin::types::{Answer, Route};
+    match answer {
+        Answer::Serve(served) => Selection::Serve {
+            certificates: served
+                .certificates
+                .into_iter()
+                .map(|c| PemCertificate { chain: c.chain, key: c.private_key })
+                .collect(),
+            route: served.route.map(|route| match route {
+                Route::Pool(name) => RouteRequest::Pool(name),
+                Route::Origin(url) => RouteRequest::Origin(url),
+            }),
+            ttl: ttl(served.ttl_seconds),
+        },
+        Answer::Passthrough(p) => Selection::Passthrough { target: p.target, ttl: ttl(p.ttl_seconds) },
+        Answer::NotFound => Selection::NotFound,
     }
 }

@@ -14,7 +14,7 @@ mod outcome;
 mod runtime;
 mod slot;
 
-pub use call::Plugin;
+pub use call::{Contract, Plugin};
 pub use guard::Shed;
 pub use outcome::{Outcome, PluginError, PluginStats};
 pub use runtime::{PluginLoadError, PluginRuntime, load_all, runtime_for, sha256_hex};
@@ -22,15 +22,22 @@ pub use slot::{PluginSlot, SlotStatus};
 
 use std::time::Duration;
 
-/// What a plugin answered.
-#[derive(Clone, PartialEq, Eq)]
+/// What a plugin answered, whichever contract version it speaks (0.1 answers are a set of one, no route).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selection {
-    /// A certificate, still unparsed.
-    Found {
-        /// PEM chain, leaf first.
-        chain: String,
-        /// PEM private key.
-        key: String,
+    /// Terminate TLS with these certificates (still unparsed), sending requests along `route`.
+    Serve {
+        /// The set, in the plugin's order of preference.
+        certificates: Vec<PemCertificate>,
+        /// `None`: the listener's backend.
+        route: Option<RouteRequest>,
+        /// Cache TTL hint.
+        ttl: Option<Duration>,
+    },
+    /// Forward the connection to a TCP target without terminating TLS.
+    Passthrough {
+        /// `host:port`, unchecked.
+        target: String,
         /// Cache TTL hint.
         ttl: Option<Duration>,
     },
@@ -38,17 +45,27 @@ pub enum Selection {
     NotFound,
 }
 
+/// One certificate as a plugin sent it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PemCertificate {
+    /// PEM chain, leaf first.
+    pub chain: String,
+    /// PEM private key.
+    pub key: String,
+}
+
 // Written by hand: the derived form would print the private key.
-impl std::fmt::Debug for Selection {
+impl std::fmt::Debug for PemCertificate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Selection::Found { chain, ttl, .. } => f
-                .debug_struct("Found")
-                .field("chain_bytes", &chain.len())
-                .field("key", &"<redacted>")
-                .field("ttl", ttl)
-                .finish(),
-            Selection::NotFound => f.write_str("NotFound"),
-        }
+        f.debug_struct("PemCertificate").field("chain_bytes", &self.chain.len()).field("key", &"<redacted>").finish()
     }
+}
+
+/// A route as a plugin sent it, before the grants are applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteRequest {
+    /// An `[[upstream]]` pool by name.
+    Pool(String),
+    /// `http://host:port` or `https://host:port`.
+    Origin(String),
 }

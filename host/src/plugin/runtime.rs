@@ -10,7 +10,8 @@ use tokio::sync::Semaphore;
 use wasmtime::Engine;
 use wasmtime::component::{Component, Linker};
 
-use super::bindings::{self, CallState, CertSelectorPre, KvAccess};
+use super::bindings::{self, CallState, KvAccess};
+use super::call::Pre;
 use super::{Plugin, PluginStats, guard, limits};
 use crate::config::PluginSettings;
 use crate::store::Stores;
@@ -44,7 +45,7 @@ pub enum PluginLoadError {
         message: String,
     },
     /// The component does not fit the `tern:plugin/cert-selector` world, or imports what the host lacks.
-    #[error("plugin {name:?} ({}): not a tern:plugin@0.1.0 cert-selector: {message}", path.display())]
+    #[error("plugin {name:?} ({}): not a tern:plugin cert-selector (0.2.0 or 0.1.0): {message}", path.display())]
     Link {
         /// Plugin name.
         name: String,
@@ -146,7 +147,7 @@ impl PluginRuntime {
             message: format!("{e:#}"),
         };
         let instance_pre = self.linker.instantiate_pre(&component).map_err(link_err)?;
-        let pre = CertSelectorPre::new(instance_pre).map_err(link_err)?;
+        let pre = Pre::new(instance_pre).map_err(link_err)?;
         if let Some(dir) = &settings.grants.files
             && !dir.is_dir()
         {

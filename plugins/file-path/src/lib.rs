@@ -9,27 +9,57 @@
 //! - `wildcard_label`: what stands for `*` in wildcard file names, default `*` (e.g. `_wildcard` gives
 //!   `_wildcard.example.com.crt`).
 //! - `ttl_seconds`: cache TTL hint for every answer; default: the host's TTL.
+//! - `rsa_cert_template`, `rsa_key_template`: a second certificate for the same name, served to clients that
+//!   cannot use the first one's key type (an RSA one beside ECDSA); defaults `{name}.rsa.crt` and `{name}.rsa.key`.
+//! - `route_template`: where the name's traffic goes, default `{name}.route`. The file holds one line:
+//!   `pool NAME` (an `[[upstream]]`), `origin http://host:port` or `origin https://host:port`, or
+//!   `passthrough host:port` (no certificate needed: tern forwards the connection untouched). Without the file,
+//!   the listener's backend. The host checks every route against the plugin's `grants.routes`.
 //!
 //! The host guarantees the server name is plain DNS syntax (no `/`, no `..`), and the WASI sandbox confines every
 //! path to the granted directory whatever the templates say.
 
 use std::io::ErrorKind;
 use std::time::Duration;
-use tern_guest::{Certificate, Selection, Selector, config, exact_or_wildcard};
+use tern_guest::{Answer, Certificate, Hello, Plugin, Route, Served, config, log, wildcard_of};
 
 struct FilePath;
 
-impl Selector for FilePath {
-    fn select(servername: &str) -> Result<Selection, String> {
+impl Plugin for FilePath {
+    fn select(hello: &Hello) -> Result<Answer, String> {
         let settings = Settings::load()?;
-        // Wildcard files may spell `*` differently (wildcard_label); exact names contain no `*`.
-        exact_or_wildcard(servername, settings.wildcard, |name| {
-            settings.read_pair(&name.replacen('*', &settings.wildcard_label, 1))
-        })
+        let wildcard = settings.wildcard.then(|| wildcard_of(&hello.servername)).flatten();
+        for name in std::iter::once(hello.servername.clone()).chain(wildcard) {
+            // Wildcard files may spell `*` differently (wildcard_label); exact names contain no `*`.
+            let file = name.replacen('*', &settings.wildcard_label, 1);
+            if let Some(answer) = settings.answer(&file)? {
+                if name != hello.servername {
+                    log::debug(&format!("serving wildcard {name}"));
+                }
+                return Ok(answer);
+            }
+        }
+        Ok(Answer::NotFound)
     }
 }
 
-tern_guest::export_selector!(FilePath);
+tern_guest::export_plugin!(FilePath);
+
+/// What a route file says.
+fn parse_route(text: &str, file: &str) -> Result<RouteLine, String> {
+    let line = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).unwrap_or("");
+    match line.split_once(char::is_whitespace).map(|(kind, value)| (kind, value.trim())) {
+        Some(("pool", pool)) => Ok(RouteLine::Route(Route::Pool(pool.to_string()))),
+        Some(("origin", url)) => Ok(RouteLine::Route(Route::Origin(url.to_string()))),
+        Some(("passthrough", target)) => Ok(RouteLine::Passthrough(target.to_string())),
+        _ => Err(format!("{file}: expected `pool NAME`, `origin URL` or `passthrough HOST:PORT`, got {line:?}")),
+    }
+}
+
+enum RouteLine {
+    Route(Route),
+    Passthrough(String),
+}
 
 /// The longest file name common file systems store (ext4, XFS, btrfs: 255 bytes).
 const MAX_FILE_NAME: usize = 255;
@@ -45,6 +75,9 @@ struct Settings {
     key_template: String,
     wildcard: bool,
     wildcard_label: String,
+    rsa_cert_template: String,
+    rsa_key_template: String,
+    route_template: String,
     ttl: Option<Duration>,
 }
 
@@ -69,9 +102,18 @@ impl Settings {
             key_template: config::get_or("key_template", "{name}.key"),
             wildcard,
             wildcard_label: config::get_or("wildcard_label", "*"),
+            rsa_cert_template: config::get_or("rsa_cert_template", "{name}.rsa.crt"),
+            rsa_key_template: config::get_or("rsa_key_template", "{name}.rsa.key"),
+            route_template: config::get_or("route_template", "{name}.route"),
             ttl,
         };
-        for (key, template) in [("cert_template", &settings.cert_template), ("key_template", &settings.key_template)] {
+        for (key, template) in [
+            ("cert_template", &settings.cert_template),
+            ("key_template", &settings.key_template),
+            ("rsa_cert_template", &settings.rsa_cert_template),
+            ("rsa_key_template", &settings.rsa_key_template),
+            ("route_template", &settings.route_template),
+        ] {
             if !template.contains("{name}") {
                 return Err(format!("setting {key}: {template:?} does not contain {{name}}"));
             }
@@ -79,13 +121,33 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Both files for `name`, `None` if either is missing. Other I/O errors are errors: a permission problem must
-    /// not look like "unknown name" and silently fall back to the default certificate.
-    fn read_pair(&self, name: &str) -> Result<Option<Certificate>, String> {
-        let Some(chain) = self.read(&self.cert_template, name)? else {
+    /// The answer the files for `name` make, `None` if there are none.
+    fn answer(&self, name: &str) -> Result<Option<Answer>, String> {
+        let route = match self.read(&self.route_template, name)? {
+            None => None,
+            Some(text) => match parse_route(&text, &self.route_template.replace("{name}", name))? {
+                RouteLine::Passthrough(target) => return Ok(Some(Answer::Passthrough { target, ttl: self.ttl })),
+                RouteLine::Route(route) => Some(route),
+            },
+        };
+        let Some(first) = self.read_pair(&self.cert_template, &self.key_template, name)? else {
             return Ok(None);
         };
-        let Some(key) = self.read(&self.key_template, name)? else {
+        let mut served = Served::one(first);
+        if let Some(second) = self.read_pair(&self.rsa_cert_template, &self.rsa_key_template, name)? {
+            served = served.and(second);
+        }
+        served.route = route;
+        Ok(Some(Answer::Serve(served)))
+    }
+
+    /// Both files for `name`, `None` if either is missing. Other I/O errors are errors: a permission problem must
+    /// not look like "unknown name" and silently fall back to the default certificate.
+    fn read_pair(&self, cert_template: &str, key_template: &str, name: &str) -> Result<Option<Certificate>, String> {
+        let Some(chain) = self.read(cert_template, name)? else {
+            return Ok(None);
+        };
+        let Some(key) = self.read(key_template, name)? else {
             return Ok(None);
         };
         let cert = Certificate::new(chain, key);
