@@ -291,7 +291,8 @@ impl Pool {
         self.latency.observe(latency);
     }
 
-    /// Passive health: `max_fails` failures in a row eject the server for `fail_timeout`.
+    /// Passive health: `max_fails` failures in a row take the server out: until `rise` health checks pass if the
+    /// pool has active checks (HAProxy's `observe` with `on-error mark-down`), else for `fail_timeout`.
     pub(crate) fn failed(&self, index: usize, failure: Failure) {
         let server = &self.servers[index];
         inc(match failure {
@@ -304,6 +305,12 @@ impl Pool {
         }
         if server.fails.fetch_add(1, Ordering::Relaxed) + 1 >= self.settings.max_fails {
             server.fails.store(0, Ordering::Relaxed);
+            if self.settings.health_check.is_some() {
+                if server.healthy.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(pool = %self.name, server = %server.address, "server down after consecutive failures, until its health checks pass");
+                }
+                return;
+            }
             let until = server.epoch.elapsed() + self.settings.fail_timeout;
             server.ejected_until.store(u64::try_from(until.as_millis()).unwrap_or(u64::MAX).max(1), Ordering::Relaxed);
             tracing::warn!(pool = %self.name, server = %server.address, for_ = ?self.settings.fail_timeout, "server ejected after consecutive failures");
@@ -335,6 +342,9 @@ impl PoolServer {
 /// Checks one server every `interval`: `rise` passes in a row bring it back, `fall` failures take it out.
 async fn health_check(pool: std::sync::Weak<Pool>, index: usize, check: HealthCheckSettings) {
     let (mut passes, mut fails) = (0u32, 0u32);
+    // Whether the server was up at the last check: passive health may take it down in between, and then it needs
+    // `rise` fresh passes.
+    let mut was_healthy = true;
     loop {
         tokio::time::sleep(check.interval).await;
         let Some(pool) = pool.upgrade() else { return };
@@ -347,6 +357,9 @@ async fn health_check(pool: std::sync::Weak<Pool>, index: usize, check: HealthCh
         let status = tokio::time::timeout(check.timeout, server.client.request(request)).await;
         let passed = matches!(&status, Ok(Ok(response)) if response.status().as_u16() == check.expected_status);
         let healthy = server.healthy.load(Ordering::Relaxed);
+        if was_healthy && !healthy {
+            passes = 0;
+        }
         if passed {
             (passes, fails) = (passes + 1, 0);
             if !healthy && passes >= check.rise {
@@ -367,6 +380,7 @@ async fn health_check(pool: std::sync::Weak<Pool>, index: usize, check: HealthCh
                 tracing::warn!(pool = %pool.name, server = %server.address, %outcome, "health check failed: server down");
             }
         }
+        was_healthy = server.healthy.load(Ordering::Relaxed);
     }
 }
 
@@ -428,4 +442,72 @@ fn system_roots() -> Result<rustls::RootCertStore, String> {
         return Err(format!("no system CA certificates found ({} errors)", found.errors.len()));
     }
     Ok(roots)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(balance: Balance, health_check: bool) -> Pool {
+        let settings = UpstreamSettings {
+            name: "p".into(),
+            servers: vec!["127.0.0.1:1".into(), "127.0.0.1:2".into(), "127.0.0.1:3".into()],
+            balance,
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(1),
+            max_connections_per_server: 4,
+            max_fails: 2,
+            fail_timeout: Duration::from_secs(60),
+            retries: 1,
+            health_check: health_check.then(|| HealthCheckSettings {
+                path: "/".into(),
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_secs(1),
+                expected_status: 200,
+                rise: 1,
+                fall: 1,
+            }),
+        };
+        let proxy = ProxySettings {
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(1),
+            pool_idle_timeout: Duration::from_secs(1),
+            max_connections_per_backend: 4,
+            max_backend_connections: 16,
+        };
+        Pool::new(&settings, &proxy, Arc::new(Semaphore::new(16)))
+    }
+
+    #[tokio::test]
+    async fn round_robin_turns_and_skips_servers_that_are_out() {
+        let pool = pool(Balance::RoundRobin, false);
+        let picks: Vec<_> = (0..6).filter_map(|_| pool.pick(&[])).collect();
+        assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+        pool.failed(1, Failure::Connect);
+        assert!(pool.servers[1].available(Instant::now()), "one failure of two allowed");
+        pool.failed(1, Failure::Busy);
+        assert!(pool.servers[1].available(Instant::now()), "a full server is not a broken one");
+        pool.failed(1, Failure::Connect);
+        assert!(!pool.servers[1].available(Instant::now()), "max_fails in a row eject");
+        assert!((0..6).filter_map(|_| pool.pick(&[])).all(|i| i != 1));
+        assert_eq!(pool.pick(&[0, 2]), None, "a retry never goes back to a server it tried");
+    }
+
+    #[tokio::test]
+    async fn least_requests_prefers_the_idle_server_and_health_checks_own_the_return() {
+        let pool = pool(Balance::LeastRequests, true);
+        let (_a, _b) = (pool.start(0), pool.start(0));
+        let _c = pool.start(2);
+        assert_eq!(pool.pick(&[]), Some(1));
+        pool.failed(1, Failure::Timeout);
+        pool.failed(1, Failure::Timeout);
+        assert!(!pool.servers[1].healthy.load(Ordering::Relaxed), "with checks, failures mark the server down");
+        assert_eq!(pool.pick(&[]), Some(2));
+        pool.failed(0, Failure::Connect);
+        pool.failed(0, Failure::Connect);
+        pool.failed(2, Failure::Connect);
+        pool.failed(2, Failure::Connect);
+        assert_eq!(pool.pick(&[]), None);
+        assert_eq!(pool.no_server.load(Ordering::Relaxed), 1);
+    }
 }

@@ -53,6 +53,17 @@ async fn plugin_call_prints_what_the_plugin_returned() -> anyhow::Result<()> {
     let output = run_command(tern(&["plugin", "call", FILE_PATH_PLUGIN, "a.test", "--files", &certs])).await?;
     assert!(output.status.success(), "{}", text(&output));
     assert!(text(&output).contains("validation: ok, covers a.test"), "{}", text(&output));
+    assert!(text(&output).contains("contract:   tern:plugin@0.2.0"), "{}", text(&output));
+    assert!(text(&output).contains("route:      the listener's backend"), "{}", text(&output));
+    // The chaos plugin is built from unchanged 0.1 source against the 0.1 contract, and still answers.
+    let output = run_command(tern(&["plugin", "call", CHAOS_PLUGIN, "a.test", "--files", &certs])).await?;
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(text(&output).contains("contract:   tern:plugin@0.1.0"), "{}", text(&output));
+    assert!(text(&output).contains("certificate 1: ECDSA key"), "{}", text(&output));
+
+    std::fs::write(pki.certs().join("a.test.route"), "pool blue\n")?;
+    let output = run_command(tern(&["plugin", "call", FILE_PATH_PLUGIN, "a.test", "--files", &certs])).await?;
+    assert!(text(&output).contains("route:      pool \"blue\""), "{}", text(&output));
 
     let output = run_command(tern(&["plugin", "call", FILE_PATH_PLUGIN, "b.test", "--files", &certs])).await?;
     assert!(text(&output).contains("result:     not-found"), "{}", text(&output));

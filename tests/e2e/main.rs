@@ -18,5 +18,6 @@ mod proxy_protocol;
 mod redis;
 mod redis_support;
 mod resumption;
+mod routing;
 mod selection;
 mod support;

@@ -126,6 +126,45 @@ fn kv_grant_names_an_existing_store_and_prefixes() {
 }
 
 #[test]
+fn upstreams_and_route_grants_are_checked_with_their_keys() {
+    let pool = "\n[[upstream]]\nname = \"blue\"\nservers = [\"127.0.0.1:8081\", \"[::1]:8082\"]\nbalance = \"least_requests\"\n\
+                health_check = { path = \"/healthz\", interval = \"2s\" }\n";
+    let grant = |g: &str| MINIMAL.replace("grants.files = \"/srv/certs\"", g) + pool;
+    let config = load(&grant(
+        "grants.routes = { pools = [\"blue\"], origins = [\"https://*.origin.test:443\"], passthrough = [\"*:8443\"], origin_ca = \"ca.pem\" }",
+    ))
+    .unwrap();
+    let upstream = &config.upstreams[0];
+    assert_eq!(
+        (upstream.balance, upstream.servers.len(), upstream.max_fails),
+        (Balance::LeastRequests, 2, defaults::UPSTREAM_MAX_FAILS)
+    );
+    let check = upstream.health_check.as_ref().unwrap();
+    assert_eq!(
+        (check.path.as_str(), check.interval, check.rise, check.fall),
+        ("/healthz", Duration::from_secs(2), 2, 3)
+    );
+    let grants = &config.plugins[0].grants;
+    assert!(grants.routes.pool("blue").is_ok() && grants.routes.pool("green").is_err());
+    assert!(grants.origin_ca.as_ref().is_some_and(|p| p.ends_with("ca.pem")));
+    for (bad, key) in [
+        ("grants.routes = { pools = [\"green\"] }", "grants.routes.pools"),
+        ("grants.routes = { origins = [\"a.test:443\"] }", "grants.routes.origins"),
+        ("grants.routes = { passthrough = [\"a*.test:1\"] }", "grants.routes.passthrough"),
+    ] {
+        let err = load(&grant(bad)).unwrap_err().to_string();
+        assert!(err.contains(&format!("plugin \"files\".{key}: ")), "{bad}: {err}");
+    }
+    let empty = MINIMAL.to_string() + "\n[[upstream]]\nname = \"x\"\nservers = []\n";
+    assert!(load(&empty).unwrap_err().to_string().contains("upstream \"x\".servers: "));
+    let no_port = MINIMAL.to_string() + "\n[[upstream]]\nname = \"x\"\nservers = [\"a.test\"]\n";
+    assert!(load(&no_port).unwrap_err().to_string().contains("upstream \"x\".servers: "));
+    let bad_path = MINIMAL.to_string()
+        + "\n[[upstream]]\nname = \"x\"\nservers = [\"a.test:80\"]\nhealth_check = { path = \"healthz\" }\n";
+    assert!(load(&bad_path).unwrap_err().to_string().contains("upstream \"x\".health_check.path: "));
+}
+
+#[test]
 fn settings_can_come_from_the_environment_and_http_grants_need_ports() {
     // PATH is set in every environment tests run in; the variable below in none.
     let with =

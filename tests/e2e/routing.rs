@@ -1,0 +1,373 @@
+//! Routes chosen by the plugin (contract 0.2, the file-path plugin's route files): tenants on their own backends
+//! behind one listener, an `https` origin verified with the grant's CA, a passthrough name answered by a backend
+//! that terminates TLS itself, a route outside the grants refused and not cached, certificate sets chosen by the
+//! client's signature schemes, and a pool that loses a server under load.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use tern_fixtures::TestCa;
+use tokio::net::TcpListener;
+
+use crate::support::*;
+
+/// A backend that answers every request with `<name> <host>` and counts them; stops (connections included)
+/// when dropped or stopped.
+struct Named {
+    addr: SocketAddr,
+    hits: Arc<AtomicU64>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Named {
+    async fn start(name: &'static str, tls: Option<Arc<rustls::ServerConfig>>) -> Result<Self> {
+        Self::start_on(name, "127.0.0.1:0".parse()?, tls, Arc::default()).await
+    }
+
+    async fn start_on(
+        name: &'static str,
+        addr: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        hits: Arc<AtomicU64>,
+    ) -> Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let mut tasks = tokio::task::JoinSet::new();
+        let counted = hits.clone();
+        tasks.spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let (tls, hits) = (tls.clone(), counted.clone());
+                connections.spawn(async move {
+                    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("").to_string();
+                        if req.uri().path() != "/healthz" {
+                            hits.fetch_add(1, Ordering::Relaxed);
+                        }
+                        async move {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(format!(
+                                "{name} {host}"
+                            )))))
+                        }
+                    });
+                    let builder = hyper::server::conn::http1::Builder::new();
+                    let _ = match tls {
+                        None => builder.serve_connection(TokioIo::new(tcp), service).await,
+                        Some(tls) => match tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await {
+                            Ok(stream) => builder.serve_connection(TokioIo::new(stream), service).await,
+                            Err(_) => return,
+                        },
+                    };
+                });
+            }
+        });
+        Ok(Self { addr, hits, tasks })
+    }
+
+    fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    /// Stops accepting and closes every open connection, as a crashed server would.
+    async fn stop(mut self) -> (SocketAddr, Arc<AtomicU64>) {
+        self.tasks.shutdown().await;
+        (self.addr, self.hits.clone())
+    }
+}
+
+/// A TLS server config for `names`, issued by `ca`, with HTTP/1.1 ALPN.
+fn server_tls(ca: &TestCa, names: &[&str]) -> Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    let (chain, key) = ca.issue(names)?;
+    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(chain.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes())?;
+    let mut config = rustls::ServerConfig::builder_with_provider(tern::crypto::provider().clone())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn route(pki: &Pki, name: &str, line: &str) -> Result<()> {
+    Ok(std::fs::write(pki.certs().join(format!("{name}.route")), format!("{line}\n"))?)
+}
+
+/// Everything the routing tests share: the PKI, the backends, and tern with the file-path plugin granted them.
+struct Tenants {
+    pki: Pki,
+    server: TestServer,
+    pass_ca: TestCa,
+    _backends: Vec<Named>,
+}
+
+async fn tenants() -> Result<Tenants> {
+    let pki = Pki::new(&[
+        "default.test",
+        "a.tenant.test",
+        "b.tenant.test",
+        "c.tenant.test",
+        "secure.tenant.test",
+        "untrusted.tenant.test",
+        "denied.tenant.test",
+    ])?;
+    let origin_ca = TestCa::new("origin CA")?;
+    std::fs::write(pki.path("origin-ca.pem"), origin_ca.pem())?;
+    let pass_ca = TestCa::new("passthrough CA")?;
+    let (alpha, bravo, listener) =
+        (Named::start("alpha", None).await?, Named::start("bravo", None).await?, Named::start("listener", None).await?);
+    let secure = Named::start("secure-origin", Some(server_tls(&origin_ca, &["localhost"])?)).await?;
+    let stranger = Named::start("stranger", Some(server_tls(&TestCa::new("unknown CA")?, &["localhost"])?)).await?;
+    let passthrough = Named::start("passthrough", Some(server_tls(&pass_ca, &["pass.tenant.test"])?)).await?;
+    route(&pki, "a.tenant.test", &format!("origin http://127.0.0.1:{}", alpha.addr.port()))?;
+    route(&pki, "b.tenant.test", &format!("origin http://{}/", bravo.addr))?;
+    route(&pki, "secure.tenant.test", &format!("origin https://localhost:{}", secure.addr.port()))?;
+    route(&pki, "untrusted.tenant.test", &format!("origin https://localhost:{}", stranger.addr.port()))?;
+    route(&pki, "denied.tenant.test", "origin http://10.1.2.3:80")?;
+    route(&pki, "pass.tenant.test", &format!("passthrough {}", passthrough.addr))?;
+    let grants = format!(
+        "grants.routes = {{ origins = [\"http://127.0.0.1:{}\", \"http://127.0.0.1:{}\", \"https://localhost:*\"], \
+         passthrough = [\"127.0.0.1:{}\"], origin_ca = \"origin-ca.pem\" }}",
+        alpha.addr.port(),
+        bravo.addr.port(),
+        passthrough.addr.port()
+    );
+    let config = config_with(&pki, listener.addr, FILE_PATH_PLUGIN, &grants, "default_certificate = \"default\"")
+        + "\n[admin]\nbind = \"127.0.0.1:0\"\n";
+    let server = TestServer::start(&config, pki.dir.path()).await?;
+    Ok(Tenants { pki, server, pass_ca, _backends: vec![alpha, bravo, listener, secure, stranger, passthrough] })
+}
+
+async fn body_of(t: &Tenants, name: &str) -> Result<(http::StatusCode, String)> {
+    let stream = connect(t.server.addr, &t.pki.client(&[b"http/1.1"]), name).await?;
+    let (status, _, body) = get(stream, name, "/").await?;
+    Ok((status, body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_behind_one_listener_reach_the_backends_their_plugin_answers_name() -> Result<()> {
+    let t = tenants().await?;
+    for (name, want) in [
+        ("a.tenant.test", "alpha a.tenant.test"),
+        ("b.tenant.test", "bravo b.tenant.test"),
+        ("c.tenant.test", "listener c.tenant.test"),
+        ("a.tenant.test", "alpha a.tenant.test"),
+    ] {
+        let (status, body) = body_of(&t, name).await?;
+        assert_eq!((status.as_u16(), body.as_str()), (200, want), "{name}");
+    }
+    // The route is part of the cached answer: one plugin call per name, and the admin lookup shows it.
+    assert_eq!(t.server.plugin_stats().count(tern::plugin::Outcome::Found), 3);
+    let (_, lookup) = admin(t.server.admin_addr(), "GET", "/cache/lookup?name=a.tenant.test", None).await?;
+    let lookup: serde_json::Value = serde_json::from_str(&lookup)?;
+    let answer = &lookup["cached"][0];
+    assert_eq!(answer["listener"], "main", "{lookup}");
+    assert!(answer["route"].as_str().is_some_and(|r| r.starts_with("http://127.0.0.1:")), "{lookup}");
+    assert_eq!(answer["certificates"][0]["key"], "ECDSA", "{lookup}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_origin_is_verified_against_the_grants_ca() -> Result<()> {
+    let t = tenants().await?;
+    let (status, body) = body_of(&t, "secure.tenant.test").await?;
+    assert_eq!((status.as_u16(), body.as_str()), (200, "secure-origin secure.tenant.test"));
+    // Same grant, an origin whose certificate that CA did not issue: tern refuses to talk to it.
+    let (status, _) = body_of(&t, "untrusted.tenant.test").await?;
+    assert_eq!(status.as_u16(), 502);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passthrough_name_reaches_the_backend_that_terminates_tls_itself() -> Result<()> {
+    let t = tenants().await?;
+    // The client trusts only the passthrough backend's CA: the handshake is with that backend, not with tern.
+    let client = client_config(&t.pass_ca, &[b"http/1.1"], &[&rustls::version::TLS13, &rustls::version::TLS12]);
+    for _ in 0..2 {
+        let stream = connect(t.server.addr, &client, "pass.tenant.test").await?;
+        let issuer = x509_issuer(&served_leaf(&stream));
+        assert!(issuer.contains("passthrough CA"), "{issuer}");
+        let (status, _, body) = get(stream, "pass.tenant.test", "/").await?;
+        assert_eq!((status.as_u16(), body.as_str()), (200, "passthrough pass.tenant.test"));
+    }
+    let (_, metrics) = admin(t.server.admin_addr(), "GET", "/metrics", None).await?;
+    assert_eq!(sample(&metrics, "tern_passthrough_connections_total", &[("outcome", "forwarded")]), 2.0);
+    assert_eq!(t.server.plugin_stats().count(tern::plugin::Outcome::Found), 1, "the passthrough answer is cached");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_outside_the_grants_fails_the_handshake_and_is_not_cached() -> Result<()> {
+    let t = tenants().await?;
+    let client = t.pki.client(&[b"http/1.1"]);
+    for attempt in 1..=2u64 {
+        let err = connect(t.server.addr, &client, "denied.tenant.test").await.expect_err("a denied route is refused");
+        assert!(alert_of(&err).is_some(), "a TLS alert, not a bare close: {err}");
+        let failures = t.server.metrics.handshake_failures.by(tern::failure::FailureKind::BadRoute);
+        assert_eq!(eventually_equals(failures, attempt).await, attempt);
+        assert_eq!(t.server.plugin_stats().count(tern::plugin::Outcome::Found), attempt, "asked again: not cached");
+    }
+    let (_, metrics) = admin(t.server.admin_addr(), "GET", "/metrics", None).await?;
+    assert_eq!(sample(&metrics, "tern_handshakes_total", &[("outcome", "bad_route")]), 2.0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_set_serves_rsa_to_clients_that_cannot_verify_ecdsa() -> Result<()> {
+    let t = tenants().await?;
+    let rsa = rsa_key().await?;
+    let (chain, key) = t.pki.ca.issue_with_key(&["dual.tenant.test"], &rsa)?;
+    std::fs::write(t.pki.certs().join("dual.tenant.test.rsa.crt"), chain)?;
+    std::fs::write(t.pki.certs().join("dual.tenant.test.rsa.key"), key)?;
+    t.pki.issue_as("dual.tenant.test", &["dual.tenant.test"])?;
+
+    let default = connect(t.server.addr, &t.pki.client(&[b"http/1.1"]), "dual.tenant.test").await?;
+    assert_eq!(served_leaf(&default), t.pki.leaf("dual.tenant.test"), "a default client gets the ECDSA member");
+    let rsa_only = rsa_only_client(&t.pki)?;
+    let stream = connect(t.server.addr, &rsa_only, "dual.tenant.test").await?;
+    let leaf = served_leaf(&stream);
+    let want = rustls::pki_types::CertificateDer::from_pem_slice(&std::fs::read(
+        t.pki.certs().join("dual.tenant.test.rsa.crt"),
+    )?)?;
+    assert_eq!(leaf, want, "a client offering only RSA signature schemes gets the RSA member");
+    assert_eq!(t.server.plugin_stats().count(tern::plugin::Outcome::Found), 1, "one cached answer serves both");
+    Ok(())
+}
+
+use rustls::pki_types::pem::PemObject as _;
+
+/// An RSA 2048 key from `openssl genpkey` (rcgen cannot generate RSA keys).
+async fn rsa_key() -> Result<rcgen::KeyPair> {
+    let mut command = std::process::Command::new("openssl");
+    command.args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]);
+    let out = run_command(command).await?;
+    anyhow::ensure!(out.status.success(), "openssl genpkey failed");
+    Ok(rcgen::KeyPair::from_pem(std::str::from_utf8(&out.stdout)?)?)
+}
+
+/// A client whose provider verifies only RSA signatures, so it offers only RSA signature schemes.
+fn rsa_only_client(pki: &Pki) -> Result<Arc<rustls::ClientConfig>> {
+    let mut provider = (**tern::crypto::provider()).clone();
+    let all = provider.signature_verification_algorithms;
+    let rsa: Vec<_> =
+        all.mapping.iter().filter(|(scheme, _)| format!("{scheme:?}").starts_with("RSA")).cloned().collect();
+    provider.signature_verification_algorithms =
+        rustls::crypto::WebPkiSupportedAlgorithms { all: all.all, mapping: Box::leak(rsa.into_boxed_slice()) };
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.der())?;
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn x509_issuer(der: &rustls::pki_types::CertificateDer<'_>) -> String {
+    // The issuer's common name appears in the DER as plain text: enough to tell two test CAs apart.
+    String::from_utf8_lossy(der.as_ref()).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_keeps_answering_when_a_server_dies_and_takes_it_back_when_it_returns() -> Result<()> {
+    let pki = Pki::new(&["default.test", "pooled.tenant.test"])?;
+    let servers =
+        [Named::start("one", None).await?, Named::start("two", None).await?, Named::start("three", None).await?];
+    route(&pki, "pooled.tenant.test", "pool blue")?;
+    let backend = tern_fixtures::spawn_echo_backend().await?;
+    let list = servers.iter().map(|s| format!("\"{}\"", s.addr)).collect::<Vec<_>>().join(", ");
+    let config = config_with(
+        &pki,
+        backend,
+        FILE_PATH_PLUGIN,
+        "grants.routes = { pools = [\"blue\"] }",
+        "default_certificate = \"default\"",
+    ) + &format!(
+        "\n[admin]\nbind = \"127.0.0.1:0\"\n\n[[upstream]]\nname = \"blue\"\nservers = [{list}]\n\
+             max_fails = 1\nfail_timeout = \"60s\"\nretries = 2\n\
+             health_check = {{ path = \"/healthz\", interval = \"100ms\", timeout = \"1s\", rise = 1, fall = 1 }}\n"
+    );
+    let server = TestServer::start(&config, pki.dir.path()).await?;
+    let client = pki.client(&[b"http/1.1"]);
+    let up = |metrics: &str, addr: SocketAddr| {
+        sample(metrics, "tern_upstream_up", &[("pool", "blue"), ("server", &addr.to_string())])
+    };
+    // Load: requests over fresh connections, spread round robin.
+    let load = |n: usize| {
+        let client = client.clone();
+        let addr = server.addr;
+        async move {
+            let mut statuses = Vec::with_capacity(n);
+            for _ in 0..n {
+                let stream = connect(addr, &client, "pooled.tenant.test").await?;
+                statuses.push(get(stream, "pooled.tenant.test", "/").await?.0.as_u16());
+            }
+            anyhow::Ok(statuses)
+        }
+    };
+    assert!(load(30).await?.iter().all(|s| *s == 200));
+    let [one, two, three] = servers;
+    assert!(one.hits() >= 5 && two.hits() >= 5 && three.hits() >= 5, "round robin over all three");
+
+    // Kill one server while requests keep coming: every request still succeeds (a connect failure moves the
+    // request to another server), and the server is taken out.
+    let during = tokio::spawn(load(40));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (two_addr, two_hits) = two.stop().await;
+    let during = during.await??;
+    assert!(during.iter().all(|s| *s == 200), "no failed request while a server died: {during:?}");
+    let admin_addr = server.admin_addr();
+    let is_up = move |addr: SocketAddr, want: f64| async move {
+        let (_, metrics) = admin(admin_addr, "GET", "/metrics", None).await?;
+        Ok(up(&metrics, addr) == want)
+    };
+    wait_for(|| is_up(two_addr, 0.0)).await.context("the dead server is reported down")?;
+    let before = two_hits.load(Ordering::Relaxed);
+    assert!(load(12).await?.iter().all(|s| *s == 200));
+    assert_eq!(two_hits.load(Ordering::Relaxed), before, "no traffic to a server that is down");
+
+    // Another dies while no request is sent: only the active check can notice.
+    let three_addr = three.addr;
+    let (_, three_hits) = three.stop().await;
+    wait_for(|| is_up(three_addr, 0.0)).await.context("the health check takes out a server that died idle")?;
+    let before = three_hits.load(Ordering::Relaxed);
+    assert!(load(6).await?.iter().all(|s| *s == 200), "the last server answers everything");
+    assert_eq!(three_hits.load(Ordering::Relaxed), before);
+
+    // Bring both back on the same addresses: the health checks return them to the rotation.
+    let two = Named::start_on("two", two_addr, None, two_hits).await?;
+    let three = Named::start_on("three", three_addr, None, three_hits).await?;
+    wait_for(|| is_up(two_addr, 1.0)).await.context("the returning server is reported up")?;
+    wait_for(|| is_up(three_addr, 1.0)).await.context("the other returning server is reported up")?;
+    let (two_before, three_before) = (two.hits(), three.hits());
+    assert!(load(12).await?.iter().all(|s| *s == 200));
+    assert!(two.hits() > two_before && three.hits() > three_before, "traffic reaches the returned servers");
+    let (_, metrics) = admin(admin_addr, "GET", "/metrics", None).await?;
+    let errors =
+        sample(&metrics, "tern_upstream_errors_total", &[("server", &two_addr.to_string()), ("kind", "connect")]);
+    assert!(errors >= 1.0, "the connect failures were counted against the dead server");
+    drop(one);
+    Ok(())
+}
+
+/// Polls `check` every 50 ms for up to 10 s.
+async fn wait_for<F, Fut>(mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    for _ in 0..200 {
+        if check().await? {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("condition not met within 10 s")
+}
