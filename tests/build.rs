@@ -47,6 +47,7 @@ fn main() {
         "guest-sdk",
         "wit",
         "examples/plugins",
+        "tests/fixtures/contract-0.1",
         "scripts/build-polyglot.sh",
     ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
@@ -63,7 +64,8 @@ fn main() {
         assert!(Path::new(&path).is_file(), "{package}: {} missing after the build", path.display());
         println!("cargo:rustc-env=TERN_PLUGIN_{}={}", stem.to_uppercase(), path.display());
     }
-    // The JavaScript and Python example plugins, built by their own toolchains (npm, PyPI).
+    // The JavaScript and Python example plugins, built by their own toolchains (npm, PyPI), and their frozen 0.1
+    // sources (tests/fixtures/contract-0.1) against 0.1, in the order build-polyglot.sh prints them.
     let output = Command::new("bash")
         .arg(root.join("scripts/build-polyglot.sh"))
         .output()
@@ -76,7 +78,7 @@ fn main() {
     );
     let paths = String::from_utf8_lossy(&output.stdout);
     let mut paths = paths.lines();
-    for name in ["JS_REDIS", "PY_REDIS"] {
+    for name in ["JS_REDIS", "PY_REDIS", "JS_REDIS_V0_1", "PY_REDIS_V0_1"] {
         let path = paths.next().expect("build-polyglot.sh prints one path per plugin");
         assert!(Path::new(path).is_file(), "{path} missing after build-polyglot.sh");
         println!("cargo:rustc-env=TERN_PLUGIN_{name}={path}");

@@ -119,16 +119,47 @@ pub trait Plugin {
 #[macro_export]
 macro_rules! export_plugin {
     ($plugin:ty) => {
-        const _: () = {
-            struct __TernExport;
-            impl $crate::__bindings::Guest for __TernExport {
-                fn select_certificate(
-                    request: $crate::__private::Request,
-                ) -> ::std::result::Result<$crate::__private::WitAnswer, ::std::string::String> {
-                    $crate::__private::plugin_answer::<$plugin>(request)
-                }
-            }
-    $crate::__bindings::__export_cert_selector!(__TernExport with_types_in $crate::__bindings);
-        };
+        $crate::__export_with!($crate::__private::plugin_answer::<$plugin>);
     };
+}
+
+/// A route as operators store it next to a certificate (a file, a Redis value, a hash field): one line,
+/// `pool NAME`, `origin URL` or `passthrough HOST:PORT`. The shipped plugins share this format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteLine {
+    /// Terminate TLS and send the traffic here.
+    Route(Route),
+    /// Pass the connection through to `host:port`.
+    Passthrough(String),
+}
+
+impl RouteLine {
+    /// Parses the first line that is neither blank nor a `#` comment.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let line = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).unwrap_or("");
+        match line.split_once(char::is_whitespace).map(|(kind, value)| (kind, value.trim())) {
+            Some(("pool", pool)) => Ok(RouteLine::Route(Route::Pool(pool.to_string()))),
+            Some(("origin", url)) => Ok(RouteLine::Route(Route::Origin(url.to_string()))),
+            Some(("passthrough", target)) => Ok(RouteLine::Passthrough(target.to_string())),
+            _ => Err(format!("expected `pool NAME`, `origin URL` or `passthrough HOST:PORT`, got {line:?}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_lines_parse_and_anything_else_is_an_error() {
+        assert_eq!(RouteLine::parse("# tenant 7\n\npool  eu \n"), Ok(RouteLine::Route(Route::Pool("eu".into()))));
+        assert_eq!(
+            RouteLine::parse("origin https://a.test:443"),
+            Ok(RouteLine::Route(Route::Origin("https://a.test:443".into())))
+        );
+        assert_eq!(RouteLine::parse("passthrough b.test:443"), Ok(RouteLine::Passthrough("b.test:443".into())));
+        for bad in ["", "pool", "teleport x", "# only a comment"] {
+            assert!(RouteLine::parse(bad).is_err(), "{bad:?}");
+        }
+    }
 }

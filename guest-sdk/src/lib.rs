@@ -75,7 +75,7 @@ use __bindings::tern::plugin::types as wit;
 #[cfg(not(feature = "contract-0-1"))]
 mod contract;
 #[cfg(not(feature = "contract-0-1"))]
-pub use contract::{Answer, Hello, Plugin, Route, Served};
+pub use contract::{Answer, Hello, Plugin, Route, RouteLine, Served};
 
 /// A certificate chosen for a server name.
 #[derive(Clone, PartialEq, Eq)]
@@ -136,15 +136,26 @@ pub trait Selector {
 #[macro_export]
 macro_rules! export_selector {
     ($selector:ty) => {
+        $crate::__export_with!(|request: $crate::__private::Request| {
+            $crate::__private::selector_answer(<$selector as $crate::Selector>::select($crate::__private::servername(
+                &request,
+            )))
+        });
+    };
+}
+
+/// The component export both macros share: `select-certificate` answered by `$answer(request)`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_with {
+    ($answer:expr) => {
         const _: () = {
             struct __TernExport;
             impl $crate::__bindings::Guest for __TernExport {
                 fn select_certificate(
                     request: $crate::__private::Request,
                 ) -> ::std::result::Result<$crate::__private::WitAnswer, ::std::string::String> {
-                    $crate::__private::selector_answer(<$selector as $crate::Selector>::select(
-                        $crate::__private::servername(&request),
-                    ))
+                    ($answer)(request)
                 }
             }
     $crate::__bindings::__export_cert_selector!(__TernExport with_types_in $crate::__bindings);

@@ -91,7 +91,9 @@ impl Proxy {
         budget: Budget,
         upstreams: Arc<Upstreams>,
     ) -> Self {
-        let client = crate::upstream::client(settings, settings.connect_timeout, budget, crate::upstream::no_tls());
+        let versions = crate::upstream::Versions::Http1;
+        let client =
+            crate::upstream::client(settings, settings.connect_timeout, budget, crate::upstream::no_tls(), versions);
         Self {
             client,
             backend,
@@ -183,8 +185,11 @@ impl Proxy {
         let host = host.or_else(|| req.uri().authority().map(|a| a.to_string())).unwrap_or_default();
         let path = req.uri().path_and_query().map_or_else(|| "/".to_string(), |pq| pq.to_string());
         let version = req.version();
-        let response = self.forward_inner(req, conn, tunnels).await;
+        let mut upstream = Sent::Nowhere;
+        let response = self.forward_inner(req, conn, tunnels, &mut upstream).await;
         let status = response.status().as_u16();
+        // Formatted only when the access log is on.
+        let upstream = SentTo(&upstream, &self.backend);
         tracing::info!(
             target: "tern::access",
             peer = %conn.peer,
@@ -193,6 +198,7 @@ impl Proxy {
             path = %Clip(&path),
             ?version,
             status,
+            %upstream,
             micros = started.elapsed().as_micros() as u64,
             "request"
         );
@@ -200,7 +206,13 @@ impl Proxy {
     }
 
     /// Forwards one request along the connection's route; failures become 4xx/5xx responses.
-    async fn forward_inner(&self, mut req: Request<Incoming>, conn: &Connection, tunnels: &Tunnels) -> Response<Body> {
+    async fn forward_inner(
+        &self,
+        mut req: Request<Incoming>,
+        conn: &Connection,
+        tunnels: &Tunnels,
+        upstream_chosen: &mut Sent,
+    ) -> Response<Body> {
         if let Err(status) = check_authority(&req, conn) {
             inc(&self.metrics.misdirected_requests);
             return simple(status, "misdirected request: this connection does not serve that host\n");
@@ -213,11 +225,13 @@ impl Proxy {
         let sent_at = std::time::Instant::now();
         let sent = match &conn.served.route {
             Route::Listener => {
+                *upstream_chosen = Sent::Listener;
                 let upstream = with_base(upstream, &self.backend);
                 self.exchange(&self.client, upstream, upload, self.response_timeout).await
             }
-            Route::Origin(origin) => match self.upstreams.origin_client(origin.ca.as_deref()).await {
+            Route::Origin(origin) => match self.upstreams.origin_client(origin).await {
                 Ok(client) => {
+                    *upstream_chosen = Sent::Origin(origin.clone());
                     let upstream = with_base(upstream, &origin.base);
                     self.exchange(&client, upstream, upload, self.response_timeout).await
                 }
@@ -227,7 +241,7 @@ impl Proxy {
                 }
             },
             Route::Pool(name) => match self.upstreams.pool(name) {
-                Some(pool) => self.via_pool(pool, upstream, upload).await,
+                Some(pool) => self.via_pool(pool, upstream, upload, upstream_chosen).await,
                 None => Err(Failed::NoServer),
             },
         };
@@ -276,13 +290,15 @@ impl Proxy {
         }
     }
 
-    /// Sends a request to a server of `pool`; a connect failure of a bodiless idempotent request moves on to
-    /// another server, up to the pool's `retries`. Each outcome feeds the server's passive health.
+    /// Sends a request to a server of `pool`; a connect failure, or a connection that broke before the response
+    /// head, moves a bodiless idempotent request on to another server, up to the pool's `retries`. Each outcome
+    /// feeds the server's passive health.
     async fn via_pool(
         &self,
         pool: &Pool,
         upstream: Request<UpBody>,
         upload: UploadWatch,
+        chosen: &mut Sent,
     ) -> Result<Response<Incoming>, Failed> {
         let retry = retry_template(&upstream);
         let (mut next, mut upload) = (Some(upstream), Some(upload));
@@ -298,6 +314,7 @@ impl Proxy {
                 (None, None) => return Err(Failed::NoServer),
             };
             let server = &pool.servers[index];
+            *chosen = Sent::Pool(pool.name.clone(), server.address.clone());
             let request = with_base(request, &server.base);
             let watch = upload.take().unwrap_or_else(UploadWatch::finished);
             let in_flight = pool.start(index);
@@ -310,16 +327,21 @@ impl Proxy {
                     return result;
                 }
                 Err(Failed::Connect(_)) => Failure::Connect,
-                Err(Failed::Timeout(_) | Failed::Other(_)) => Failure::Timeout,
+                Err(Failed::Other(_)) => Failure::Reset,
+                Err(Failed::Timeout(_)) => Failure::Timeout,
                 Err(Failed::Busy) => Failure::Busy,
                 Err(Failed::UploadTimeout | Failed::NoServer) => return result,
             };
             pool.failed(index, failure);
             let retries_left = tried.len() <= pool.settings.retries as usize;
-            if failure != Failure::Connect || retry.is_none() || !retries_left {
+            // Nothing of the response has reached the client yet: an idempotent request without a body may go to
+            // another server (nginx's `proxy_next_upstream error`). A timeout is not retried: the work may still
+            // be running.
+            let again = matches!(failure, Failure::Connect | Failure::Reset);
+            if !again || retry.is_none() || !retries_left {
                 return result;
             }
-            tracing::debug!(pool = %pool.name, server = %server.address, "connect failed, retrying on another server");
+            tracing::debug!(pool = %pool.name, server = %server.address, ?failure, "retrying on another server");
         }
     }
 
@@ -378,7 +400,16 @@ impl Proxy {
         parts.version = Version::HTTP_11;
 
         let headers = &mut parts.headers;
+        // `TE: trailers` says the client takes trailers, which tern streams end to end; gRPC servers require it.
+        let trailers = headers
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
         strip_hop_by_hop(headers, upgrade);
+        if trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         headers.insert(header::HOST, host.clone());
         headers.insert(X_FORWARDED_HOST, host.clone());
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
@@ -397,6 +428,33 @@ impl Proxy {
         }
         let (body, watch) = Upload::new(body, conn.limits.request_body_timeout);
         Ok((Request::from_parts(parts, Either::Left(body)), watch))
+    }
+}
+
+/// Where a request was sent, for its access-log line.
+#[derive(Debug)]
+enum Sent {
+    /// Nowhere (refused by tern itself).
+    Nowhere,
+    /// The listener's backend.
+    Listener,
+    /// An origin.
+    Origin(Arc<crate::route::Origin>),
+    /// A pool's server (the last one tried).
+    Pool(Arc<str>, String),
+}
+
+/// A [`Sent`] as the access log shows it, the listener's backend by its URL.
+struct SentTo<'a>(&'a Sent, &'a Uri);
+
+impl std::fmt::Display for SentTo<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Sent::Nowhere => f.write_str("-"),
+            Sent::Listener => write!(f, "{}", self.1),
+            Sent::Origin(origin) => write!(f, "{origin}"),
+            Sent::Pool(pool, server) => write!(f, "{pool}/{server}"),
+        }
     }
 }
 

@@ -51,6 +51,8 @@ pub struct Origin {
     pub base: Uri,
     /// CA certificates an `https` origin is verified against (the grant's `origin_ca`); `None`: system roots.
     pub ca: Option<Arc<std::path::Path>>,
+    /// Offer HTTP/2 by ALPN (the grant's `origin_h2`).
+    pub h2: bool,
 }
 
 impl std::fmt::Display for Origin {
@@ -129,10 +131,12 @@ impl RouteGrants {
         }
     }
 
-    /// The origin an answer asked for, if well formed and granted; verified against `ca` if it is `https`.
-    pub fn origin(&self, url: &str, ca: Option<&std::path::Path>) -> Result<Route, RouteError> {
+    /// The origin an answer asked for, if well formed and granted; verified against `ca` if it is `https`, and
+    /// offered HTTP/2 if `h2`.
+    pub fn origin(&self, url: &str, ca: Option<&std::path::Path>, h2: bool) -> Result<Route, RouteError> {
         let mut origin = parse_origin(url)?;
         origin.ca = ca.map(Arc::from);
+        origin.h2 = h2 && origin.tls;
         let scheme = if origin.tls { Scheme::Https } else { Scheme::Http };
         if !self.origins.iter().any(|p| p.matches(Some(scheme), &origin.host, origin.port)) {
             return Err(RouteError::Denied { what: "origin", value: origin.to_string(), grant: "origins" });
@@ -249,7 +253,7 @@ pub fn parse_origin(url: &str) -> Result<Origin, RouteError> {
     let base = format!("{}://{shown}:{port}", if tls { "https" } else { "http" })
         .parse::<Uri>()
         .map_err(|_| malformed("not a valid URI"))?;
-    Ok(Origin { tls, host, port, base, ca: None })
+    Ok(Origin { tls, host, port, base, ca: None, h2: false })
 }
 
 /// `host[:port]` with a DNS name, IPv4 or `[IPv6]` host; the host lowercased, brackets removed.
@@ -308,16 +312,16 @@ mod tests {
         let g = grants();
         assert_eq!(g.pool("blue").unwrap(), Route::Pool("blue".into()));
         assert!(matches!(g.pool("green"), Err(RouteError::Denied { what: "pool", .. })));
-        let Route::Origin(o) = g.origin("https://a.origin.test", None).unwrap() else { panic!() };
+        let Route::Origin(o) = g.origin("https://a.origin.test", None, false).unwrap() else { panic!() };
         assert_eq!(
             (o.tls, o.host.as_str(), o.port, o.base.to_string()),
             (true, "a.origin.test", 443, "https://a.origin.test:443/".into())
         );
-        assert!(g.origin("http://127.0.0.1:8080/", None).is_ok());
+        assert!(g.origin("http://127.0.0.1:8080/", None, false).is_ok());
         for denied in
             ["http://a.origin.test:443", "https://origin.test", "https://a.origin.test:8443", "http://127.0.0.2:80"]
         {
-            assert!(matches!(g.origin(denied, None), Err(RouteError::Denied { .. })), "{denied}");
+            assert!(matches!(g.origin(denied, None, false), Err(RouteError::Denied { .. })), "{denied}");
         }
         for malformed in [
             "ftp://x.test",
@@ -327,7 +331,7 @@ mod tests {
             "http://x_y..test",
             "http://[::1",
         ] {
-            assert!(matches!(g.origin(malformed, None), Err(RouteError::Malformed { .. })), "{malformed}");
+            assert!(matches!(g.origin(malformed, None, false), Err(RouteError::Malformed { .. })), "{malformed}");
         }
         assert_eq!(g.passthrough("[::1]:8443").unwrap().to_string(), "[::1]:8443");
         assert_eq!(g.passthrough("B.TLS.test:9000").unwrap().host, "b.tls.test");

@@ -400,9 +400,10 @@ pub(crate) fn check_answer(
             let route = match route {
                 None => crate::route::Route::Listener,
                 Some(RouteRequest::Pool(pool)) => grants.routes.pool(&pool).map_err(AnswerError::Route)?,
-                Some(RouteRequest::Origin(url)) => {
-                    grants.routes.origin(&url, grants.origin_ca.as_deref()).map_err(AnswerError::Route)?
-                }
+                Some(RouteRequest::Origin(url)) => grants
+                    .routes
+                    .origin(&url, grants.origin_ca.as_deref(), grants.origin_h2)
+                    .map_err(AnswerError::Route)?,
             };
             // Parsing keys and checking chains is CPU work of tens of microseconds each: fine on a worker.
             let members = certificates.iter().map(|c| (c.chain.as_bytes(), c.key.as_bytes()));

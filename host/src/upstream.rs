@@ -6,7 +6,7 @@
 //! `proxy.pool_idle_timeout`, so a million routed names cannot grow memory without bound.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -35,12 +35,24 @@ pub(crate) type HttpClient = Client<Connector, UpBody>;
 /// Idle pooled connections kept per upstream host (hyper's default is unbounded).
 const MAX_IDLE_PER_HOST: usize = 32;
 
+/// Which HTTP versions a client speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Versions {
+    /// HTTP/1.1 only.
+    Http1,
+    /// HTTP/2 with prior knowledge (cleartext pools with `protocol = "h2"`).
+    H2,
+    /// HTTP/1.1, or HTTP/2 where TLS ALPN picks it (`https` origins granted `origin_h2`).
+    Alpn,
+}
+
 /// A client whose connections count against `budget`, speaking TLS with `tls` to `https` URIs.
 pub(crate) fn client(
     settings: &ProxySettings,
     connect_timeout: Duration,
     budget: Budget,
     tls: rustls::ClientConfig,
+    versions: Versions,
 ) -> HttpClient {
     let mut tcp = HttpConnector::new();
     // A backend that is down must give a fast 502, not hang the client.
@@ -48,16 +60,19 @@ pub(crate) fn client(
     tcp.set_nodelay(true);
     tcp.enforce_http(false);
     let bounded = BoundedConnector::new(tcp, budget, connect_timeout);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(bounded);
-    Client::builder(TokioExecutor::new())
+    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
+    let connector = match versions {
+        Versions::Http1 | Versions::H2 => builder.enable_http1().wrap_connector(bounded),
+        Versions::Alpn => builder.enable_all_versions().wrap_connector(bounded),
+    };
+    let mut client = Client::builder(TokioExecutor::new());
+    client
         .pool_idle_timeout(settings.pool_idle_timeout)
         .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
         .pool_timer(TokioTimer::new())
-        .build(connector)
+        .timer(TokioTimer::new())
+        .http2_only(versions == Versions::H2);
+    client.build(connector)
 }
 
 /// TLS to upstreams verified against `roots`.
@@ -75,7 +90,7 @@ fn unreachable_versions() -> rustls::ConfigBuilder<rustls::ClientConfig, rustls:
     panic!("the crypto provider refused TLS 1.2 and 1.3")
 }
 
-/// TLS for cleartext-only clients (listener backends): never used, since their URIs are `http://`.
+/// TLS for cleartext-only clients (listener backends, pools): never used, since their URIs are `http://`.
 pub(crate) fn no_tls() -> rustls::ClientConfig {
     tls_config(rustls::RootCertStore::empty())
 }
@@ -128,9 +143,15 @@ impl Upstreams {
         self.pools.get(name)
     }
 
-    /// The client for origins verified against `ca` (or the system roots).
-    pub(crate) async fn origin_client(&self, ca: Option<&Path>) -> Result<HttpClient, String> {
-        self.origins.client(ca).await
+    /// The client for `origin`: verified against its CA (or the system roots), HTTP/2 offered if granted.
+    pub(crate) async fn origin_client(&self, origin: &crate::route::Origin) -> Result<Arc<HttpClient>, String> {
+        let trust = match (origin.tls, &origin.ca) {
+            (false, _) => Trust::Cleartext,
+            (true, None) => Trust::System,
+            (true, Some(ca)) => Trust::Ca(ca.clone()),
+        };
+        let versions = if origin.h2 { Versions::Alpn } else { Versions::Http1 };
+        self.origins.client(trust, versions).await
     }
 
     /// Appends the pools' families.
@@ -146,7 +167,9 @@ impl Upstreams {
         x.family("tern_upstream_errors_total", "counter", "Failed requests to a pool server, by kind.");
         for pool in &pools {
             for s in &pool.servers {
-                for (kind, counter) in [("connect", &s.connect_errors), ("timeout", &s.timeouts), ("busy", &s.busy)] {
+                let kinds =
+                    [("connect", &s.connect_errors), ("reset", &s.resets), ("timeout", &s.timeouts), ("busy", &s.busy)];
+                for (kind, counter) in kinds {
                     let labels = format!("{},kind=\"{kind}\"", s.labels(&pool.name));
                     x.sample("tern_upstream_errors_total", &labels, counter.load(Ordering::Relaxed));
                 }
@@ -207,6 +230,7 @@ pub(crate) struct PoolServer {
     healthy: AtomicBool,
     requests: AtomicU64,
     connect_errors: AtomicU64,
+    resets: AtomicU64,
     timeouts: AtomicU64,
     busy: AtomicU64,
 }
@@ -216,7 +240,9 @@ pub(crate) struct PoolServer {
 pub(crate) enum Failure {
     /// No connection could be made.
     Connect,
-    /// No response head in time, or the connection broke.
+    /// The connection broke before the response head.
+    Reset,
+    /// No response head in time.
     Timeout,
     /// The server's connection budget was spent.
     Busy,
@@ -237,6 +263,10 @@ impl Pool {
                     settings.connect_timeout,
                     Budget::new(settings.max_connections_per_server, total.clone()),
                     no_tls(),
+                    match settings.protocol {
+                        crate::config::UpstreamProtocol::Http1 => Versions::Http1,
+                        crate::config::UpstreamProtocol::H2 => Versions::H2,
+                    },
                 ),
                 in_flight: AtomicUsize::new(0),
                 fails: AtomicU32::new(0),
@@ -245,6 +275,7 @@ impl Pool {
                 healthy: AtomicBool::new(true),
                 requests: AtomicU64::new(0),
                 connect_errors: AtomicU64::new(0),
+                resets: AtomicU64::new(0),
                 timeouts: AtomicU64::new(0),
                 busy: AtomicU64::new(0),
             })
@@ -297,6 +328,7 @@ impl Pool {
         let server = &self.servers[index];
         inc(match failure {
             Failure::Connect => &server.connect_errors,
+            Failure::Reset => &server.resets,
             Failure::Timeout => &server.timeouts,
             Failure::Busy => &server.busy,
         });
@@ -384,14 +416,18 @@ async fn health_check(pool: std::sync::Weak<Pool>, index: usize, check: HealthCh
     }
 }
 
-/// Clients for origins, one per trust (system roots, or one CA file), built on first use. All origins share the
-/// process-wide backend budget.
+/// Clients for origins, one per trust (system roots, or one CA file) and HTTP versions, built on first use. All
+/// origins share the process-wide backend budget.
 #[derive(Debug)]
 struct OriginClients {
     proxy: ProxySettings,
     total: Arc<Semaphore>,
-    system: tokio::sync::OnceCell<HttpClient>,
-    by_ca: tokio::sync::Mutex<HashMap<PathBuf, HttpClient>>,
+    /// Bounded by the CA files named in the config (one per plugin grant) times the version sets. Read on every
+    /// request to an origin: a read lock, held for a lookup and one reference count.
+    clients: std::sync::RwLock<HashMap<(Trust, Versions), Arc<HttpClient>>>,
+    /// Serialises building clients, so that a burst of first requests reads a CA file once.
+    building: tokio::sync::Mutex<()>,
+    system_roots: tokio::sync::OnceCell<rustls::RootCertStore>,
 }
 
 impl OriginClients {
@@ -399,39 +435,57 @@ impl OriginClients {
         Self {
             proxy: proxy.clone(),
             total,
-            system: tokio::sync::OnceCell::new(),
-            by_ca: tokio::sync::Mutex::new(HashMap::new()),
+            clients: std::sync::RwLock::new(HashMap::new()),
+            building: tokio::sync::Mutex::new(()),
+            system_roots: tokio::sync::OnceCell::new(),
         }
     }
 
-    fn build(&self, roots: rustls::RootCertStore) -> HttpClient {
-        let budget = Budget::new(self.proxy.max_backend_connections, self.total.clone());
-        client(&self.proxy, self.proxy.connect_timeout, budget, tls_config(roots))
-    }
-
-    async fn client(&self, ca: Option<&Path>) -> Result<HttpClient, String> {
-        let Some(ca) = ca else {
-            return self
-                .system
+    async fn client(&self, trust: Trust, versions: Versions) -> Result<Arc<HttpClient>, String> {
+        let key = (trust, versions);
+        if let Some(client) = self.cached(&key) {
+            return Ok(client);
+        }
+        let _building = self.building.lock().await;
+        if let Some(client) = self.cached(&key) {
+            return Ok(client);
+        }
+        // Reading CA files and the system store is file I/O: off the async workers.
+        let roots = match &key.0 {
+            Trust::Cleartext => rustls::RootCertStore::empty(),
+            Trust::Ca(ca) => {
+                let path = ca.to_path_buf();
+                tokio::task::spawn_blocking(move || load_roots(&path)).await.map_err(|e| e.to_string())??
+            }
+            Trust::System => self
+                .system_roots
                 .get_or_try_init(|| async {
-                    // Reading the system store is file I/O: off the async workers.
-                    let roots = tokio::task::spawn_blocking(system_roots).await.map_err(|e| e.to_string())??;
-                    Ok(self.build(roots))
+                    tokio::task::spawn_blocking(system_roots).await.map_err(|e| e.to_string())?
                 })
-                .await
-                .cloned();
+                .await?
+                .clone(),
         };
-        let mut by_ca = self.by_ca.lock().await;
-        if let Some(client) = by_ca.get(ca) {
-            return Ok(client.clone());
-        }
-        let path = ca.to_path_buf();
-        let roots = tokio::task::spawn_blocking(move || load_roots(&path)).await.map_err(|e| e.to_string())??;
-        let client = self.build(roots);
-        // Bounded by the CA files named in the config (one per plugin grant).
-        by_ca.insert(ca.to_path_buf(), client.clone());
+        let budget = Budget::new(self.proxy.max_backend_connections, self.total.clone());
+        let client = Arc::new(client(&self.proxy, self.proxy.connect_timeout, budget, tls_config(roots), versions));
+        self.clients.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(key, client.clone());
         Ok(client)
     }
+
+    fn cached(&self, key: &(Trust, Versions)) -> Option<Arc<HttpClient>> {
+        // The map stays consistent across a panic elsewhere: recover the lock.
+        self.clients.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(key).cloned()
+    }
+}
+
+/// What an origin's TLS is verified against.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Trust {
+    /// `http://`: no TLS.
+    Cleartext,
+    /// The system's CA store.
+    System,
+    /// A grant's `origin_ca` file.
+    Ca(Arc<Path>),
 }
 
 fn system_roots() -> Result<rustls::RootCertStore, String> {
@@ -459,6 +513,7 @@ mod tests {
             max_fails: 2,
             fail_timeout: Duration::from_secs(60),
             retries: 1,
+            protocol: crate::config::UpstreamProtocol::Http1,
             health_check: health_check.then(|| HealthCheckSettings {
                 path: "/".into(),
                 interval: Duration::from_secs(1),

@@ -180,6 +180,7 @@ async fn run_serves_with_json_logs_until_sigterm_and_exits_cleanly() -> anyhow::
     assert_eq!(access["fields"]["path"], "/json-logs");
     assert_eq!(access["fields"]["status"], 200);
     assert_eq!(access["fields"]["host"], "a.test");
+    assert_eq!(access["fields"]["upstream"], format!("http://{backend}/"), "the upstream chosen is logged");
     assert!(!lines.iter().any(|l| l.contains("PRIVATE KEY") || l.contains("BEGIN")), "no PEM in logs: {lines:?}");
     Ok(())
 }

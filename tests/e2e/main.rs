@@ -6,6 +6,7 @@
 
 mod caching;
 mod cli;
+mod grpc;
 mod hostile;
 mod http_api;
 mod in_memory;

@@ -67,6 +67,33 @@ async fn websocket_upgrade_passes_through() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrades_work_on_pool_and_origin_routes() -> anyhow::Result<()> {
+    let pki = Pki::new(&["default.test", "pooled.test", "origin.test"])?;
+    let (pooled, origin) = (tern_fixtures::spawn_echo_backend().await?, tern_fixtures::spawn_echo_backend().await?);
+    // The listener's own backend refuses connections: an upgrade that works went along the plugin's route.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
+    std::fs::write(pki.certs().join("pooled.test.route"), "pool ws\n")?;
+    std::fs::write(pki.certs().join("origin.test.route"), format!("origin http://{origin}\n"))?;
+    let grants = format!("grants.routes = {{ pools = [\"ws\"], origins = [\"http://{origin}\"] }}");
+    let config = config_with(&pki, closed, FILE_PATH_PLUGIN, &grants, "default_certificate = \"default\"")
+        + &format!("\n[[upstream]]\nname = \"ws\"\nservers = [\"{pooled}\"]\n");
+    let server = TestServer::start(&config, pki.dir.path()).await?;
+    for name in ["pooled.test", "origin.test"] {
+        let mut stream = connect(server.addr, &pki.client(&[b"http/1.1"]), name).await?;
+        let request = format!(
+            "GET /ws HTTP/1.1\r\nhost: {name}\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+             sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let head = String::from_utf8_lossy(&read_until(&mut stream, b"\r\n\r\n").await?).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 101"), "{name}: {head}");
+        stream.write_all(b"\x81\x05hello").await?;
+        assert!(read_until(&mut stream, b"\x81\x05hello").await?.ends_with(b"\x81\x05hello"), "{name}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_backend_gives_502_not_a_hang() -> anyhow::Result<()> {
     let pki = Pki::new(&["default.test", "app.test"])?;
     // A port that was free a moment ago: nothing listens there.

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use tern::failure::FailureKind;
 use tern::plugin::Outcome;
 
-use tern_fixtures::spawn_echo_backend;
+use tern_fixtures::{TestCa, spawn_echo_backend};
 
 use crate::redis_support::{RedisCluster, RedisServer};
 use crate::support::*;
@@ -272,5 +272,145 @@ async fn redis_selection_latency_figures() -> anyhow::Result<()> {
             .await?;
     print_selection_latency(&server, &names, "Redis plugin").await?;
     assert_eq!(server.plugin_stats().count(Outcome::Found), names.len() as u64);
+    Ok(())
+}
+
+/// [`redis_config`] with `grants.routes = { <routes> }` for the plugin.
+fn with_route_grants(config: String, routes: &str) -> String {
+    config.replacen("grants.kv =", &format!("grants.routes = {{ {routes} }}\ngrants.kv ="), 1)
+}
+
+/// Runs one write command (`SET`, `HSET`) and checks that Redis accepted it.
+async fn store(redis: &RedisServer, command: &[&str]) -> anyhow::Result<()> {
+    let reply = redis.command(command).await?;
+    anyhow::ensure!(reply.starts_with('+') || reply.starts_with(':'), "{command:?}: {reply}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_beside_the_certificate_hold_its_route_and_its_rsa_member() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let names =
+        ["default.test", "routed.example.test", "plain.example.test", "dual.example.test", "*.wild.example.test"];
+    let pki = Pki::new(&names)?;
+    import(&pki, &["--redis", &redis.url()]).await?;
+    let (listener, routed) = (Named::start("listener", None).await?, Named::start("routed", None).await?);
+    let origin = format!("http://127.0.0.1:{}", routed.addr.port());
+    // Beside `cert:{name}.crt` and `cert:{name}.key`: `cert:{name}.route`, `cert:{name}.crt.rsa|.key.rsa`.
+    store(&redis, &["SET", "cert:routed.example.test.route", &format!("origin {origin}\n")]).await?;
+    store(&redis, &["SET", "cert:*.wild.example.test.route", &format!("# the wildcard's route\norigin {origin}")])
+        .await?;
+    let (rsa_chain, rsa_key) = pki.ca.issue_with_key(&["dual.example.test"], &rsa_key().await?)?;
+    store(&redis, &["SET", "cert:dual.example.test.crt.rsa", &rsa_chain]).await?;
+    store(&redis, &["SET", "cert:dual.example.test.key.rsa", &rsa_key]).await?;
+
+    let config = redis_config(&pki, listener.addr, &[redis.url()], false, "");
+    let config = with_route_grants(config, &format!("origins = [\"{origin}\"]"));
+    let server = TestServer::start(&config, pki.dir.path()).await?;
+    let routes = [
+        ("routed.example.test", "routed routed.example.test"),
+        ("x.wild.example.test", "routed x.wild.example.test"),
+        ("plain.example.test", "listener plain.example.test"),
+        ("dual.example.test", "listener dual.example.test"),
+    ];
+    assert_routes_and_rsa_member(server.addr, &pki, &routes, "dual.example.test", &rsa_chain).await?;
+    // A name without an RSA member has nothing to offer such a client.
+    assert!(connect(server.addr, &rsa_only_client(&pki)?, "plain.example.test").await.is_err());
+    assert_eq!(server.plugin_stats().count(Outcome::Found), 4, "one call per name, the route cached with it");
+    assert_eq!((routed.hits(), listener.hits()), (2, 2));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_fields_hold_the_route_the_rsa_member_and_passthrough_targets() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let pki = Pki::new(&["default.test", "pooled.example.test", "plain.example.test", "dual.example.test"])?;
+    let pem = |name: &str| -> anyhow::Result<(String, String)> {
+        let read = |ext: &str| std::fs::read_to_string(pki.certs().join(format!("{name}.{ext}")));
+        Ok((read("crt")?, read("key")?))
+    };
+    let (listener, pooled) = (Named::start("listener", None).await?, Named::start("pooled", None).await?);
+    let pass_ca = TestCa::new("passthrough CA")?;
+    let passthrough = Named::start("passthrough", Some(server_tls(&pass_ca, &["pass.example.test"])?)).await?;
+    let (chain, key) = pem("pooled.example.test")?;
+    store(&redis, &["HSET", "cert:pooled.example.test", "crt", &chain, "key", &key, "route", "pool blue"]).await?;
+    let (chain, key) = pem("plain.example.test")?;
+    store(&redis, &["HSET", "cert:plain.example.test", "crt", &chain, "key", &key]).await?;
+    let (chain, key) = pem("dual.example.test")?;
+    let (rsa_chain, rsa_key) = pki.ca.issue_with_key(&["dual.example.test"], &rsa_key().await?)?;
+    store(
+        &redis,
+        &["HSET", "cert:dual.example.test", "crt", &chain, "key", &key, "rsa_crt", &rsa_chain, "rsa_key", &rsa_key],
+    )
+    .await?;
+    // A passthrough name needs no certificate at all.
+    store(&redis, &["HSET", "cert:pass.example.test", "route", &format!("passthrough {}", passthrough.addr)]).await?;
+
+    let settings = ", layout = \"hash\", hash_key = \"cert:{name}\"";
+    let config = redis_config(&pki, listener.addr, &[redis.url()], false, settings);
+    let config = with_route_grants(config, &format!("pools = [\"blue\"], passthrough = [\"{}\"]", passthrough.addr))
+        + &format!("\n[[upstream]]\nname = \"blue\"\nservers = [\"{}\"]\n", pooled.addr);
+    let server = TestServer::start(&config, pki.dir.path()).await?;
+    let routes = [
+        ("pooled.example.test", "pooled pooled.example.test"),
+        ("plain.example.test", "listener plain.example.test"),
+        ("dual.example.test", "listener dual.example.test"),
+    ];
+    assert_routes_and_rsa_member(server.addr, &pki, &routes, "dual.example.test", &rsa_chain).await?;
+    // The client trusts only the passthrough backend's CA: the handshake is with that backend, not with tern.
+    let pass_client = client_config(&pass_ca, &[b"http/1.1"], &[&rustls::version::TLS13, &rustls::version::TLS12]);
+    let (status, body) = body_for(server.addr, &pass_client, "pass.example.test").await?;
+    assert_eq!((status.as_u16(), body.as_str()), (200, "passthrough pass.example.test"));
+    assert_eq!(server.plugin_stats().count(Outcome::Found), 4);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_stored_route_fails_the_handshake_with_a_message_naming_where_it_is() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let pki = Pki::new(&["default.test", "bad.example.test", "empty.example.test"])?;
+    import(&pki, &["--redis", &redis.url()]).await?;
+    store(&redis, &["SET", "cert:bad.example.test.route", "teleport 127.0.0.1:1"]).await?;
+    store(&redis, &["SET", "cert:empty.example.test.route", "pool"]).await?;
+    let config = redis_config(&pki, spawn_echo_backend().await?, &[redis.url()], false, "");
+    let server = TestServer::start(&config, pki.dir.path()).await?;
+    let client = pki.client(&[]);
+    for name in ["bad.example.test", "empty.example.test"] {
+        let err = connect(server.addr, &client, name).await.expect_err("a malformed route fails the handshake");
+        assert_eq!(alert_of(&err), Some(REFUSED), "{name}: {err}");
+    }
+    assert_eq!(server.plugin_stats().errors(), 2);
+    let plugin = server.plugins[0].1.current();
+    let message = |name: &'static str| {
+        let plugin = plugin.clone();
+        async move {
+            let name = tern::sni::ServerName::parse(name).map_err(|e| anyhow::anyhow!("{e}"))?;
+            match plugin.select(&name, "main").await {
+                Err(tern::plugin::PluginError::Returned(message)) => anyhow::Ok(message),
+                other => anyhow::bail!("expected the plugin's error, got {other:?}"),
+            }
+        }
+    };
+    let bad = message("bad.example.test").await?;
+    let want = "key \"cert:bad.example.test.route\" (route of bad.example.test): expected `pool NAME`, \
+                `origin URL` or `passthrough HOST:PORT`, got \"teleport 127.0.0.1:1\"";
+    assert!(bad.contains(want), "{bad}");
+    let empty = message("empty.example.test").await?;
+    let want = "key \"cert:empty.example.test.route\" (route of empty.example.test): expected";
+    assert!(empty.contains(want) && empty.ends_with("got \"pool\""), "{empty}");
+
+    // The hash layout names the field and the hash.
+    let (chain, key) = pki.ca.issue(&["h.example.test"])?;
+    store(&redis, &["HSET", "cert:h.example.test", "crt", &chain, "key", &key, "route", "origin"]).await?;
+    let url = redis.url();
+    let mut args = vec!["plugin", "call", REDIS_PLUGIN, "h.example.test", "--redis", &url, "--kv-prefix", "cert:"];
+    args.extend(["--setting", "layout=hash", "--setting", "hash_key=cert:{name}"]);
+    let output = run_command(tern(&args)).await?;
+    assert!(!output.status.success());
+    assert!(
+        text(&output).contains("field \"route\" of hash \"cert:h.example.test\" (route of h.example.test): expected"),
+        "{}",
+        text(&output)
+    );
     Ok(())
 }

@@ -4,97 +4,14 @@
 //! client's signature schemes, and a pool that loses a server under load.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject as _;
 use tern_fixtures::TestCa;
-use tokio::net::TcpListener;
 
 use crate::support::*;
-
-/// A backend that answers every request with `<name> <host>` and counts them; stops (connections included)
-/// when dropped or stopped.
-struct Named {
-    addr: SocketAddr,
-    hits: Arc<AtomicU64>,
-    tasks: tokio::task::JoinSet<()>,
-}
-
-impl Named {
-    async fn start(name: &'static str, tls: Option<Arc<rustls::ServerConfig>>) -> Result<Self> {
-        Self::start_on(name, "127.0.0.1:0".parse()?, tls, Arc::default()).await
-    }
-
-    async fn start_on(
-        name: &'static str,
-        addr: SocketAddr,
-        tls: Option<Arc<rustls::ServerConfig>>,
-        hits: Arc<AtomicU64>,
-    ) -> Result<Self> {
-        let listener = TcpListener::bind(addr).await?;
-        let addr = listener.local_addr()?;
-        let mut tasks = tokio::task::JoinSet::new();
-        let counted = hits.clone();
-        tasks.spawn(async move {
-            let mut connections = tokio::task::JoinSet::new();
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else { continue };
-                let (tls, hits) = (tls.clone(), counted.clone());
-                connections.spawn(async move {
-                    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("").to_string();
-                        if req.uri().path() != "/healthz" {
-                            hits.fetch_add(1, Ordering::Relaxed);
-                        }
-                        async move {
-                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(format!(
-                                "{name} {host}"
-                            )))))
-                        }
-                    });
-                    let builder = hyper::server::conn::http1::Builder::new();
-                    let _ = match tls {
-                        None => builder.serve_connection(TokioIo::new(tcp), service).await,
-                        Some(tls) => match tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await {
-                            Ok(stream) => builder.serve_connection(TokioIo::new(stream), service).await,
-                            Err(_) => return,
-                        },
-                    };
-                });
-            }
-        });
-        Ok(Self { addr, hits, tasks })
-    }
-
-    fn hits(&self) -> u64 {
-        self.hits.load(Ordering::Relaxed)
-    }
-
-    /// Stops accepting and closes every open connection, as a crashed server would.
-    async fn stop(mut self) -> (SocketAddr, Arc<AtomicU64>) {
-        self.tasks.shutdown().await;
-        (self.addr, self.hits.clone())
-    }
-}
-
-/// A TLS server config for `names`, issued by `ca`, with HTTP/1.1 ALPN.
-fn server_tls(ca: &TestCa, names: &[&str]) -> Result<Arc<rustls::ServerConfig>> {
-    use rustls::pki_types::pem::PemObject;
-    let (chain, key) = ca.issue(names)?;
-    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(chain.as_bytes()).collect::<Result<Vec<_>, _>>()?;
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes())?;
-    let mut config = rustls::ServerConfig::builder_with_provider(tern::crypto::provider().clone())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
-}
 
 fn route(pki: &Pki, name: &str, line: &str) -> Result<()> {
     Ok(std::fs::write(pki.certs().join(format!("{name}.route")), format!("{line}\n"))?)
@@ -117,6 +34,7 @@ async fn tenants() -> Result<Tenants> {
         "secure.tenant.test",
         "untrusted.tenant.test",
         "denied.tenant.test",
+        "*.shared.tenant.test",
     ])?;
     let origin_ca = TestCa::new("origin CA")?;
     std::fs::write(pki.path("origin-ca.pem"), origin_ca.pem())?;
@@ -128,6 +46,8 @@ async fn tenants() -> Result<Tenants> {
     let passthrough = Named::start("passthrough", Some(server_tls(&pass_ca, &["pass.tenant.test"])?)).await?;
     route(&pki, "a.tenant.test", &format!("origin http://127.0.0.1:{}", alpha.addr.port()))?;
     route(&pki, "b.tenant.test", &format!("origin http://{}/", bravo.addr))?;
+    // One wildcard certificate, a route per tenant: the exact name's route applies.
+    route(&pki, "t1.shared.tenant.test", &format!("origin http://127.0.0.1:{}", alpha.addr.port()))?;
     route(&pki, "secure.tenant.test", &format!("origin https://localhost:{}", secure.addr.port()))?;
     route(&pki, "untrusted.tenant.test", &format!("origin https://localhost:{}", stranger.addr.port()))?;
     route(&pki, "denied.tenant.test", "origin http://10.1.2.3:80")?;
@@ -159,12 +79,14 @@ async fn tenants_behind_one_listener_reach_the_backends_their_plugin_answers_nam
         ("b.tenant.test", "bravo b.tenant.test"),
         ("c.tenant.test", "listener c.tenant.test"),
         ("a.tenant.test", "alpha a.tenant.test"),
+        ("t1.shared.tenant.test", "alpha t1.shared.tenant.test"),
+        ("t2.shared.tenant.test", "listener t2.shared.tenant.test"),
     ] {
         let (status, body) = body_of(&t, name).await?;
         assert_eq!((status.as_u16(), body.as_str()), (200, want), "{name}");
     }
     // The route is part of the cached answer: one plugin call per name, and the admin lookup shows it.
-    assert_eq!(t.server.plugin_stats().count(tern::plugin::Outcome::Found), 3);
+    assert_eq!(t.server.plugin_stats().count(tern::plugin::Outcome::Found), 5);
     let (_, lookup) = admin(t.server.admin_addr(), "GET", "/cache/lookup?name=a.tenant.test", None).await?;
     let lookup: serde_json::Value = serde_json::from_str(&lookup)?;
     let answer = &lookup["cached"][0];
@@ -182,6 +104,32 @@ async fn an_https_origin_is_verified_against_the_grants_ca() -> Result<()> {
     // Same grant, an origin whose certificate that CA did not issue: tern refuses to talk to it.
     let (status, _) = body_of(&t, "untrusted.tenant.test").await?;
     assert_eq!(status.as_u16(), 502);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_origins_get_http2_by_alpn_only_where_granted() -> Result<()> {
+    let pki = Pki::new(&["default.test", "h2.tenant.test"])?;
+    let origin_ca = TestCa::new("origin CA")?;
+    std::fs::write(pki.path("origin-ca.pem"), origin_ca.pem())?;
+    // An origin that picks HTTP/2 when the client offers it by ALPN, HTTP/1.1 otherwise.
+    let mut tls = (*server_tls(&origin_ca, &["localhost"])?).clone();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let origin = Named::start("h2-origin", Some(std::sync::Arc::new(tls))).await?;
+    route(&pki, "h2.tenant.test", &format!("origin https://localhost:{}", origin.addr.port()))?;
+    let backend = tern_fixtures::spawn_echo_backend().await?;
+    for (h2, want) in [(true, "HTTP/2.0"), (false, "HTTP/1.1")] {
+        let grants = format!(
+            "grants.routes = {{ origins = [\"https://localhost:*\"], origin_ca = \"origin-ca.pem\", origin_h2 = {h2} }}"
+        );
+        let config = config_with(&pki, backend, FILE_PATH_PLUGIN, &grants, "default_certificate = \"default\"");
+        let server = TestServer::start(&config, pki.dir.path()).await?;
+        let stream = connect(server.addr, &pki.client(&[b"http/1.1"]), "h2.tenant.test").await?;
+        let (status, headers, body) = get(stream, "h2.tenant.test", "/").await?;
+        assert_eq!(status.as_u16(), 200, "origin_h2 = {h2}: {body}");
+        assert_eq!(headers.get("x-seen-version").and_then(|v| v.to_str().ok()), Some(want), "origin_h2 = {h2}");
+        assert!(body.starts_with("h2-origin "), "{body}");
+    }
     Ok(())
 }
 
@@ -224,8 +172,8 @@ async fn a_certificate_set_serves_rsa_to_clients_that_cannot_verify_ecdsa() -> R
     let t = tenants().await?;
     let rsa = rsa_key().await?;
     let (chain, key) = t.pki.ca.issue_with_key(&["dual.tenant.test"], &rsa)?;
-    std::fs::write(t.pki.certs().join("dual.tenant.test.rsa.crt"), chain)?;
-    std::fs::write(t.pki.certs().join("dual.tenant.test.rsa.key"), key)?;
+    std::fs::write(t.pki.certs().join("dual.tenant.test.crt.rsa"), chain)?;
+    std::fs::write(t.pki.certs().join("dual.tenant.test.key.rsa"), key)?;
     t.pki.issue_as("dual.tenant.test", &["dual.tenant.test"])?;
 
     let default = connect(t.server.addr, &t.pki.client(&[b"http/1.1"]), "dual.tenant.test").await?;
@@ -234,40 +182,11 @@ async fn a_certificate_set_serves_rsa_to_clients_that_cannot_verify_ecdsa() -> R
     let stream = connect(t.server.addr, &rsa_only, "dual.tenant.test").await?;
     let leaf = served_leaf(&stream);
     let want = rustls::pki_types::CertificateDer::from_pem_slice(&std::fs::read(
-        t.pki.certs().join("dual.tenant.test.rsa.crt"),
+        t.pki.certs().join("dual.tenant.test.crt.rsa"),
     )?)?;
     assert_eq!(leaf, want, "a client offering only RSA signature schemes gets the RSA member");
     assert_eq!(t.server.plugin_stats().count(tern::plugin::Outcome::Found), 1, "one cached answer serves both");
     Ok(())
-}
-
-use rustls::pki_types::pem::PemObject as _;
-
-/// An RSA 2048 key from `openssl genpkey` (rcgen cannot generate RSA keys).
-async fn rsa_key() -> Result<rcgen::KeyPair> {
-    let mut command = std::process::Command::new("openssl");
-    command.args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]);
-    let out = run_command(command).await?;
-    anyhow::ensure!(out.status.success(), "openssl genpkey failed");
-    Ok(rcgen::KeyPair::from_pem(std::str::from_utf8(&out.stdout)?)?)
-}
-
-/// A client whose provider verifies only RSA signatures, so it offers only RSA signature schemes.
-fn rsa_only_client(pki: &Pki) -> Result<Arc<rustls::ClientConfig>> {
-    let mut provider = (**tern::crypto::provider()).clone();
-    let all = provider.signature_verification_algorithms;
-    let rsa: Vec<_> =
-        all.mapping.iter().filter(|(scheme, _)| format!("{scheme:?}").starts_with("RSA")).cloned().collect();
-    provider.signature_verification_algorithms =
-        rustls::crypto::WebPkiSupportedAlgorithms { all: all.all, mapping: Box::leak(rsa.into_boxed_slice()) };
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca.der())?;
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
 }
 
 fn x509_issuer(der: &rustls::pki_types::CertificateDer<'_>) -> String {

@@ -18,8 +18,8 @@ pub struct Args {
     /// Concurrency levels of the full-handshake phases.
     #[arg(long, value_delimiter = ',', default_value = "8,64")]
     pub concurrency: Vec<usize>,
-    /// Configurations to run (tern-file, tern-redis, tern-static, nginx-static, nginx-var; diagnostic:
-    /// tern-static-idle-plugin).
+    /// Configurations to run (tern-file, tern-redis, tern-static, nginx-static, nginx-var, tern-routed: a route
+    /// per name, tern-routed-unique: an origin per name; diagnostic: tern-static-idle-plugin).
     #[arg(long, value_delimiter = ',', default_value = "tern-static,tern-file,tern-redis,nginx-static,nginx-var")]
     pub configs: Vec<String>,
     /// The tern binary.
@@ -37,6 +37,10 @@ pub struct Args {
     /// Seconds per configuration and round of the interleaved comparison.
     #[arg(long, default_value_t = 1.5)]
     pub ab_seconds: f64,
+    /// With tern-routed-unique: measure memory with every name of the set cached (one handshake per name), against
+    /// tern-file.
+    #[arg(long)]
+    pub memory_all: bool,
     /// Pin the servers to the last core and this program (the load client) to the others, instead of letting
     /// the scheduler share all cores between them.
     #[arg(long)]

@@ -52,6 +52,15 @@ impl Client {
     }
 
     /// One connection, one request; returns whether it resumed.
+    /// A verified handshake for `name` and nothing else (configurations whose routes lead nowhere reachable).
+    pub async fn handshake_only(&self, addr: SocketAddr, name: &str) -> Result<()> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let server_name = rustls::pki_types::ServerName::try_from(name.to_string())?;
+        let connect = tokio_rustls::TlsConnector::from(self.verifying.clone()).connect(server_name, tcp);
+        tokio::time::timeout(Duration::from_secs(10), connect).await.context("handshake timed out")??;
+        Ok(())
+    }
+
     pub async fn visit(&self, addr: SocketAddr, name: &str, verify: Verify, resume: bool) -> Result<(bool, Duration)> {
         let config = match (verify, resume) {
             (Verify::Yes, _) => self.verifying.clone(),

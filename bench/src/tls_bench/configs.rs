@@ -39,6 +39,22 @@ pub fn tern_config(config: &str, setup: &Setup, addr: SocketAddr, backend: Socke
                 plugins.join("file_path.wasm").display()
             );
         }
+        // The file plugin with a route for every name (contract 0.2): `tern-routed` sends every name to the same
+        // backend as an origin route (the cost of routing alone, against tern-file); `tern-routed-unique` gives
+        // every name its own origin (127.x.y.z on a closed port: the cache holds 100k distinct routes).
+        "tern-routed" | "tern-routed-unique" => {
+            let (template, grant) = if config == "tern-routed" {
+                ("{name}.via", format!("http://{backend}"))
+            } else {
+                ("{name}.own", "http://*:*".to_string())
+            };
+            text += &format!(
+                "[[plugin]]\nname = \"files\"\npath = \"{}\"\ngrants.files = \"{dir}\"\n\
+                 settings = {{ route_template = \"{template}\" }}\ngrants.routes = {{ origins = [\"{grant}\"] }}\n\n\
+                 [[listener]]\nbind = \"{addr}\"\nplugin = \"files\"\nstrict = true\nbackend = \"http://{backend}\"\n",
+                plugins.join("file_path.wasm").display()
+            );
+        }
         "tern-file" => {
             text += &format!(
                 "[[plugin]]\nname = \"files\"\npath = \"{}\"\ngrants.files = \"{dir}\"\n\n\
@@ -59,6 +75,17 @@ pub fn tern_config(config: &str, setup: &Setup, addr: SocketAddr, backend: Socke
         }
     }
     text
+}
+
+/// Writes the route files of the routed configurations for every name of the set: `<name>.via` (to `backend`)
+/// and `<name>.own` (the name's own origin, `127.a.b.c:9`).
+pub fn write_routes(setup: &Setup, backend: SocketAddr) -> anyhow::Result<()> {
+    for (i, name) in setup.names.iter().enumerate() {
+        std::fs::write(setup.dir.join(format!("{name}.via")), format!("origin http://{backend}\n"))?;
+        let own = format!("origin http://127.{}.{}.{}:9\n", (i >> 16) & 255, (i >> 8) & 255, (i & 255).max(1));
+        std::fs::write(setup.dir.join(format!("{name}.own")), own)?;
+    }
+    Ok(())
 }
 
 pub fn nginx_config(config: &str, setup: &Setup, addr: SocketAddr, backend: SocketAddr, prefix: &Path) -> String {

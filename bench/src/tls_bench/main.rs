@@ -36,7 +36,7 @@ use clap::Parser;
 use crate::args::Args;
 use crate::backend::spawn_backend;
 use crate::environment::{machine_info, nginx_available, pin_client};
-use crate::measure::{compare_interleaved, run_config};
+use crate::measure::{compare_interleaved, memory_all_cached, run_config};
 use crate::report::{print_row, write_results};
 
 #[tokio::main]
@@ -102,6 +102,9 @@ async fn run_set(
         if config.starts_with("nginx") && !nginx {
             continue;
         }
+        if config == "tern-routed-unique" {
+            continue; // measured by --memory-all only: its origins lead nowhere
+        }
         let setup = Setup { n, key, dir: dir.clone(), names: names.clone(), prefix: prefix.clone() };
         match run_config(bench, config, &setup).await {
             Ok(row) => {
@@ -120,6 +123,22 @@ async fn run_set(
         match compare_interleaved(bench, &tern, &setup).await {
             Ok(result) => results.comparisons.push(result),
             Err(err) => println!("interleaved comparison n={n} {key}: FAILED: {err:#}"),
+        }
+    }
+    // Routing (issue 13): a route per name against the single-backend path, interleaved, on cache hits.
+    let has = |c: &str| args.configs.iter().any(|a| a == c);
+    if has("tern-file") && has("tern-routed") && args.ab_rounds > 0 {
+        let setup = Setup { n, key, dir: dir.clone(), names: names.clone(), prefix: prefix.clone() };
+        match compare_interleaved(bench, &["tern-file", "tern-routed"], &setup).await {
+            Ok(result) => results.comparisons.push(result),
+            Err(err) => println!("interleaved routed comparison n={n} {key}: FAILED: {err:#}"),
+        }
+    }
+    if has("tern-routed-unique") && args.memory_all {
+        let setup = Setup { n, key, dir: dir.clone(), names: names.clone(), prefix: prefix.clone() };
+        match memory_all_cached(bench, &["tern-file", "tern-routed-unique"], &setup).await {
+            Ok(result) => results.comparisons.push(result),
+            Err(err) => println!("memory with every name cached n={n} {key}: FAILED: {err:#}"),
         }
     }
     Ok(())

@@ -106,9 +106,9 @@ pub async fn compare_interleaved(bench: &Bench<'_>, configs: &[&str], setup: &Se
     let top = *args.concurrency.iter().max().unwrap_or(&64);
     let rounds = Rounds::run(&client, &servers, &hot, top, args.ab_rounds, args.ab_seconds).await?;
     let mut result = serde_json::Map::new();
-    // One server per configuration, in order; the first is tern-static.
+    // One server per configuration, in order; the first is the baseline.
     for (i, config) in configs.iter().enumerate().skip(1) {
-        result.insert(config.to_string(), rounds.vs_static(i, config, setup));
+        result.insert(config.to_string(), rounds.vs_baseline(i, config, configs[0], setup));
     }
     Ok(json!({
         "n": setup.n,
@@ -116,6 +116,7 @@ pub async fn compare_interleaved(bench: &Bench<'_>, configs: &[&str], setup: &Se
         "rounds": args.ab_rounds,
         "seconds": args.ab_seconds,
         "concurrency": top,
+        "baseline": configs[0],
         "static_rates": rounds.rates[0],
         "static_cpu_s_per_1k": rounds.cpu[0],
         "static_errors": rounds.errors[0],
@@ -123,7 +124,7 @@ pub async fn compare_interleaved(bench: &Bench<'_>, configs: &[&str], setup: &Se
     }))
 }
 
-/// What the interleaved rounds measured, per server (the first is tern-static).
+/// What the interleaved rounds measured, per server (the first is the baseline).
 struct Rounds {
     count: usize,
     rates: Vec<Vec<f64>>,
@@ -162,8 +163,8 @@ impl Rounds {
         Ok(Self { count, rates, cpu, errors, totals })
     }
 
-    /// Server `i` (configuration `config`) against tern-static: printed, and as JSON.
-    fn vs_static(&self, i: usize, config: &str, setup: &Setup) -> serde_json::Value {
+    /// Server `i` (configuration `config`) against the baseline (server 0): printed, and as JSON.
+    fn vs_baseline(&self, i: usize, config: &str, baseline: &str, setup: &Setup) -> serde_json::Value {
         let Rounds { count, rates, cpu, errors, totals } = self;
         let mut rate_ratio: Vec<f64> = (0..*count).map(|r| rates[i][r] / rates[0][r].max(1e-9)).collect();
         let mut cpu_ratio: Vec<f64> = (0..*count).map(|r| cpu[i][r] / cpu[0][r].max(1e-9)).collect();
@@ -172,7 +173,7 @@ impl Rounds {
         let rate_total = totals[i].0 / totals[0].0.max(1.0);
         let cpu_total = (totals[i].1 / totals[i].0.max(1.0)) / (totals[0].1 / totals[0].0.max(1.0)).max(1e-12);
         println!(
-            "interleaved n={} {}: {} / tern-static handshakes/s x{rate_total:.3} over all rounds, median x{rate_median:.3} (rounds {:.3}..{:.3}); server CPU per handshake x{cpu_total:.3} over all rounds, median x{cpu_median:.3} (rounds {:.3}..{:.3})",
+            "interleaved n={} {}: {} / {baseline} handshakes/s x{rate_total:.3} over all rounds, median x{rate_median:.3} (rounds {:.3}..{:.3}); server CPU per handshake x{cpu_total:.3} over all rounds, median x{cpu_median:.3} (rounds {:.3}..{:.3})",
             setup.n,
             setup.key,
             config,
@@ -205,4 +206,34 @@ fn median(values: &mut [f64]) -> f64 {
         n if n % 2 == 1 => values[n / 2],
         n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
     }
+}
+
+/// Memory with every name of the set cached: PSS after one verified handshake for each name (no request:
+/// tern-routed-unique's origins lead nowhere), against the same for a baseline configuration (printed, and as
+/// JSON).
+pub async fn memory_all_cached(bench: &Bench<'_>, configs: &[&str], setup: &Setup) -> Result<serde_json::Value> {
+    let mut rows = serde_json::Map::new();
+    for config in configs {
+        let (server, _) = start_server(bench, config, setup).await?;
+        let client = Client::new(&setup.dir)?;
+        let (_, pss_start) = server.memory_mib();
+        let started = Instant::now();
+        for name in setup.names.iter() {
+            client.handshake_only(server.addr, name).await.with_context(|| name.to_string())?;
+        }
+        let (_, pss_after) = server.memory_mib();
+        let per_name = (pss_after - pss_start) * 1024.0 / setup.n as f64;
+        println!(
+            "memory n={} {} {config}: PSS {pss_start:.1} MiB at start, {pss_after:.1} MiB with every name cached \
+             ({per_name:.2} KiB per name; visiting all took {:.1} s)",
+            setup.n,
+            setup.key,
+            started.elapsed().as_secs_f64()
+        );
+        rows.insert(
+            config.to_string(),
+            json!({ "pss_start_mib": pss_start, "pss_all_cached_mib": pss_after, "kib_per_name": per_name }),
+        );
+    }
+    Ok(json!({ "n": setup.n, "key": setup.key, "memory_all_cached": rows }))
 }

@@ -41,8 +41,8 @@ pub fn write_results(args: &Args, machine: &str, rows: &[Value], comparisons: &[
         md += &row_markdown(row);
     }
     if !comparisons.is_empty() {
-        md += "\nCache hits, dynamic ÷ tern-static, interleaved rounds (all servers up at once, hot set warmed): ratio of the totals over all rounds, then the median and range of the per-round ratios:\n\n";
-        md += "| N | key | config | handshakes/s ratio, all rounds (median; range) | server CPU per handshake ratio, all rounds (median; range) | rounds × seconds |\n|---|---|---|---|---|---|\n";
+        md += "\nCache hits, each configuration ÷ its baseline (tern-static, or tern-file for tern-routed), interleaved rounds (all servers up at once, hot set warmed): ratio of the totals over all rounds, then the median and range of the per-round ratios:\n\n";
+        md += "| N | key | config ÷ baseline | handshakes/s ratio, all rounds (median; range) | server CPU per handshake ratio, all rounds (median; range) | rounds × seconds |\n|---|---|---|---|---|---|\n";
         for c in comparisons {
             md += &comparison_markdown(c);
         }
@@ -97,9 +97,10 @@ fn comparison_markdown(c: &Value) -> String {
         for (config, r) in map {
             let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
             md += &format!(
-                "| {} | {} | {config} | {:.3} ({:.3}; {:.3}–{:.3}) | {:.3} ({:.3}; {:.3}–{:.3}) | {} × {} |\n",
+                "| {} | {} | {config} ÷ {} | {:.3} ({:.3}; {:.3}–{:.3}) | {:.3} ({:.3}; {:.3}–{:.3}) | {} × {} |\n",
                 c["n"],
                 c["key"].as_str().unwrap_or(""),
+                c["baseline"].as_str().unwrap_or("tern-static"),
                 f("rate_ratio_total"),
                 f("rate_ratio_median"),
                 f("rate_ratio_min"),
@@ -110,6 +111,19 @@ fn comparison_markdown(c: &Value) -> String {
                 f("cpu_ratio_max"),
                 c["rounds"],
                 c["seconds"],
+            );
+        }
+    }
+    if let Some(map) = c["memory_all_cached"].as_object() {
+        for (config, r) in map {
+            let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+            md += &format!(
+                "| {} | {} | {config}: PSS with every name cached | {:.0} MiB ({:.2} KiB per name) | at start {:.0} MiB | |\n",
+                c["n"],
+                c["key"].as_str().unwrap_or(""),
+                f("pss_all_cached_mib"),
+                f("kib_per_name"),
+                f("pss_start_mib"),
             );
         }
     }

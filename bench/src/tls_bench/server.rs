@@ -101,7 +101,15 @@ pub async fn start_server(bench: &Bench<'_>, config: &str, setup: &Setup) -> Res
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let started = Instant::now();
     let child = match config {
-        "tern-static" | "tern-file" | "tern-redis" | "tern-static-idle-plugin" => {
+        "tern-static"
+        | "tern-file"
+        | "tern-redis"
+        | "tern-static-idle-plugin"
+        | "tern-routed"
+        | "tern-routed-unique" => {
+            if config.starts_with("tern-routed") {
+                crate::configs::write_routes(setup, backend)?;
+            }
             let path = work.join(format!("{config}.toml"));
             std::fs::write(&path, tern_config(config, setup, addr, backend, redis_url))?;
             server_command(args, args.tern.as_os_str())
@@ -131,10 +139,16 @@ pub async fn start_server(bench: &Bench<'_>, config: &str, setup: &Setup) -> Res
     };
     let mut server = Server { child, addr };
     let client = Client::new(&setup.dir)?;
-    // Start-up: until a handshake for a known name succeeds.
+    // Start-up: until a handshake (and request) for a known name succeeds. tern-routed-unique routes every name to
+    // an origin of its own that nothing listens on: its handshakes are what it is measured by.
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        if client.visit(addr, &setup.names[0], Verify::Yes, false).await.is_ok() {
+        let ready = if config == "tern-routed-unique" {
+            client.handshake_only(addr, &setup.names[0]).await.is_ok()
+        } else {
+            client.visit(addr, &setup.names[0], Verify::Yes, false).await.is_ok()
+        };
+        if ready {
             break;
         }
         if let Some(status) = server.child.try_wait()? {

@@ -401,6 +401,8 @@ pub struct Grants {
     /// `grants.routes.origin_ca`: CA certificates (PEM) that `https` origins of this plugin's routes are verified
     /// against, instead of the system roots.
     pub origin_ca: Option<PathBuf>,
+    /// `grants.routes.origin_h2`: offer HTTP/2 by ALPN to `https` origins (used when the origin picks it).
+    pub origin_h2: bool,
 }
 
 /// `[[upstream]]`: a pool of servers that plugin answers may route names to.
@@ -422,10 +424,24 @@ pub struct UpstreamSettings {
     pub max_fails: u32,
     /// How long an ejected server is skipped before it gets traffic again.
     pub fail_timeout: Duration,
-    /// Further servers tried after a connect failure, for requests without a body and with an idempotent method.
+    /// Further servers tried after a connect failure or a connection broken before the response head, for
+    /// requests without a body and with an idempotent method.
     pub retries: u32,
+    /// HTTP/1.1 (default) or HTTP/2 with prior knowledge (gRPC backends).
+    pub protocol: UpstreamProtocol,
     /// Active HTTP checks, if configured.
     pub health_check: Option<HealthCheckSettings>,
+}
+
+/// `upstream.protocol`: what a pool's servers speak (cleartext).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 (the default).
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c): gRPC backends, trailers end to end.
+    H2,
 }
 
 /// `upstream.balance`

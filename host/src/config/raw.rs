@@ -205,6 +205,7 @@ pub struct RouteGrant {
     #[serde(default)]
     pub passthrough: Vec<String>,
     pub origin_ca: Option<String>,
+    pub origin_h2: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -219,6 +220,7 @@ pub struct Upstream {
     pub max_fails: Option<u32>,
     pub fail_timeout: Option<String>,
     pub retries: Option<u32>,
+    pub protocol: Option<super::UpstreamProtocol>,
     pub health_check: Option<HealthCheck>,
 }
 
@@ -344,7 +346,7 @@ pub mod defaults {
     pub const UPSTREAM_MAX_FAILS: u32 = 3;
     /// `upstream.fail_timeout`: how long an ejected server sits out (nginx's `fail_timeout` 10 s)
     pub const UPSTREAM_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
-    /// `upstream.retries`: further servers tried after a connect failure of an idempotent request
+    /// `upstream.retries`: further servers tried after a connect failure or reset of an idempotent request
     pub const UPSTREAM_RETRIES: u32 = 1;
     /// `upstream.health_check.path`
     pub const HEALTH_PATH: &str = "/";

@@ -61,6 +61,7 @@ impl Validator<'_> {
         let kv = p.grants.kv.map(|grant| self.kv_grant(&key, grant, redis)).transpose()?;
         let http = p.grants.http.map(|grant| self.http_grant(&key, grant)).transpose()?;
         let origin_ca = p.grants.routes.as_ref().and_then(|r| r.origin_ca.as_deref()).map(|ca| self.path(ca));
+        let origin_h2 = p.grants.routes.as_ref().and_then(|r| r.origin_h2).unwrap_or(false);
         let routes = self.route_grant(&key, p.grants.routes.unwrap_or_default(), upstreams)?;
         let (max_calls_per_second, max_calls_per_second_per_client) =
             self.call_rates(&key, p.max_calls_per_second, p.max_calls_per_second_per_client)?;
@@ -79,7 +80,7 @@ impl Validator<'_> {
                 defaults::BREAKER_COOLDOWN,
             )?,
             settings,
-            grants: Grants { files, kv, http, routes, origin_ca },
+            grants: Grants { files, kv, http, routes, origin_ca, origin_h2 },
             probe_names: p.probe_names,
             on_swap: p.on_swap,
         })
@@ -224,6 +225,7 @@ impl Validator<'_> {
                 defaults::UPSTREAM_FAIL_TIMEOUT,
             )?,
             retries: u.retries.unwrap_or(defaults::UPSTREAM_RETRIES),
+            protocol: u.protocol.unwrap_or_default(),
             health_check,
         })
     }

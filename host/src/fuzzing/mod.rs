@@ -32,7 +32,7 @@ use crate::store::RedisStore;
 pub type Target = (&'static str, fn(&[u8]));
 
 /// Every target.
-pub const TARGETS: [Target; 8] = [
+pub const TARGETS: [Target; 9] = [
     ("sni", sni),
     ("config", config),
     ("certificate", certificate),
@@ -41,6 +41,7 @@ pub const TARGETS: [Target; 8] = [
     ("ticket", ticket),
     ("ticket_key", ticket_key),
     ("proxy_header", proxy_header),
+    ("route", route),
 ];
 
 /// The operator secret the fixture keys derive from (as `[resumption] secret` would). Not a real secret.
@@ -255,6 +256,30 @@ pub fn ticket_key(data: &[u8]) {
 /// parsed when complete (`proxy_protocol`).
 pub fn proxy_header(data: &[u8]) {
     crate::proxy_protocol::fuzz_classify_and_parse(data);
+}
+
+/// A plugin's route or passthrough target (checked against grants that allow every host and port) and an
+/// operator's grant patterns. What is accepted round-trips: its printed form parses to the same route.
+pub fn route(data: &[u8]) {
+    use crate::route::{Pattern, Route, RouteGrants, parse_origin};
+    let text = String::from_utf8_lossy(data);
+    let (Ok(http), Ok(https), Ok(target)) =
+        (Pattern::origin("http://*:*"), Pattern::origin("https://*:*"), Pattern::target("*:*"))
+    else {
+        panic!("the catch-all patterns parse");
+    };
+    let any = RouteGrants { pools: vec![], origins: vec![http, https], passthrough: vec![target] };
+    if let Ok(Route::Origin(origin)) = any.origin(&text, None, true) {
+        assert!(origin.tls || !origin.h2, "HTTP/2 by ALPN needs TLS");
+        let again = parse_origin(&origin.to_string());
+        let again = again.as_ref().map(|o| (&o.host, o.port, &o.base));
+        assert_eq!(again, Ok((&origin.host, origin.port, &origin.base)), "a printed origin parses");
+    }
+    if let Ok(parsed) = any.passthrough(&text) {
+        assert_eq!(any.passthrough(&parsed.to_string()).as_ref(), Ok(&parsed), "a printed target parses");
+    }
+    let _ = Pattern::origin(&text);
+    let _ = Pattern::target(&text);
 }
 
 #[cfg(test)]

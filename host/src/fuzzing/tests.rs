@@ -73,6 +73,11 @@ fn proxy_header_corpus() {
 }
 
 #[test]
+fn route_corpus() {
+    replay("route");
+}
+
+#[test]
 fn every_target_has_a_fuzz_target_file_and_nothing_else_does() {
     let dir = corpus_root().join("../fuzz_targets");
     let mut files: Vec<String> = std::fs::read_dir(&dir)
@@ -135,6 +140,7 @@ fn seed_generators_make_seeds_every_target_accepts() {
             "ticket" => ticket_seeds(),
             "ticket_key" => ticket_key_seeds(),
             "proxy_header" => proxy_header_seeds(),
+            "route" => route_seeds(),
             other => panic!("no seeds for {other}"),
         };
         assert!(!seeds.is_empty(), "{target}: no seeds");
@@ -464,6 +470,19 @@ fn ticket_key_seeds() -> Seeds {
         ("hex-lower", name.clone().into_bytes()),
         ("hex-odd", b"abc".to_vec()),
         ("hex-non-ascii", "0\u{e9}0".as_bytes().to_vec()),
+    ])
+}
+
+fn route_seeds() -> Seeds {
+    named([
+        ("origin-http", b"http://127.0.0.1:8080".to_vec()),
+        ("origin-https-name", b"https://Tenant-7.Origins.Example/".to_vec()),
+        ("origin-ipv6", b"https://[2001:db8::1]:8443".to_vec()),
+        ("origin-path", b"http://a.example/path".to_vec()),
+        ("target", b"self-tls.example:443".to_vec()),
+        ("target-ipv6", b"[::1]:9443".to_vec()),
+        ("pattern-wildcard", b"https://*.origins.example:*".to_vec()),
+        ("pattern-bad", b"https://a*.example:1".to_vec()),
     ])
 }
 

@@ -10,18 +10,22 @@
 //!   `_wildcard.example.com.crt`).
 //! - `ttl_seconds`: cache TTL hint for every answer; default: the host's TTL.
 //! - `rsa_cert_template`, `rsa_key_template`: a second certificate for the same name, served to clients that
-//!   cannot use the first one's key type (an RSA one beside ECDSA); defaults `{name}.rsa.crt` and `{name}.rsa.key`.
+//!   cannot use the first one's key type (an RSA one beside ECDSA); defaults: the certificate and key templates
+//!   with `.rsa` appended (`{name}.crt.rsa`, `{name}.key.rsa`: appended, so that no client-chosen name such as
+//!   `x.rsa` can make one name's RSA file be read as another name's certificate).
 //! - `route_template`: where the name's traffic goes, default `{name}.route`. The file holds one line:
 //!   `pool NAME` (an `[[upstream]]`), `origin http://host:port` or `origin https://host:port`, or
 //!   `passthrough host:port` (no certificate needed: tern forwards the connection untouched). Without the file,
-//!   the listener's backend. The host checks every route against the plugin's `grants.routes`.
+//!   the listener's backend. A route file for the exact name applies when the certificate comes from the
+//!   wildcard files (one wildcard certificate, a route per tenant); the wildcard's own route file applies to names
+//!   without one. The host checks every route against the plugin's `grants.routes`.
 //!
 //! The host guarantees the server name is plain DNS syntax (no `/`, no `..`), and the WASI sandbox confines every
 //! path to the granted directory whatever the templates say.
 
 use std::io::ErrorKind;
 use std::time::Duration;
-use tern_guest::{Answer, Certificate, Hello, Plugin, Route, Served, config, log, wildcard_of};
+use tern_guest::{Answer, Certificate, Hello, Plugin, RouteLine, Served, config, log, wildcard_of};
 
 struct FilePath;
 
@@ -29,14 +33,26 @@ impl Plugin for FilePath {
     fn select(hello: &Hello) -> Result<Answer, String> {
         let settings = Settings::load()?;
         let wildcard = settings.wildcard.then(|| wildcard_of(&hello.servername)).flatten();
+        // The exact name's route wins, whichever entry the certificate comes from.
+        let mut route = None;
         for name in std::iter::once(hello.servername.clone()).chain(wildcard) {
             // Wildcard files may spell `*` differently (wildcard_label); exact names contain no `*`.
             let file = name.replacen('*', &settings.wildcard_label, 1);
-            if let Some(answer) = settings.answer(&file)? {
+            if route.is_none() {
+                route = settings.route(&file)?;
+            }
+            if let Some(RouteLine::Passthrough(target)) = route {
+                return Ok(Answer::Passthrough { target, ttl: settings.ttl });
+            }
+            if let Some(mut served) = settings.served(&file)? {
                 if name != hello.servername {
                     log::debug(&format!("serving wildcard {name}"));
                 }
-                return Ok(answer);
+                served.route = route.and_then(|line| match line {
+                    RouteLine::Route(route) => Some(route),
+                    RouteLine::Passthrough(_) => None,
+                });
+                return Ok(Answer::Serve(served));
             }
         }
         Ok(Answer::NotFound)
@@ -44,22 +60,6 @@ impl Plugin for FilePath {
 }
 
 tern_guest::export_plugin!(FilePath);
-
-/// What a route file says.
-fn parse_route(text: &str, file: &str) -> Result<RouteLine, String> {
-    let line = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).unwrap_or("");
-    match line.split_once(char::is_whitespace).map(|(kind, value)| (kind, value.trim())) {
-        Some(("pool", pool)) => Ok(RouteLine::Route(Route::Pool(pool.to_string()))),
-        Some(("origin", url)) => Ok(RouteLine::Route(Route::Origin(url.to_string()))),
-        Some(("passthrough", target)) => Ok(RouteLine::Passthrough(target.to_string())),
-        _ => Err(format!("{file}: expected `pool NAME`, `origin URL` or `passthrough HOST:PORT`, got {line:?}")),
-    }
-}
-
-enum RouteLine {
-    Route(Route),
-    Passthrough(String),
-}
 
 /// The longest file name common file systems store (ext4, XFS, btrfs: 255 bytes).
 const MAX_FILE_NAME: usize = 255;
@@ -96,15 +96,17 @@ impl Settings {
                 raw.parse().map_err(|_| format!("setting ttl_seconds: expected whole seconds, got {raw:?}"))?,
             )),
         };
+        let (cert_template, key_template) =
+            (config::get_or("cert_template", "{name}.crt"), config::get_or("key_template", "{name}.key"));
         let settings = Settings {
             dir: config::get_or("dir", "/").trim_end_matches('/').to_string(),
-            cert_template: config::get_or("cert_template", "{name}.crt"),
-            key_template: config::get_or("key_template", "{name}.key"),
             wildcard,
             wildcard_label: config::get_or("wildcard_label", "*"),
-            rsa_cert_template: config::get_or("rsa_cert_template", "{name}.rsa.crt"),
-            rsa_key_template: config::get_or("rsa_key_template", "{name}.rsa.key"),
+            rsa_cert_template: config::get("rsa_cert_template").unwrap_or_else(|| format!("{cert_template}.rsa")),
+            rsa_key_template: config::get("rsa_key_template").unwrap_or_else(|| format!("{key_template}.rsa")),
             route_template: config::get_or("route_template", "{name}.route"),
+            cert_template,
+            key_template,
             ttl,
         };
         for (key, template) in [
@@ -121,15 +123,15 @@ impl Settings {
         Ok(settings)
     }
 
-    /// The answer the files for `name` make, `None` if there are none.
-    fn answer(&self, name: &str) -> Result<Option<Answer>, String> {
-        let route = match self.read(&self.route_template, name)? {
-            None => None,
-            Some(text) => match parse_route(&text, &self.route_template.replace("{name}", name))? {
-                RouteLine::Passthrough(target) => return Ok(Some(Answer::Passthrough { target, ttl: self.ttl })),
-                RouteLine::Route(route) => Some(route),
-            },
-        };
+    /// The route file of `name`, if there is one.
+    fn route(&self, name: &str) -> Result<Option<RouteLine>, String> {
+        let Some(text) = self.read(&self.route_template, name)? else { return Ok(None) };
+        let file = self.route_template.replace("{name}", name);
+        RouteLine::parse(&text).map(Some).map_err(|why| format!("{file}: {why}"))
+    }
+
+    /// The certificate set the files for `name` make (no route yet), `None` if there is none.
+    fn served(&self, name: &str) -> Result<Option<Served>, String> {
         let Some(first) = self.read_pair(&self.cert_template, &self.key_template, name)? else {
             return Ok(None);
         };
@@ -137,8 +139,7 @@ impl Settings {
         if let Some(second) = self.read_pair(&self.rsa_cert_template, &self.rsa_key_template, name)? {
             served = served.and(second);
         }
-        served.route = route;
-        Ok(Some(Answer::Serve(served)))
+        Ok(Some(served))
     }
 
     /// Both files for `name`, `None` if either is missing. Other I/O errors are errors: a permission problem must
