@@ -303,9 +303,11 @@ impl Proxy {
         let retry = retry_template(&upstream);
         let (mut next, mut upload) = (Some(upstream), Some(upload));
         let mut tried = Vec::with_capacity(2);
+        // The last attempt's failure: what the client learns when no further server is left to try.
+        let mut last = Failed::NoServer;
         loop {
             let Some(index) = pool.pick(&tried) else {
-                return Err(Failed::NoServer);
+                return Err(last);
             };
             tried.push(index);
             let request = match (next.take(), &retry) {
@@ -340,6 +342,9 @@ impl Proxy {
             let again = matches!(failure, Failure::Connect | Failure::Reset);
             if !again || retry.is_none() || !retries_left {
                 return result;
+            }
+            if let Err(failed) = result {
+                last = failed;
             }
             tracing::debug!(pool = %pool.name, server = %server.address, ?failure, "retrying on another server");
         }

@@ -49,6 +49,16 @@ pub enum StartError {
         /// What is wrong.
         message: String,
     },
+    /// An upstream pool's CA file is unusable.
+    #[error("upstream {upstream:?}: ca {}: {message}", path.display())]
+    UpstreamCa {
+        /// Pool name.
+        upstream: String,
+        /// The CA file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// A start-up task on a blocking thread did not finish (it panicked or the runtime is shutting down).
     #[error("start-up task {task} did not finish: {message}")]
     Task {
@@ -121,8 +131,13 @@ impl Server {
         let selector =
             Arc::new(Selector::new(statics, CertCache::new(&config.cache, metrics.clone()), metrics.clone()));
 
-        let upstreams =
-            Arc::new(crate::upstream::Upstreams::new(&config.upstreams, &config.proxy, budgets.backends.clone()));
+        let roots = pool_roots(&config.upstreams).await?;
+        let upstreams = Arc::new(crate::upstream::Upstreams::new(
+            &config.upstreams,
+            &config.proxy,
+            budgets.backends.clone(),
+            roots,
+        ));
         let (draining, drain_signal) = tokio::sync::watch::channel(false);
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for settings in &config.listeners {
@@ -349,6 +364,30 @@ impl Server {
 }
 
 /// What every listener of the process shares.
+/// The roots each TLS pool verifies its servers against (files read off the async workers).
+async fn pool_roots(
+    pools: &[crate::config::UpstreamSettings],
+) -> Result<HashMap<String, rustls::RootCertStore>, StartError> {
+    let mut roots = HashMap::new();
+    for pool in pools {
+        let Some(tls) = &pool.tls else { continue };
+        let ca = tls.ca.clone();
+        let loaded = tokio::task::spawn_blocking(move || match &ca {
+            Some(path) => crate::upstream::load_roots(path),
+            None => crate::upstream::system_roots(),
+        })
+        .await
+        .map_err(|e| StartError::Task { task: "loading upstream CA files", message: e.to_string() })?;
+        let store = loaded.map_err(|message| StartError::UpstreamCa {
+            upstream: pool.name.clone(),
+            path: tls.ca.clone().unwrap_or_else(|| "system roots".into()),
+            message,
+        })?;
+        roots.insert(pool.name.clone(), store);
+    }
+    Ok(roots)
+}
+
 #[derive(Clone, Copy)]
 struct Shared<'a> {
     selector: &'a Arc<Selector>,

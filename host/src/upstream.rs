@@ -40,7 +40,7 @@ const MAX_IDLE_PER_HOST: usize = 32;
 pub(crate) enum Versions {
     /// HTTP/1.1 only.
     Http1,
-    /// HTTP/2 with prior knowledge (cleartext pools with `protocol = "h2"`).
+    /// HTTP/2 only (pools with `protocol = "h2"`: prior knowledge in cleartext, offered by ALPN over TLS).
     H2,
     /// HTTP/1.1, or HTTP/2 where TLS ALPN picks it (`https` origins granted `origin_h2`).
     Alpn,
@@ -61,9 +61,10 @@ pub(crate) fn client(
     tcp.enforce_http(false);
     let bounded = BoundedConnector::new(tcp, budget, connect_timeout);
     let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
+    // Over TLS, HTTP/2 is offered by ALPN (for cleartext URIs ALPN plays no part).
     let connector = match versions {
-        Versions::Http1 | Versions::H2 => builder.enable_http1().wrap_connector(bounded),
-        Versions::Alpn => builder.enable_all_versions().wrap_connector(bounded),
+        Versions::Http1 => builder.enable_http1().wrap_connector(bounded),
+        Versions::H2 | Versions::Alpn => builder.enable_all_versions().wrap_connector(bounded),
     };
     let mut client = Client::builder(TokioExecutor::new());
     client
@@ -120,13 +121,23 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
-    /// Pools from the config (health checks started), and the origin clients, built on first use.
-    pub fn new(pools: &[UpstreamSettings], proxy: &ProxySettings, total: Arc<Semaphore>) -> Self {
+    /// Pools from the config (health checks started; `roots`: what each TLS pool verifies against), and the
+    /// origin clients, built on first use.
+    pub fn new(
+        pools: &[UpstreamSettings],
+        proxy: &ProxySettings,
+        total: Arc<Semaphore>,
+        mut roots: HashMap<String, rustls::RootCertStore>,
+    ) -> Self {
         let mut checks = tokio::task::JoinSet::new();
         let pools = pools
             .iter()
             .map(|settings| {
-                let pool = Arc::new(Pool::new(settings, proxy, total.clone()));
+                let tls = settings
+                    .tls
+                    .as_ref()
+                    .map(|_| roots.remove(&settings.name).unwrap_or_else(rustls::RootCertStore::empty));
+                let pool = Arc::new(Pool::new(settings, proxy, total.clone(), tls));
                 if let Some(check) = &settings.health_check {
                     for index in 0..pool.servers.len() {
                         checks.spawn(health_check(Arc::downgrade(&pool), index, check.clone()));
@@ -188,11 +199,9 @@ impl Upstreams {
         }
         x.family("tern_upstream_response_seconds", "histogram", "Time to a pool server's response headers.");
         for pool in &pools {
-            x.histogram(
-                "tern_upstream_response_seconds",
-                &format!("pool=\"{}\"", label_value(&pool.name)),
-                &pool.latency,
-            );
+            for s in &pool.servers {
+                x.histogram("tern_upstream_response_seconds", &s.labels(&pool.name), &s.latency);
+            }
         }
     }
 
@@ -210,7 +219,6 @@ pub(crate) struct Pool {
     pub(crate) servers: Vec<PoolServer>,
     next: AtomicUsize,
     pub(crate) no_server: AtomicU64,
-    pub(crate) latency: Histogram,
 }
 
 /// One server of a pool, its client and its health.
@@ -229,6 +237,8 @@ pub(crate) struct PoolServer {
     /// The active check's verdict (true until a check says otherwise).
     healthy: AtomicBool,
     requests: AtomicU64,
+    /// Time to the response head.
+    latency: Histogram,
     connect_errors: AtomicU64,
     resets: AtomicU64,
     timeouts: AtomicU64,
@@ -249,20 +259,28 @@ pub(crate) enum Failure {
 }
 
 impl Pool {
-    fn new(settings: &UpstreamSettings, proxy: &ProxySettings, total: Arc<Semaphore>) -> Self {
+    /// `tls`: the roots of a TLS pool (`None`: cleartext).
+    fn new(
+        settings: &UpstreamSettings,
+        proxy: &ProxySettings,
+        total: Arc<Semaphore>,
+        tls: Option<rustls::RootCertStore>,
+    ) -> Self {
         let epoch = Instant::now();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let tls = tls.map_or_else(no_tls, tls_config);
         let servers = settings
             .servers
             .iter()
             .map(|address| PoolServer {
                 address: address.clone(),
                 // Validated in config: `host:port` makes a URI.
-                base: format!("http://{address}").parse().unwrap_or_else(|_| Uri::from_static("http://invalid")),
+                base: format!("{scheme}://{address}").parse().unwrap_or_else(|_| Uri::from_static("http://invalid")),
                 client: client(
                     proxy,
                     settings.connect_timeout,
                     Budget::new(settings.max_connections_per_server, total.clone()),
-                    no_tls(),
+                    tls.clone(),
                     match settings.protocol {
                         crate::config::UpstreamProtocol::Http1 => Versions::Http1,
                         crate::config::UpstreamProtocol::H2 => Versions::H2,
@@ -274,6 +292,7 @@ impl Pool {
                 epoch,
                 healthy: AtomicBool::new(true),
                 requests: AtomicU64::new(0),
+                latency: Histogram::default(),
                 connect_errors: AtomicU64::new(0),
                 resets: AtomicU64::new(0),
                 timeouts: AtomicU64::new(0),
@@ -286,7 +305,6 @@ impl Pool {
             servers,
             next: AtomicUsize::new(0),
             no_server: AtomicU64::new(0),
-            latency: Histogram::default(),
         }
     }
 
@@ -319,7 +337,7 @@ impl Pool {
     /// Passive health: a success resets the server's failure streak.
     pub(crate) fn succeeded(&self, index: usize, latency: Duration) {
         self.servers[index].fails.store(0, Ordering::Relaxed);
-        self.latency.observe(latency);
+        self.servers[index].latency.observe(latency);
     }
 
     /// Passive health: `max_fails` failures in a row take the server out: until `rise` health checks pass if the
@@ -488,7 +506,8 @@ enum Trust {
     Ca(Arc<Path>),
 }
 
-fn system_roots() -> Result<rustls::RootCertStore, String> {
+/// The system's CA store. Blocking: call it off the async workers.
+pub fn system_roots() -> Result<rustls::RootCertStore, String> {
     let found = rustls_native_certs::load_native_certs();
     let mut roots = rustls::RootCertStore::empty();
     let (added, _ignored) = roots.add_parsable_certificates(found.certs);
@@ -514,6 +533,7 @@ mod tests {
             fail_timeout: Duration::from_secs(60),
             retries: 1,
             protocol: crate::config::UpstreamProtocol::Http1,
+            tls: None,
             health_check: health_check.then(|| HealthCheckSettings {
                 path: "/".into(),
                 interval: Duration::from_secs(1),
@@ -530,7 +550,7 @@ mod tests {
             max_connections_per_backend: 4,
             max_backend_connections: 16,
         };
-        Pool::new(&settings, &proxy, Arc::new(Semaphore::new(16)))
+        Pool::new(&settings, &proxy, Arc::new(Semaphore::new(16)), None)
     }
 
     #[tokio::test]

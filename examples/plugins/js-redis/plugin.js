@@ -6,6 +6,8 @@
 // them, holding one line: `pool NAME` (an `[[upstream]]` of the host), `origin http://host:port` (or https), or
 // `passthrough host:port` (tern forwards the connection untouched; no certificate needed). Without it, the
 // listener's backend. The host checks every route against the plugin's `grants.routes`.
+// Kept small as an example: unlike the Rust plugin it reads no RSA member, and a route applies to the
+// certificate stored beside it only (the Rust plugin applies an exact name's route to a wildcard certificate too).
 //
 // Settings (the plugin's `settings` table in tern.toml; all optional):
 //   cert_key = "{name}.crt"   key_key = "{name}.key"   ttl_key (unset: no TTL)   wildcard = "true"

@@ -427,13 +427,23 @@ pub struct UpstreamSettings {
     /// Further servers tried after a connect failure or a connection broken before the response head, for
     /// requests without a body and with an idempotent method.
     pub retries: u32,
-    /// HTTP/1.1 (default) or HTTP/2 with prior knowledge (gRPC backends).
+    /// HTTP/1.1 (default) or HTTP/2 (prior knowledge in cleartext, by ALPN over TLS): gRPC backends.
     pub protocol: UpstreamProtocol,
+    /// `tls = true`: the servers speak TLS, verified with each server's host as the name, against `ca` (PEM file)
+    /// or the system roots.
+    pub tls: Option<PoolTls>,
     /// Active HTTP checks, if configured.
     pub health_check: Option<HealthCheckSettings>,
 }
 
-/// `upstream.protocol`: what a pool's servers speak (cleartext).
+/// `upstream.tls` and `upstream.ca`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolTls {
+    /// CA certificates to verify the servers against; `None`: the system roots.
+    pub ca: Option<PathBuf>,
+}
+
+/// `upstream.protocol`: what a pool's servers speak.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UpstreamProtocol {

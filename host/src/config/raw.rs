@@ -221,6 +221,8 @@ pub struct Upstream {
     pub fail_timeout: Option<String>,
     pub retries: Option<u32>,
     pub protocol: Option<super::UpstreamProtocol>,
+    pub tls: Option<bool>,
+    pub ca: Option<String>,
     pub health_check: Option<HealthCheck>,
 }
 

@@ -200,7 +200,13 @@ impl Validator<'_> {
                 .ok_or_else(|| self.err(format!("{key}.servers"), format!("{server:?} is not host:port")))?;
         }
         let health_check = u.health_check.map(|h| self.health_check(key, h)).transpose()?;
+        let tls = match (u.tls.unwrap_or(false), u.ca) {
+            (true, ca) => Some(PoolTls { ca: ca.map(|ca| self.path(&ca)) }),
+            (false, None) => None,
+            (false, Some(_)) => return Err(self.err(format!("{key}.ca"), "verifies TLS servers: set tls = true")),
+        };
         Ok(UpstreamSettings {
+            tls,
             name: u.name,
             servers: u.servers,
             balance: u.balance.unwrap_or_default(),
