@@ -127,16 +127,10 @@ async fn rust_javascript_and_python_plugins_select_the_same_certificates() -> Re
 async fn javascript_and_python_plugins_route_names_by_the_route_stored_beside_the_certificate() -> Result<()> {
     let _one = ONE_AT_A_TIME.lock().await;
     let redis = RedisServer::start().await?;
-    let pki = Pki::new(&[
-        "default.test",
-        "origin.route.test",
-        "pool.route.test",
-        "plain.route.test",
-        "bad.route.test",
-        "*.wild.route.test",
-    ])?;
+    let files = ["origin.route.test", "pool.route.test", "plain.route.test", "bad.route.test", "*.wild.route.test"];
+    let pki = Pki::new(&[&["default.test"][..], &files].concat())?;
     // The default layout: `<name>.crt`, `<name>.key` and, beside them, `<name>.route`.
-    for file in ["origin.route.test", "pool.route.test", "plain.route.test", "bad.route.test", "*.wild.route.test"] {
+    for file in files {
         store_certificate(&redis, &pki, "", file).await?;
     }
     let pass_ca = TestCa::new("passthrough CA")?;

@@ -4,6 +4,7 @@
 //! client's signature schemes, and a pool that loses a server under load.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -146,7 +147,7 @@ async fn https_origins_get_http2_by_alpn_only_where_granted() -> Result<()> {
     // An origin that picks HTTP/2 when the client offers it by ALPN, HTTP/1.1 otherwise.
     let mut tls = (*server_tls(&origin_ca, &["localhost"])?).clone();
     tls.alpn_protocols = vec![b"h2".to_vec()];
-    let origin = Named::start("h2-origin", Some(std::sync::Arc::new(tls))).await?;
+    let origin = Named::start("h2-origin", Some(Arc::new(tls))).await?;
     route(&pki, "h2.tenant.test", &format!("origin https://localhost:{}", origin.addr.port()))?;
     let backend = tern_fixtures::spawn_echo_backend().await?;
     for (h2, want) in [(true, "HTTP/2.0"), (false, "HTTP/1.1")] {
@@ -245,23 +246,7 @@ async fn a_pool_keeps_answering_when_a_server_dies_and_takes_it_back_when_it_ret
              health_check = {{ path = \"/healthz\", interval = \"100ms\", timeout = \"1s\", rise = 1, fall = 1 }}\n"
     );
     let server = TestServer::start(&config, pki.dir.path()).await?;
-    let client = pki.client(&[b"http/1.1"]);
-    let up = |metrics: &str, addr: SocketAddr| {
-        sample(metrics, "tern_upstream_up", &[("pool", "blue"), ("server", &addr.to_string())])
-    };
-    // Load: requests over fresh connections, spread round robin.
-    let load = |n: usize| {
-        let client = client.clone();
-        let addr = server.addr;
-        async move {
-            let mut statuses = Vec::with_capacity(n);
-            for _ in 0..n {
-                let stream = connect(addr, &client, "pooled.tenant.test").await?;
-                statuses.push(get(stream, "pooled.tenant.test", "/").await?.0.as_u16());
-            }
-            anyhow::Ok(statuses)
-        }
-    };
+    let load = |n: usize| statuses(server.addr, pki.client(&[b"http/1.1"]), "pooled.tenant.test", n);
     assert!(load(30).await?.iter().all(|s| *s == 200));
     let [one, two, three] = servers;
     assert!(one.hits() >= 5 && two.hits() >= 5 && three.hits() >= 5, "round robin over all three");
@@ -274,10 +259,7 @@ async fn a_pool_keeps_answering_when_a_server_dies_and_takes_it_back_when_it_ret
     let during = during.await??;
     assert!(during.iter().all(|s| *s == 200), "no failed request while a server died: {during:?}");
     let admin_addr = server.admin_addr();
-    let is_up = move |addr: SocketAddr, want: f64| async move {
-        let (_, metrics) = admin(admin_addr, "GET", "/metrics", None).await?;
-        Ok(up(&metrics, addr) == want)
-    };
+    let is_up = move |addr: SocketAddr, want: f64| pool_server_up(admin_addr, "blue", addr, want);
     wait_for(|| is_up(two_addr, 0.0)).await.context("the dead server is reported down")?;
     let before = two_hits.load(Ordering::Relaxed);
     assert!(load(12).await?.iter().all(|s| *s == 200));
@@ -308,6 +290,22 @@ async fn a_pool_keeps_answering_when_a_server_dies_and_takes_it_back_when_it_ret
     assert!(answered.is_some_and(|n| n >= 2), "per-server latency histogram: {answered:?}");
     drop(one);
     Ok(())
+}
+
+/// Statuses of `n` requests for `name`, each over a fresh connection (spread round robin by a pool).
+async fn statuses(addr: SocketAddr, client: Arc<rustls::ClientConfig>, name: &str, n: usize) -> Result<Vec<u16>> {
+    let mut statuses = Vec::with_capacity(n);
+    for _ in 0..n {
+        let stream = connect(addr, &client, name).await?;
+        statuses.push(get(stream, name, "/").await?.0.as_u16());
+    }
+    Ok(statuses)
+}
+
+/// Whether `tern_upstream_up` of a pool's server is `want` now.
+async fn pool_server_up(admin_addr: SocketAddr, pool: &str, server: SocketAddr, want: f64) -> Result<bool> {
+    let (_, metrics) = admin(admin_addr, "GET", "/metrics", None).await?;
+    Ok(sample(&metrics, "tern_upstream_up", &[("pool", pool), ("server", &server.to_string())]) == want)
 }
 
 /// Polls `check` every 50 ms for up to 10 s.

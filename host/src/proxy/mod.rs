@@ -1,5 +1,6 @@
-//! The reverse proxy behind the TLS handshake: HTTP/1.1 or HTTP/2 (by ALPN) from clients, HTTP/1.1 over a pooled,
-//! counted client to the backend. Bodies stream both ways; nothing is buffered whole.
+//! The reverse proxy behind the TLS handshake: HTTP/1.1 or HTTP/2 (by ALPN) from clients, forwarded along the
+//! answer's route (the listener's backend, a pool, an origin: [`send`]) with the upstream headers of [`headers`].
+//! Bodies stream both ways; nothing is buffered whole.
 //!
 //! Every resource a client can hold here is bounded: the connection by its [`watchdog`](crate::watchdog)
 //! (request head, keep-alive, send stalls), HTTP/2 by its stream and header-list caps, the upload by its idle
@@ -10,26 +11,31 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::counters::Key as _;
-use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::{BodyExt, Either, Empty, Full, combinators::BoxBody};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::answer::Served;
 use crate::backend::Budget;
-use crate::body::{Counted, Upload, UploadWatch};
+use crate::body::Counted;
 use crate::clip::Clip;
 use crate::config::{ClientLimits, ProxySettings};
 use crate::metrics::{Metrics, inc};
 use crate::route::Route;
 use crate::sni::ServerName;
-use crate::upstream::{Failure, HttpClient, Pool, UpBody, Upstreams};
+use crate::upstream::{HttpClient, Upstreams};
 use crate::watchdog::{Activity, Tracked};
+
+mod headers;
+mod send;
+
+use headers::strip_hop_by_hop;
+use send::{Failed, Sent, SentTo, with_base};
 
 /// Response body type: the backend's streamed body, or a small one tern makes itself.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -59,24 +65,6 @@ pub struct Connection {
     /// The listener's client limits.
     pub limits: ClientLimits,
 }
-
-/// Headers that describe one hop, not the message (RFC 9110 §7.6.1); never forwarded as they are.
-const HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    // Only meaningful with `Upgrade: h2c`, which tern never forwards (RFC 7540 §3.2.1).
-    HeaderName::from_static("http2-settings"),
-];
-
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// How long an HTTP/2 connection told to go away (idle, draining) gets to finish before it is dropped.
 const GOAWAY_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -264,259 +252,6 @@ impl Proxy {
         strip_hop_by_hop(response.headers_mut(), false);
         response.map(BodyExt::boxed)
     }
-
-    /// Sends one request and waits for the response head. The response deadline starts once the client has
-    /// finished uploading: a slow upload to a healthy backend is bounded by the body's own idle timeout, not by
-    /// the backend's response timeout.
-    async fn exchange(
-        &self,
-        client: &HttpClient,
-        upstream: Request<UpBody>,
-        upload: UploadWatch,
-        response_timeout: std::time::Duration,
-    ) -> Result<Response<Incoming>, Failed> {
-        let mut request = std::pin::pin!(client.request(upstream));
-        let sent = tokio::select! {
-            sent = request.as_mut() => Ok(sent),
-            _ = upload.done => tokio::time::timeout(response_timeout, request.as_mut()).await,
-        };
-        match sent {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(_)) if upload.timed_out.load(Ordering::Acquire) => Err(Failed::UploadTimeout),
-            Ok(Err(err)) if crate::backend::is_exhausted(&err) => Err(Failed::Busy),
-            Ok(Err(err)) if err.is_connect() => Err(Failed::Connect(err.to_string())),
-            Ok(Err(err)) => Err(Failed::Other(err.to_string())),
-            Err(_) => Err(Failed::Timeout(response_timeout)),
-        }
-    }
-
-    /// Sends a request to a server of `pool`; a connect failure, or a connection that broke before the response
-    /// head, moves a bodiless idempotent request on to another server, up to the pool's `retries`. Each outcome
-    /// feeds the server's passive health.
-    async fn via_pool(
-        &self,
-        pool: &Pool,
-        upstream: Request<UpBody>,
-        upload: UploadWatch,
-        chosen: &mut Sent,
-    ) -> Result<Response<Incoming>, Failed> {
-        let retry = retry_template(&upstream);
-        let (mut next, mut upload) = (Some(upstream), Some(upload));
-        let mut tried = Vec::with_capacity(2);
-        // The last attempt's failure: what the client learns when no further server is left to try.
-        let mut last = Failed::NoServer;
-        loop {
-            let Some(index) = pool.pick(&tried) else {
-                return Err(last);
-            };
-            tried.push(index);
-            let request = match (next.take(), &retry) {
-                (Some(request), _) => request,
-                (None, Some(template)) => template.rebuild(),
-                (None, None) => return Err(Failed::NoServer),
-            };
-            let server = &pool.servers[index];
-            *chosen = Sent::Pool(pool.name.clone(), server.address.clone());
-            let request = with_base(request, &server.base);
-            let watch = upload.take().unwrap_or_else(UploadWatch::finished);
-            let in_flight = pool.start(index);
-            let started = std::time::Instant::now();
-            let result = self.exchange(&server.client, request, watch, pool.settings.response_timeout).await;
-            drop(in_flight);
-            let failure = match &result {
-                Ok(_) => {
-                    pool.succeeded(index, started.elapsed());
-                    return result;
-                }
-                Err(Failed::Connect(_)) => Failure::Connect,
-                Err(Failed::Other(_)) => Failure::Reset,
-                Err(Failed::Timeout(_)) => Failure::Timeout,
-                Err(Failed::Busy) => Failure::Busy,
-                Err(Failed::UploadTimeout | Failed::NoServer) => return result,
-            };
-            pool.failed(index, failure);
-            let retries_left = tried.len() <= pool.settings.retries as usize;
-            // Nothing of the response has reached the client yet: an idempotent request without a body may go to
-            // another server (nginx's `proxy_next_upstream error`). A timeout is not retried: the work may still
-            // be running.
-            let again = matches!(failure, Failure::Connect | Failure::Reset);
-            if !again || retry.is_none() || !retries_left {
-                return result;
-            }
-            if let Err(failed) = result {
-                last = failed;
-            }
-            tracing::debug!(pool = %pool.name, server = %server.address, ?failure, "retrying on another server");
-        }
-    }
-
-    /// The response, counter and log line of a request that got no response head.
-    fn refuse(&self, failed: Failed, route: &Route) -> Response<Body> {
-        if failed != Failed::UploadTimeout {
-            inc(&self.metrics.backend_status[0]);
-        }
-        let backend = match route {
-            Route::Listener => self.backend.to_string(),
-            other => other.describe(),
-        };
-        match failed {
-            Failed::UploadTimeout => {
-                inc(&self.metrics.request_body_timeouts);
-                simple(StatusCode::REQUEST_TIMEOUT, "request body timeout\n")
-            }
-            Failed::Busy => {
-                inc(&self.metrics.backend_connections_exhausted);
-                tracing::warn!(%backend, wait = ?self.connect_timeout, "backend connection limit reached");
-                simple(StatusCode::SERVICE_UNAVAILABLE, "backend busy\n")
-            }
-            Failed::NoServer => {
-                tracing::warn!(%backend, "no server of the pool is up");
-                simple(StatusCode::SERVICE_UNAVAILABLE, "no backend server available\n")
-            }
-            Failed::Connect(error) | Failed::Other(error) => {
-                tracing::warn!(%backend, %error, "backend unreachable");
-                simple(StatusCode::BAD_GATEWAY, "bad gateway\n")
-            }
-            Failed::Timeout(timeout) => {
-                tracing::warn!(%backend, ?timeout, "backend did not answer");
-                simple(StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n")
-            }
-        }
-    }
-
-    /// The request as it goes upstream, URI without scheme and authority (the route adds them). A request
-    /// without a body goes with an empty one, so that it can be sent again after a connect failure.
-    fn upstream_request(
-        &self,
-        req: Request<Incoming>,
-        conn: &Connection,
-        upgrade: bool,
-    ) -> Result<(Request<UpBody>, UploadWatch), StatusCode> {
-        let (mut parts, body) = req.into_parts();
-        // HTTP/2 carries the host in :authority; HTTP/1.1 in the Host header.
-        let host = parts
-            .headers
-            .get(header::HOST)
-            .cloned()
-            .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()))
-            .ok_or(StatusCode::BAD_REQUEST)?;
-        let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        parts.uri = path.parse().map_err(|_| StatusCode::BAD_REQUEST)?;
-        parts.version = Version::HTTP_11;
-
-        let headers = &mut parts.headers;
-        // `TE: trailers` says the client takes trailers, which tern streams end to end; gRPC servers require it.
-        let trailers = headers
-            .get_all(header::TE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
-        strip_hop_by_hop(headers, upgrade);
-        if trailers {
-            headers.insert(header::TE, HeaderValue::from_static("trailers"));
-        }
-        headers.insert(header::HOST, host.clone());
-        headers.insert(X_FORWARDED_HOST, host.clone());
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-        let client_ip = conn.peer.ip().to_string();
-        let forwarded_for = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(earlier) => format!("{earlier}, {client_ip}"),
-            None => client_ip,
-        };
-        headers.insert(X_FORWARDED_FOR, HeaderValue::from_str(&forwarded_for).map_err(|_| StatusCode::BAD_REQUEST)?);
-        append_forwarded(headers, conn.peer, &host)?;
-        if upgrade {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        }
-        if http_body::Body::is_end_stream(&body) {
-            return Ok((Request::from_parts(parts, Either::Right(Empty::new())), UploadWatch::finished()));
-        }
-        let (body, watch) = Upload::new(body, conn.limits.request_body_timeout);
-        Ok((Request::from_parts(parts, Either::Left(body)), watch))
-    }
-}
-
-/// Where a request was sent, for its access-log line.
-#[derive(Debug)]
-enum Sent {
-    /// Nowhere (refused by tern itself).
-    Nowhere,
-    /// The listener's backend.
-    Listener,
-    /// An origin.
-    Origin(Arc<crate::route::Origin>),
-    /// A pool's server (the last one tried).
-    Pool(Arc<str>, String),
-}
-
-/// A [`Sent`] as the access log shows it, the listener's backend by its URL.
-struct SentTo<'a>(&'a Sent, &'a Uri);
-
-impl std::fmt::Display for SentTo<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Sent::Nowhere => f.write_str("-"),
-            Sent::Listener => write!(f, "{}", self.1),
-            Sent::Origin(origin) => write!(f, "{origin}"),
-            Sent::Pool(pool, server) => write!(f, "{pool}/{server}"),
-        }
-    }
-}
-
-/// Why a request got no response head from upstream.
-#[derive(Debug, PartialEq, Eq)]
-enum Failed {
-    /// The client paused its upload past `server.request_body_timeout`.
-    UploadTimeout,
-    /// The connection budget was spent and nothing came free in time.
-    Busy,
-    /// No server of the pool is up.
-    NoServer,
-    /// No connection could be made.
-    Connect(String),
-    /// The connection failed after it was made.
-    Other(String),
-    /// No response head within the response timeout.
-    Timeout(std::time::Duration),
-}
-
-/// Sets the scheme and authority of an upstream request's URI (`base` is `scheme://host:port`).
-fn with_base(mut request: Request<UpBody>, base: &Uri) -> Request<UpBody> {
-    let mut parts = base.clone().into_parts();
-    parts.path_and_query = request.uri().path_and_query().cloned();
-    if let Ok(uri) = Uri::from_parts(parts) {
-        *request.uri_mut() = uri;
-    }
-    request
-}
-
-/// What it takes to send a bodiless request again.
-struct RetryTemplate {
-    method: http::Method,
-    uri: Uri,
-    headers: HeaderMap,
-}
-
-impl RetryTemplate {
-    fn rebuild(&self) -> Request<UpBody> {
-        let mut request = Request::new(Either::Right(Empty::new()));
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
-        *request.headers_mut() = self.headers.clone();
-        request
-    }
-}
-
-/// Requests that may go to a second server after a connect failure: idempotent methods (RFC 9110 §9.2.2)
-/// without a body. Nothing reached the first server, but a body could not be sent again.
-fn retry_template(request: &Request<UpBody>) -> Option<RetryTemplate> {
-    let idempotent = request.method().is_idempotent();
-    let bodiless = matches!(request.body(), Either::Right(_));
-    (idempotent && bodiless).then(|| RetryTemplate {
-        method: request.method().clone(),
-        uri: request.uri().clone(),
-        headers: request.headers().clone(),
-    })
 }
 
 type Tunnels = std::sync::Mutex<tokio::task::JoinSet<()>>;
@@ -560,23 +295,6 @@ fn host_of(authority: &str) -> &str {
         .map_or(authority, |(host, port)| if port.bytes().all(|b| b.is_ascii_digit()) { host } else { authority })
 }
 
-/// Appends this hop's element to `Forwarded` (RFC 7239), as `X-Forwarded-For` is appended to: the backend can
-/// trust the last element, which tern wrote, and ignore what the client claimed before it.
-fn append_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: &HeaderValue) -> Result<(), StatusCode> {
-    let node = match peer.ip() {
-        std::net::IpAddr::V4(ip) => ip.to_string(),
-        std::net::IpAddr::V6(ip) => format!("\"[{ip}]\""),
-    };
-    let host = host.to_str().map_err(|_| StatusCode::BAD_REQUEST)?;
-    let ours = format!("for={node};host=\"{}\";proto=https", host.replace(['"', '\\'], ""));
-    let joined = match headers.get_all(header::FORWARDED).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>() {
-        earlier if earlier.is_empty() => ours,
-        earlier => format!("{}, {ours}", earlier.join(", ")),
-    };
-    headers.insert(header::FORWARDED, HeaderValue::from_str(&joined).map_err(|_| StatusCode::BAD_REQUEST)?);
-    Ok(())
-}
-
 /// Whether an HTTP/1.1 request asks to switch protocols (e.g. WebSocket). `h2c` is never granted: tern speaks
 /// HTTP/1.1 to backends, and a cleartext HTTP/2 upgrade inside TLS is a request-smuggling vector; such a request
 /// is forwarded as a plain request without its upgrade headers.
@@ -593,27 +311,6 @@ fn wants_upgrade(req: &Request<Incoming>) -> bool {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
-}
-
-/// Removes hop-by-hop headers, including those the Connection header names. `Upgrade` survives only on an
-/// upgrade request.
-fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        if keep_upgrade && name == header::UPGRADE {
-            continue;
-        }
-        headers.remove(name);
-    }
-    if !keep_upgrade {
-        headers.remove(header::UPGRADE);
-    }
 }
 
 /// Copies bytes both ways between an upgraded client connection and the backend's, until either closes or nothing
@@ -668,33 +365,4 @@ fn h1_builder(limits: &crate::config::ClientLimits) -> hyper::server::conn::http
         .header_read_timeout(None)
         .max_buf_size(usize::try_from(limits.max_request_header_bytes).unwrap_or(usize::MAX).max(8192));
     builder
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
-        let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
-        headers.insert("x-secret-hop", HeaderValue::from_static("1"));
-        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
-        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        headers.insert("x-kept", HeaderValue::from_static("yes"));
-        strip_hop_by_hop(&mut headers, false);
-        let left: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
-        assert_eq!(left, ["x-kept"]);
-    }
-
-    #[test]
-    fn upgrade_survives_on_upgrade_requests() {
-        let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        strip_hop_by_hop(&mut headers, true);
-        assert_eq!(headers.get(header::UPGRADE).unwrap(), "websocket");
-        assert!(headers.get(header::CONNECTION).is_none());
-    }
 }
