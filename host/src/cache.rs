@@ -3,7 +3,9 @@
 //! Bounded three ways, because the key is attacker-chosen (SNI): by entry count, by estimated bytes, and by
 //! time (the plugin's TTL hint capped by `cache.max_ttl` and by the leaf's expiry; "not found" answers live for
 //! `cache.negative_ttl`). Eviction is moka's TinyLFU, which keeps a flood of one-off names from pushing out the
-//! names that are really used. Concurrent misses for one key share a single load.
+//! names that are really used. Concurrent misses for one key share a single load. An entry past its TTL is served
+//! at once while one background refresh per key replaces it (stale-while-revalidate), and keeps serving, within
+//! `cache.max_stale`, while refreshing fails (stale-if-error).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -90,7 +92,8 @@ pub(crate) enum Lookup {
     Hit,
     /// Loaded now (by this caller, or by a concurrent caller whose load this one waited for).
     Miss,
-    /// The entry was stale and refreshing it failed: served stale (bounded by `cache.max_stale`).
+    /// The entry was past its TTL: served stale (bounded by `cache.max_stale`) while a background refresh runs,
+    /// or because refreshing it failed.
     Stale,
 }
 
@@ -113,6 +116,9 @@ pub(crate) struct Loaded<E> {
 pub struct CertCache {
     inner: moka::future::Cache<CacheKey, Cached>,
     settings: CacheSettings,
+    /// Keys whose stale entry is being refreshed in the background (one refresh per key at a time; bounded by
+    /// the entries, which the cache bounds).
+    refreshing: Arc<std::sync::Mutex<std::collections::HashSet<CacheKey>>>,
 }
 
 impl std::fmt::Debug for CertCache {
@@ -141,7 +147,42 @@ impl CertCache {
                 }
             })
             .build();
-        Self { inner, settings: settings.clone() }
+        Self { inner, settings: settings.clone(), refreshing: Arc::default() }
+    }
+
+    /// Like [`CertCache::get_or_load`], but a stale entry is served at once (stale-while-revalidate): `revalidate`
+    /// makes the future that refreshes it, which runs in the background, one per key at a time. A handshake for
+    /// a name past its TTL never waits for the plugin or its store; the refresh's outcome (a new answer, or the
+    /// stale one kept within `cache.max_stale`) is the future's to report.
+    pub(crate) async fn get_or_load_revalidating<E, F, R, G>(
+        &self,
+        key: CacheKey,
+        load: F,
+        revalidate: R,
+    ) -> Result<Loaded<Arc<E>>, Arc<E>>
+    where
+        E: Send + Sync + 'static,
+        F: Future<Output = Result<Answer, E>>,
+        R: FnOnce() -> G,
+        G: Future<Output = ()> + Send + 'static,
+    {
+        match self.inner.get(&key).await {
+            Some(value) if value.is_fresh() => {
+                Ok(Loaded { lookup: Lookup::Hit, value, refresh_error: None, refresh_invalid: None })
+            }
+            Some(stale) => {
+                if lock(&self.refreshing).insert(key.clone()) {
+                    let refresh = revalidate();
+                    let done = Refreshing { keys: self.refreshing.clone(), key };
+                    tokio::spawn(async move {
+                        refresh.await;
+                        drop(done);
+                    });
+                }
+                Ok(Loaded { lookup: Lookup::Stale, value: stale, refresh_error: None, refresh_invalid: None })
+            }
+            None => self.get_or_load(key, load).await,
+        }
     }
 
     /// The cached answer for `key`, or the result of `load`.
@@ -287,6 +328,23 @@ impl CertCache {
     pub async fn run_pending_tasks(&self) {
         self.inner.run_pending_tasks().await;
     }
+}
+
+/// A background refresh of `key` in progress; ends it when dropped (also if the refresh panicked).
+struct Refreshing {
+    keys: Arc<std::sync::Mutex<std::collections::HashSet<CacheKey>>>,
+    key: CacheKey,
+}
+
+impl Drop for Refreshing {
+    fn drop(&mut self) {
+        lock(&self.keys).remove(&self.key);
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A set of keys stays consistent across a panic elsewhere: recover the lock.
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cold]

@@ -262,7 +262,16 @@ impl Selector {
         let plugin = &slot.current();
         let listener = (plugin.contract() != Contract::V0_1).then(|| policy.listener.clone());
         let key = CacheKey { plugin: plugin.cache_scope().clone(), listener, name: name.clone() };
-        let loaded = match self.cache.get_or_load(key, load(plugin, &name, &policy.listener, client)).await {
+        let revalidate = {
+            let (cache, metrics, plugin) = (self.cache.clone(), self.metrics.clone(), plugin.clone());
+            let (key, name, listener) = (key.clone(), name.clone(), policy.listener.clone());
+            move || async move {
+                let refreshed = cache.get_or_load(key, load(&plugin, &name, &listener, client)).await;
+                report_refresh(&metrics, &plugin, &name, refreshed);
+            }
+        };
+        let loading = load(plugin, &name, &policy.listener, client);
+        let loaded = match self.cache.get_or_load_revalidating(key, loading, revalidate).await {
             Ok(loaded) => loaded,
             // A store outage is not the name's fault: the listener's fallback applies, as for an unknown name.
             Err(failure) => match describe(plugin, &name, &failure) {
@@ -280,23 +289,11 @@ impl Selector {
         let latency =
             if loaded.lookup == Lookup::Miss { &self.metrics.selection_miss } else { &self.metrics.selection_hit };
         latency.observe(started.elapsed());
-        self.report_stale(plugin, &name, &loaded);
+        if loaded.lookup == Lookup::Stale {
+            // Served past its TTL while a refresh runs in the background (stale-while-revalidate).
+            inc(&self.metrics.stale_serves);
+        }
         self.answer(policy, plugin, name, loaded)
-    }
-
-    /// Counts and logs an answer served past its TTL because refreshing it failed or was refused.
-    fn report_stale(&self, plugin: &Plugin, name: &ServerName, loaded: &Loaded<Arc<LoadFailure>>) {
-        if let Some(failure) = &loaded.refresh_error {
-            inc(&self.metrics.stale_serves);
-            let cause = describe(plugin, name, failure);
-            tracing::warn!(servername = %name, %cause, "refresh failed, serving the cached answer past its TTL");
-        }
-        if let Some(refused) = &loaded.refresh_invalid {
-            inc(&self.metrics.stale_serves);
-            self.count_invalid(refused);
-            let cause = describe(plugin, name, &LoadFailure::Certificate(refused.clone()));
-            tracing::warn!(servername = %name, %cause, "refreshed certificate refused, serving the cached one past its TTL");
-        }
     }
 
     /// The selection a cached (or just loaded) answer makes.
@@ -340,9 +337,7 @@ impl Selector {
     }
 
     fn count_invalid(&self, error: &CertError) {
-        if matches!(error.innermost(), CertError::Expired { .. } | CertError::NotYetValid { .. }) {
-            inc(&self.metrics.certificates_out_of_validity);
-        }
+        count_invalid(&self.metrics, error);
     }
 
     fn fallback(&self, policy: &Policy, strict_error: SelectError) -> Result<(Choice, Source), SelectError> {
@@ -353,6 +348,40 @@ impl Selector {
             }
             None => Err(strict_error),
         }
+    }
+}
+
+fn count_invalid(metrics: &Metrics, error: &CertError) {
+    if matches!(error.innermost(), CertError::Expired { .. } | CertError::NotYetValid { .. }) {
+        inc(&metrics.certificates_out_of_validity);
+    }
+}
+
+/// Logs what became of a background refresh of a stale entry: refused or failed, the stale answer stays (within
+/// `cache.max_stale`) and the next handshake past its TTL tries again.
+fn report_refresh(
+    metrics: &Metrics,
+    plugin: &Plugin,
+    name: &ServerName,
+    refreshed: Result<Loaded<Arc<LoadFailure>>, Arc<LoadFailure>>,
+) {
+    let loaded = match refreshed {
+        Ok(loaded) => loaded,
+        // No stale entry was left (it expired or was invalidated meanwhile): nothing is served past its TTL.
+        Err(failure) => {
+            let cause = describe(plugin, name, &failure);
+            tracing::debug!(servername = %name, %cause, "background refresh failed");
+            return;
+        }
+    };
+    if let Some(failure) = &loaded.refresh_error {
+        let cause = describe(plugin, name, failure);
+        tracing::warn!(servername = %name, %cause, "refresh failed, serving the cached answer past its TTL");
+    }
+    if let Some(refused) = &loaded.refresh_invalid {
+        count_invalid(metrics, refused);
+        let cause = describe(plugin, name, &LoadFailure::Certificate(refused.clone()));
+        tracing::warn!(servername = %name, %cause, "refreshed certificate refused, serving the cached one past its TTL");
     }
 }
 

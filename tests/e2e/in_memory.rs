@@ -125,10 +125,45 @@ async fn a_refresh_that_is_refused_serves_the_cached_certificate_past_its_ttl() 
     std::fs::write(core.pki.certs().join("a.test.crt"), "not a certificate")?;
     tokio::time::sleep(Duration::from_millis(400)).await;
     let (again, source) = core.selector.select(&core.lenient, Some("a.test")).await?;
-    assert_eq!(source, Source::Stale, "stale-if-error");
+    assert_eq!(source, Source::Stale, "served past its TTL while the refresh runs");
     let (Some(first), Some(again)) = (first.served(), again.served()) else { anyhow::bail!("not served") };
     assert!(Arc::ptr_eq(first, again), "the certificate cached before");
+    // The background refresh gets the bad certificate and refuses it: the cached one keeps serving.
+    for _ in 0..100 {
+        if core.calls() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!((core.calls(), counter(&core.metrics.stale_serves)), (2, 1));
+    let (again, source) = core.selector.select(&core.lenient, Some("a.test")).await?;
+    assert_eq!(source, Source::Stale, "stale-if-error: the refused refresh left the cached answer");
+    assert!(again.served().is_some_and(|again| Arc::ptr_eq(first, again)));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_past_its_ttl_is_served_at_once_while_one_refresh_runs_in_the_background() -> anyhow::Result<()> {
+    let core = core(cache_settings(Duration::from_millis(300)), Duration::from_secs(5)).await?;
+    core.pki.issue_as("slow.test", &["slow.test"])?;
+    // The chaos plugin takes 1.5 s for `slow.*` names.
+    assert_eq!(core.source(&core.lenient, "slow.test").await?, Source::Plugin);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Past its TTL: every handshake is answered from the cache at once, none waits for the refresh.
+    for _ in 0..5 {
+        assert_eq!(core.source(&core.lenient, "slow.test").await?, Source::Stale);
+    }
+    let found = || core.slot.stats().count(Outcome::Found);
+    assert_eq!(found(), 1, "the stale answers did not wait for the refresh");
+    for _ in 0..250 {
+        if found() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(found(), 2, "one background refresh for five stale handshakes");
+    assert_eq!(core.source(&core.lenient, "slow.test").await?, Source::CacheHit, "the refreshed answer is fresh");
+    assert_eq!(found(), 2);
     Ok(())
 }
 
