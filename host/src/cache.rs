@@ -150,8 +150,9 @@ impl CertCache {
         Self { inner, settings: settings.clone(), refreshing: Arc::default() }
     }
 
-    /// Like [`CertCache::get_or_load`], but a stale entry is served at once (stale-while-revalidate): `revalidate`
-    /// makes the future that refreshes it, which runs in the background, one per key at a time. A handshake for
+    /// Like [`CertCache::get_or_load`], but a stale entry is served at once (stale-while-revalidate):
+    /// `revalidate(key)` makes the future that refreshes it, which runs in the background, one per key at a time
+    /// (it is only called then: a fresh hit pays nothing for it). A handshake for
     /// a name past its TTL never waits for the plugin or its store; the refresh's outcome (a new answer, or the
     /// stale one kept within `cache.max_stale`) is the future's to report.
     pub(crate) async fn get_or_load_revalidating<E, F, R, G>(
@@ -163,7 +164,7 @@ impl CertCache {
     where
         E: Send + Sync + 'static,
         F: Future<Output = Result<Answer, E>>,
-        R: FnOnce() -> G,
+        R: FnOnce(CacheKey) -> G,
         G: Future<Output = ()> + Send + 'static,
     {
         match self.inner.get(&key).await {
@@ -172,7 +173,7 @@ impl CertCache {
             }
             Some(stale) => {
                 if lock(&self.refreshing).insert(key.clone()) {
-                    let refresh = revalidate();
+                    let refresh = revalidate(key.clone());
                     let done = Refreshing { keys: self.refreshing.clone(), key };
                     tokio::spawn(async move {
                         refresh.await;

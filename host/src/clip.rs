@@ -29,13 +29,20 @@ impl fmt::Display for ClipCause<'_> {
     }
 }
 
+/// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
+pub(crate) fn prefix(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 fn clipped(f: &mut fmt::Formatter<'_>, text: &str, max: usize) -> fmt::Result {
     {
-        let mut end = text.len().min(max);
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        for c in text[..end].chars() {
+        let shown = prefix(text, max);
+        let end = shown.len();
+        for c in shown.chars() {
             if c.is_control() {
                 write!(f, "{}", c.escape_default())?;
             } else {

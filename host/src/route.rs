@@ -285,11 +285,7 @@ fn split_host_port(authority: &str) -> Result<(String, Option<u16>), &'static st
 
 /// Plugin text in errors and logs: at most 128 bytes.
 fn clip(text: &str) -> String {
-    let mut end = text.len().min(128);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_string()
+    crate::clip::prefix(text, 128).to_string()
 }
 
 #[cfg(test)]

@@ -262,10 +262,12 @@ impl Selector {
         let plugin = &slot.current();
         let listener = (plugin.contract() != Contract::V0_1).then(|| policy.listener.clone());
         let key = CacheKey { plugin: plugin.cache_scope().clone(), listener, name: name.clone() };
-        let revalidate = {
+        // Called only for a stale entry: the clones the background refresh owns are not made on a fresh hit.
+        let revalidate = |key: CacheKey| {
             let (cache, metrics, plugin) = (self.cache.clone(), self.metrics.clone(), plugin.clone());
-            let (key, name, listener) = (key.clone(), name.clone(), policy.listener.clone());
-            move || async move {
+            let listener = policy.listener.clone();
+            async move {
+                let name = key.name.clone();
                 let refreshed = cache.get_or_load(key, load(&plugin, &name, &listener, client)).await;
                 report_refresh(&metrics, &plugin, &name, refreshed);
             }
@@ -321,7 +323,7 @@ impl Selector {
             Cached::Invalid { error, .. } => {
                 inc(lookup);
                 if source == Source::Plugin {
-                    self.count_invalid(&error);
+                    count_invalid(&self.metrics, &error);
                 }
                 Err(describe(plugin, &name, &LoadFailure::Certificate(error)))
             }
@@ -334,10 +336,6 @@ impl Selector {
                 self.fallback(policy, SelectError::UnknownName { servername: name })
             }
         }
-    }
-
-    fn count_invalid(&self, error: &CertError) {
-        count_invalid(&self.metrics, error);
     }
 
     fn fallback(&self, policy: &Policy, strict_error: SelectError) -> Result<(Choice, Source), SelectError> {

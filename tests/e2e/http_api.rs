@@ -231,9 +231,7 @@ async fn api_answers_carry_routes_rsa_members_and_passthrough_targets() -> anyho
         ("dual.example.test", "listener dual.example.test"),
     ];
     assert_routes_and_rsa_member(server.addr, &pki, &routes, "dual.example.test", &rsa_chain).await?;
-    let pass_client = client_config(&pass_ca, &[b"http/1.1"], &[&rustls::version::TLS13, &rustls::version::TLS12]);
-    let (status, body) = body_for(server.addr, &pass_client, "pass.example.test").await?;
-    assert_eq!((status.as_u16(), body.as_str()), (200, "passthrough pass.example.test"));
+    assert_passed_through(server.addr, &pass_ca, "pass.example.test").await?;
     assert_eq!(server.plugin_stats().count(Outcome::Found), 5, "one call per name, routes cached with the answers");
     assert_eq!(api.requests.load(Ordering::SeqCst), 5);
     Ok(())

@@ -366,10 +366,7 @@ async fn hash_fields_hold_the_route_the_rsa_member_and_passthrough_targets() -> 
         ("dual.example.test", "listener dual.example.test"),
     ];
     assert_routes_and_rsa_member(server.addr, &pki, &routes, "dual.example.test", &rsa_chain).await?;
-    // The client trusts only the passthrough backend's CA: the handshake is with that backend, not with tern.
-    let pass_client = client_config(&pass_ca, &[b"http/1.1"], &[&rustls::version::TLS13, &rustls::version::TLS12]);
-    let (status, body) = body_for(server.addr, &pass_client, "pass.example.test").await?;
-    assert_eq!((status.as_u16(), body.as_str()), (200, "passthrough pass.example.test"));
+    assert_passed_through(server.addr, &pass_ca, "pass.example.test").await?;
     assert_eq!(server.plugin_stats().count(Outcome::Found), 4);
     Ok(())
 }

@@ -158,11 +158,7 @@ impl CallState {
         }
         let mut message = message;
         if message.len() > MAX_LOG_LINE {
-            let mut cut = MAX_LOG_LINE;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
+            message.truncate(crate::clip::prefix(&message, MAX_LOG_LINE).len());
             message.push_str("...");
         }
         let plugin = &*self.plugin;

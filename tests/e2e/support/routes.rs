@@ -14,7 +14,7 @@ use rustls::pki_types::pem::PemObject;
 use tern_fixtures::TestCa;
 use tokio::net::TcpListener;
 
-use super::{Pki, connect, get, run_command, served_leaf};
+use super::{Pki, client_config, connect, get, run_command, served_leaf};
 
 /// A backend that answers every request with `<name> <host>` and counts them; stops (connections included)
 /// when dropped or stopped.
@@ -163,4 +163,13 @@ pub async fn assert_routes_and_rsa_member(
 /// The leaf certificate DER of a PEM chain.
 pub fn leaf_of(chain: &str) -> CertificateDer<'static> {
     CertificateDer::from_pem_slice(chain.as_bytes()).expect("PEM written by rcgen")
+}
+
+/// A client that trusts only `ca` (a passthrough backend's) gets `passthrough <name>` for `name`: the handshake was
+/// with that backend, not with tern.
+pub async fn assert_passed_through(addr: SocketAddr, ca: &TestCa, name: &str) -> Result<()> {
+    let client = client_config(ca, &[b"http/1.1"], &[&rustls::version::TLS13, &rustls::version::TLS12]);
+    let (status, body) = body_for(addr, &client, name).await?;
+    assert_eq!((status.as_u16(), body.as_str()), (200, format!("passthrough {name}").as_str()));
+    Ok(())
 }
