@@ -54,12 +54,15 @@ pub enum PluginLoadError {
         /// Linker message.
         message: String,
     },
-    /// A granted directory does not exist or is not a directory.
-    #[error("plugin {name:?}: grants.files {}: {message}", path.display())]
+    /// A granted file or directory is unusable (`grants.files` not a directory, `grants.routes.origin_ca` not
+    /// CA certificates).
+    #[error("plugin {name:?}: {grant} {}: {message}", path.display())]
     Grant {
         /// Plugin name.
         name: String,
-        /// The granted directory.
+        /// The grant's key.
+        grant: &'static str,
+        /// The granted file or directory.
         path: PathBuf,
         /// What is wrong.
         message: String,
@@ -153,9 +156,20 @@ impl PluginRuntime {
         {
             return Err(PluginLoadError::Grant {
                 name: settings.name.clone(),
+                grant: "grants.files",
                 path: dir.clone(),
                 message: "not a directory".into(),
             });
+        }
+        // Origins are verified against it on first use; a file that cannot serve is a load error now, so that
+        // `tern check` and start-up name it instead of every request to such an origin failing.
+        if let Some(ca) = &settings.grants.origin_ca {
+            crate::upstream::load_roots(ca).map_err(|message| PluginLoadError::Grant {
+                name: settings.name.clone(),
+                grant: "grants.routes.origin_ca",
+                path: ca.clone(),
+                message,
+            })?;
         }
         let kv = match &settings.grants.kv {
             None => None,

@@ -101,17 +101,18 @@ pub(crate) fn no_tls() -> rustls::ClientConfig {
     tls_config(rustls::RootCertStore::empty())
 }
 
-/// Reads CA certificates from a PEM file. Blocking: call it off the async workers.
+/// Reads CA certificates from a PEM file. Blocking: call it off the async workers. The error does not repeat the
+/// path: callers name it with the key it came from.
 pub fn load_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let pem = std::fs::read(path).map_err(|e| e.to_string())?;
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.map_err(|e| format!("{}: not PEM certificates: {e}", path.display()))?;
-        roots.add(cert).map_err(|e| format!("{}: unusable CA certificate: {e}", path.display()))?;
+        let cert = cert.map_err(|e| format!("not PEM certificates: {e}"))?;
+        roots.add(cert).map_err(|e| format!("unusable CA certificate: {e}"))?;
     }
     if roots.is_empty() {
-        return Err(format!("{}: no CA certificate in the file", path.display()));
+        return Err("no CA certificate in the file".into());
     }
     Ok(roots)
 }

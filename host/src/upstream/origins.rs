@@ -49,7 +49,8 @@ impl OriginClients {
             Trust::Cleartext => rustls::RootCertStore::empty(),
             Trust::Ca(ca) => {
                 let path = ca.to_path_buf();
-                tokio::task::spawn_blocking(move || load_roots(&path)).await.map_err(|e| e.to_string())??
+                let read = tokio::task::spawn_blocking(move || load_roots(&path)).await.map_err(|e| e.to_string())?;
+                read.map_err(|e| format!("origin_ca {}: {e}", ca.display()))?
             }
             Trust::System => self
                 .system_roots
