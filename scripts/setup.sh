@@ -3,7 +3,9 @@
 # the wasm32-wasip2 Rust target (plugins) and, for the test suite, the openssl and curl clients and
 # redis-server / redis-cli (the tests start their own Redis servers and clusters), and node/npm and python3-venv
 # (the JavaScript and Python example plugins the tests build, see scripts/build-polyglot.sh), and haproxy (the real
-# peer in front of tern in the PROXY protocol tests) and systemd-analyze (checks the shipped unit).
+# peer in front of tern in the PROXY protocol tests) and systemd-analyze (checks the shipped unit), and pebble and
+# pebble-challtestsrv (Let's Encrypt's ACME test server and its mock DNS, one Debian package: the ACME tests issue
+# real certificates from it, see tests/e2e/support/pebble.rs).
 # Usage: scripts/setup.sh [demo|test]    (idempotent; quiet when everything is present)
 set -euo pipefail
 mode="${1:-demo}"
@@ -15,7 +17,7 @@ fi
 
 if [ "$mode" = test ]; then
   missing=()
-  for tool in openssl curl redis-server redis-cli node npm python3 haproxy systemd-analyze; do
+  for tool in openssl curl redis-server redis-cli node npm python3 haproxy systemd-analyze pebble; do
     if ! command -v "$tool" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$tool" ]; then
       case "$tool" in
         redis-cli) missing+=(redis-tools) ;;

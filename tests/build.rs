@@ -8,8 +8,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// (package, file stem) of every plugin the tests use.
-const PLUGINS: [(&str, &str); 4] =
-    [("file-path", "file_path"), ("redis-plugin", "redis_plugin"), ("http-api", "http_api"), ("chaos", "chaos")];
+const PLUGINS: [(&str, &str); 5] = [
+    ("file-path", "file_path"),
+    ("redis-plugin", "redis_plugin"),
+    ("http-api", "http_api"),
+    ("chaos", "chaos"),
+    ("acme-gate", "acme_gate"),
+];
 
 /// Builds plugins of the plugins workspace for wasm32-wasip2 (release) into `target_dir`.
 fn cargo_wasm(plugins: &Path, target_dir: &Path, packages: &[&str]) {
@@ -54,8 +59,9 @@ fn main() {
     }
     let plugins = root.join("plugins");
     let target_dir = plugins.join("target");
-    // Every shipped plugin against the current contract (0.2), and the chaos plugin, unchanged 0.1 source,
-    // against 0.1 (the SDK's `contract-0-1` feature): the tests that use it prove 0.1 components keep running.
+    // Every shipped plugin and the acme-gate test plugin against the current contract (0.2), and the chaos plugin,
+    // unchanged 0.1 source, against 0.1 (the SDK's `contract-0-1` feature): the tests that use it prove 0.1
+    // components keep running.
     // Two cargo runs, because features unify within one.
     cargo_wasm(&plugins, &target_dir, &["--workspace", "--exclude", "chaos"]);
     cargo_wasm(&plugins, &target_dir, &["-p", "chaos", "--features", "tern-guest/contract-0-1"]);

@@ -1,5 +1,5 @@
 //! The 0.2 contract: the plugin is told the listener, and answers with a certificate set and a route, a
-//! passthrough target, or not-found.
+//! passthrough target, permission to obtain a certificate through ACME (and a route), or not-found.
 
 use std::time::Duration;
 
@@ -66,6 +66,17 @@ pub enum Answer {
         /// Cache TTL; `None`: the operator's default.
         ttl: Option<Duration>,
     },
+    /// No certificate yet: the host obtains one for the name through ACME (its `[acme]` section), then serves it
+    /// along `route` (checked against `grants.routes`). The plugin is the permission gate for issuance: this
+    /// answer is what allows the host to ask a CA for the name. The permission is cached for `ttl`. Without an
+    /// `[acme]` section the host refuses the answer like a route outside the grants; a handshake for which no
+    /// certificate is ready within `acme.handshake_wait` gets the listener's fallback.
+    Obtain {
+        /// `None`: the listener's backend.
+        route: Option<Route>,
+        /// Cache TTL of the permission (whole seconds, at most `u32::MAX`); `None`: the operator's default.
+        ttl: Option<Duration>,
+    },
     /// This plugin does not know the name (cached for the host's negative TTL).
     NotFound,
 }
@@ -90,17 +101,26 @@ impl Answer {
                         .into_iter()
                         .map(|c| wit::Certificate { chain: c.chain, private_key: c.private_key })
                         .collect(),
-                    route: served.route.map(|route| match route {
-                        Route::Pool(pool) => wit::Route::Pool(pool),
-                        Route::Origin(url) => wit::Route::Origin(url),
-                    }),
+                    route: served.route.map(Route::into_wit),
                     ttl_seconds: ttl_seconds(ttl),
                 })
             }
             Answer::Passthrough { target, ttl } => {
                 wit::Answer::Passthrough(wit::Passthrough { target, ttl_seconds: ttl_seconds(ttl) })
             }
+            Answer::Obtain { route, ttl } => {
+                wit::Answer::Obtain(wit::Obtain { route: route.map(Route::into_wit), ttl_seconds: ttl_seconds(ttl) })
+            }
             Answer::NotFound => wit::Answer::NotFound,
+        }
+    }
+}
+
+impl Route {
+    fn into_wit(self) -> wit::Route {
+        match self {
+            Route::Pool(pool) => wit::Route::Pool(pool),
+            Route::Origin(url) => wit::Route::Origin(url),
         }
     }
 }
@@ -160,6 +180,21 @@ mod tests {
         assert_eq!(RouteLine::parse("passthrough b.test:443"), Ok(RouteLine::Passthrough("b.test:443".into())));
         for bad in ["", "pool", "teleport x", "# only a comment"] {
             assert!(RouteLine::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn obtain_carries_its_route_and_a_saturating_ttl() {
+        let answer = Answer::Obtain { route: Some(Route::Pool("eu".into())), ttl: Some(Duration::from_secs(u64::MAX)) };
+        match answer.into_wit() {
+            wit::Answer::Obtain(wit::Obtain { route: Some(wit::Route::Pool(pool)), ttl_seconds }) => {
+                assert_eq!((pool.as_str(), ttl_seconds), ("eu", Some(u32::MAX)));
+            }
+            other => panic!("expected obtain with a pool route, got {other:?}"),
+        }
+        match (Answer::Obtain { route: None, ttl: None }).into_wit() {
+            wit::Answer::Obtain(wit::Obtain { route: None, ttl_seconds: None }) => {}
+            other => panic!("expected obtain to the listener's backend, got {other:?}"),
         }
     }
 }

@@ -3,8 +3,9 @@
 //! A plugin implements [`Plugin`] and registers it with [`export_plugin!`]; build it as a `cdylib` for the
 //! `wasm32-wasip2` target and the result is a WebAssembly component tern can load. The contract it fulfils is the
 //! WIT package `tern:plugin@0.2.0` (in the repository's `wit/` folder): the plugin is told the server name and
-//! the listener, and answers with one or more certificates and an optional route, a passthrough target, or
-//! not-found. This crate hides the generated bindings behind plain Rust types.
+//! the listener, and answers with one or more certificates and an optional route, a passthrough target,
+//! permission to obtain a certificate through ACME, or not-found. This crate hides the generated bindings behind
+//! plain Rust types.
 //!
 //! Plugins written for 0.1 (the [`Selector`] trait and [`export_selector!`]) compile unchanged: they are
 //! exported as 0.2 plugins that serve one certificate to the listener's backend. Building with the cargo

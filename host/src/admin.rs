@@ -44,6 +44,8 @@ pub struct AdminState {
     pub listeners: Vec<Arc<str>>,
     /// Upstream pools, for their metrics.
     pub upstreams: Arc<crate::upstream::Upstreams>,
+    /// Certificates on demand, if configured.
+    pub acme: Option<Arc<crate::acme::Acme>>,
     /// Reloads plugins.
     pub reloader: Arc<Reloader>,
     /// Bind address, token (required by every endpoint but the probes) and connection limits.
@@ -144,6 +146,41 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Reply {
             Some(Err(err)) => text(StatusCode::BAD_REQUEST, format!("name: {err}\n")),
             None => text(StatusCode::BAD_REQUEST, "give ?name=\n"),
         },
+        (_, path) if path.starts_with("/acme/") => acme_endpoint(state, req.method(), path, name.as_deref()).await,
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// `GET /acme/certificates`, `POST /acme/renew?name=`, `POST /acme/revoke?name=` (`tern acme list|renew|revoke`).
+/// Never shows keys.
+async fn acme_endpoint(state: &AdminState, method: &Method, path: &str, name: Option<&str>) -> Reply {
+    let Some(acme) = &state.acme else {
+        return text(StatusCode::NOT_FOUND, "no [acme] section in the config\n");
+    };
+    if (method, path) == (&Method::GET, "/acme/certificates") {
+        return match acme.list(10_000).await {
+            Ok(list) => json(StatusCode::OK, &serde_json::json!({ "certificates": list })),
+            Err(err) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{err}\n")),
+        };
+    }
+    let name = match name.map(ServerName::parse) {
+        Some(Ok(name)) => name,
+        Some(Err(err)) => return text(StatusCode::BAD_REQUEST, format!("name: {err}\n")),
+        None => return text(StatusCode::BAD_REQUEST, "give ?name=\n"),
+    };
+    match (method, path) {
+        (&Method::POST, "/acme/renew") => match acme.renew_now(&name).await {
+            Ok(cert) => json(
+                StatusCode::OK,
+                &serde_json::json!({ "renewed": name.as_str(), "not_after": unix_seconds(cert.not_after), "issuer": cert.issuer }),
+            ),
+            Err(err) => text(StatusCode::BAD_GATEWAY, format!("{err}\n")),
+        },
+        (&Method::POST, "/acme/revoke") => match acme.revoke(&name).await {
+            Ok(true) => json(StatusCode::OK, &serde_json::json!({ "revoked": name.as_str() })),
+            Ok(false) => text(StatusCode::NOT_FOUND, "no stored certificate for that name\n"),
+            Err(err) => text(StatusCode::BAD_GATEWAY, format!("{err}\n")),
+        },
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -156,6 +193,9 @@ fn render_metrics(state: &AdminState) -> String {
     state.resumption.render(&mut x);
     state.selector.cache().render(&mut x);
     state.upstreams.render(&mut x);
+    if let Some(acme) = &state.acme {
+        acme.metrics.render(&mut x);
+    }
     let mut plugins: Vec<_> = state.plugins.iter().collect();
     plugins.sort_by(|a, b| a.0.cmp(b.0));
     x.family("tern_plugin_calls_total", "counter", "Plugin calls by outcome.");
@@ -209,9 +249,13 @@ async fn lookup(state: &AdminState, name: &ServerName) -> serde_json::Value {
     serde_json::json!({ "name": name.as_str(), "cached": answers, "static": static_names })
 }
 
+fn unix_seconds(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 /// A cached answer's metadata: names, issuers, expiry, route or target; never a key, never PEM.
 fn describe_cached(cached: &Cached) -> serde_json::Value {
-    let unix = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let unix = unix_seconds;
     match cached {
         Cached::Found { served, .. } => {
             let certificates: Vec<_> = served
@@ -240,6 +284,7 @@ fn describe_cached(cached: &Cached) -> serde_json::Value {
         Cached::Passthrough { target, .. } => {
             serde_json::json!({ "answer": "passthrough", "target": target.to_string() })
         }
+        Cached::Obtain { route, .. } => serde_json::json!({ "answer": "obtain", "route": route.describe() }),
         Cached::NotFound { .. } => serde_json::json!({ "answer": "not_found" }),
         Cached::Invalid { error, .. } => serde_json::json!({ "answer": "invalid", "error": error.to_string() }),
     }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use crate::answer::Served;
 use crate::certs::CertError;
 use crate::config::CacheSettings;
-use crate::route::Target;
+use crate::route::{Route, Target};
 use crate::sni::ServerName;
 
 /// What the cache holds for a name.
@@ -30,6 +30,13 @@ pub(crate) enum Cached {
     Passthrough {
         /// The target.
         target: Arc<Target>,
+        /// Answered without asking the plugin until then.
+        fresh_until: Instant,
+    },
+    /// The plugin permits issuance: the certificate comes from ACME (`acme::Acme`), the route from the plugin.
+    Obtain {
+        /// Where the name's requests go once it is served.
+        route: Arc<Route>,
         /// Answered without asking the plugin until then.
         fresh_until: Instant,
     },
@@ -53,6 +60,7 @@ impl Cached {
         match self {
             Cached::Found { fresh_until, .. }
             | Cached::Passthrough { fresh_until, .. }
+            | Cached::Obtain { fresh_until, .. }
             | Cached::NotFound { fresh_until }
             | Cached::Invalid { fresh_until, .. } => *fresh_until,
         }
@@ -67,6 +75,7 @@ impl Cached {
         match self {
             Cached::Found { served, .. } => served.bytes(),
             Cached::Passthrough { target, .. } => target.host.len() + 64,
+            Cached::Obtain { route, .. } => route.bytes() + 64,
             Cached::NotFound { .. } => 64,
             Cached::Invalid { .. } => 256,
         }
@@ -360,6 +369,8 @@ pub(crate) enum Answer {
     Found(Arc<Served>, Option<Duration>),
     /// A granted passthrough target and the plugin's TTL hint.
     Passthrough(Arc<Target>, Option<Duration>),
+    /// The plugin permits issuance for the name, with this granted route and TTL hint.
+    Obtain(Arc<Route>, Option<Duration>),
     /// The plugin does not know the name.
     NotFound,
     /// The plugin answered with a certificate that failed validation.
@@ -376,6 +387,9 @@ impl Answer {
             }
             Answer::Passthrough(target, hint) => {
                 Cached::Passthrough { target, fresh_until: now + hint.unwrap_or(settings.ttl).min(settings.max_ttl) }
+            }
+            Answer::Obtain(route, hint) => {
+                Cached::Obtain { route, fresh_until: now + hint.unwrap_or(settings.ttl).min(settings.max_ttl) }
             }
             Answer::NotFound => Cached::NotFound { fresh_until: now + settings.negative_ttl },
             Answer::Invalid(error) => Cached::Invalid { error, fresh_until: now + settings.invalid_ttl },
@@ -396,7 +410,7 @@ impl KeepUntilStaleLimit {
             Cached::Invalid { .. } => fresh,
             // Never past the leaf's notAfter: an expired certificate is refused by every client.
             Cached::Found { served, .. } => (fresh + self.max_stale).min(served.remaining_validity()),
-            Cached::Passthrough { .. } | Cached::NotFound { .. } => fresh + self.max_stale,
+            Cached::Passthrough { .. } | Cached::Obtain { .. } | Cached::NotFound { .. } => fresh + self.max_stale,
         }
     }
 }

@@ -18,6 +18,13 @@ pub enum FailureKind {
     BadCertificate,
     /// The plugin's route or passthrough target is malformed or not granted.
     BadRoute,
+    /// The name's ACME certificate is not there yet: its order is running, a budget is spent, or it backs off
+    /// after a failure (what a client choosing permitted names can cause), and the listener is strict.
+    AcmePending,
+    /// The name's ACME order failed at the CA or in storage, and the listener is strict.
+    AcmeFailed,
+    /// A TLS-ALPN-01 handshake (ALPN `acme-tls/1`) for a name no order validates.
+    NoChallenge,
 }
 
 impl crate::counters::Key for FailureKind {
@@ -29,6 +36,9 @@ impl crate::counters::Key for FailureKind {
         FailureKind::PluginUnavailable,
         FailureKind::BadCertificate,
         FailureKind::BadRoute,
+        FailureKind::AcmePending,
+        FailureKind::AcmeFailed,
+        FailureKind::NoChallenge,
     ];
 
     fn label(self) -> &'static str {
@@ -40,6 +50,9 @@ impl crate::counters::Key for FailureKind {
             FailureKind::PluginUnavailable => "plugin_unavailable",
             FailureKind::BadCertificate => "bad_certificate",
             FailureKind::BadRoute => "bad_route",
+            FailureKind::AcmePending => "acme_pending",
+            FailureKind::AcmeFailed => "acme_failed",
+            FailureKind::NoChallenge => "no_challenge",
         }
     }
 }
@@ -48,9 +61,13 @@ impl FailureKind {
     /// Whose fault a failure of this kind is.
     pub fn blame(self) -> Blame {
         match self {
-            FailureKind::NoSni | FailureKind::MalformedSni | FailureKind::UnknownName => Blame::Client,
+            FailureKind::NoSni
+            | FailureKind::MalformedSni
+            | FailureKind::UnknownName
+            | FailureKind::AcmePending
+            | FailureKind::NoChallenge => Blame::Client,
             FailureKind::Plugin | FailureKind::BadCertificate | FailureKind::BadRoute => Blame::Plugin,
-            FailureKind::PluginUnavailable => Blame::Store,
+            FailureKind::PluginUnavailable | FailureKind::AcmeFailed => Blame::Store,
         }
     }
 }

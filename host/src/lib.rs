@@ -9,6 +9,7 @@
 //! The public surface is what the `tern` binary, the end-to-end tests and the benchmarks use; everything else is
 //! private to the crate.
 
+pub mod acme;
 mod admin;
 pub mod answer;
 mod backend;
@@ -23,6 +24,7 @@ pub mod failure;
 mod fdlimit;
 #[doc(hidden)]
 pub mod fuzzing;
+mod http_listener;
 mod listener;
 pub mod metrics;
 pub mod negotiated;

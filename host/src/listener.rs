@@ -96,6 +96,10 @@ impl ListenerCtx {
                     self.pass_through(*passthrough, peer).await;
                     None
                 }
+                Ok(Outcome::Challenge(servername)) => {
+                    tracing::info!(listener = %self.name, %peer, %servername, "ACME TLS-ALPN-01 challenge answered");
+                    None
+                }
                 Ok(Outcome::Refused(refusal)) => {
                     self.refused(peer, &refusal);
                     refusal.send_alert().await;

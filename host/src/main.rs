@@ -11,6 +11,7 @@ use tern::sni::ServerName;
 
 /// The subcommands that are more than a few lines, one module each.
 mod cli {
+    pub mod acme;
     pub mod demo;
     pub mod import;
     pub mod plugin_call;
@@ -52,6 +53,9 @@ enum Command {
     /// Session-ticket keys shared through Redis (`[resumption] redis`).
     #[command(subcommand)]
     Tickets(cli::tickets::TicketsCommand),
+    /// Certificates obtained through ACME, on a running node (through its admin API).
+    #[command(subcommand)]
+    Acme(cli::acme::AcmeCommand),
     /// Run a self-contained demo: generated certificates, the file-path plugin, a built-in backend.
     Demo(cli::demo::DemoArgs),
 }
@@ -143,6 +147,7 @@ fn run_cli() -> Result<()> {
             Command::Check { config } => check(config).await,
             Command::Plugin(PluginCommand::Call(args)) => cli::plugin_call::run(args).await,
             Command::Demo(args) => cli::demo::run(args).await,
+            Command::Acme(command) => cli::acme::run(command).await,
             Command::Tickets(command) => cli::tickets::run(command).await,
             Command::Certs(CertsCommand::Import { dir, redis, cluster, layout, prefix }) => {
                 cli::import::run(dir, redis, cluster, layout, &prefix).await

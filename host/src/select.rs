@@ -62,6 +62,20 @@ pub enum SelectError {
         /// What is wrong with it.
         source: CertError,
     },
+    /// No ACME certificate for the name (yet), and the listener is strict.
+    #[error("no ACME certificate for {servername}: {source}")]
+    Acme {
+        /// The name asked for.
+        servername: ServerName,
+        /// Why.
+        source: crate::acme::AcmeError,
+    },
+    /// A TLS-ALPN-01 validation handshake for a name no order is validating.
+    #[error("no ACME challenge for {servername}")]
+    NoChallenge {
+        /// The name asked for.
+        servername: String,
+    },
     /// The plugin's route or passthrough target is malformed or outside its `grants.routes`.
     #[error("plugin {plugin} returned a route it may not use for {servername}: {source}")]
     BadRoute {
@@ -85,6 +99,9 @@ impl SelectError {
             SelectError::Plugin { .. } => FailureKind::Plugin,
             SelectError::BadCertificate { .. } => FailureKind::BadCertificate,
             SelectError::BadRoute { .. } => FailureKind::BadRoute,
+            SelectError::Acme { source, .. } if source.client_provoked() => FailureKind::AcmePending,
+            SelectError::Acme { .. } => FailureKind::AcmeFailed,
+            SelectError::NoChallenge { .. } => FailureKind::NoChallenge,
         }
     }
 
@@ -118,6 +135,8 @@ pub enum Source {
     Plugin,
     /// The listener's default certificate.
     Default,
+    /// A certificate obtained through ACME.
+    Acme,
 }
 
 /// A listener's selection policy.
@@ -207,6 +226,7 @@ pub struct Selector {
     statics: StaticCerts,
     cache: CertCache,
     metrics: Arc<Metrics>,
+    acme: Option<Arc<crate::acme::Acme>>,
 }
 
 /// Why a plugin load failed, before it is tied to a name for reporting.
@@ -221,7 +241,18 @@ enum LoadFailure {
 impl Selector {
     /// A selector over these static certificates and this cache.
     pub fn new(statics: StaticCerts, cache: CertCache, metrics: Arc<Metrics>) -> Self {
-        Self { statics, cache, metrics }
+        Self { statics, cache, metrics, acme: None }
+    }
+
+    /// Serves names plugins answer `obtain` for, and `acme.names`, with certificates from `acme`.
+    pub fn with_acme(mut self, acme: Arc<crate::acme::Acme>) -> Self {
+        self.acme = Some(acme);
+        self
+    }
+
+    /// The ACME subsystem, if configured.
+    pub fn acme(&self) -> Option<&Arc<crate::acme::Acme>> {
+        self.acme.as_ref()
     }
 
     /// The static certificates.
@@ -255,6 +286,11 @@ impl Selector {
             self.metrics.selection_hit.observe(started.elapsed());
             inc(&self.metrics.static_hits);
             return Ok((Choice::Serve(cert.clone()), Source::Static));
+        }
+        if let Some(acme) = &self.acme
+            && acme.is_listed(&name)
+        {
+            return self.obtained(policy, name, Arc::new(crate::route::Route::Listener)).await;
         }
         let Some(slot) = &policy.plugin else {
             return self.fallback(policy, SelectError::UnknownName { servername: name });
@@ -295,6 +331,11 @@ impl Selector {
             // Served past its TTL while a refresh runs in the background (stale-while-revalidate).
             inc(&self.metrics.stale_serves);
         }
+        if let Cached::Obtain { route, .. } = &loaded.value {
+            inc(if loaded.lookup == Lookup::Miss { &self.metrics.cache_misses } else { &self.metrics.cache_hits });
+            let route = route.clone();
+            return self.obtained(policy, name, route).await;
+        }
         self.answer(policy, plugin, name, loaded)
     }
 
@@ -327,6 +368,8 @@ impl Selector {
                 }
                 Err(describe(plugin, &name, &LoadFailure::Certificate(error)))
             }
+            // Handled by `obtained` before: the certificate comes from ACME.
+            Cached::Obtain { .. } => self.fallback(policy, SelectError::UnknownName { servername: name }),
             Cached::NotFound { .. } => {
                 inc(if source == Source::Plugin {
                     &self.metrics.cache_misses
@@ -334,6 +377,34 @@ impl Selector {
                     &self.metrics.cache_negative_hits
                 });
                 self.fallback(policy, SelectError::UnknownName { servername: name })
+            }
+        }
+    }
+
+    /// A name whose certificate comes from ACME (the plugin permitted it, or `acme.names` lists it), sent along
+    /// `route`. Until it is issued (or while its order fails) the listener's fallback applies.
+    async fn obtained(
+        &self,
+        policy: &Policy,
+        name: ServerName,
+        route: Arc<crate::route::Route>,
+    ) -> Result<(Choice, Source), SelectError> {
+        let Some(acme) = &self.acme else {
+            let error = SelectError::Acme { servername: name, source: crate::acme::AcmeError::NotConfigured };
+            tracing::warn!(cause = %error, "applying the listener's fallback");
+            return self.fallback(policy, error);
+        };
+        match acme.certificate(&name).await {
+            Ok(cert) => {
+                let served = Served::new(vec![cert], (*route).clone());
+                // `new` refuses only an empty set.
+                let served = served.map(Arc::new).ok_or(SelectError::UnknownName { servername: name })?;
+                Ok((Choice::Serve(served), Source::Acme))
+            }
+            Err(source) => {
+                let error = SelectError::Acme { servername: name, source };
+                event_at!(error.level(), cause = %error, "no ACME certificate yet, applying the listener's fallback");
+                self.fallback(policy, error)
             }
         }
     }
@@ -423,20 +494,28 @@ pub(crate) fn check_answer(
             let target = grants.routes.passthrough(&target).map_err(AnswerError::Route)?;
             Ok(Answer::Passthrough(Arc::new(target), ttl))
         }
+        Selection::Obtain { route, ttl } => Ok(Answer::Obtain(Arc::new(granted_route(grants, route)?), ttl)),
         Selection::Serve { certificates, route, ttl } => {
-            let route = match route {
-                None => crate::route::Route::Listener,
-                Some(RouteRequest::Pool(pool)) => grants.routes.pool(&pool).map_err(AnswerError::Route)?,
-                Some(RouteRequest::Origin(url)) => grants
-                    .routes
-                    .origin(&url, grants.origin_ca.as_deref(), grants.origin_h2)
-                    .map_err(AnswerError::Route)?,
-            };
+            let route = granted_route(grants, route)?;
             // Parsing keys and checking chains is CPU work of tens of microseconds each: fine on a worker.
             let members = certificates.iter().map(|c| (c.chain.as_bytes(), c.key.as_bytes()));
             let set = certs::validate_set(members, name).map_err(AnswerError::Certificate)?;
             let served = Served::new(set, route).ok_or(AnswerError::Certificate(CertError::SetSize { len: 0 }))?;
             Ok(Answer::Found(Arc::new(served), ttl))
+        }
+    }
+}
+
+/// The route a plugin asked for, if its grants allow it.
+fn granted_route(
+    grants: &crate::config::Grants,
+    route: Option<RouteRequest>,
+) -> Result<crate::route::Route, AnswerError> {
+    match route {
+        None => Ok(crate::route::Route::Listener),
+        Some(RouteRequest::Pool(pool)) => grants.routes.pool(&pool).map_err(AnswerError::Route),
+        Some(RouteRequest::Origin(url)) => {
+            grants.routes.origin(&url, grants.origin_ca.as_deref(), grants.origin_h2).map_err(AnswerError::Route)
         }
     }
 }

@@ -105,6 +105,10 @@ pub struct Server {
     resumption: Arc<Resumption>,
     upstreams: Arc<crate::upstream::Upstreams>,
     handshake_timeout: Duration,
+    /// Certificates on demand, if `[acme]` is configured.
+    acme: Option<Arc<crate::acme::Acme>>,
+    /// Plain-HTTP listeners (HTTP-01 challenges, redirects to HTTPS).
+    http_listeners: Vec<Arc<crate::http_listener::HttpListener>>,
 }
 
 impl Server {
@@ -128,8 +132,32 @@ impl Server {
         let session_capacity = u64::try_from(config.server.session_cache_entries).unwrap_or(u64::MAX);
         let resumption = Resumption::start(&config.resumption, resumption_store, session_capacity).await;
         let metrics = Arc::new(Metrics::default());
-        let selector =
-            Arc::new(Selector::new(statics, CertCache::new(&config.cache, metrics.clone()), metrics.clone()));
+        let acme = config.acme.clone().map(|settings| {
+            let redis = match &settings.storage {
+                crate::config::AcmeStorage::Redis(r) => stores.get(&r.name).cloned(),
+                crate::config::AcmeStorage::Directory(_) => None,
+            };
+            Arc::new(crate::acme::Acme::new(settings, redis, &config.resumption.node))
+        });
+        let selector = Selector::new(statics, CertCache::new(&config.cache, metrics.clone()), metrics.clone());
+        let selector = Arc::new(match &acme {
+            Some(acme) => selector.with_acme(acme.clone()),
+            None => selector,
+        });
+        let mut http_listeners = Vec::with_capacity(config.http_listeners.len());
+        for settings in &config.http_listeners {
+            let tcp = TcpListener::bind(settings.bind).await.map_err(|source| StartError::Bind {
+                listener: settings.name.clone(),
+                addr: settings.bind,
+                source,
+            })?;
+            http_listeners.push(Arc::new(crate::http_listener::HttpListener {
+                settings: settings.clone(),
+                tcp,
+                acme: acme.clone(),
+                head_timeout: config.server.client.request_head_timeout,
+            }));
+        }
 
         let roots = pool_roots(&config.upstreams).await?;
         let upstreams = Arc::new(crate::upstream::Upstreams::new(
@@ -178,6 +206,8 @@ impl Server {
             resumption,
             upstreams,
             handshake_timeout: config.server.handshake_timeout,
+            acme,
+            http_listeners,
         })
     }
 
@@ -254,9 +284,11 @@ impl Server {
     /// Bound addresses by listener name (useful when binding port 0); the admin listener is named `admin`.
     pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
         let admin = self.admin.iter().filter_map(|(tcp, _)| Some(("admin".to_string(), tcp.local_addr().ok()?)));
+        let http = self.http_listeners.iter().filter_map(|l| Some((l.settings.name.clone(), l.tcp.local_addr().ok()?)));
         self.listeners
             .iter()
             .filter_map(|l| Some((l.name.to_string(), l.tcp.local_addr().ok()?)))
+            .chain(http)
             .chain(admin)
             .collect()
     }
@@ -293,6 +325,11 @@ impl Server {
         &self.selector
     }
 
+    /// The ACME subsystem, if configured.
+    pub fn acme(&self) -> Option<&Arc<crate::acme::Acme>> {
+        self.acme.as_ref()
+    }
+
     /// The handshake deadline in force.
     pub fn handshake_timeout(&self) -> Duration {
         self.handshake_timeout
@@ -311,6 +348,9 @@ impl Server {
             tasks.spawn(listen_for_invalidations(store, channel, self.selector.cache().clone()));
         }
         self.resumption.spawn(&mut tasks);
+        if let Some(acme) = &self.acme {
+            tasks.spawn(acme.clone().maintain());
+        }
         if self.reload.watch {
             tasks.spawn(crate::reload::watch(reloader.clone(), self.reload.watch_interval));
         }
@@ -325,6 +365,12 @@ impl Server {
             connection_slots.push((listener.connections.clone(), listener.max_connections));
             accepting.spawn(accept_loop(listener));
         }
+        for http in &self.http_listeners {
+            if let Ok(addr) = http.tcp.local_addr() {
+                tracing::info!(listener = %http.settings.name, %addr, "listening (plain HTTP)");
+            }
+            accepting.spawn(http.clone().serve());
+        }
         if let Some((tcp, settings)) = self.admin {
             if let Ok(addr) = tcp.local_addr() {
                 tracing::info!(%addr, "admin listening");
@@ -336,6 +382,7 @@ impl Server {
                 plugins: self.plugins.clone(),
                 listeners: listener_names,
                 upstreams: self.upstreams.clone(),
+                acme: self.acme.clone(),
                 reloader,
                 settings,
                 budgets: self.budgets.clone(),

@@ -185,17 +185,23 @@ impl RedisStore {
         self.query(cmd).await
     }
 
-    /// Runs a pipeline in one round trip, ignoring replies. On a cluster every command must touch keys of one slot.
-    pub(crate) async fn pipeline(&self, pipe: &redis::Pipeline) -> Result<(), StoreError> {
+    /// Runs a pipeline in one round trip and returns its (non-ignored) replies. On a cluster every command must
+    /// touch keys of one slot.
+    pub(crate) async fn run_pipeline<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, StoreError> {
         let mut connection = self.connection().await?.clone();
         let reply = tokio::time::timeout(self.settings.timeout, async {
             match &mut connection {
-                Connection::Standalone(c) => pipe.query_async::<()>(c).await,
-                Connection::Cluster(c) => pipe.query_async::<()>(c).await,
+                Connection::Standalone(c) => pipe.query_async::<T>(c).await,
+                Connection::Cluster(c) => pipe.query_async::<T>(c).await,
             }
         })
         .await;
         self.finish(reply)
+    }
+
+    /// Runs a pipeline in one round trip, ignoring replies. On a cluster every command must touch keys of one slot.
+    pub(crate) async fn pipeline(&self, pipe: &redis::Pipeline) -> Result<(), StoreError> {
+        self.run_pipeline::<()>(pipe).await
     }
 
     /// A connection of its own, for blocking reads (`XREAD BLOCK`) that would otherwise hold up every command

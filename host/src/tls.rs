@@ -131,6 +131,8 @@ pub enum Outcome<IO = TcpStream> {
     Refused(Box<Refusal<IO>>),
     /// The plugin passes this name through to a TCP target.
     Passthrough(Box<Passthrough<IO>>),
+    /// An ACME CA's TLS-ALPN-01 validation handshake for this name, answered and closed.
+    Challenge(ServerName),
 }
 
 /// Bytes a ClientHello may take, across however many records (rustls's own limit on a handshake message is
@@ -160,6 +162,9 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Outcome<IO>, (Option<String>, HandshakeError)> {
     let (accepted, hello) = read_client_hello(&mut io).await.map_err(|e| (None, HandshakeError::Hello(e)))?;
     let servername = accepted.client_hello().server_name().map(str::to_owned);
+    if accepted.client_hello().alpn().is_some_and(|mut offered| offered.any(|p| p == ACME_TLS_ALPN)) {
+        return answer_challenge(accepted, io, selector, servername, tls).await;
+    }
     // Selection succeeded, so a name that was sent parsed there; the same rule again.
     let parsed_name = || servername.as_deref().and_then(|raw| ServerName::parse(raw).ok());
     match selector.select_for(policy, servername.as_deref(), client).await {
@@ -179,6 +184,41 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
             Ok(Outcome::Refused(Box::new(Refusal { start, reject: tls.reject.clone(), servername, error })))
         }
     }
+}
+
+/// The ALPN protocol of TLS-ALPN-01 (RFC 8737).
+const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// Answers an ACME CA's validation handshake with the challenge certificate an order published (in shared
+/// storage, so any node answers for any node's order), then closes. No plugin is asked; a name no order is
+/// validating is refused.
+async fn answer_challenge<IO: AsyncRead + AsyncWrite + Unpin>(
+    accepted: rustls::server::Accepted,
+    io: IO,
+    selector: &Selector,
+    servername: Option<String>,
+    tls: &TlsTemplate,
+) -> Result<Outcome<IO>, (Option<String>, HandshakeError)> {
+    let name = servername.as_deref().and_then(|raw| ServerName::parse(raw).ok());
+    let key = match (selector.acme(), &name) {
+        (Some(acme), Some(name)) => acme.challenge_key(name).await,
+        _ => None,
+    };
+    let start = StartHandshake::from_parts(accepted, io);
+    let (Some(key), Some(name)) = (key, name) else {
+        let error = SelectError::NoChallenge { servername: servername.clone().unwrap_or_default() };
+        return Ok(Outcome::Refused(Box::new(Refusal { start, reject: tls.reject.clone(), servername, error })));
+    };
+    let config = ServerConfig::builder_with_provider(provider().clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| (servername.clone(), HandshakeError::Tls(std::io::Error::other(e))))?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Chosen(key)));
+    let mut config = config;
+    config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+    let mut stream = start.into_stream(Arc::new(config)).await.map_err(|e| (servername, HandshakeError::Tls(e)))?;
+    let _ = stream.shutdown().await;
+    Ok(Outcome::Challenge(name))
 }
 
 /// Reads until rustls has a whole ClientHello, keeping every byte read (a passthrough replays them). A

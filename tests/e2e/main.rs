@@ -4,6 +4,7 @@
 // Test helpers report failure by panicking, like the tests themselves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod acme;
 mod caching;
 mod cli;
 mod grpc;
@@ -12,6 +13,7 @@ mod http_api;
 mod in_memory;
 mod negotiation;
 mod operations;
+mod pebble_smoke;
 mod plugin_failures;
 mod polyglot;
 mod proxy;

@@ -122,6 +122,15 @@ fn print_answer(answer: Result<Selection, plugin::PluginError>, name: &ServerNam
             println!("validation: the target must match the plugin's grants.routes.passthrough");
             return true;
         }
+        Ok(Selection::Obtain { route, ttl }) => {
+            println!(
+                "result:     obtain (the host issues a certificate through [acme]), route {}, ttl hint {}",
+                route.map_or("the listener's backend".into(), |r| format!("{r:?}")),
+                ttl.map_or("none".into(), |t| format!("{t:?}"))
+            );
+            println!("validation: needs an [acme] section; the route must match the plugin's grants.routes");
+            return true;
+        }
         Ok(Selection::Serve { certificates, route, ttl }) => (certificates, route, ttl),
     };
     println!(

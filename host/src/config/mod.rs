@@ -11,6 +11,7 @@
 //!
 //! Relative paths in the file are resolved against the folder that holds the file.
 
+mod acme;
 pub(crate) mod raw;
 mod sections;
 #[cfg(test)]
@@ -20,6 +21,7 @@ mod upstream;
 mod validate;
 
 pub use crate::proxy_protocol::{Cidr, ProxyProtocolSettings};
+pub use acme::{AcmeSettings, AcmeStorage, ChallengeKind, ExternalAccount, HttpListenerSettings, KeyType};
 pub use raw::defaults;
 pub use units::{parse_duration, parse_size};
 pub use upstream::{Balance, HealthCheckSettings, PoolTls, UpstreamProtocol, UpstreamSettings};
@@ -50,6 +52,10 @@ pub struct Config {
     pub redis: Vec<RedisSettings>,
     /// Upstream pools plugins may route names to.
     pub upstreams: Vec<UpstreamSettings>,
+    /// Certificates obtained through ACME, if configured.
+    pub acme: Option<AcmeSettings>,
+    /// Plain-HTTP listeners: ACME HTTP-01 challenges, and redirects to HTTPS.
+    pub http_listeners: Vec<HttpListenerSettings>,
     /// Where cache invalidations arrive from, if anywhere.
     pub invalidation: Option<InvalidationSettings>,
     /// Session resumption: tickets and the session cache, local or shared by a fleet through Redis.
@@ -165,7 +171,7 @@ impl Default for ResumptionSettings {
 
 /// A secret from the config or the environment; never printed.
 #[derive(Clone)]
-pub struct Secret(std::sync::Arc<zeroize::Zeroizing<Vec<u8>>>);
+pub struct Secret(pub(crate) std::sync::Arc<zeroize::Zeroizing<Vec<u8>>>);
 
 impl Secret {
     /// The secret's bytes.

@@ -24,6 +24,9 @@ pub struct File {
     pub redis: Vec<Redis>,
     #[serde(default)]
     pub upstream: Vec<Upstream>,
+    pub acme: Option<super::acme::RawAcme>,
+    #[serde(default)]
+    pub http_listener: Vec<super::acme::RawHttpListener>,
     pub invalidation: Option<Invalidation>,
     pub resumption: Option<Resumption>,
     pub admin: Option<Admin>,
@@ -374,6 +377,30 @@ pub mod defaults {
     pub const TICKET_LIFETIME: Duration = Duration::from_secs(6 * 3600);
     /// `resumption.session_lifetime`
     pub const SESSION_LIFETIME: Duration = Duration::from_secs(600);
+    /// `acme.renewal_window`: renew with a third of the lifetime left (Let's Encrypt's advice; 30 of 90 days)
+    pub const ACME_RENEWAL_WINDOW: f64 = 1.0 / 3.0;
+    /// `acme.renew_check_interval`
+    pub const ACME_RENEW_CHECK_INTERVAL: Duration = Duration::from_secs(600);
+    /// `acme.handshake_wait`: a first issuance usually takes seconds
+    pub const ACME_HANDSHAKE_WAIT: Duration = Duration::from_secs(7);
+    /// `acme.order_timeout`
+    pub const ACME_ORDER_TIMEOUT: Duration = Duration::from_secs(120);
+    /// `acme.orders_per_hour` (Let's Encrypt allows 300 new orders per account per 3 hours)
+    pub const ACME_ORDERS_PER_HOUR: u32 = 90;
+    /// `acme.orders_per_hour_per_domain` (Let's Encrypt allows 50 certificates per registered domain per week)
+    pub const ACME_ORDERS_PER_HOUR_PER_DOMAIN: u32 = 5;
+    /// `acme.failure_backoff`
+    pub const ACME_FAILURE_BACKOFF: Duration = Duration::from_secs(60);
+    /// `acme.failure_backoff_max`
+    pub const ACME_FAILURE_BACKOFF_MAX: Duration = Duration::from_secs(6 * 3600);
+    /// `acme.max_concurrent_orders`
+    pub const ACME_MAX_CONCURRENT_ORDERS: usize = 8;
+    /// `acme.max_pending`
+    pub const ACME_MAX_PENDING: usize = 1000;
+    /// `acme.lock_lease`
+    pub const ACME_LOCK_LEASE: Duration = Duration::from_secs(30);
+    /// `acme.prefix`
+    pub const ACME_PREFIX: &str = "tern:acme:";
     /// Shortest `resumption.secret` accepted, in bytes.
     pub const SECRET_MIN_LEN: usize = 32;
 }

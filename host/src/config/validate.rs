@@ -117,12 +117,14 @@ impl Validator<'_> {
     pub(super) fn distinct_addresses(
         &self,
         listeners: &[ListenerSettings],
+        http_listeners: &[HttpListenerSettings],
         admin: Option<&AdminSettings>,
     ) -> Result<(), ConfigError> {
         let mut seen: Vec<(String, SocketAddr)> = Vec::new();
         let named = listeners
             .iter()
             .map(|l| (format!("listener {:?}.bind", l.name), l.bind))
+            .chain(http_listeners.iter().map(|l| (format!("http_listener {:?}.bind", l.name), l.bind)))
             .chain(admin.map(|a| ("admin.bind".to_string(), a.bind)));
         for (key, addr) in named {
             if addr.port() != 0
@@ -198,13 +200,18 @@ impl Validator<'_> {
         let plugins = self.plugins(raw.plugin, &redis, &upstreams)?;
         let listeners = self.listeners(raw.listener, &certificates, &plugins)?;
         let invalidation = self.invalidation(raw.invalidation, &redis)?;
+        let acme = raw.acme.map(|a| self.acme(a, &redis, server.handshake_timeout)).transpose()?;
+        let http_listeners = self.http_listeners(raw.http_listener, server.max_connections)?;
+        if acme.as_ref().is_some_and(|a| a.challenge == ChallengeKind::Http01) && http_listeners.is_empty() {
+            return Err(self.err("acme.challenge", "\"http-01\" needs an [[http_listener]] on port 80 to answer it"));
+        }
         let resumption = match raw.resumption {
             None => ResumptionSettings::default(),
             Some(r) => self.resumption(r, &redis)?,
         };
         let admin = raw.admin.map(|a| self.admin(a)).transpose()?;
         let reload = self.reload(&raw.reload)?;
-        self.distinct_addresses(&listeners, admin.as_ref())?;
+        self.distinct_addresses(&listeners, &http_listeners, admin.as_ref())?;
         let log = LogSettings {
             format: raw.log.format,
             level: raw.log.level.unwrap_or_else(|| "info".into()),
@@ -220,6 +227,8 @@ impl Validator<'_> {
             plugins,
             redis,
             upstreams,
+            acme,
+            http_listeners,
             invalidation,
             resumption,
             admin,

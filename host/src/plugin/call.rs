@@ -152,7 +152,7 @@ impl Plugin {
             Err(_) => Err(PluginError::Timeout(timeout)),
         };
         self.stats.record(match &result {
-            Ok(Selection::Serve { .. } | Selection::Passthrough { .. }) => Outcome::Found,
+            Ok(Selection::Serve { .. } | Selection::Passthrough { .. } | Selection::Obtain { .. }) => Outcome::Found,
             Ok(Selection::NotFound) => Outcome::NotFound,
             Err(err) => err.outcome(),
         });
@@ -272,7 +272,7 @@ fn from_v0_1(answer: v0_1::tern::plugin::types::Selection) -> Selection {
 }
 
 fn from_v0_2(answer: v0_2::tern::plugin::types::Answer) -> Selection {
-    use v0_2::tern::plugin::types::{Answer, Route};
+    use v0_2::tern::plugin::types::Answer;
     match answer {
         Answer::Serve(served) => Selection::Serve {
             certificates: served
@@ -280,13 +280,20 @@ fn from_v0_2(answer: v0_2::tern::plugin::types::Answer) -> Selection {
                 .into_iter()
                 .map(|c| PemCertificate { chain: c.chain, key: c.private_key })
                 .collect(),
-            route: served.route.map(|route| match route {
-                Route::Pool(name) => RouteRequest::Pool(name),
-                Route::Origin(url) => RouteRequest::Origin(url),
-            }),
+            route: served.route.map(route_request),
             ttl: ttl(served.ttl_seconds),
         },
         Answer::Passthrough(p) => Selection::Passthrough { target: p.target, ttl: ttl(p.ttl_seconds) },
+        Answer::Obtain(o) => Selection::Obtain { route: o.route.map(route_request), ttl: ttl(o.ttl_seconds) },
         Answer::NotFound => Selection::NotFound,
+    }
+}
+
+/// A 0.2 route, as asked for (the grants are checked later, by `select::check_answer`).
+fn route_request(route: v0_2::tern::plugin::types::Route) -> RouteRequest {
+    use v0_2::tern::plugin::types::Route;
+    match route {
+        Route::Pool(name) => RouteRequest::Pool(name),
+        Route::Origin(url) => RouteRequest::Origin(url),
     }
 }

@@ -41,6 +41,14 @@ pub enum Selection {
         /// Cache TTL hint.
         ttl: Option<Duration>,
     },
+    /// No certificate yet: the plugin permits issuance, and the host obtains one for the name through ACME
+    /// (`[acme]`), then serves it with `route`.
+    Obtain {
+        /// `None`: the listener's backend.
+        route: Option<RouteRequest>,
+        /// Cache TTL hint of the permission.
+        ttl: Option<Duration>,
+    },
     /// The plugin does not know the name.
     NotFound,
 }

@@ -13,6 +13,7 @@ use tern_fixtures::TestCa;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+pub mod pebble;
 mod routes;
 pub use routes::*;
 
