@@ -141,7 +141,37 @@ async fn tls_alpn_issuance_on_demand_only_for_permitted_names_and_kept_across_a_
     assert_eq!(leaf, served_leaf(&connect(bind, &client, "shop.allowed.test").await?));
     let metrics = acme_metrics(&server);
     assert_eq!(counter(&metrics.orders_issued) + counter(&metrics.orders_failed), 0, "no order after a restart");
+
+    // Operator tools, through the node's admin API: list (never keys), renew now, revoke at the CA.
+    let admin = server.admin_addr().to_string();
+    let listed = run_command(tern(&["acme", "list", "--admin", &admin])).await?;
+    let listed_text = text(&listed);
+    assert!(listed.status.success() && listed_text.contains("shop.allowed.test"), "{listed_text}");
+    assert!(listed_text.contains("Pebble") && !listed_text.contains("PRIVATE"), "{listed_text}");
+    let renewed = run_command(tern(&["acme", "renew", "shop.allowed.test", "--admin", &admin])).await?;
+    assert!(renewed.status.success(), "{}", text(&renewed));
+    let renewed_leaf = served_leaf(&connect(bind, &client, "shop.allowed.test").await?);
+    assert_ne!(renewed_leaf, leaf, "the renewed certificate serves at once");
+    assert_eq!(counter(&metrics.renewals_ok), 1);
+    let revoked = run_command(tern(&["acme", "revoke", "shop.allowed.test", "--admin", &admin])).await?;
+    assert!(revoked.status.success(), "{}", text(&revoked));
+    assert_eq!(pebble.cert_status(&serial_hex(&renewed_leaf).await?).await?["Status"], "Revoked");
+    let listed = text(&run_command(tern(&["acme", "list", "--admin", &admin])).await?);
+    assert!(listed.contains("0 certificate(s)"), "{listed}");
     Ok(())
+}
+
+/// The serial of a certificate in hex, as Pebble's management interface takes it (openssl reads it).
+async fn serial_hex(leaf: &CertificateDer<'_>) -> Result<String> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("leaf.der");
+    std::fs::write(&path, leaf.as_ref())?;
+    let mut openssl = std::process::Command::new("openssl");
+    openssl.args(["x509", "-inform", "DER", "-noout", "-serial", "-in"]).arg(&path);
+    let output = run_command(openssl).await?;
+    let serial = String::from_utf8(output.stdout)?;
+    let serial = serial.trim().strip_prefix("serial=").context("openssl printed no serial")?;
+    Ok(serial.trim_start_matches('0').to_ascii_lowercase())
 }
 
 /// Sends one plain HTTP/1.1 request and returns the response head and body as text.
@@ -162,7 +192,11 @@ async fn http01_issuance_through_the_plain_http_listener_which_redirects_everyth
     let client = pebble_client(&pebble).await?;
     let backend = tern_fixtures::spawn_echo_backend().await?;
     let bind: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let acme = format!("directory_path = \"{}\"\nchallenge = \"http-01\"", pki.path("acme").display());
+    // RSA keys, and a name listed in the config: obtained at start-up without the plugin, which does not permit it.
+    let acme = format!(
+        "directory_path = \"{}\"\nchallenge = \"http-01\"\nkey_type = \"rsa-2048\"\nnames = [\"listed.example.test\"]",
+        pki.path("acme").display()
+    );
     let http = format!("[[http_listener]]\nname = \"plain\"\nbind = \"127.0.0.1:{http_port}\"\nhttps_port = {port}");
     let server = TestServer::start(&node_config(&pebble, backend, bind, &acme, &http), pki.dir.path()).await?;
 
@@ -170,8 +204,10 @@ async fn http01_issuance_through_the_plain_http_listener_which_redirects_everyth
     let leaf = issued_leaf(bind, &client, "blog.allowed.test").await?;
     println!("on-demand issuance (HTTP-01): served after {:?}", started.elapsed());
     assert!(!leaf.is_empty());
+    let listed = issued_leaf(bind, &client, "listed.example.test").await?;
+    assert_ne!(listed, leaf);
     let metrics = acme_metrics(&server);
-    assert_eq!(counter(&metrics.orders_issued), 1);
+    assert_eq!(eventually_equals(&metrics.orders_issued, 2).await, 2);
     assert!(counter(&metrics.challenges_http) >= 1, "the CA fetched the key authorization from the HTTP listener");
     assert_eq!(counter(&metrics.challenges_tls_alpn), 0);
 
@@ -285,14 +321,19 @@ async fn renewal_replaces_the_certificate_without_a_failed_handshake_and_a_faili
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_of_permitted_names_is_bounded_by_the_order_budget_and_never_fails_a_handshake() -> Result<()> {
+async fn a_flood_of_permitted_names_is_bounded_by_the_order_budget_and_never_fails_a_handshake_eab_account()
+-> Result<()> {
     let pki = Pki::new(&["default.test"])?;
     let port = free_port().await?;
-    let pebble = Pebble::start(PebbleOptions::new(port, free_port().await?)).await?;
+    // A CA that requires External Account Binding.
+    let mut options = PebbleOptions::new(port, free_port().await?);
+    let (kid, hmac) = crate::support::pebble::EXAMPLE_EAB;
+    options.eab = Some((kid.to_string(), hmac.to_string()));
+    let pebble = Pebble::start(options).await?;
     let backend = tern_fixtures::spawn_echo_backend().await?;
     let bind: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let acme = format!(
-        "directory_path = \"{}\"\norders_per_hour_per_domain = 3\nhandshake_wait = \"1ms\"",
+        "directory_path = \"{}\"\norders_per_hour_per_domain = 3\nhandshake_wait = \"1ms\"\neab_kid = \"{kid}\"\neab_hmac = \"{hmac}\"",
         pki.path("acme").display()
     );
     let config = node_config(&pebble, backend, bind, &acme, "").replace("handshake_wait = \"8s\"\n", "");
@@ -313,5 +354,15 @@ async fn a_flood_of_permitted_names_is_bounded_by_the_order_budget_and_never_fai
     assert_eq!(counter(&metrics.orders_issued) + counter(&metrics.orders_failed), 3, "the budget allows 3 per hour");
     assert_eq!(counter(&metrics.refused_budget), 27);
     assert_eq!(counter(server.metrics.handshake_failures.by(tern::failure::FailureKind::AcmePending)), 0);
+    // Refused names are refused from memory for a while: handshaking them again reads no storage, counts nothing.
+    // (The three issued names now serve Pebble's certificate, which this client does not trust.)
+    let mut defaults = 0;
+    for i in 0..30 {
+        defaults +=
+            usize::from(sni_verified_as(bind, &pki, &format!("junk{i}.allowed.test"), "default.test").await.is_ok());
+    }
+    // (An order Pebble failed leaves its name in backoff, on the default certificate too.)
+    assert_eq!(defaults, 30 - counter(&metrics.orders_issued) as usize);
+    assert_eq!(counter(&metrics.refused_budget), 27);
     Ok(())
 }

@@ -106,6 +106,8 @@ enum Purpose {
 const RECHECK: Duration = Duration::from_secs(10);
 /// How often a node waiting for another node's order looks at storage.
 const POLL: Duration = Duration::from_millis(250);
+/// The longest a refused name is refused from memory before storage is asked again.
+const REFUSAL_MEMORY: Duration = Duration::from_secs(60);
 /// Certificates kept in memory (more are read from storage again when asked for).
 const IN_MEMORY: u64 = 100_000;
 
@@ -119,6 +121,9 @@ pub struct Acme {
     pending: Mutex<HashMap<ServerName, Obtaining>>,
     orders: tokio::sync::Semaphore,
     challenge_keys: moka::sync::Cache<String, Arc<CertifiedKey>>,
+    /// Names just refused for a client-provoked reason (budget, backoff): further handshakes for them are
+    /// refused from memory, without touching storage, for a while (the negative cache of issuance).
+    refused: moka::sync::Cache<ServerName, AcmeError>,
     node: String,
     /// Counters.
     pub metrics: AcmeMetrics,
@@ -147,8 +152,13 @@ impl Acme {
         };
         let key = crate::resumption::crypto::derive(settings.secret.bytes(), "tern acme storage v1");
         let node = format!("{node}-{:016x}", u64::from_le_bytes(crate::resumption::crypto::random_bytes::<8>()));
+        let refused = moka::sync::Cache::builder()
+            .max_capacity(IN_MEMORY)
+            .time_to_live(settings.failure_backoff.min(REFUSAL_MEMORY))
+            .build();
         Self {
             orders: tokio::sync::Semaphore::new(settings.max_concurrent_orders),
+            refused,
             settings,
             storage,
             seal: SealingKey::new(&key),
@@ -192,13 +202,20 @@ impl Acme {
             }
             return Ok(managed.cert.clone());
         }
+        if let Some(refused) = self.refused.get(name) {
+            return Err(refused);
+        }
         let obtaining = self.obtaining(name, Purpose::Issue)?;
         match tokio::time::timeout(self.settings.handshake_wait, obtaining).await {
-            Ok(result) => {
-                if result.is_ok() {
-                    crate::metrics::inc(&self.metrics.served_after_wait);
+            Ok(Ok(cert)) => {
+                crate::metrics::inc(&self.metrics.served_after_wait);
+                Ok(cert)
+            }
+            Ok(Err(err)) => {
+                if matches!(err, AcmeError::Budget { .. } | AcmeError::Backoff { .. }) {
+                    self.refused.insert(name.clone(), err.clone());
                 }
-                result
+                Err(err)
             }
             Err(_) => {
                 crate::metrics::inc(&self.metrics.wait_expired);
@@ -307,7 +324,15 @@ impl Acme {
         let renewal = purpose != Purpose::Issue;
         let outcome = match ordered {
             Ok(issued) => self.store_issued(name, token, issued, &account).await,
-            Err(message) => Err(AcmeError::Order(message)),
+            Err(message) => {
+                if message.contains("accountDoesNotExist") {
+                    // The CA forgot the account (a test CA restarted, or it was deactivated): make a new one next time.
+                    tracing::warn!(directory = %self.settings.directory, "the CA does not know the ACME account; a new one will be created");
+                    *self.account.lock().await = None;
+                    let _ = self.storage.delete(Kind::Cert, ACCOUNT).await;
+                }
+                Err(AcmeError::Order(message))
+            }
         };
         let elapsed = started.elapsed();
         match &outcome {

@@ -218,14 +218,14 @@ impl Validator<'_> {
                 );
             }
         }
+        if let Some(wildcard) = raw.names.iter().find(|n| n.starts_with("*.")) {
+            return Err(self.err(key("names"), format!("{wildcard}: wildcards need DNS-01, which tern does not do")));
+        }
         let names = raw
             .names
             .iter()
             .map(|n| ServerName::parse(n).map_err(|e| self.err(key("names"), format!("{n:?}: {e}"))))
             .collect::<Result<Vec<_>, _>>()?;
-        if let Some(wildcard) = names.iter().find(|n| n.as_str().starts_with("*.")) {
-            return Err(self.err(key("names"), format!("{wildcard}: wildcards need DNS-01, which tern does not do")));
-        }
         let renewal_window = raw.renewal_window.unwrap_or(defaults::ACME_RENEWAL_WINDOW);
         if !(renewal_window > 0.0 && renewal_window < 1.0) {
             return Err(self.err(key("renewal_window"), "a fraction of the lifetime between 0 and 1, e.g. 0.33"));

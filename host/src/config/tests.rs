@@ -380,3 +380,50 @@ fn proxy_protocol_takes_trusted_networks_and_names_a_bad_one() {
         assert!(err.contains("proxy_protocol.trusted") && err.contains(want), "{err}");
     }
 }
+
+#[test]
+fn acme_settings_get_defaults_and_every_mistake_names_its_key_and_secrets_never_print() {
+    let secret = "0123456789abcdef0123456789abcdef-acme";
+    let acme = |keys: &str| {
+        format!("{MINIMAL}\n[acme]\ndirectory = \"https://ca.example/dir\"\nsecret = \"{secret}\"\n{keys}")
+    };
+    let config = load(&acme("directory_path = \"acme\"\nnames = [\"WWW.Example.com\"]")).unwrap();
+    let settings = config.acme.as_ref().unwrap();
+    assert!(matches!(&settings.storage, AcmeStorage::Directory(p) if p == Path::new("/etc/tern/acme")));
+    assert_eq!(settings.names[0].as_str(), "www.example.com");
+    assert_eq!(settings.key_type, KeyType::EcdsaP256);
+    assert_eq!(settings.challenge, ChallengeKind::TlsAlpn01);
+    assert_eq!(settings.handshake_wait, defaults::ACME_HANDSHAKE_WAIT);
+    assert_eq!(settings.orders_per_hour, defaults::ACME_ORDERS_PER_HOUR);
+    assert!(!format!("{config:?}").contains(secret), "Debug must not print acme.secret");
+    let hmac = "c2VjcmV0LWhtYWMta2V5LWZvci1lYWI";
+    let eab = load(&acme(&format!(
+        "directory_path = \"a\"\neab_kid = \"k\"\neab_hmac = \"{hmac}\"\nkey_type = \"rsa-2048\""
+    )));
+    let eab = eab.unwrap();
+    assert_eq!(eab.acme.as_ref().unwrap().key_type, KeyType::Rsa2048);
+    assert!(!format!("{eab:?}").contains(hmac), "Debug must not print acme.eab_hmac");
+
+    let cases = [
+        ("", "acme.redis: missing"),
+        ("redis = \"nope\"", "acme.redis: no [[redis]] named \"nope\""),
+        ("directory_path = \"a\"\nnames = [\"*.example.com\"]", "acme.names: *.example.com: wildcards need DNS-01"),
+        ("directory_path = \"a\"\nhandshake_wait = \"30s\"", "acme.handshake_wait: must be shorter than"),
+        ("directory_path = \"a\"\nrenewal_window = 1.5", "acme.renewal_window"),
+        ("directory_path = \"a\"\norders_per_hour = 0", "acme.orders_per_hour: must be greater than zero"),
+        ("directory_path = \"a\"\neab_kid = \"k\"", "acme.eab_kid: set both"),
+        ("directory_path = \"a\"\nchallenge = \"http-01\"", "acme.challenge: \"http-01\" needs an [[http_listener]]"),
+        ("directory_path = \"a\"\nchallenge = \"dns-01\"", "unknown variant `dns-01`"),
+    ];
+    for (keys, wanted) in cases {
+        let err = error_of(&acme(keys));
+        assert!(err.contains(wanted) && err.contains("/etc/tern/tern.toml"), "{keys:?}: {err}");
+    }
+    let short =
+        error_of(&format!("{MINIMAL}\n[acme]\ndirectory = \"https://ca/dir\"\ndirectory_path = \"a\"\nsecret = \"x\""));
+    assert!(short.contains("acme.secret: too short"), "{short}");
+    let http = load(&format!("{MINIMAL}\n[[http_listener]]\nbind = \"127.0.0.1:8080\"")).unwrap();
+    assert_eq!(http.http_listeners[0].https_port, 443);
+    let clash = error_of(&format!("{MINIMAL}\n[[http_listener]]\nbind = \"127.0.0.1:8443\""));
+    assert!(clash.contains("already used"), "{clash}");
+}
