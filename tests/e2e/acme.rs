@@ -366,3 +366,51 @@ async fn a_flood_of_permitted_names_is_bounded_by_the_order_budget_and_never_fai
     assert_eq!(counter(&metrics.refused_budget), 27);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_that_is_down_fails_the_order_cleanly_backs_off_and_recovers_with_a_new_account() -> Result<()> {
+    let pki = Pki::new(&["default.test"])?;
+    let port = free_port().await?;
+    let mut pebble = Pebble::start(PebbleOptions::new(port, free_port().await?)).await?;
+    let backend = tern_fixtures::spawn_echo_backend().await?;
+    let bind: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let acme = format!(
+        "directory_path = \"{}\"\nfailure_backoff = \"2s\"\nfailure_backoff_max = \"2s\"",
+        pki.path("acme").display()
+    );
+    let server = TestServer::start(&node_config(&pebble, backend, bind, &acme, ""), pki.dir.path()).await?;
+    let metrics = acme_metrics(&server);
+    // An account exists at the CA, then the CA goes away.
+    let old_client = pebble_client(&pebble).await?;
+    let before = issued_leaf(bind, &old_client, "before.allowed.test").await?;
+    pebble.kill();
+
+    // The order fails at once (connection refused): the fallback serves; further handshakes inside the backoff
+    // start no order.
+    for _ in 0..3 {
+        let stream = sni_verified_as(bind, &pki, "during.allowed.test", "default.test").await?;
+        assert_eq!(served_leaf(&stream), pki.leaf("default.test"));
+    }
+    assert_eq!(counter(&metrics.orders_failed), 1, "one failed order, then backoff");
+    assert!(counter(&metrics.refused_backoff) >= 1);
+    // Other names keep being served meanwhile.
+    assert_eq!(before, served_leaf(&connect(bind, &old_client, "before.allowed.test").await?));
+    assert_eq!(counter(&metrics.orders_issued), 1);
+
+    // The CA comes back as a new CA (Pebble keeps nothing): it does not know the account; tern makes a new one.
+    pebble.restart().await?;
+    let client = pebble_client(&pebble).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(stream) = connect(bind, &client, "during.allowed.test").await {
+            assert!(!served_leaf(&stream).is_empty());
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("no certificate within 30 s of the CA's return ({} orders failed)", counter(&metrics.orders_failed));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(counter(&metrics.orders_issued), 2);
+    Ok(())
+}

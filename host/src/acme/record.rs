@@ -141,3 +141,37 @@ pub(crate) fn open_account(seal: &SealingKey, stored: &[u8]) -> Option<Zeroizing
     let text = std::str::from_utf8(stored).ok()?;
     seal.open(&unhex(text.trim())?, b"tern acme account")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sealed_record_opens_only_with_its_secret_and_name_and_never_holds_the_key_in_clear() {
+        let ca = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["shop.example.com".to_string()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(2040, 1, 1);
+        let cert = params.self_signed(&ca).unwrap();
+        let name = ServerName::parse("shop.example.com").unwrap();
+        let key_pem = Zeroizing::new(ca.serialize_pem());
+        let seal = SealingKey::new(&[7; 32]);
+        let (record, parsed) = Record::seal(&seal, &name, cert.pem(), &key_pem, 1.0 / 3.0).unwrap();
+        let json = serde_json::to_string(&record).unwrap();
+        assert!(!json.contains("PRIVATE KEY") && json.contains("BEGIN CERTIFICATE"), "{json}");
+        assert!(record.renew_at > now() && record.renew_at < record.not_after, "renewal inside the lifetime");
+        assert_eq!(record.open(&seal, &name).unwrap().dns_names, parsed.dns_names);
+        assert!(record.open(&SealingKey::new(&[8; 32]), &name).is_err(), "another secret");
+        let other = ServerName::parse("other.example.com").unwrap();
+        assert!(record.open(&seal, &other).is_err(), "the key is bound to its name");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_ceiling() {
+        let (base, max) = (Duration::from_secs(60), Duration::from_secs(300));
+        let once = State::default().failed("e".into(), base, max);
+        assert_eq!(once.failures, 1);
+        assert!((once.retry_at - now() - 60).abs() <= 1);
+        let many = (0..10).fold(State::default(), |s, _| s.failed("e".into(), base, max));
+        assert!((many.retry_at - now() - 300).abs() <= 1);
+    }
+}

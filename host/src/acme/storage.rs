@@ -443,3 +443,38 @@ async fn write_atomically(path: PathBuf, bytes: Vec<u8>) -> Result<(), StorageEr
     .map_err(|e| Storage::io(&shown, e))?
     .map_err(|e| Storage::io(&shown, e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_lock_is_released_and_extended_only_by_its_holder_and_fences_writes_after_its_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::directory(dir.path().to_path_buf());
+        let lease = Duration::from_millis(50);
+        assert!(storage.lock("a.test", "one", lease).await.unwrap());
+        assert!(!storage.lock("a.test", "two", lease).await.unwrap(), "held");
+        storage.unlock("a.test", "two").await.unwrap();
+        assert!(!storage.extend("a.test", "two", lease).await.unwrap(), "not the holder");
+        assert!(storage.is_locked("a.test").await.unwrap(), "a stranger cannot release it");
+        assert!(storage.put_fenced(Kind::Cert, "a.test", "one", b"first").await.unwrap());
+        tokio::time::sleep(lease * 2).await;
+        // The lease ran out and another holder took over: the old holder can neither extend nor write.
+        assert!(storage.lock("a.test", "two", lease).await.unwrap());
+        assert!(!storage.extend("a.test", "one", lease).await.unwrap());
+        assert!(!storage.put_fenced(Kind::Cert, "a.test", "one", b"stale").await.unwrap());
+        assert_eq!(storage.get(Kind::Cert, "a.test").await.unwrap().as_deref(), Some(&b"first"[..]));
+        assert!(storage.put_fenced(Kind::Cert, "a.test", "two", b"second").await.unwrap());
+        assert_eq!(storage.get(Kind::Cert, "a.test").await.unwrap().as_deref(), Some(&b"second"[..]));
+    }
+
+    #[tokio::test]
+    async fn budgets_count_per_scope_and_hour() {
+        let storage = Storage::directory(std::path::PathBuf::from("/nonexistent"));
+        assert_eq!(storage.count_order("all", 7).await.unwrap(), 1);
+        assert_eq!(storage.count_order("all", 7).await.unwrap(), 2);
+        assert_eq!(storage.count_order("example.com", 7).await.unwrap(), 1);
+        assert_eq!(storage.count_order("all", 8).await.unwrap(), 1, "a new hour starts afresh");
+    }
+}
