@@ -261,6 +261,11 @@ async fn check(path: PathBuf) -> Result<()> {
     let certs = config.certificates.clone();
     let plugins = async {
         tokio::task::spawn_blocking(move || tern::select::StaticCerts::load(&certs)).await??;
+        if let Some(acme) = &config.acme {
+            tern::acme::preflight(acme)
+                .await
+                .map_err(|(key, path, message)| anyhow::anyhow!("{key} {}: {message}", path.display()))?;
+        }
         let runtime = plugin::runtime_for(&config.plugins)?;
         anyhow::Ok(plugin::load_all(&runtime, &config.plugins, &tern::server::stores_for(&config)).await?)
     }

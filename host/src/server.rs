@@ -59,6 +59,16 @@ pub enum StartError {
         /// What is wrong.
         message: String,
     },
+    /// A file or folder `[acme]` names is unusable.
+    #[error("{key} {}: {message}", path.display())]
+    Acme {
+        /// The config key.
+        key: &'static str,
+        /// The file or folder.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// A start-up task on a blocking thread did not finish (it panicked or the runtime is shutting down).
     #[error("start-up task {task} did not finish: {message}")]
     Task {
@@ -132,6 +142,13 @@ impl Server {
         let session_capacity = u64::try_from(config.server.session_cache_entries).unwrap_or(u64::MAX);
         let resumption = Resumption::start(&config.resumption, resumption_store, session_capacity).await;
         let metrics = Arc::new(Metrics::default());
+        if let Some(settings) = &config.acme {
+            crate::acme::preflight(settings).await.map_err(|(key, path, message)| StartError::Acme {
+                key,
+                path,
+                message,
+            })?;
+        }
         let acme = config.acme.clone().map(|settings| {
             let redis = match &settings.storage {
                 crate::config::AcmeStorage::Redis(r) => stores.get(&r.name).cloned(),

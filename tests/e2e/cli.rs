@@ -43,6 +43,30 @@ async fn check_accepts_a_good_config_and_names_file_and_key_of_a_bad_one() -> an
         "{}",
         text(&output)
     );
+    // [acme] files are checked before anything is ordered: the CA file and the storage folder, each named.
+    let acme = |keys: &str| {
+        format!(
+            "{}\n[acme]\ndirectory = \"https://127.0.0.1:9/dir\"\nsecret = \"0123456789abcdef0123456789abcdef\"\n{keys}",
+            std::fs::read_to_string(&good).unwrap_or_default()
+        )
+    };
+    std::fs::write(pki.path("not-a-ca.pem"), "nothing here")?;
+    std::fs::write(pki.path("a-file"), "")?;
+    let cases = [
+        ("directory_path = \"acme\"\nca = \"not-a-ca.pem\"", "acme.ca", "not-a-ca.pem"),
+        ("directory_path = \"a-file/acme\"", "acme.directory_path", "a-file/acme"),
+    ];
+    for (keys, key, file) in cases {
+        let bad = pki.path("bad-acme.toml");
+        std::fs::write(&bad, acme(keys))?;
+        let output = run_command(tern(&["check", "-c", &bad.to_string_lossy()])).await?;
+        let out = text(&output);
+        assert!(!output.status.success() && out.contains(key) && out.contains(file), "{keys}: {out}");
+    }
+    let fine = pki.path("acme.toml");
+    std::fs::write(&fine, acme("directory_path = \"acme\""))?;
+    let output = run_command(tern(&["check", "-c", &fine.to_string_lossy()])).await?;
+    assert!(output.status.success(), "{}", text(&output));
     Ok(())
 }
 

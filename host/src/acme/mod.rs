@@ -632,6 +632,34 @@ impl Acme {
     }
 }
 
+/// What `tern check` and start-up verify of `[acme]` before anything is ordered: the `acme.ca` file holds a usable
+/// CA certificate, and the `acme.directory_path` folder exists or can be made, and is writable. The error names the
+/// key and the file.
+pub async fn preflight(settings: &AcmeSettings) -> Result<(), (&'static str, std::path::PathBuf, String)> {
+    if let Some(ca) = settings.ca.clone() {
+        let checked = tokio::task::spawn_blocking({
+            let ca = ca.clone();
+            move || crate::upstream::load_roots(&ca).map(drop)
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        checked.map_err(|message| ("acme.ca", ca, message))?;
+    }
+    if let AcmeStorage::Directory(root) = &settings.storage {
+        let folder = root.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&folder)?;
+            let probe = folder.join(".tern-write-test");
+            std::fs::write(&probe, b"")?;
+            std::fs::remove_file(&probe)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        written.map_err(|e| ("acme.directory_path", root.clone(), format!("not a writable folder: {e}")))?;
+    }
+    Ok(())
+}
+
 /// Up to an hour (and at most a twentieth of the time left) later, so that certificates issued together are not
 /// all renewed in the same minute.
 fn jittered(renew_at: i64) -> i64 {
