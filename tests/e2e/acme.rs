@@ -35,7 +35,14 @@ async fn pebble_client(pebble: &Pebble) -> Result<Arc<rustls::ClientConfig>> {
 
 /// One tern node: the acme-gate plugin permitting `*.allowed.test`, a default certificate for everything else,
 /// a listener at `bind`, and `[acme]` with `acme_keys` added.
-fn node_config(pebble: &Pebble, backend: SocketAddr, bind: SocketAddr, acme_keys: &str, extra: &str) -> String {
+fn node_config(
+    directory: &str,
+    ca: &std::path::Path,
+    backend: SocketAddr,
+    bind: SocketAddr,
+    acme_keys: &str,
+    extra: &str,
+) -> String {
     format!(
         r#"
 [[certificate]]
@@ -68,8 +75,7 @@ order_timeout = "20s"
 bind = "127.0.0.1:0"
 {extra}
 "#,
-        directory = pebble.directory_url(),
-        ca = pebble.directory_ca().display(),
+        ca = ca.display(),
     )
 }
 
@@ -107,7 +113,7 @@ async fn tls_alpn_issuance_on_demand_only_for_permitted_names_and_kept_across_a_
     let backend = tern_fixtures::spawn_echo_backend().await?;
     let bind: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let storage = format!("directory_path = \"{}\"", pki.path("acme").display());
-    let config = node_config(&pebble, backend, bind, &storage, "");
+    let config = node_config(&pebble.directory_url(), pebble.directory_ca(), backend, bind, &storage, "");
     let server = TestServer::start(&config, pki.dir.path()).await?;
 
     // Verified by a client trusting only Pebble's root: the chain tern serves is the CA's.
@@ -198,7 +204,11 @@ async fn http01_issuance_through_the_plain_http_listener_which_redirects_everyth
         pki.path("acme").display()
     );
     let http = format!("[[http_listener]]\nname = \"plain\"\nbind = \"127.0.0.1:{http_port}\"\nhttps_port = {port}");
-    let server = TestServer::start(&node_config(&pebble, backend, bind, &acme, &http), pki.dir.path()).await?;
+    let server = TestServer::start(
+        &node_config(&pebble.directory_url(), pebble.directory_ca(), backend, bind, &acme, &http),
+        pki.dir.path(),
+    )
+    .await?;
 
     let started = Instant::now();
     let leaf = issued_leaf(bind, &client, "blog.allowed.test").await?;
@@ -240,8 +250,16 @@ async fn two_nodes_sharing_redis_make_one_order_per_name_and_answer_each_others_
     for file in ["default.test.crt", "default.test.key"] {
         std::fs::copy(pki.certs().join(file), b_dir.path().join("certs").join(file))?;
     }
-    let a = TestServer::start(&node_config(&pebble, backend, a_bind, &shared, ""), pki.dir.path()).await?;
-    let b = TestServer::start(&node_config(&pebble, backend, b_bind, &shared, ""), b_dir.path()).await?;
+    let a = TestServer::start(
+        &node_config(&pebble.directory_url(), pebble.directory_ca(), backend, a_bind, &shared, ""),
+        pki.dir.path(),
+    )
+    .await?;
+    let b = TestServer::start(
+        &node_config(&pebble.directory_url(), pebble.directory_ca(), backend, b_bind, &shared, ""),
+        b_dir.path(),
+    )
+    .await?;
 
     // A orders; the CA's validation goes to B, which answers from the challenge A published in Redis.
     pebble.set_a("one.allowed.test", "127.0.0.2").await?;
@@ -285,7 +303,11 @@ async fn renewal_replaces_the_certificate_without_a_failed_handshake_and_a_faili
         "directory_path = \"{}\"\nrenewal_window = 0.5\nrenew_check_interval = \"1s\"\nfailure_backoff = \"1s\"\nfailure_backoff_max = \"2s\"",
         pki.path("acme").display()
     );
-    let server = TestServer::start(&node_config(&pebble, backend, bind, &acme, ""), pki.dir.path()).await?;
+    let server = TestServer::start(
+        &node_config(&pebble.directory_url(), pebble.directory_ca(), backend, bind, &acme, ""),
+        pki.dir.path(),
+    )
+    .await?;
     let first = served_leaf(&connect(bind, &client, "renew.allowed.test").await?);
     let metrics = acme_metrics(&server);
 
@@ -336,7 +358,8 @@ async fn a_flood_of_permitted_names_is_bounded_by_the_order_budget_and_never_fai
         "directory_path = \"{}\"\norders_per_hour_per_domain = 3\nhandshake_wait = \"1ms\"\neab_kid = \"{kid}\"\neab_hmac = \"{hmac}\"",
         pki.path("acme").display()
     );
-    let config = node_config(&pebble, backend, bind, &acme, "").replace("handshake_wait = \"8s\"\n", "");
+    let config = node_config(&pebble.directory_url(), pebble.directory_ca(), backend, bind, &acme, "")
+        .replace("handshake_wait = \"8s\"\n", "");
     let server = TestServer::start(&config, pki.dir.path()).await?;
     for i in 0..30 {
         let name = format!("junk{i}.allowed.test");
@@ -378,7 +401,11 @@ async fn a_ca_that_is_down_fails_the_order_cleanly_backs_off_and_recovers_with_a
         "directory_path = \"{}\"\nfailure_backoff = \"2s\"\nfailure_backoff_max = \"2s\"",
         pki.path("acme").display()
     );
-    let server = TestServer::start(&node_config(&pebble, backend, bind, &acme, ""), pki.dir.path()).await?;
+    let server = TestServer::start(
+        &node_config(&pebble.directory_url(), pebble.directory_ca(), backend, bind, &acme, ""),
+        pki.dir.path(),
+    )
+    .await?;
     let metrics = acme_metrics(&server);
     // An account exists at the CA, then the CA goes away.
     let old_client = pebble_client(&pebble).await?;
@@ -412,5 +439,38 @@ async fn a_ca_that_is_down_fails_the_order_cleanly_backs_off_and_recovers_with_a
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert_eq!(counter(&metrics.orders_issued), 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_that_never_answers_holds_nothing_past_the_order_timeout() -> Result<()> {
+    let pki = Pki::new(&["default.test"])?;
+    // Accepts connections and never says a word.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let directory = format!("https://127.0.0.1:{}/dir", silent.local_addr()?.port());
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            open.push(tcp);
+        }
+    });
+    let backend = tern_fixtures::spawn_echo_backend().await?;
+    let bind: SocketAddr = "127.0.0.1:0".parse()?;
+    let acme = format!("directory_path = \"{}\"", pki.path("acme").display());
+    let config = node_config(&directory, &pki.path("certs/default.test.crt"), backend, bind, &acme, "")
+        .replace("handshake_wait = \"8s\"", "handshake_wait = \"300ms\"")
+        .replace("order_timeout = \"20s\"", "order_timeout = \"2s\"");
+    let server = TestServer::start(&config, pki.dir.path()).await?;
+    let metrics = acme_metrics(&server);
+    let started = Instant::now();
+    let stream = sni_verified_as(server.addr, &pki, "hang.allowed.test", "default.test").await?;
+    assert_eq!(served_leaf(&stream), pki.leaf("default.test"), "the fallback after acme.handshake_wait");
+    assert!(started.elapsed() < Duration::from_secs(2), "the handshake waited {:?}", started.elapsed());
+    assert_eq!(counter(&metrics.wait_expired), 1);
+    // The order gives up at acme.order_timeout, counted as failed, and the name backs off.
+    assert_eq!(eventually_equals(&metrics.orders_failed, 1).await, 1);
+    sni_verified_as(server.addr, &pki, "hang.allowed.test", "default.test").await?;
+    assert_eq!(counter(&metrics.orders_failed), 1, "backing off");
+    held.abort();
     Ok(())
 }

@@ -106,6 +106,8 @@ enum Purpose {
 const RECHECK: Duration = Duration::from_secs(10);
 /// How often a node waiting for another node's order looks at storage.
 const POLL: Duration = Duration::from_millis(250);
+/// How long the CA's renewal information may take before the lifetime fraction decides.
+const ARI_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest a refused name is refused from memory before storage is asked again.
 const REFUSAL_MEMORY: Duration = Duration::from_secs(60);
 /// Certificates kept in memory (more are read from storage again when asked for).
@@ -313,17 +315,23 @@ impl Acme {
         }
         self.spend_budget(name, purpose).await?;
         let _slot = self.orders.acquire().await.map_err(|_| AcmeError::Order("shutting down".into()))?;
-        let account = self.account().await?;
         let started = Instant::now();
+        // The account (created or restored) and the order share one deadline: a CA that accepts connections but
+        // never answers cannot hold the name's lock, its pending slot or an order slot past it.
+        let ordering = async {
+            let account = self.account().await.map_err(|e| e.to_string())?;
+            let issued = order::order(&account, &self.settings, &self.storage, name.as_str()).await?;
+            Ok::<_, String>((account, issued))
+        };
         let ordered = tokio::select! {
-            ordered = tokio::time::timeout(self.settings.order_timeout, order::order(&account, &self.settings, &self.storage, name.as_str())) => {
+            ordered = tokio::time::timeout(self.settings.order_timeout, ordering) => {
                 ordered.unwrap_or_else(|_| Err(format!("no certificate within acme.order_timeout ({:?})", self.settings.order_timeout)))
             }
             lost = self.keep_lease(name, token) => Err(lost),
         };
         let renewal = purpose != Purpose::Issue;
         let outcome = match ordered {
-            Ok(issued) => self.store_issued(name, token, issued, &account).await,
+            Ok((account, issued)) => self.store_issued(name, token, issued, &account).await,
             Err(message) => {
                 if message.contains("accountDoesNotExist") {
                     // The CA forgot the account (a test CA restarted, or it was deactivated): make a new one next time.
@@ -384,7 +392,7 @@ impl Acme {
             Record::seal(&self.seal, name, issued.chain, &issued.key, self.settings.renewal_window)
                 .map_err(|e| AcmeError::Order(format!("the CA's certificate is unusable: {e}")))?;
         if let Some(id) = order::certificate_id(&record.chain)
-            && let Ok((info, _)) = account.renewal_info(&id).await
+            && let Ok(Ok((info, _))) = tokio::time::timeout(ARI_TIMEOUT, account.renewal_info(&id)).await
         {
             // ACME Renewal Information (RFC 9773): the CA's window wins over the lifetime fraction.
             record
@@ -597,11 +605,16 @@ impl Acme {
             .next()
             .and_then(Result::ok)
             .ok_or(AcmeError::Order("stored chain has no certificate".into()))?;
-        let account = self.account().await?;
-        account
-            .revoke(&instant_acme::RevocationRequest { certificate: &leaf, reason: None })
+        let revoking = async {
+            let account = self.account().await?;
+            account
+                .revoke(&instant_acme::RevocationRequest { certificate: &leaf, reason: None })
+                .await
+                .map_err(|e| AcmeError::Order(format!("revoke: {e}")))
+        };
+        tokio::time::timeout(self.settings.order_timeout, revoking)
             .await
-            .map_err(|e| AcmeError::Order(format!("revoke: {e}")))?;
+            .map_err(|_| AcmeError::Order("the CA did not answer the revocation within acme.order_timeout".into()))??;
         self.storage.delete(Kind::Cert, name.as_str()).await?;
         self.storage.unschedule(name.as_str()).await?;
         self.issued.invalidate(name);
