@@ -27,20 +27,22 @@ pub async fn available(no_install: bool) -> bool {
         return false;
     }
     println!("installing caddy from Debian packages");
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "caddy"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-    };
-    let _ = install().await;
+    apt_install_caddy().await;
     if !present() {
         let _ = Command::new("apt-get").args(["update", "-qq"]).status().await;
-        let _ = install().await;
+        apt_install_caddy().await;
     }
     // Debian enables the packaged service (port 80, /etc/caddy/Caddyfile); it is not what is measured.
     let _ = Command::new("sh").args(["-c", "service caddy stop >/dev/null 2>&1 || true"]).status().await;
     present()
+}
+
+async fn apt_install_caddy() {
+    let _ = Command::new("apt-get")
+        .args(["install", "-y", "-qq", "caddy"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .await;
 }
 
 /// The `ask` endpoint: 200 for names under `.allowed.test` (the acme-gate plugin's policy on tern), 403 otherwise.
@@ -131,7 +133,14 @@ pub struct Caddy {
 
 /// Writes the Caddyfile, starts `caddy run` with its home, data and config folders in `work`, and waits until its
 /// HTTPS port accepts connections.
-pub async fn start(work: &Path, https_port: u16, http_port: u16, directory: &str, ca: &Path, ask: SocketAddr) -> Result<Caddy> {
+pub async fn start(
+    work: &Path,
+    https_port: u16,
+    http_port: u16,
+    directory: &str,
+    ca: &Path,
+    ask: SocketAddr,
+) -> Result<Caddy> {
     let path = work.join("Caddyfile");
     std::fs::write(&path, caddyfile(work, https_port, http_port, directory, ca, ask))?;
     let home = work.join("caddy-home");
@@ -188,11 +197,7 @@ pub fn stored_certificates(storage: &Path) -> usize {
             .flatten()
             .map(|e| {
                 let path = e.path();
-                if path.is_dir() {
-                    walk(&path)
-                } else {
-                    usize::from(path.extension().is_some_and(|x| x == "crt"))
-                }
+                if path.is_dir() { walk(&path) } else { usize::from(path.extension().is_some_and(|x| x == "crt")) }
             })
             .sum()
     }

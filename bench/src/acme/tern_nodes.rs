@@ -2,7 +2,7 @@
 //! `[acme]` on one shared Redis; their start, their ACME counters and their stop.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -21,9 +21,7 @@ const SECRET: &str = "acme-bench-secret-0123456789abcdef0123456789";
 pub struct Node {
     pub name: &'static str,
     pub child: Child,
-    pub listen: SocketAddr,
     pub admin: SocketAddr,
-    pub config: PathBuf,
 }
 
 /// What the `[acme]` section of both nodes says, besides the CA and storage.
@@ -48,7 +46,15 @@ fn max_pending(args: &Args) -> usize {
 }
 
 /// The config of one node.
-fn config(args: &Args, work: &Path, bind: SocketAddr, redis: &str, directory: &str, ca: &Path, backend: SocketAddr) -> String {
+fn config(
+    args: &Args,
+    work: &Path,
+    bind: SocketAddr,
+    redis: &str,
+    directory: &str,
+    ca: &Path,
+    backend: SocketAddr,
+) -> String {
     format!(
         r#"# Written by bench/src/acme/ (acme-bench).
 [server]
@@ -132,7 +138,7 @@ pub async fn start(
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {} (cargo build --release -p tern)", args.tern.display()))?;
-    let mut node = Node { name, child, listen: bind, admin: "127.0.0.1:0".parse()?, config: path };
+    let mut node = Node { name, child, admin: "127.0.0.1:0".parse()? };
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if let Some(status) = node.child.try_wait()? {
