@@ -237,7 +237,7 @@ const SIZES: [&str; 9] = [
     "4294967296",
 ];
 /// Every numeric key with the values it is tried with.
-const KEYS: [(&str, &str, &[&str]); 24] = [
+const KEYS: [(&str, &str, &[&str]); 34] = [
     ("server", "max_connections", &NUMBERS),
     ("server", "session_cache_entries", &NUMBERS),
     ("server", "h2_max_concurrent_streams", &NUMBERS),
@@ -262,7 +262,20 @@ const KEYS: [(&str, &str, &[&str]); 24] = [
     ("proxy", "pool_idle_timeout", &DURATIONS),
     ("proxy", "max_connections_per_backend", &NUMBERS),
     ("proxy", "max_backend_connections", &NUMBERS),
+    ("acme", "renew_check_interval", &DURATIONS),
+    ("acme", "handshake_wait", &DURATIONS),
+    ("acme", "order_timeout", &DURATIONS),
+    ("acme", "failure_backoff", &DURATIONS),
+    ("acme", "failure_backoff_max", &DURATIONS),
+    ("acme", "lock_lease", &DURATIONS),
+    ("acme", "orders_per_hour", &NUMBERS),
+    ("acme", "orders_per_hour_per_domain", &NUMBERS),
+    ("acme", "max_concurrent_orders", &NUMBERS),
+    ("acme", "max_pending", &NUMBERS),
 ];
+/// What an `[acme]` section needs besides the keys tried.
+const ACME_REQUIRED: &str =
+    "directory = \"https://ca.test/dir\"\ndirectory_path = \"acme\"\nsecret = \"0123456789abcdef0123456789abcdef\"\n";
 
 /// A config with a random subset of [`KEYS`] set, mostly to plausible values (the first four of each list).
 fn random_config(next: &mut impl FnMut() -> u64) -> String {
@@ -276,7 +289,8 @@ fn random_config(next: &mut impl FnMut() -> u64) -> String {
     }
     let mut text = MINIMAL.to_string();
     for (section, body) in &sections {
-        text.push_str(&format!("\n[{section}]\n{body}"));
+        let required = if *section == "acme" { ACME_REQUIRED } else { "" };
+        text.push_str(&format!("\n[{section}]\n{required}{body}"));
     }
     text
 }
@@ -323,6 +337,13 @@ fn assert_usable(config: &Config, text: &str, runtime: &tokio::runtime::Runtime)
         })
     }));
     assert!(filled.unwrap_or_else(|_| panic!("the cache panicked under:\n{text}")), "{text}");
+    if let Some(acme) = &config.acme {
+        for d in [acme.renew_check_interval, acme.order_timeout + acme.lock_lease, acme.failure_backoff_max] {
+            assert!(now.checked_add(d).is_some(), "{d:?} overflows the clock:\n{text}");
+        }
+        let built = std::panic::catch_unwind(|| crate::acme::Acme::new(acme.clone(), None, "node"));
+        assert!(built.is_ok(), "the ACME subsystem panicked under:\n{text}");
+    }
 }
 
 #[test]
@@ -335,7 +356,7 @@ fn no_accepted_value_can_panic_the_runtime() {
         rng
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let mut accepted = 0;
+    let (mut accepted, mut with_acme) = (0, 0);
     for _ in 0..3000 {
         let text = random_config(&mut next);
         let Ok(config) = std::panic::catch_unwind(|| load(&text)).unwrap_or_else(|_| panic!("panicked on:\n{text}"))
@@ -343,9 +364,11 @@ fn no_accepted_value_can_panic_the_runtime() {
             continue;
         };
         accepted += 1;
+        with_acme += usize::from(config.acme.is_some());
         assert_usable(&config, &text, &runtime);
     }
     assert!(accepted > 100, "only {accepted} random configs were accepted: the test explores too little");
+    assert!(with_acme > 20, "only {with_acme} accepted random configs had [acme]");
 }
 
 #[test]
