@@ -474,3 +474,28 @@ async fn a_ca_that_never_answers_holds_nothing_past_the_order_timeout() -> Resul
     held.abort();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_holds_acme_state_with_each_names_keys_in_one_slot() -> Result<()> {
+    let pki = Pki::new(&["default.test"])?;
+    let cluster = crate::redis_support::RedisCluster::start().await?;
+    let port = free_port().await?;
+    let pebble = Pebble::start(PebbleOptions::new(port, free_port().await?)).await?;
+    let client = pebble_client(&pebble).await?;
+    let backend = tern_fixtures::spawn_echo_backend().await?;
+    let bind: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let store =
+        format!("redis = \"cluster\"\n\n[[redis]]\nname = \"cluster\"\ncluster = true\nurls = [{}]", urls.join(", "));
+    let config = node_config(&pebble.directory_url(), pebble.directory_ca(), backend, bind, &store, "");
+    let server = TestServer::start(&config, pki.dir.path()).await?;
+    // The lock and the fenced write (one Lua script over the name's lock and record) need both keys in one slot.
+    for name in ["a.allowed.test", "b.allowed.test", "c.allowed.test"] {
+        connect(bind, &client, name).await.with_context(|| format!("{name} on a cluster"))?;
+    }
+    assert_eq!(counter(&acme_metrics(&server).orders_issued), 3);
+    let (status, listed) = admin(server.admin_addr(), "GET", "/acme/certificates", None).await?;
+    assert_eq!(status, 200, "{listed}");
+    assert!(["a", "b", "c"].iter().all(|n| listed.contains(&format!("{n}.allowed.test"))), "{listed}");
+    Ok(())
+}
