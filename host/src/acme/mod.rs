@@ -106,6 +106,8 @@ enum Purpose {
 const RECHECK: Duration = Duration::from_secs(10);
 /// How often a node waiting for another node's order looks at storage.
 const POLL: Duration = Duration::from_millis(250);
+/// Due certificates one node takes up per look at the schedule (the rest wait for the next look).
+const RENEWALS_PER_CHECK: usize = 1000;
 /// How long the CA's renewal information may take before the lifetime fraction decides.
 const ARI_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest a refused name is refused from memory before storage is asked again.
@@ -571,14 +573,20 @@ impl Acme {
     }
 
     async fn renew_due(self: &Arc<Self>) {
-        match self.storage.scheduled(record::now(), 100).await {
+        use futures_util::StreamExt as _;
+        match self.storage.scheduled(record::now(), RENEWALS_PER_CHECK).await {
             Ok(due) => {
-                for (raw, _) in due {
-                    let Ok(name) = ServerName::parse(&raw) else { continue };
-                    if let Ok(work) = self.obtaining(&name, Purpose::Renew) {
-                        let _ = work.await;
-                    }
-                }
+                // As many at once as orders may run; the budgets bound what reaches the CA.
+                let renewals =
+                    due.into_iter().filter_map(|(raw, _)| ServerName::parse(&raw).ok()).map(|name| async move {
+                        if let Ok(work) = self.obtaining(&name, Purpose::Renew) {
+                            let _ = work.await;
+                        }
+                    });
+                futures_util::stream::iter(renewals)
+                    .buffer_unordered(self.settings.max_concurrent_orders)
+                    .collect::<Vec<()>>()
+                    .await;
             }
             Err(err) => tracing::warn!(error = %err, "cannot read the renewal schedule"),
         }
