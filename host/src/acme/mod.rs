@@ -106,6 +106,8 @@ enum Purpose {
 const RECHECK: Duration = Duration::from_secs(10);
 /// How often a node waiting for another node's order looks at storage.
 const POLL: Duration = Duration::from_millis(250);
+/// Further orders after one failed on `badNonce` alone.
+const BAD_NONCE_ORDERS: u32 = 2;
 /// Due certificates one node takes up per look at the schedule (the rest wait for the next look).
 const RENEWALS_PER_CHECK: usize = 1000;
 /// How long the CA's renewal information may take before the lifetime fraction decides.
@@ -322,7 +324,18 @@ impl Acme {
         // never answers cannot hold the name's lock, its pending slot or an order slot past it.
         let ordering = async {
             let account = self.account().await.map_err(|e| e.to_string())?;
-            let issued = order::order(&account, &self.settings, &self.storage, name.as_str()).await?;
+            // instant-acme retries a rejected nonce three times per request; a CA that keeps rejecting them
+            // (Pebble under load) gets a fresh order twice more before the order counts as failed.
+            let mut attempts = 0;
+            let issued = loop {
+                match order::order(&account, &self.settings, &self.storage, name.as_str()).await {
+                    Err(message) if message.contains("badNonce") && attempts < BAD_NONCE_ORDERS => {
+                        attempts += 1;
+                        tracing::debug!(servername = %name, attempts, "nonce rejected again, ordering afresh");
+                    }
+                    other => break other?,
+                }
+            };
             Ok::<_, String>((account, issued))
         };
         let ordered = tokio::select! {
