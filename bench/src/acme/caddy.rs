@@ -83,7 +83,15 @@ pub async fn spawn_ask_server() -> Result<(SocketAddr, Arc<AtomicU64>)> {
 /// The Caddyfile: the global options of the brief (on-demand TLS with `ask`, Pebble as the only CA, its HTTPS
 /// root, Pebble's validation ports as Caddy's ports, storage in the work folder, no admin API, no trust store
 /// changes), TLS-ALPN-01 only (as tern), loopback only.
-pub fn caddyfile(work: &Path, https_port: u16, http_port: u16, directory: &str, ca: &Path, ask: SocketAddr) -> String {
+pub fn caddyfile(
+    work: &Path,
+    https_port: u16,
+    http_port: u16,
+    directory: &str,
+    ca: &Path,
+    ask: SocketAddr,
+    level: &str,
+) -> String {
     format!(
         "# Written by bench/src/acme/ (acme-bench).
 {{
@@ -103,7 +111,7 @@ pub fn caddyfile(work: &Path, https_port: u16, http_port: u16, directory: &str, 
 	log {{
 		output stderr
 		format json
-		level INFO
+		level {level}
 	}}
 }}
 
@@ -140,9 +148,10 @@ pub async fn start(
     directory: &str,
     ca: &Path,
     ask: SocketAddr,
+    level: &str,
 ) -> Result<Caddy> {
     let path = work.join("Caddyfile");
-    std::fs::write(&path, caddyfile(work, https_port, http_port, directory, ca, ask))?;
+    std::fs::write(&path, caddyfile(work, https_port, http_port, directory, ca, ask, level))?;
     let home = work.join("caddy-home");
     std::fs::create_dir_all(&home)?;
     let log = work.join("caddy.log");

@@ -1,8 +1,10 @@
 //! The client side: handshakes for one name until the server presents a certificate that chains to Pebble's root,
 //! what each attempt got, and the figures of a set of names.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -104,7 +106,8 @@ pub struct NameOutcome {
     pub wrong: u32,
     pub errors: u32,
     pub timeouts: u32,
-    pub last_error: Option<String>,
+    /// Failed attempts by what the client saw.
+    pub failures: BTreeMap<String, u32>,
 }
 
 impl NameOutcome {
@@ -114,40 +117,73 @@ impl NameOutcome {
     }
 }
 
-/// Handshakes for `name` until one presents Pebble's certificate or `deadline` passes. Attempt `k` goes to
-/// `targets[(first + k) % len]`: with two nodes, a retry lands on the other one (a load balancer without affinity).
-pub async fn obtain(probe: &Probe, targets: &[SocketAddr], first: usize, name: &str, deadline: Instant) -> NameOutcome {
+/// Names of a phase issued so far, and whether the phase was stopped for want of progress.
+#[derive(Debug, Default)]
+pub struct Progress {
+    issued: AtomicUsize,
+    stopped: AtomicBool,
+}
+
+/// Handshakes for `name` until one presents Pebble's certificate, `deadline` passes or `progress` is stopped.
+/// Attempt `k` goes to `targets[(first + k) % len]`: with two nodes, a retry lands on the other one (a load
+/// balancer without affinity). With `race`, the first attempt goes to every target at once (the time to
+/// certificate is then that of the first handshake that presented one).
+pub async fn obtain(
+    probe: &Probe,
+    targets: &[SocketAddr],
+    first: usize,
+    name: &str,
+    deadline: Instant,
+    progress: &Progress,
+    race: bool,
+) -> NameOutcome {
     let mut outcome = NameOutcome::default();
     let started = Instant::now();
     let mut k = first;
-    while Instant::now() < deadline {
-        let addr = targets[k % targets.len()];
+    while Instant::now() < deadline && !progress.stopped.load(Ordering::Relaxed) {
+        let addrs = if race && k == first { targets.to_vec() } else { vec![targets[k % targets.len()]] };
         k += 1;
-        outcome.attempts += 1;
-        match probe.attempt(addr, name).await {
-            Attempt::Issued => {
-                outcome.issued_after = Some(started.elapsed());
-                return outcome;
-            }
-            Attempt::Fallback => {
-                outcome.fallbacks += 1;
-                tokio::time::sleep(AFTER_FALLBACK).await;
-            }
-            Attempt::Wrong(err) => {
-                outcome.wrong += 1;
-                outcome.last_error = Some(format!("wrong certificate: {err}"));
-                tokio::time::sleep(AFTER_FALLBACK).await;
-            }
-            Attempt::Error(err) => {
-                outcome.errors += 1;
-                outcome.last_error = Some(err);
-                tokio::time::sleep(AFTER_ERROR).await;
-            }
-            Attempt::Timeout => {
-                outcome.timeouts += 1;
-                outcome.last_error = Some(format!("no handshake within {:?}", probe.attempt_timeout));
-            }
+        let attempts = futures_util::future::join_all(addrs.into_iter().map(|addr| async move {
+            let attempt = probe.attempt(addr, name).await;
+            (attempt, started.elapsed())
+        }))
+        .await;
+        let (mut issued_after, mut pause) = (None::<Duration>, Duration::ZERO);
+        for (attempt, elapsed) in attempts {
+            outcome.attempts += 1;
+            let failure = match attempt {
+                Attempt::Issued => {
+                    issued_after = Some(issued_after.map_or(elapsed, |t| t.min(elapsed)));
+                    continue;
+                }
+                Attempt::Fallback => {
+                    outcome.fallbacks += 1;
+                    pause = pause.max(AFTER_FALLBACK);
+                    "the fallback certificate".to_string()
+                }
+                Attempt::Wrong(err) => {
+                    outcome.wrong += 1;
+                    pause = pause.max(AFTER_FALLBACK);
+                    format!("wrong certificate: {err}")
+                }
+                Attempt::Error(err) => {
+                    outcome.errors += 1;
+                    pause = pause.max(AFTER_ERROR);
+                    err
+                }
+                Attempt::Timeout => {
+                    outcome.timeouts += 1;
+                    format!("no handshake within {:?}", probe.attempt_timeout)
+                }
+            };
+            *outcome.failures.entry(failure).or_default() += 1;
         }
+        if let Some(elapsed) = issued_after {
+            outcome.issued_after = Some(elapsed);
+            progress.issued.fetch_add(1, Ordering::Relaxed);
+            return outcome;
+        }
+        tokio::time::sleep(pause).await;
     }
     outcome
 }
@@ -159,6 +195,8 @@ pub struct Phase {
     pub concurrency: usize,
     pub wall: Duration,
     pub outcomes: Vec<NameOutcome>,
+    /// Stopped because no name was issued for this long (the CA hung), if it was.
+    pub stalled: Option<Duration>,
 }
 
 impl Phase {
@@ -177,10 +215,10 @@ impl Phase {
     pub fn json(&self) -> Value {
         let ms = self.latencies_ms();
         let sum = |f: fn(&NameOutcome) -> u32| self.outcomes.iter().map(|o| u64::from(f(o))).sum::<u64>();
-        let mut errors: Vec<&str> = self.outcomes.iter().filter_map(|o| o.last_error.as_deref()).collect();
-        errors.sort_unstable();
-        errors.dedup();
-        errors.truncate(5);
+        let mut failures: BTreeMap<&str, u64> = BTreeMap::new();
+        for (what, n) in self.outcomes.iter().flat_map(|o| &o.failures) {
+            *failures.entry(what).or_default() += u64::from(*n);
+        }
         json!({
             "names": self.names,
             "concurrency": self.concurrency,
@@ -204,7 +242,8 @@ impl Phase {
                 "timeouts": sum(|o| o.timeouts),
             },
             "names_with_a_failed_handshake": self.outcomes.iter().filter(|o| o.failed_handshakes() > 0).count(),
-            "error_samples": errors,
+            "stopped_after_no_progress_for_s": self.stalled.map(|d| d.as_secs_f64()),
+            "failed_handshakes_by_what_the_client_saw": failures,
         })
     }
 }
@@ -218,23 +257,55 @@ pub fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
-/// Obtains every name, `concurrency` at a time: name `i` first on `targets[i % len]`. Each name gives up at
-/// `name_timeout` after its first attempt or at `deadline`, whichever is first.
-pub async fn run_phase(
-    probe: &Probe,
-    targets: &[SocketAddr],
-    names: &[String],
-    concurrency: usize,
-    pause: Duration,
-    name_timeout: Duration,
-    deadline: Instant,
-) -> Phase {
+/// How names are obtained in a phase.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    /// Names in flight at once.
+    pub concurrency: usize,
+    /// Pause after each name (sequential phases).
+    pub pause: Duration,
+    /// A name gives up this long after its first attempt.
+    pub name_timeout: Duration,
+    /// The whole phase stops when no name was issued for this long (e.g. the CA hung).
+    pub stall: Duration,
+    /// Nothing runs past this.
+    pub deadline: Instant,
+    /// The first handshake of every name goes to every target at once.
+    pub race: bool,
+}
+
+/// Obtains every name, `pace.concurrency` at a time: name `i` first on `targets[i % len]`. Each name gives up at
+/// `pace.name_timeout` after its first attempt or at `pace.deadline`, whichever is first; everything stops when no
+/// name was issued for `pace.stall`.
+pub async fn run_phase(probe: &Probe, targets: &[SocketAddr], names: &[String], pace: Pace) -> Phase {
     use futures_util::StreamExt;
+    let Pace { concurrency, pause, name_timeout, stall, deadline, race } = pace;
+    let progress = Arc::new(Progress::default());
+    let watchdog = {
+        let (progress, total) = (progress.clone(), names.len());
+        tokio::spawn(async move {
+            let (mut seen, mut since) = (0, Instant::now());
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let issued = progress.issued.load(Ordering::Relaxed);
+                if issued >= total {
+                    return;
+                }
+                if issued != seen {
+                    (seen, since) = (issued, Instant::now());
+                } else if since.elapsed() >= stall {
+                    progress.stopped.store(true, Ordering::Relaxed);
+                    return;
+                }
+            }
+        })
+    };
     let started = Instant::now();
+    let progress_ref = &progress;
     let outcomes: Vec<NameOutcome> = futures_util::stream::iter(names.iter().enumerate())
         .map(|(i, name)| async move {
             let name_deadline = (Instant::now() + name_timeout).min(deadline);
-            let outcome = obtain(probe, targets, i, name, name_deadline).await;
+            let outcome = obtain(probe, targets, i, name, name_deadline, progress_ref, race).await;
             if !pause.is_zero() {
                 tokio::time::sleep(pause).await;
             }
@@ -245,7 +316,9 @@ pub async fn run_phase(
         .await;
     // Sequential phases pause after each name; the last pause is not part of the work.
     let wall = started.elapsed().saturating_sub(if concurrency <= 1 { pause } else { Duration::ZERO });
-    Phase { names: names.len(), concurrency, wall, outcomes }
+    watchdog.abort();
+    let stalled = progress.stopped.load(Ordering::Relaxed).then_some(stall);
+    Phase { names: names.len(), concurrency, wall, outcomes, stalled }
 }
 
 /// One handshake per name on `targets[(i + 1) % len]` (the node that did not serve the name first): how many
