@@ -69,7 +69,7 @@ pub enum Answer {
     /// No certificate yet: the host obtains one for the name through ACME (its `[acme]` section), then serves it
     /// along `route` (checked against `grants.routes`). The plugin is the permission gate for issuance: this
     /// answer is what allows the host to ask a CA for the name. The permission is cached for `ttl`. Without an
-    /// `[acme]` section the host refuses the answer like a route outside the grants; a handshake for which no
+    /// `[acme]` section nothing can be obtained and the listener's fallback applies; a handshake for which no
     /// certificate is ready within `acme.handshake_wait` gets the listener's fallback.
     Obtain {
         /// `None`: the listener's backend.

@@ -499,3 +499,24 @@ async fn a_redis_cluster_holds_acme_state_with_each_names_keys_in_one_slot() -> 
     assert!(["a", "b", "c"].iter().all(|n| listed.contains(&format!("{n}.allowed.test"))), "{listed}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_obtain_answer_without_an_acme_section_gets_the_fallback_and_is_counted() -> Result<()> {
+    let pki = Pki::new(&["default.test"])?;
+    let backend = tern_fixtures::spawn_echo_backend().await?;
+    let config = format!(
+        "[[certificate]]\nname = \"default\"\ncert = \"certs/default.test.crt\"\nkey = \"certs/default.test.key\"\n\
+         names = []\n\n[[plugin]]\nname = \"gate\"\npath = \"{ACME_GATE}\"\nsettings.allow = \".allowed.test\"\n\n\
+         [[listener]]\nname = \"lenient\"\nbind = \"127.0.0.1:0\"\nplugin = \"gate\"\nbackend = \"http://{backend}\"\n\
+         default_certificate = \"default\"\n\n[[listener]]\nname = \"strict\"\nbind = \"127.0.0.1:0\"\n\
+         plugin = \"gate\"\nbackend = \"http://{backend}\"\nstrict = true\n"
+    );
+    let server = TestServer::start(&config, pki.dir.path()).await?;
+    let lenient = sni_verified_as(server.addrs[0].1, &pki, "shop.allowed.test", "default.test").await?;
+    assert_eq!(served_leaf(&lenient), pki.leaf("default.test"));
+    let strict = sni_verified_as(server.addrs[1].1, &pki, "shop.allowed.test", "default.test").await;
+    assert!(strict.is_err(), "a strict listener refuses the name");
+    let failed = server.metrics.handshake_failures.by(tern::failure::FailureKind::AcmeFailed);
+    assert_eq!(eventually_equals(failed, 1).await, 1);
+    Ok(())
+}
