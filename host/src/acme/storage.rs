@@ -95,9 +95,7 @@ const EXTEND: &str =
 const FENCED_SET: &str =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[2], ARGV[2]) return 1 else return 0 end";
 
-fn lock_of(local: &Mutex<Local>) -> std::sync::MutexGuard<'_, Local> {
-    local.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+use super::lock as lock_of;
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)

@@ -189,16 +189,7 @@ impl Validator<'_> {
                     "missing: private keys are sealed at rest with it; e.g. secret = { env = \"TERN_ACME_SECRET\" }",
                 ));
             }
-            Some(value) => {
-                let text = self.value("acme.secret", value)?;
-                if text.len() < defaults::SECRET_MIN_LEN {
-                    return Err(self.err(
-                        key("secret"),
-                        format!("too short: at least {} bytes (e.g. `openssl rand -hex 32`)", defaults::SECRET_MIN_LEN),
-                    ));
-                }
-                Secret(std::sync::Arc::new(zeroize::Zeroizing::new(text.into_bytes())))
-            }
+            Some(value) => self.secret("acme.secret", value)?,
         };
         let eab = match (raw.eab_kid, raw.eab_hmac) {
             (None, None) => None,

@@ -186,6 +186,18 @@ impl Validator<'_> {
         }
     }
 
+    /// A secret (`value` rules), at least [`defaults::SECRET_MIN_LEN`] bytes long.
+    pub(super) fn secret(&self, key: &str, value: toml::Value) -> Result<Secret, ConfigError> {
+        let text = self.value(key, value)?;
+        if text.len() < defaults::SECRET_MIN_LEN {
+            return Err(self.err(
+                key,
+                format!("too short: at least {} bytes (e.g. `openssl rand -hex 32`)", defaults::SECRET_MIN_LEN),
+            ));
+        }
+        Ok(Secret(std::sync::Arc::new(zeroize::Zeroizing::new(text.into_bytes()))))
+    }
+
     pub(super) fn path(&self, raw: &str) -> PathBuf {
         self.base.join(raw)
     }
@@ -359,19 +371,7 @@ impl Validator<'_> {
         {
             return Err(self.err("resumption.redis", format!("no [[redis]] named {store:?}")));
         }
-        let secret = match r.secret {
-            None => None,
-            Some(value) => {
-                let text = self.value("resumption.secret", value)?;
-                if text.len() < defaults::SECRET_MIN_LEN {
-                    return Err(self.err(
-                        "resumption.secret",
-                        format!("too short: at least {} bytes (e.g. `openssl rand -hex 32`)", defaults::SECRET_MIN_LEN),
-                    ));
-                }
-                Some(Secret(std::sync::Arc::new(zeroize::Zeroizing::new(text.into_bytes()))))
-            }
-        };
+        let secret = r.secret.map(|value| self.secret("resumption.secret", value)).transpose()?;
         if r.redis.is_some() && secret.is_none() {
             return Err(self.err(
                 "resumption.secret",
