@@ -6,7 +6,9 @@
 # peer in front of tern in the PROXY protocol tests) and systemd-analyze (checks the shipped unit), and pebble and
 # pebble-challtestsrv (Let's Encrypt's ACME test server and its mock DNS, one Debian package: the ACME tests issue
 # real certificates from it, see tests/e2e/support/pebble.rs).
-# Usage: scripts/setup.sh [demo|test]    (idempotent; quiet when everything is present)
+# `bench` mode adds what the benchmarks need beyond the tests: chromium (headless; the browser side of the
+# cert-compression benchmark).
+# Usage: scripts/setup.sh [demo|test|bench]    (idempotent; quiet when everything is present)
 set -euo pipefail
 mode="${1:-demo}"
 
@@ -15,7 +17,7 @@ if ! rustup target list --installed | grep -qx wasm32-wasip2; then
   rustup target add wasm32-wasip2
 fi
 
-if [ "$mode" = test ]; then
+if [ "$mode" = test ] || [ "$mode" = bench ]; then
   missing=()
   for tool in openssl curl redis-server redis-cli node npm python3 haproxy systemd-analyze pebble; do
     if ! command -v "$tool" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$tool" ]; then
@@ -30,6 +32,9 @@ if [ "$mode" = test ]; then
   done
   if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
     missing+=(python3-venv)
+  fi
+  if [ "$mode" = bench ] && ! command -v chromium >/dev/null 2>&1; then
+    missing+=(chromium)
   fi
   if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing ${missing[*]} from Debian packages" >&2

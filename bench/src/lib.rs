@@ -89,7 +89,18 @@ pub async fn start_redis(dir: &Path) -> Result<(Child, u16)> {
 
 /// utime + stime of a process, in seconds (from `/proc/<pid>/stat`).
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// utime + stime of one thread of this process, in seconds (from `/proc/self/task/<tid>/stat`; `/proc/<tid>/stat`
+/// would count the whole process).
+pub fn thread_cpu_seconds(tid: u32) -> Result<f64> {
+    stat_cpu_seconds(&format!("/proc/self/task/{tid}/stat"))
+}
+
+/// utime + stime, in seconds, of a stat(5) file.
+fn stat_cpu_seconds(path: &str) -> Result<f64> {
+    let stat = std::fs::read_to_string(path)?;
     // Fields 14 and 15 of stat(5); counted after the parenthesised command name, index 11 and 12.
     let fields: Vec<&str> = stat.rsplit_once(')').context("stat format")?.1.split_whitespace().collect();
     Ok((fields[11].parse::<f64>()? + fields[12].parse::<f64>()?) / 100.0)

@@ -42,6 +42,8 @@ pub struct AdminState {
     pub plugins: HashMap<String, Arc<PluginSlot>>,
     /// Listener names (0.2 plugins' answers are cached per listener).
     pub listeners: Vec<Arc<str>>,
+    /// Each listener's admission state, for its metrics.
+    pub admission: Vec<Arc<crate::admission::Admission>>,
     /// Upstream pools, for their metrics.
     pub upstreams: Arc<crate::upstream::Upstreams>,
     /// Certificates on demand, if configured.
@@ -189,6 +191,7 @@ fn render_metrics(state: &AdminState) -> String {
     let mut x = Exposition::default();
     state.metrics.render(&mut x);
     state.budgets.render(&mut x);
+    crate::admission::render(&mut x, &state.admission);
     state.plugin_memory.render(&mut x);
     state.resumption.render(&mut x);
     state.selector.cache().render(&mut x);

@@ -2,6 +2,9 @@
 //! of the process-wide one, so clients (HTTP/2 streams, clients that never read) cannot make tern open file
 //! descriptors without bound. A request that finds the budget spent waits for a pooled connection or a permit,
 //! up to the connect timeout, and then gets a 503: back-pressure instead of `accept` failing for everyone.
+//!
+//! A connector may also write a PROXY protocol header as the first bytes of every connection it opens (before TLS,
+//! for `https` upstreams): see [`crate::upstream::proxy_header`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -42,12 +45,20 @@ pub struct BoundedConnector {
     inner: HttpConnector,
     budget: Budget,
     wait: Duration,
+    /// Written first on every new connection (a PROXY protocol header), if any.
+    header: Option<Arc<[u8]>>,
 }
 
 impl BoundedConnector {
     /// Connects with `inner` within `budget`, waiting at most `wait` for a permit.
     pub fn new(inner: HttpConnector, budget: Budget, wait: Duration) -> Self {
-        Self { inner, budget, wait }
+        Self { inner, budget, wait, header: None }
+    }
+
+    /// Writes `header` as the first bytes of every connection (within `wait`; a failure is a connect error).
+    pub fn with_header(mut self, header: Option<Arc<[u8]>>) -> Self {
+        self.header = header;
+        self
     }
 }
 
@@ -62,7 +73,7 @@ impl tower_service::Service<Uri> for BoundedConnector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let mut inner = self.inner.clone();
-        let (budget, wait) = (self.budget.clone(), self.wait);
+        let (budget, wait, header) = (self.budget.clone(), self.wait, self.header.clone());
         Box::pin(async move {
             let permits = tokio::time::timeout(wait, async {
                 let backend = budget.backend.acquire_owned().await?;
@@ -72,11 +83,23 @@ impl tower_service::Service<Uri> for BoundedConnector {
             .await
             .map_err(|_| Box::new(Exhausted(wait)) as BoxError)?
             .map_err(|e| Box::new(e) as BoxError)?;
-            let io = tower_service::Service::call(&mut inner, uri).await?;
+            let mut io = tower_service::Service::call(&mut inner, uri).await?;
+            if let Some(header) = header {
+                use tokio::io::AsyncWriteExt;
+                // A few dozen bytes into a fresh socket's empty buffer: bounded all the same.
+                tokio::time::timeout(wait, io.inner_mut().write_all(&header))
+                    .await
+                    .map_err(|_| Box::new(HeaderNotSent(wait)) as BoxError)??;
+            }
             Ok(Permitted { io, _permits: permits })
         })
     }
 }
+
+/// The PROXY protocol header could not be written within the connect timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("PROXY protocol header not sent within {0:?}")]
+pub struct HeaderNotSent(pub Duration);
 
 /// A backend connection and the permits it holds.
 #[derive(Debug)]

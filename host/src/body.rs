@@ -3,7 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -27,6 +27,7 @@ pub struct Upload<B> {
     timer: Option<Pin<Box<Sleep>>>,
     done: Option<oneshot::Sender<()>>,
     timed_out: Arc<AtomicBool>,
+    received: Arc<AtomicU64>,
 }
 
 /// The proxy's side of an [`Upload`].
@@ -36,6 +37,8 @@ pub struct UploadWatch {
     pub done: oneshot::Receiver<()>,
     /// Set when the body failed because the client paused too long.
     pub timed_out: Arc<AtomicBool>,
+    /// Bytes of body read from the client so far (the access log's `request_bytes`).
+    pub received: Arc<AtomicU64>,
 }
 
 impl<B: Body> Upload<B> {
@@ -43,12 +46,14 @@ impl<B: Body> Upload<B> {
     pub fn new(inner: B, idle: Duration) -> (Self, UploadWatch) {
         let (tx, rx) = oneshot::channel();
         let timed_out = Arc::new(AtomicBool::new(false));
-        let mut upload = Self { inner, idle, timer: None, done: Some(tx), timed_out: timed_out.clone() };
+        let received = Arc::new(AtomicU64::new(0));
+        let mut upload =
+            Self { inner, idle, timer: None, done: Some(tx), timed_out: timed_out.clone(), received: received.clone() };
         if upload.inner.is_end_stream() {
             // Nothing to upload: the backend's deadline starts at once.
             upload.finished();
         }
-        (upload, UploadWatch { done: rx, timed_out })
+        (upload, UploadWatch { done: rx, timed_out, received })
     }
 }
 
@@ -57,7 +62,7 @@ impl UploadWatch {
     pub fn finished() -> Self {
         let (tx, done) = oneshot::channel();
         let _ = tx.send(());
-        Self { done, timed_out: Arc::new(AtomicBool::new(false)) }
+        Self { done, timed_out: Arc::new(AtomicBool::new(false)), received: Arc::default() }
     }
 }
 
@@ -87,6 +92,9 @@ where
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 this.timer = None;
+                if let Some(data) = frame.as_ref().and_then(|f| f.as_ref().ok()).and_then(Frame::data_ref) {
+                    this.received.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
                 match &frame {
                     None | Some(Err(_)) => this.finished(),
                     Some(Ok(_)) if this.inner.is_end_stream() => this.finished(),

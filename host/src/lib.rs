@@ -11,12 +11,14 @@
 
 pub mod acme;
 mod admin;
+mod admission;
 pub mod answer;
 mod backend;
 mod body;
 pub mod cache;
 pub mod certs;
 mod clip;
+pub mod compression;
 pub mod config;
 pub mod counters;
 pub mod crypto;
@@ -24,7 +26,9 @@ pub mod failure;
 mod fdlimit;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod handover;
 mod http_listener;
+pub mod ja4;
 mod listener;
 pub mod metrics;
 pub mod negotiated;
@@ -43,4 +47,5 @@ pub mod upstream;
 pub mod watchdog;
 
 pub use config::Config;
+pub use proxy::access;
 pub use server::Server;

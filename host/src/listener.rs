@@ -43,6 +43,10 @@ pub(crate) struct ListenerCtx {
     pub(crate) limits: crate::config::ClientLimits,
     /// PROXY protocol from trusted peers, if the listener takes it.
     pub(crate) proxy_protocol: Option<crate::config::ProxyProtocolSettings>,
+    /// Per-client limits on new and open connections, checked before the ClientHello is read.
+    pub(crate) admission: Arc<crate::admission::Admission>,
+    /// The request header that carries the client's JA4 fingerprint upstream (`listener.ja4_header`), if any.
+    pub(crate) ja4_header: Option<http::HeaderName>,
     pub(crate) drain_signal: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -77,6 +81,9 @@ pub(crate) async fn accept_loop(listener: Listener) {
 impl ListenerCtx {
     async fn handle(&self, mut tcp: TcpStream, tcp_peer: SocketAddr) {
         let _ = tcp.set_nodelay(true);
+        // The client's hold on its admission counts: taken below, released when this connection's task ends
+        // (after proxying, an upgrade or a passthrough alike).
+        let mut _admitted = None;
         let handshake = async {
             // Behind a trusted load balancer, the client is who its PROXY protocol header says.
             let peer = match &self.proxy_protocol {
@@ -90,6 +97,14 @@ impl ListenerCtx {
                     }
                 },
             };
+            // Per-client limits, before the ClientHello costs anything (counted and logged by admission).
+            match self.admission.admit(peer.ip()) {
+                Ok(admitted) => _admitted = Some(admitted),
+                Err(_) => {
+                    crate::admission::close(tcp);
+                    return None;
+                }
+            }
             match tls::accept(tcp, Some(peer.ip()), &self.selector, &self.policy, &self.tls).await {
                 Ok(Outcome::Accepted(accepted)) => Some((accepted, peer)),
                 Ok(Outcome::Passthrough(passthrough)) => {
@@ -137,14 +152,26 @@ impl ListenerCtx {
         self.metrics.negotiated.record(suite, tls.negotiated_key_exchange_group().map(|g| g.name()));
         let h2 = tls.alpn_protocol() == Some(b"h2");
         tracing::debug!(listener = %self.name, %peer, servername = ?accepted.servername, source = ?accepted.source, h2, "handshake done");
+        let tls::Accepted { stream, servername, source, served, hello, handshake, .. } = accepted;
+        // Two SHA-256s and two sorts: only when a log field or the listener's header shows it.
+        let wants_ja4 = self.ja4_header.is_some() || crate::proxy::access::wants_ja4();
+        let ja4 = if wants_ja4 { crate::ja4::of_records(&hello) } else { None };
+        drop(hello);
+        let facts =
+            crate::proxy::access::HandshakeFacts::of(stream.get_ref().1, self.name.clone(), source, handshake, ja4);
+        let local = stream.get_ref().0.local_addr().ok();
         let conn = crate::proxy::Connection {
             peer,
+            local,
+            private: Default::default(),
             h2,
-            servername: accepted.servername,
-            served: accepted.served,
+            servername,
+            served,
             limits: self.limits.clone(),
+            tls: facts,
+            ja4_header: self.ja4_header.clone(),
         };
-        if let Err(err) = self.proxy.clone().serve(accepted.stream, conn, self.drain_signal.clone()).await {
+        if let Err(err) = self.proxy.clone().serve(stream, conn, self.drain_signal.clone()).await {
             tracing::debug!(listener = %self.name, %peer, error = %err, "connection ended with an error");
         }
     }

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub resumed: AtomicU64,
     /// Completed handshakes by cipher suite and key-exchange group.
     pub negotiated: crate::negotiated::Negotiated,
+    /// Certificate compression (RFC 8879): by algorithm, and its memo's hits and misses.
+    pub certificate_compression: crate::compression::CompressionStats,
     /// Selections served by a static certificate.
     pub static_hits: AtomicU64,
     /// Selections served from the cache (positive answers).
@@ -62,6 +64,8 @@ pub struct Metrics {
     pub passthrough: AtomicU64,
     /// Passthrough connections whose target could not be reached.
     pub passthrough_failed: AtomicU64,
+    /// Access-log lines dropped because the writer's queue was full.
+    pub access_log_dropped: AtomicU64,
 }
 
 /// Upper bounds of the latency buckets, in microseconds (Prometheus `le`, plus +Inf).
@@ -185,6 +189,7 @@ impl Metrics {
         x.sample("tern_tls_version_total", "version=\"1.2\"", get(&self.tls12));
         x.sample("tern_tls_version_total", "version=\"1.3\"", get(&self.tls13));
         self.negotiated.render(x);
+        self.certificate_compression.render(x);
         x.family("tern_tls_resumed_total", "counter", "Completed handshakes that resumed a session.");
         x.sample("tern_tls_resumed_total", "", get(&self.resumed));
         x.family("tern_tls_handshakes_total", "counter", "Completed handshakes, full or resumed.");
@@ -242,6 +247,8 @@ impl Metrics {
             "Plugin certificates refused as expired or not yet valid.",
         );
         x.sample("tern_certificates_out_of_validity_total", "", get(&self.certificates_out_of_validity));
+        x.family("tern_access_log_dropped_total", "counter", "Access-log lines dropped: the writer's queue was full.");
+        x.sample("tern_access_log_dropped_total", "", get(&self.access_log_dropped));
     }
 }
 

@@ -124,6 +124,12 @@ pub struct Server {
 impl Server {
     /// Loads static certificates and plugins (off the async workers) and binds every listener.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
+        Self::bind_inheriting(config, &crate::handover::Inherited::none()).await
+    }
+
+    /// Like [`Server::bind`], but a listener whose socket is among `inherited` (a binary upgrade, systemd socket
+    /// activation) takes it instead of binding; inherited sockets no listener takes are closed.
+    pub async fn bind_inheriting(config: Config, inherited: &crate::handover::Inherited) -> Result<Self, StartError> {
         let certificate_settings = config.certificates.clone();
         let statics = tokio::task::spawn_blocking(move || StaticCerts::load(&certificate_settings))
             .await
@@ -163,11 +169,7 @@ impl Server {
         });
         let mut http_listeners = Vec::with_capacity(config.http_listeners.len());
         for settings in &config.http_listeners {
-            let tcp = TcpListener::bind(settings.bind).await.map_err(|source| StartError::Bind {
-                listener: settings.name.clone(),
-                addr: settings.bind,
-                source,
-            })?;
+            let tcp = listen(inherited, &settings.name, settings.bind).await?;
             http_listeners.push(Arc::new(crate::http_listener::HttpListener {
                 settings: settings.clone(),
                 tcp,
@@ -185,27 +187,25 @@ impl Server {
         ));
         let (draining, drain_signal) = tokio::sync::watch::channel(false);
         let mut listeners = Vec::with_capacity(config.listeners.len());
+        // One memo of compressed certificates for every listener: a chain served by two compresses once.
+        let compression = crate::compression::Compression::new(&config.server.certificate_compression, metrics.clone());
         for settings in &config.listeners {
             let shared = Shared {
+                compression: &compression,
                 selector: &selector,
                 plugins: &plugins,
                 metrics: &metrics,
                 budgets: &budgets,
                 upstreams: &upstreams,
             };
-            listeners.push(Self::listener(&config, settings, shared, &resumption, &drain_signal).await?);
+            let tcp = listen(inherited, &settings.name, settings.bind).await?;
+            listeners.push(Self::listener(&config, settings, shared, &resumption, &drain_signal, tcp).await?);
         }
         let admin = match &config.admin {
             None => None,
-            Some(a) => Some((
-                TcpListener::bind(a.bind).await.map_err(|source| StartError::Bind {
-                    listener: "admin".into(),
-                    addr: a.bind,
-                    source,
-                })?,
-                a.clone(),
-            )),
+            Some(a) => Some((listen(inherited, "admin", a.bind).await?, a.clone())),
         };
+        inherited.close_unclaimed();
         Ok(Self {
             listeners,
             admin,
@@ -234,8 +234,9 @@ impl Server {
         shared: Shared<'_>,
         resumption: &Resumption,
         drain_signal: &tokio::sync::watch::Receiver<bool>,
+        tcp: TcpListener,
     ) -> Result<Listener, StartError> {
-        let Shared { selector, plugins, metrics, budgets, upstreams } = shared;
+        let Shared { compression, selector, plugins, metrics, budgets, upstreams } = shared;
         let name: Arc<str> = Arc::from(settings.name.as_str());
         let default = match &settings.fallback {
             // Validated in config: the named certificate exists.
@@ -263,12 +264,8 @@ impl Server {
         let (sessions, ticketer) = resumption.for_scope(&scope);
         let ticketer = ticketer.map(|t| t as Arc<dyn rustls::server::ProducesTickets>);
         let tls = TlsTemplate::new(&settings.alpn, verifier, sessions, ticketer)
-            .map_err(|source| StartError::Tls { listener: settings.name.clone(), source })?;
-        let tcp = TcpListener::bind(settings.bind).await.map_err(|source| StartError::Bind {
-            listener: settings.name.clone(),
-            addr: settings.bind,
-            source,
-        })?;
+            .map_err(|source| StartError::Tls { listener: settings.name.clone(), source })?
+            .with_compression(compression);
         let ctx = Arc::new(ListenerCtx {
             name: name.clone(),
             policy,
@@ -279,6 +276,7 @@ impl Server {
                 metrics.clone(),
                 crate::backend::Budget::new(config.proxy.max_connections_per_backend, budgets.backends.clone()),
                 upstreams.clone(),
+                settings.backend_proxy_protocol,
             )),
             passthrough_connect_timeout: config.proxy.connect_timeout,
             drain_signal: drain_signal.clone(),
@@ -287,6 +285,8 @@ impl Server {
             handshake_timeout: config.server.handshake_timeout,
             limits: config.server.client.clone(),
             proxy_protocol: settings.proxy_protocol.clone(),
+            admission: Arc::new(crate::admission::Admission::new(name.clone(), &settings.admission)),
+            ja4_header: settings.ja4_header.clone(),
         });
         Ok(Listener {
             name,
@@ -296,6 +296,16 @@ impl Server {
             max_connections: config.server.max_connections,
             all_clients: budgets.clients.clone(),
         })
+    }
+
+    /// A copy of every listening socket by its listener's name (the admin listener's is `admin`), to hand to a
+    /// successor process ([`crate::handover::start_successor`]).
+    pub fn listening_sockets(&self) -> std::io::Result<Vec<(String, std::os::fd::OwnedFd)>> {
+        use std::os::fd::AsFd as _;
+        let tls = self.listeners.iter().map(|l| (l.name.to_string(), l.tcp.as_fd()));
+        let http = self.http_listeners.iter().map(|l| (l.settings.name.clone(), l.tcp.as_fd()));
+        let admin = self.admin.iter().map(|(tcp, _)| ("admin".to_string(), tcp.as_fd()));
+        tls.chain(http).chain(admin).map(|(name, fd)| Ok((name, fd.try_clone_to_owned()?))).collect()
     }
 
     /// Bound addresses by listener name (useful when binding port 0); the admin listener is named `admin`.
@@ -374,6 +384,7 @@ impl Server {
         #[cfg(unix)]
         tasks.spawn(reload_on_sighup(reloader.clone()));
         let listener_names = self.listeners.iter().map(|l| l.name.clone()).collect();
+        let admission = self.listeners.iter().map(|l| l.ctx.admission.clone()).collect();
         let mut connection_slots = Vec::new();
         for listener in self.listeners {
             if let Ok(addr) = listener.tcp.local_addr() {
@@ -398,6 +409,7 @@ impl Server {
                 selector: self.selector.clone(),
                 plugins: self.plugins.clone(),
                 listeners: listener_names,
+                admission,
                 upstreams: self.upstreams.clone(),
                 acme: self.acme.clone(),
                 reloader,
@@ -427,7 +439,19 @@ impl Server {
     }
 }
 
-/// What every listener of the process shares.
+/// The listening socket of the listener `name` at `addr`: inherited if one matches, else bound now.
+async fn listen(
+    inherited: &crate::handover::Inherited,
+    name: &str,
+    addr: SocketAddr,
+) -> Result<TcpListener, StartError> {
+    let bound = match inherited.take(name, addr) {
+        Some(socket) => socket,
+        None => TcpListener::bind(addr).await,
+    };
+    bound.map_err(|source| StartError::Bind { listener: name.to_string(), addr, source })
+}
+
 /// The roots each TLS pool verifies its servers against (files read off the async workers).
 async fn pool_roots(
     pools: &[crate::config::UpstreamSettings],
@@ -452,8 +476,10 @@ async fn pool_roots(
     Ok(roots)
 }
 
+/// What every listener of the process shares.
 #[derive(Clone, Copy)]
 struct Shared<'a> {
+    compression: &'a crate::compression::Compression,
     selector: &'a Arc<Selector>,
     plugins: &'a HashMap<String, Arc<PluginSlot>>,
     metrics: &'a Arc<Metrics>,

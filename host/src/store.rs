@@ -13,6 +13,11 @@ use tokio::sync::OnceCell;
 
 use crate::config::RedisSettings;
 
+/// The longest pause between two reconnect attempts of a lost connection. The client's default backoff grows to
+/// 3.2 s, and every command waits for the attempt in progress: a Redis that came back stayed unused for seconds.
+/// A refused connect on a down Redis costs little; one that hangs is bounded by the store's timeout.
+const RECONNECT_MAX_DELAY: Duration = Duration::from_millis(100);
+
 /// A store command that failed. Messages never include values.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
@@ -226,7 +231,8 @@ impl RedisStore {
                 let client = redis::Client::open(url.as_str()).map_err(failed)?;
                 let manager = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(s.timeout))
-                    .set_response_timeout(Some(patience));
+                    .set_response_timeout(Some(patience))
+                    .set_max_delay(RECONNECT_MAX_DELAY);
                 Ok(Dedicated(
                     self.settings.name.clone(),
                     Connection::Standalone(ConnectionManager::new_with_config(client, manager).await.map_err(failed)?),
@@ -291,7 +297,8 @@ impl RedisStore {
             let client = redis::Client::open(url.as_str()).map_err(failed)?;
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(s.timeout))
-                .set_response_timeout(Some(s.timeout));
+                .set_response_timeout(Some(s.timeout))
+                .set_max_delay(RECONNECT_MAX_DELAY);
             Ok(Connection::Standalone(ConnectionManager::new_with_config(client, config).await.map_err(failed)?))
         }
     }

@@ -29,11 +29,14 @@ use crate::crypto::provider;
 pub struct TlsTemplate {
     base: Arc<ServerConfig>,
     reject: Arc<ServerConfig>,
+    /// Keeps the memo of compressed certificates alive (`base` reaches it only through a `Weak`).
+    _compression: crate::compression::Compression,
 }
 
 impl TlsTemplate {
     /// TLS 1.2 and 1.3, the given ALPN protocols, client certificates if `client_verifier` asks for them, and the
     /// resumption state of the listener's scope: its session store and, unless tickets are off, its ticketer.
+    /// Certificates go uncompressed until [`TlsTemplate::with_compression`].
     pub fn new(
         alpn: &[Vec<u8>],
         client_verifier: Option<Arc<dyn ClientCertVerifier>>,
@@ -52,8 +55,17 @@ impl TlsTemplate {
         if let Some(ticketer) = ticketer {
             base.ticketer = ticketer;
         }
+        let compression = crate::compression::Compression::off();
+        compression.apply(&mut base);
         let reject = Arc::new(base.clone());
-        Ok(Self { base: Arc::new(base), reject })
+        Ok(Self { base: Arc::new(base), reject, _compression: compression })
+    }
+
+    /// The same template compressing TLS 1.3 certificates as `compression` says (the server's one memo).
+    pub fn with_compression(self, compression: &crate::compression::Compression) -> Self {
+        let mut base = (*self.base).clone();
+        compression.apply(&mut base);
+        Self { base: Arc::new(base), reject: self.reject, _compression: compression.clone() }
     }
 
     /// The config that serves `key` (a clone of the template: ~0.1 µs, shares session state).
@@ -77,6 +89,10 @@ pub struct Accepted<IO = TcpStream> {
     pub cert: Arc<ParsedCert>,
     /// The whole answer: every certificate of the set (a request may name any host one covers) and the route.
     pub served: Arc<Served>,
+    /// The bytes read before the handshake went on: the ClientHello records (for its [`crate::ja4`] fingerprint).
+    pub hello: Vec<u8>,
+    /// From the first ClientHello read to the end of the handshake, certificate selection included.
+    pub handshake: std::time::Duration,
 }
 
 /// A connection to forward untouched: the client's bytes so far (the ClientHello, and anything after it in the
@@ -160,6 +176,7 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
     policy: &Policy,
     tls: &TlsTemplate,
 ) -> Result<Outcome<IO>, (Option<String>, HandshakeError)> {
+    let started = std::time::Instant::now();
     let (accepted, hello) = read_client_hello(&mut io).await.map_err(|e| (None, HandshakeError::Hello(e)))?;
     let servername = accepted.client_hello().server_name().map(str::to_owned);
     if accepted.client_hello().alpn().is_some_and(|mut offered| offered.any(|p| p == ACME_TLS_ALPN)) {
@@ -174,7 +191,8 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
                 .into_stream(tls.serving(cert.certified.clone()))
                 .await
                 .map_err(|e| (servername.clone(), HandshakeError::Tls(e)))?;
-            Ok(Outcome::Accepted(Accepted { stream, servername: parsed_name(), source, cert, served }))
+            let (servername, handshake) = (parsed_name(), started.elapsed());
+            Ok(Outcome::Accepted(Accepted { stream, servername, source, cert, served, hello, handshake }))
         }
         Ok((Choice::Passthrough(target), source)) => {
             Ok(Outcome::Passthrough(Box::new(Passthrough { io, hello, target, servername: parsed_name(), source })))
@@ -216,6 +234,8 @@ async fn answer_challenge<IO: AsyncRead + AsyncWrite + Unpin>(
         .with_cert_resolver(Arc::new(Chosen(key)));
     let mut config = config;
     config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+    // A challenge certificate serves one validation: nothing to gain from compressing or remembering it.
+    crate::compression::Compression::off().apply(&mut config);
     let mut stream = start.into_stream(Arc::new(config)).await.map_err(|e| (servername, HandshakeError::Tls(e)))?;
     let _ = stream.shutdown().await;
     Ok(Outcome::Challenge(name))

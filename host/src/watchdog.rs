@@ -62,6 +62,8 @@ pub(crate) struct Activity {
     write_blocked_since: AtomicU64,
     /// Wakes the watchdog when a state change may have moved the deadline earlier.
     changed: tokio::sync::Notify,
+    /// Wakes whoever waits for the first request ([`Activity::first_request`]).
+    began: tokio::sync::Notify,
 }
 
 impl Activity {
@@ -77,6 +79,7 @@ impl Activity {
             head_started: AtomicU64::new(UNSET),
             write_blocked_since: AtomicU64::new(UNSET),
             changed: tokio::sync::Notify::new(),
+            began: tokio::sync::Notify::new(),
         })
     }
 
@@ -91,7 +94,19 @@ impl Activity {
         self.served.store(true, Ordering::Release);
         self.head_started.store(UNSET, Ordering::Release);
         self.changed.notify_one();
+        self.began.notify_waiters();
         InFlight(self.clone())
+    }
+
+    /// Resolves once a request head has been completed on this connection (at once if one was).
+    pub(crate) async fn first_request(&self) {
+        let notified = self.began.notified();
+        let mut notified = std::pin::pin!(notified);
+        // Registered before the check, so a request beginning in between is not missed.
+        notified.as_mut().enable();
+        if !self.served.load(Ordering::Acquire) {
+            notified.await;
+        }
     }
 
     fn end(&self) {

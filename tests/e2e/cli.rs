@@ -280,12 +280,15 @@ async fn the_shipped_systemd_unit_verifies_clean() -> anyhow::Result<()> {
         assert!(unit.contains(hardening), "{hardening}");
     }
     assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"), "reload is SIGHUP");
+    assert!(unit.contains("Type=notify") && unit.contains("NotifyAccess=all"), "the upgrade's successor tells systemd");
+    let socket = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../dist/systemd/tern.socket"))?;
     // Verified as installed, with this build's binary where the unit expects /usr/local/bin/tern.
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("tern.service");
     std::fs::write(&path, unit.replace("/usr/local/bin/tern", TERN))?;
+    std::fs::write(dir.path().join("tern.socket"), socket)?;
     let mut command = Command::new("systemd-analyze");
-    command.arg("verify").arg(&path);
+    command.arg("verify").arg(&path).arg(dir.path().join("tern.socket"));
     let output = run_command(command).await?;
     assert!(output.status.success(), "{}", text(&output));
     assert_eq!(text(&output).trim(), "", "systemd-analyze has no complaint (unknown keys only warn)");

@@ -4,9 +4,11 @@
 // Test helpers report failure by panicking, like the tests themselves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod access_log;
 mod acme;
 mod caching;
 mod cli;
+mod compression;
 mod grpc;
 mod hostile;
 mod http_api;
@@ -18,9 +20,11 @@ mod plugin_failures;
 mod polyglot;
 mod proxy;
 mod proxy_protocol;
+mod proxy_protocol_out;
 mod redis;
 mod redis_support;
 mod resumption;
 mod routing;
 mod selection;
 mod support;
+mod upgrade;

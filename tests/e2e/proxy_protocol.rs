@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tern::proxy_protocol::Refused;
 use tern_fixtures::spawn_echo_backend;
@@ -13,49 +12,19 @@ use tokio::net::TcpStream;
 
 use crate::support::*;
 
-/// HAProxy as a child process, killed on drop.
-struct HaProxy {
-    child: tokio::process::Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for HaProxy {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
-
 /// HAProxy forwarding TCP to `tern`: one frontend per PROXY protocol version; returns (v2 address, v1 address).
-async fn haproxy_in_front_of(tern: SocketAddr) -> anyhow::Result<(HaProxy, SocketAddr, SocketAddr)> {
+async fn haproxy_in_front_of(
+    tern: SocketAddr,
+) -> anyhow::Result<(crate::support::haproxy::HaProxy, SocketAddr, SocketAddr)> {
     let (v2, v1) = (free_port().await?, free_port().await?);
-    let dir = tempfile::tempdir()?;
-    let config = dir.path().join("haproxy.cfg");
-    std::fs::write(
-        &config,
-        format!(
-            "global\n  maxconn 200\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  \
-             timeout server 30s\n\nfrontend v2\n  bind 127.0.0.1:{v2}\n  default_backend tern_v2\n\n\
-             frontend v1\n  bind 127.0.0.1:{v1}\n  default_backend tern_v1\n\n\
-             backend tern_v2\n  server tern {tern} send-proxy-v2\n\nbackend tern_v1\n  server tern {tern} send-proxy\n"
-        ),
-    )?;
-    let binary =
-        ["/usr/sbin/haproxy", "haproxy"].into_iter().find(|b| std::path::Path::new(b).is_file()).unwrap_or("haproxy");
-    let child = tokio::process::Command::new(binary)
-        .args(["-db", "-f"])
-        .arg(&config)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("starting haproxy (scripts/setup.sh test installs it): {e}"))?;
-    let haproxy = HaProxy { child, _dir: dir };
+    let config = format!(
+        "global\n  maxconn 200\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  \
+         timeout server 30s\n\nfrontend v2\n  bind 127.0.0.1:{v2}\n  default_backend tern_v2\n\n\
+         frontend v1\n  bind 127.0.0.1:{v1}\n  default_backend tern_v1\n\n\
+         backend tern_v2\n  server tern {tern} send-proxy-v2\n\nbackend tern_v1\n  server tern {tern} send-proxy\n"
+    );
     let (v2, v1): (SocketAddr, SocketAddr) = (format!("127.0.0.1:{v2}").parse()?, format!("127.0.0.1:{v1}").parse()?);
-    for addr in [v2, v1] {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(addr).await.is_err() {
-            anyhow::ensure!(tokio::time::Instant::now() < deadline, "haproxy did not listen on {addr}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    let haproxy = crate::support::haproxy::HaProxy::start(&config, &[v2, v1]).await?;
     Ok((haproxy, v2, v1))
 }
 

@@ -420,3 +420,66 @@ async fn a_malformed_stored_route_fails_the_handshake_with_a_message_naming_wher
     );
     Ok(())
 }
+
+/// Redis killed while misses keep coming (so the plugin's breaker opens), then started again: a name nobody asked
+/// for yet must be served within about a second of Redis answering, while the load goes on. Before the breaker
+/// probed the store and the client's reconnect delay was capped, this took 7.7–9.1 s (the breaker's 5 s cooldown,
+/// and a trial failing on a client still waiting out its reconnect backoff).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_are_served_again_soon_after_redis_returns_with_the_breaker_open() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let mut redis = RedisServer::start().await?;
+    let pki = Pki::new(&["default.test", "later.example.test"])?;
+    import(&pki, &["--redis", &redis.url()]).await?;
+    let server =
+        TestServer::start(&redis_config(&pki, spawn_echo_backend().await?, &[redis.url()], false, ""), pki.dir.path())
+            .await?;
+    redis.kill().await?;
+    // Misses for names nobody has, from two loops, all the while.
+    let (stop, made) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let mut load = tokio::task::JoinSet::new();
+    for worker in 0..2 {
+        let (stop, made, client, addr) = (stop.clone(), made.clone(), pki.client(&[]), server.addr);
+        load.spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                i += 1;
+                let name = format!("miss-{worker}-{i}.example.test");
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), handshake(addr, &client, Some(&name), "default.test"))
+                        .await;
+                made.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    }
+    let opened = Instant::now();
+    while server.plugin_stats().count(Outcome::CircuitOpen) == 0 {
+        anyhow::ensure!(opened.elapsed() < Duration::from_secs(20), "the breaker never opened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Open for a while: the cooldown (5 s) is not what ends it.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    redis.restart().await?;
+    let back = Instant::now();
+    import(&pki, &["--redis", &redis.url()]).await?;
+    let imported = back.elapsed();
+    let client = pki.client(&[]);
+    let served = loop {
+        if let Ok(stream) = handshake(server.addr, &client, Some("later.example.test"), "later.example.test").await
+            && served_leaf(&stream) == pki.leaf("later.example.test")
+        {
+            break back.elapsed();
+        }
+        anyhow::ensure!(back.elapsed() < Duration::from_secs(20), "never served again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    stop.store(true, Ordering::SeqCst);
+    while load.join_next().await.is_some() {}
+    println!(
+        "served {served:?} after Redis answered again (its data was back after {imported:?}), under {} misses",
+        made.load(Ordering::SeqCst)
+    );
+    assert!(served < Duration::from_secs(2), "served only {served:?} after Redis was back");
+    Ok(())
+}

@@ -18,8 +18,10 @@ pub struct Args {
     /// Concurrency levels of the full-handshake phases.
     #[arg(long, value_delimiter = ',', default_value = "8,64")]
     pub concurrency: Vec<usize>,
-    /// Configurations to run (tern-file, tern-redis, tern-static, nginx-static, nginx-var, tern-routed: a route
-    /// per name, tern-routed-unique: an origin per name; diagnostic: tern-static-idle-plugin).
+    /// Configurations to run (tern-file, tern-redis, tern-static, tern-http: the http-api plugin, nginx-static,
+    /// nginx-var, caddy-files: Caddy loading N files, caddy-http: Caddy's `get_certificate http` against the same
+    /// API as tern-http, haproxy-crtlist: a crt-list of N lines; tern-routed: a route per name, tern-routed-unique:
+    /// an origin per name; diagnostic: tern-static-idle-plugin).
     #[arg(long, value_delimiter = ',', default_value = "tern-static,tern-file,tern-redis,nginx-static,nginx-var")]
     pub configs: Vec<String>,
     /// The tern binary.
@@ -45,7 +47,15 @@ pub struct Args {
     /// the scheduler share all cores between them.
     #[arg(long)]
     pub pin: bool,
-    /// Do not install nginx from Debian packages when it is missing (skip the nginx rows instead).
+    /// Do not install nginx, Caddy or HAProxy from Debian packages when missing (skip their rows instead).
     #[arg(long)]
     pub no_install: bool,
+    /// Seconds a server may take from its start to its first served request; one that takes longer is reported as
+    /// "did not start within" this, and the run goes on.
+    #[arg(long, default_value_t = 600.0)]
+    pub start_timeout: f64,
+    /// Sizes N at which tern (tern-file, else tern-static) is compared with every peer server in interleaved rounds
+    /// (all up at once, `--ab-rounds` × `--ab-seconds`, cache hits / preloaded names).
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    pub peer_sizes: Vec<usize>,
 }

@@ -51,7 +51,6 @@ impl Client {
         Ok(Self { verifying: Arc::new(verifying), fast: Arc::new(fast), resuming: Arc::new(resuming) })
     }
 
-    /// One connection, one request; returns whether it resumed.
     /// A verified handshake for `name` and nothing else (configurations whose routes lead nowhere reachable).
     pub async fn handshake_only(&self, addr: SocketAddr, name: &str) -> Result<()> {
         let tcp = tokio::net::TcpStream::connect(addr).await?;
@@ -61,6 +60,23 @@ impl Client {
         Ok(())
     }
 
+    /// What a verified handshake for `name` negotiates: protocol version, cipher suite and key-exchange group.
+    pub async fn negotiated(&self, addr: SocketAddr, name: &str) -> Result<String> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let server_name = rustls::pki_types::ServerName::try_from(name.to_string())?;
+        let connect = tokio_rustls::TlsConnector::from(self.verifying.clone()).connect(server_name, tcp);
+        let tls = tokio::time::timeout(Duration::from_secs(10), connect).await.context("handshake timed out")??;
+        let connection = tls.get_ref().1;
+        let show = |v: Option<String>| v.unwrap_or_else(|| "?".into());
+        Ok(format!(
+            "{} {} {}",
+            show(connection.protocol_version().map(|v| format!("{v:?}"))),
+            show(connection.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite()))),
+            show(connection.negotiated_key_exchange_group().map(|g| format!("{:?}", g.name()))),
+        ))
+    }
+
+    /// One connection, one request; returns whether it resumed, and how long the handshake took.
     pub async fn visit(&self, addr: SocketAddr, name: &str, verify: Verify, resume: bool) -> Result<(bool, Duration)> {
         let config = match (verify, resume) {
             (Verify::Yes, _) => self.verifying.clone(),

@@ -1,4 +1,5 @@
-//! The configurations under test: tern's TOML and nginx's config for each, written from a certificate set.
+//! The configurations under test: tern's TOML and nginx's config for each, written from a certificate set (Caddy's
+//! and HAProxy's are in `peers.rs`).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -17,7 +18,15 @@ fn static_certificates(setup: &Setup) -> String {
         .collect()
 }
 
-pub fn tern_config(config: &str, setup: &Setup, addr: SocketAddr, backend: SocketAddr, redis_url: &str) -> String {
+/// tern's config for `config`; `api_template` is the certificate API's URL template for this set (`tern-http`).
+pub fn tern_config(
+    config: &str,
+    setup: &Setup,
+    addr: SocketAddr,
+    backend: SocketAddr,
+    redis_url: &str,
+    api_template: &str,
+) -> String {
     let dir = setup.dir.display();
     let mut text = format!(
         "[log]\nlevel = \"warn\"\naccess = false\n\n[cache]\nmax_entries = {}\n\n",
@@ -60,6 +69,17 @@ pub fn tern_config(config: &str, setup: &Setup, addr: SocketAddr, backend: Socke
                 "[[plugin]]\nname = \"files\"\npath = \"{}\"\ngrants.files = \"{dir}\"\n\n\
                  [[listener]]\nbind = \"{addr}\"\nplugin = \"files\"\nstrict = true\nbackend = \"http://{backend}\"\n",
                 plugins.join("file_path.wasm").display()
+            );
+        }
+        // The shipped http-api plugin against the bench's certificate API (the one caddy-http asks too).
+        "tern-http" => {
+            let authority = api_template.split('/').nth(2).unwrap_or_default();
+            text += &format!(
+                "[[plugin]]\nname = \"api\"\npath = \"{}\"\n\
+                 settings = {{ url_template = \"{api_template}\", wildcard = \"false\" }}\n\
+                 grants.http = {{ allow = [\"{authority}\"] }}\n\n\
+                 [[listener]]\nbind = \"{addr}\"\nplugin = \"api\"\nstrict = true\nbackend = \"http://{backend}\"\n",
+                plugins.join("http_api.wasm").display()
             );
         }
         _ => {

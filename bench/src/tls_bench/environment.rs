@@ -1,4 +1,5 @@
-//! The machine and its tools: its description, nginx (installed when missing), the client's pinning (`--pin`).
+//! The machine and its tools: its description, nginx, Caddy and HAProxy (installed when missing), the client's
+//! pinning (`--pin`).
 
 use std::process::Stdio;
 
@@ -20,31 +21,68 @@ pub fn pin_client() -> Result<()> {
     Ok(())
 }
 
-pub async fn nginx_available(args: &Args) -> bool {
-    let present = || std::process::Command::new("nginx").arg("-v").output().is_ok_and(|o| o.status.success());
+/// Which peer servers this run has (each installed from Debian packages when missing, unless `--no-install`).
+#[derive(Clone, Copy, Debug)]
+pub struct Peers {
+    pub nginx: bool,
+    pub caddy: bool,
+    pub haproxy: bool,
+}
+
+impl Peers {
+    /// Finds (or installs) the peers that `--configs` names; the others count as absent.
+    pub async fn find(args: &Args) -> Self {
+        let wanted = |prefix: &str| args.configs.iter().any(|c| c.starts_with(prefix));
+        let nginx = wanted("nginx") && available(args, "nginx", "-v", &["nginx-light", "nginx"]).await;
+        let caddy = wanted("caddy") && available(args, "caddy", "version", &["caddy"]).await;
+        let haproxy = wanted("haproxy") && available(args, "haproxy", "-v", &["haproxy"]).await;
+        Self { nginx, caddy, haproxy }
+    }
+
+    /// Whether configuration `config` can run (tern's always can).
+    pub fn runs(&self, config: &str) -> bool {
+        match config.split('-').next() {
+            Some("nginx") => self.nginx,
+            Some("caddy") => self.caddy,
+            Some("haproxy") => self.haproxy,
+            _ => true,
+        }
+    }
+}
+
+/// Whether `program` runs (`program version_arg` succeeds); when it does not, installs the first of `packages`
+/// that makes it run (after `apt-get update` if none did), then stops the service Debian may have started with
+/// it: the packaged service listens on :80 or :443 and is not what is measured.
+async fn available(args: &Args, program: &str, version_arg: &str, packages: &[&str]) -> bool {
+    let present = || std::process::Command::new(program).arg(version_arg).output().is_ok_and(|o| o.status.success());
     if present() {
         return true;
     }
     if args.no_install {
-        println!("nginx not installed: nginx rows skipped");
+        println!("{program} not installed: {program} rows skipped");
         return false;
     }
-    println!("installing nginx from Debian packages");
-    let _ = Command::new("apt-get")
-        .args(["install", "-y", "-qq", "nginx-light"])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .await;
-    if !present() {
-        let _ = Command::new("apt-get").args(["update", "-qq"]).status().await;
-        let _ = Command::new("apt-get")
-            .args(["install", "-y", "-qq", "nginx"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .await;
+    println!("installing {program} from Debian packages");
+    for update in [false, true] {
+        if update {
+            let _ = Command::new("apt-get").args(["update", "-qq"]).status().await;
+        }
+        for package in packages {
+            let _ = Command::new("apt-get")
+                .args(["install", "-y", "-qq", package])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status()
+                .await;
+            if present() {
+                break;
+            }
+        }
+        if present() {
+            break;
+        }
     }
-    // Debian starts the packaged service; it listens on :80 and is not what we measure.
-    let _ = Command::new("sh").args(["-c", "service nginx stop >/dev/null 2>&1 || true"]).status().await;
+    let stop = format!("service {program} stop >/dev/null 2>&1 || true");
+    let _ = Command::new("sh").args(["-c", &stop]).status().await;
     present()
 }
 
@@ -77,9 +115,11 @@ pub async fn machine_info(args: &Args) -> String {
             .unwrap_or_else(|_| "not installed".into())
     };
     format!(
-        "machine: {cpu}, {cores} cores, {memory:.1} GiB; {}; {}; {}; {}; {}; client offers TLS_AES_128_GCM_SHA256 first (as browsers do), X25519",
+        "machine: {cpu}, {cores} cores, {memory:.1} GiB; {}; {}; caddy {}; {}; {}; {}; {}; client offers TLS_AES_128_GCM_SHA256 first (as browsers do), X25519",
         version(&args.tern.to_string_lossy(), "--version"),
         version("nginx", "-v"),
+        version("caddy", "version"),
+        version("haproxy", "-v"),
         version("openssl", "version"),
         version("redis-server", "--version"),
         if args.pin {

@@ -63,6 +63,7 @@ pub async fn load(
     let counts = Arc::new(Counts::default());
     let server_cpu = server.cpu_seconds();
     let client_cpu = tern_bench::cpu_seconds(std::process::id())?;
+    let api = server.api.as_ref().map(|api| (api.requests(), api.cpu_seconds()));
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(seconds);
     let worker = Worker {
@@ -83,7 +84,7 @@ pub async fn load(
     let server_cpu = server.cpu_seconds() - server_cpu;
     let client_cpu = tern_bench::cpu_seconds(std::process::id())? - client_cpu;
     let done = counts.done.load(Ordering::Relaxed);
-    Ok(json!({
+    let mut phase = json!({
         "concurrency": concurrency,
         "count": done,
         "errors": counts.errors.load(Ordering::Relaxed),
@@ -94,7 +95,14 @@ pub async fn load(
         "server_cpu_s_per_1k": server_cpu * 1000.0 / (done.max(1) as f64),
         "server_cpu_share": server_cpu / elapsed,
         "client_cpu_share": client_cpu / elapsed,
-    }))
+    });
+    // The certificate API's part (tern-http, caddy-http): its CPU is neither the server's nor the client's.
+    if let (Some(api), Some((requests, cpu))) = (&server.api, api) {
+        let per_1k = 1000.0 / done.max(1) as f64;
+        phase["api_requests_per_handshake"] = json!((api.requests() - requests) as f64 * per_1k / 1000.0);
+        phase["api_cpu_s_per_1k"] = json!((api.cpu_seconds() - cpu) * per_1k);
+    }
+    Ok(phase)
 }
 
 impl Worker {

@@ -1,5 +1,7 @@
-//! tern against itself (dynamic via the file plugin, dynamic via the Redis plugin, static preload) and against
-//! nginx (preload, and `ssl_certificate $ssl_server_name`), side by side in one run, for N host certificates.
+//! tern against itself (dynamic via the file plugin, the Redis plugin or the HTTP-API plugin, static preload) and
+//! against nginx (preload, and `ssl_certificate $ssl_server_name`), Caddy (N `load_files`, and its
+//! `get_certificate http` manager against the same certificate API as tern's HTTP-API plugin) and HAProxy (a
+//! crt-list of N lines), side by side in one run, for N host certificates.
 //!
 //! ```text
 //! cargo build --release -p tern -p tern-bench
@@ -13,15 +15,19 @@
 //! handshake per name) vs warm latency, keep-alive requests/s, and resumed vs full (throughput and server CPU).
 //! Client and servers share this machine's cores: the client's own CPU time is reported beside the server's, and
 //! configurations are compared as ratios taken in the same run; the cache-hit comparison against tern's static
-//! preload runs all tern configurations at once and alternates short phases between them (`--ab-rounds`).
+//! preload runs all tern configurations at once and alternates short phases between them (`--ab-rounds`), and so
+//! does the comparison of every peer server with tern-file at the sizes of `--peer-sizes`. A server that does not
+//! serve within `--start-timeout` is reported as not started, and the run goes on.
 
 mod args;
 mod backend;
+mod cert_api;
 mod client;
 mod configs;
 mod environment;
 mod load;
 mod measure;
+mod peers;
 mod report;
 mod server;
 
@@ -35,7 +41,8 @@ use clap::Parser;
 
 use crate::args::Args;
 use crate::backend::spawn_backend;
-use crate::environment::{machine_info, nginx_available, pin_client};
+use crate::cert_api::CertApi;
+use crate::environment::{Peers, machine_info, pin_client};
 use crate::measure::{compare_interleaved, memory_all_cached, run_config};
 use crate::report::{print_row, write_results};
 
@@ -48,27 +55,30 @@ async fn main() -> Result<()> {
         pin_client()?;
     }
     println!("{machine}");
-    let nginx = nginx_available(&args).await;
+    let peers = Peers::find(&args).await;
     let backend = spawn_backend().await?;
     let (_redis, redis_port) = tern_bench::start_redis(work.path()).await?;
     let redis_url = format!("redis://127.0.0.1:{redis_port}");
-    let bench = Bench { args: &args, work: work.path(), backend, redis_url: &redis_url };
+    let api = CertApi::spawn(std::path::absolute(&args.certs)?)?;
+    let bench = Bench { args: &args, work: work.path(), backend, redis_url: &redis_url, api: &api };
     let mut results = Results::default();
     let mut sets: Vec<(usize, tern_bench::KeyKind)> =
         args.sizes.iter().filter(|&&n| n > 0).map(|&n| (n, tern_bench::KeyKind::Ecdsa)).collect();
     sets.extend(args.rsa_sizes.iter().filter(|&&n| n > 0).map(|&n| (n, tern_bench::KeyKind::Rsa)));
     for (n, kind) in sets {
-        run_set(&bench, n, kind, nginx, &mut results).await?;
+        run_set(&bench, n, kind, peers, &mut results).await?;
     }
-    write_results(&args, &machine, &results.rows, &results.comparisons)?;
+    write_results(&args, &machine, &results)?;
     Ok(())
 }
 
-/// What the certificate sets have measured so far: a row per configuration, and the interleaved comparisons.
+/// What the certificate sets have measured so far: a row per configuration, the interleaved comparisons, and the
+/// configurations that failed (a server that did not start in time, or a phase that failed).
 #[derive(Default)]
-struct Results {
-    rows: Vec<serde_json::Value>,
-    comparisons: Vec<serde_json::Value>,
+pub(crate) struct Results {
+    pub rows: Vec<serde_json::Value>,
+    pub comparisons: Vec<serde_json::Value>,
+    pub failures: Vec<serde_json::Value>,
 }
 
 /// One certificate set of `n` hosts: generated (or reused) and imported into Redis, then every configuration in
@@ -77,7 +87,7 @@ async fn run_set(
     bench: &Bench<'_>,
     n: usize,
     kind: tern_bench::KeyKind,
-    nginx: bool,
+    peers: Peers,
     results: &mut Results,
 ) -> Result<()> {
     let args = bench.args;
@@ -99,7 +109,7 @@ async fn run_set(
         .output()?;
     anyhow::ensure!(import.status.success(), "certs import: {}", String::from_utf8_lossy(&import.stderr));
     for config in &args.configs {
-        if config.starts_with("nginx") && !nginx {
+        if !peers.runs(config) {
             continue;
         }
         if config == "tern-routed-unique" {
@@ -111,7 +121,12 @@ async fn run_set(
                 print_row(&row);
                 results.rows.push(row);
             }
-            Err(err) => println!("{config} n={n} {key}: FAILED: {err:#}"),
+            Err(err) => {
+                println!("{config} n={n} {key}: FAILED: {err:#}");
+                results
+                    .failures
+                    .push(serde_json::json!({ "config": config, "n": n, "key": key, "error": format!("{err:#}") }));
+            }
         }
     }
     let tern: Vec<&str> = ["tern-static", "tern-file", "tern-redis", "tern-static-idle-plugin"]
@@ -134,6 +149,22 @@ async fn run_set(
             Err(err) => println!("interleaved routed comparison n={n} {key}: FAILED: {err:#}"),
         }
     }
+    // Peers (issue 16): tern-file (else tern-static) against every peer server and tern-http, interleaved.
+    let peer_configs = ["tern-http", "nginx-static", "nginx-var", "caddy-files", "caddy-http", "haproxy-crtlist"];
+    let baseline = ["tern-file", "tern-static"].into_iter().find(|c| has(c));
+    let mut compared: Vec<&str> = peer_configs.into_iter().filter(|c| has(c) && peers.runs(c)).collect();
+    if let Some(baseline) = baseline
+        && !compared.is_empty()
+        && args.ab_rounds > 0
+        && args.peer_sizes.contains(&n)
+    {
+        compared.insert(0, baseline);
+        let setup = Setup { n, key, dir: dir.clone(), names: names.clone(), prefix: prefix.clone() };
+        match compare_interleaved(bench, &compared, &setup).await {
+            Ok(result) => results.comparisons.push(result),
+            Err(err) => println!("interleaved peer comparison n={n} {key}: FAILED: {err:#}"),
+        }
+    }
     if has("tern-routed-unique") && args.memory_all {
         let setup = Setup { n, key, dir: dir.clone(), names: names.clone(), prefix: prefix.clone() };
         match memory_all_cached(bench, &["tern-file", "tern-routed-unique"], &setup).await {
@@ -144,13 +175,15 @@ async fn run_set(
     Ok(())
 }
 
-/// What every configuration of a run shares: options, scratch folder, HTTP backend, Redis.
+/// What every configuration of a run shares: options, scratch folder, HTTP backend, Redis, certificate API.
 #[derive(Clone, Copy)]
 pub(crate) struct Bench<'a> {
     pub args: &'a Args,
     pub work: &'a Path,
     pub backend: SocketAddr,
     pub redis_url: &'a str,
+    /// The certificate API of tern-http and caddy-http.
+    pub api: &'a CertApi,
 }
 
 /// One certificate set: its size, key type, folder, host names and Redis prefix.

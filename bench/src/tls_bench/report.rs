@@ -3,14 +3,21 @@
 use anyhow::Result;
 use serde_json::{Value, json};
 
+use crate::Results;
 use crate::args::Args;
 
 pub fn print_row(row: &Value) {
     let top = &row["top_concurrency"];
     let hot = &row["phases"][format!("hot_c{top}")];
     let uniform = &row["phases"][format!("uniform_c{top}")];
+    let api = match hot["api_requests_per_handshake"].as_f64() {
+        Some(per) => {
+            format!(" | cert API {per:.2} requests/hs, {:.3} CPU-s/1k", hot["api_cpu_s_per_1k"].as_f64().unwrap_or(0.0))
+        }
+        None => String::new(),
+    };
     println!(
-        "{:<13} n={:<7} {:<10} start {:>7.2}s rss {:>7.1}MiB pss {:>7.1}MiB | hot {:>6.0}/s p50 {:>5.2} p99 {:>6.2}ms cpu/1k {:.3}s | uniform {:>6.0}/s | cold p99 {:.2}ms warm p99 {:.2}ms | resumed x{:.2} rate, x{:.2} CPU | keep-alive {:.0} req/s",
+        "{:<15} n={:<7} {:<10} start {:>7.2}s rss {:>7.1}MiB pss {:>7.1}MiB | hot {:>6.0}/s p50 {:>5.2} p99 {:>6.2}ms cpu/1k {:.3}s | uniform {:>6.0}/s | cold p99 {:.2}ms warm p99 {:.2}ms | resumed x{:.2} rate, x{:.2} CPU | keep-alive {:.0} req/s | {}{api}",
         row["config"].as_str().unwrap_or(""),
         row["n"],
         row["key"].as_str().unwrap_or(""),
@@ -27,21 +34,41 @@ pub fn print_row(row: &Value) {
         row["resumed_over_full"].as_f64().unwrap_or(0.0),
         row["resumed_cost_ratio"].as_f64().unwrap_or(0.0),
         row["keepalive"]["rate"].as_f64().unwrap_or(0.0),
+        row["negotiated"].as_str().unwrap_or(""),
     );
 }
 
-pub fn write_results(args: &Args, machine: &str, rows: &[Value], comparisons: &[Value]) -> Result<()> {
+pub fn write_results(args: &Args, machine: &str, results: &Results) -> Result<()> {
+    let Results { rows, comparisons, failures } = results;
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
-    let json =
-        json!({ "machine": machine, "seconds_per_phase": args.seconds, "rows": rows, "interleaved": comparisons });
+    let json = json!({
+        "machine": machine,
+        "seconds_per_phase": args.seconds,
+        "rows": rows,
+        "interleaved": comparisons,
+        "failures": failures,
+    });
     let mut md = format!("Machine: {machine}\n\n");
     md += "| config | N | key | start (s) | RSS (MiB) | PSS (MiB) | hot full hs/s | p50 / p99 (ms) | server CPU-s / 1k | uniform hs/s (c=max) | zipf hs/s | cold p50 / p99 (ms) | warm p50 / p99 (ms) | resumed ÷ full (hs/s) | resumed ÷ full (server CPU) | keep-alive req/s |\n";
     md += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for row in rows {
         md += &row_markdown(row);
     }
+    md += &api_markdown(rows);
+    if !failures.is_empty() {
+        md += "\nNot measured:\n\n";
+        for f in failures {
+            md += &format!(
+                "- {} n={} {}: {}\n",
+                f["config"].as_str().unwrap_or(""),
+                f["n"],
+                f["key"].as_str().unwrap_or(""),
+                f["error"].as_str().unwrap_or("")
+            );
+        }
+    }
     if !comparisons.is_empty() {
-        md += "\nCache hits, each configuration ÷ its baseline (tern-static, or tern-file for tern-routed), interleaved rounds (all servers up at once, hot set warmed): ratio of the totals over all rounds, then the median and range of the per-round ratios:\n\n";
+        md += "\nCache hits, each configuration ÷ its baseline (tern-static; tern-file for tern-routed and for the peer servers), interleaved rounds (all servers up at once, hot set warmed): ratio of the totals over all rounds, then the median and range of the per-round ratios:\n\n";
         md += "| N | key | config ÷ baseline | handshakes/s ratio, all rounds (median; range) | server CPU per handshake ratio, all rounds (median; range) | rounds × seconds |\n|---|---|---|---|---|---|\n";
         for c in comparisons {
             md += &comparison_markdown(c);
@@ -58,6 +85,36 @@ pub fn write_results(args: &Args, machine: &str, rows: &[Value], comparisons: &[
         args.out.join("latest").display()
     );
     Ok(())
+}
+
+/// What the configurations that ask the certificate API cost it (hot set), and what every row negotiated.
+fn api_markdown(rows: &[Value]) -> String {
+    let mut md = String::new();
+    for row in rows {
+        let hot = &row["phases"][format!("hot_c{}", row["top_concurrency"])];
+        if let Some(per) = hot["api_requests_per_handshake"].as_f64() {
+            if md.is_empty() {
+                md += "\nCertificate API (tern-http, caddy-http; hot set; its CPU is neither the server's nor counted in the table):\n\n";
+            }
+            md += &format!(
+                "- {} n={} {}: {per:.3} API requests per handshake, {:.3} API CPU-s per 1,000 handshakes\n",
+                row["config"].as_str().unwrap_or(""),
+                row["n"],
+                row["key"].as_str().unwrap_or(""),
+                hot["api_cpu_s_per_1k"].as_f64().unwrap_or(0.0),
+            );
+        }
+    }
+    let negotiated: std::collections::BTreeSet<String> = rows
+        .iter()
+        .map(|r| format!("{}: {}", r["config"].as_str().unwrap_or(""), r["negotiated"].as_str().unwrap_or("?")))
+        .collect();
+    if !negotiated.is_empty() {
+        md += "\nNegotiated (one verified handshake after start): ";
+        md += &negotiated.into_iter().collect::<Vec<_>>().join("; ");
+        md += "\n";
+    }
+    md
 }
 
 /// One configuration's line of the results table.

@@ -8,14 +8,18 @@ use anyhow::{Result, bail};
 use tokio::process::{Child, Command};
 
 use crate::args::Args;
+use crate::cert_api::CertApi;
 use crate::client::{Client, Verify};
 use crate::configs::{nginx_config, tern_config};
+use crate::peers::{caddy_config, haproxy_config, haproxy_crt_list, write_haproxy_pems};
 use crate::{Bench, Setup};
 
 /// A server under test: its processes (nginx: master and workers) and the listener.
 pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The certificate API it asks (tern-http, caddy-http): its requests and CPU are reported per phase.
+    pub api: Option<CertApi>,
 }
 
 impl Server {
@@ -96,13 +100,18 @@ fn server_command(args: &Args, program: &std::ffi::OsStr) -> Command {
 
 /// Starts one configuration and waits for its first successful (verified) handshake; returns the start-up time.
 pub async fn start_server(bench: &Bench<'_>, config: &str, setup: &Setup) -> Result<(Server, f64)> {
-    let Bench { args, work, backend, redis_url } = *bench;
+    let Bench { args, work, backend, redis_url, api } = *bench;
     let port = tokio::net::TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     if config.starts_with("tern-routed") {
         // Before the clock starts: writing the route files is set-up, not start-up.
         crate::configs::write_routes(setup, backend)?;
     }
+    if config.starts_with("haproxy") {
+        write_haproxy_pems(setup)?; // the set's files in HAProxy's format (chain and key in one PEM): set-up too
+    }
+    let set = setup.dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let log = || std::fs::File::create(work.join(format!("{config}.log")));
     let started = Instant::now();
     let child = match config {
         "tern-static"
@@ -110,13 +119,14 @@ pub async fn start_server(bench: &Bench<'_>, config: &str, setup: &Setup) -> Res
         | "tern-redis"
         | "tern-static-idle-plugin"
         | "tern-routed"
-        | "tern-routed-unique" => {
+        | "tern-routed-unique"
+        | "tern-http" => {
             let path = work.join(format!("{config}.toml"));
-            std::fs::write(&path, tern_config(config, setup, addr, backend, redis_url))?;
+            std::fs::write(&path, tern_config(config, setup, addr, backend, redis_url, &api.tern_template(&set)))?;
             server_command(args, args.tern.as_os_str())
                 .args(["run", "-c"])
                 .arg(&path)
-                .stderr(std::fs::File::create(work.join(format!("{config}.log")))?)
+                .stderr(log()?)
                 .stdout(Stdio::null())
                 .kill_on_drop(true)
                 .spawn()?
@@ -132,17 +142,52 @@ pub async fn start_server(bench: &Bench<'_>, config: &str, setup: &Setup) -> Res
                 .arg("-c")
                 .arg(&conf)
                 .args(["-g", "daemon off;"])
-                .stderr(std::fs::File::create(work.join(format!("{config}.log")))?)
+                .stderr(log()?)
+                .kill_on_drop(true)
+                .spawn()?
+        }
+        // Caddy's home, data and config folders in the work folder: nothing of the machine's Caddy is touched.
+        "caddy-files" | "caddy-http" => {
+            let home = work.join(config);
+            std::fs::create_dir_all(&home)?;
+            let path = home.join("caddy.json");
+            let text = caddy_config(config, setup, addr, backend, &home.join("data"), &api.caddy_url(&set));
+            std::fs::write(&path, text)?;
+            server_command(args, "caddy".as_ref())
+                .args(["run", "--config"])
+                .arg(&path)
+                .env("HOME", &home)
+                .env("XDG_DATA_HOME", home.join("data"))
+                .env("XDG_CONFIG_HOME", home.join("config"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log()?)
+                .kill_on_drop(true)
+                .spawn()?
+        }
+        // In the foreground (`-db`): one process, its threads.
+        "haproxy-crtlist" => {
+            let list = work.join("haproxy-crt-list.txt");
+            std::fs::write(&list, haproxy_crt_list(setup))?;
+            let path = work.join("haproxy.cfg");
+            std::fs::write(&path, haproxy_config(addr, backend, &list))?;
+            server_command(args, "haproxy".as_ref())
+                .args(["-db", "-f"])
+                .arg(&path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log()?)
                 .kill_on_drop(true)
                 .spawn()?
         }
         other => bail!("unknown configuration {other}"),
     };
-    let mut server = Server { child, addr };
+    let api = matches!(config, "tern-http" | "caddy-http").then(|| api.clone());
+    let mut server = Server { child, addr, api };
     let client = Client::new(&setup.dir)?;
     // Start-up: until a handshake (and request) for a known name succeeds. tern-routed-unique routes every name to
     // an origin of its own that nothing listens on: its handshakes are what it is measured by.
-    let deadline = Instant::now() + Duration::from_secs(600);
+    let deadline = Instant::now() + Duration::from_secs_f64(args.start_timeout);
     loop {
         let ready = if config == "tern-routed-unique" {
             client.handshake_only(addr, &setup.names[0]).await.is_ok()
@@ -154,9 +199,10 @@ pub async fn start_server(bench: &Bench<'_>, config: &str, setup: &Setup) -> Res
         }
         if let Some(status) = server.child.try_wait()? {
             let log = std::fs::read_to_string(work.join(format!("{config}.log"))).unwrap_or_default();
-            bail!("{config} exited ({status}): {}", log.lines().take(3).collect::<Vec<_>>().join(" | "));
+            let last: Vec<&str> = log.lines().rev().take(3).collect();
+            bail!("{config} exited ({status}): {}", last.into_iter().rev().collect::<Vec<_>>().join(" | "));
         }
-        anyhow::ensure!(Instant::now() < deadline, "{config} did not serve within 600 s");
+        anyhow::ensure!(Instant::now() < deadline, "did not start within {} s", args.start_timeout);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let startup = started.elapsed().as_secs_f64();

@@ -7,10 +7,12 @@
 //! | the TOML shape, and the defaults of what it leaves out | `raw.rs` |
 //! | validation of the single sections (server, cache, proxy, admin, resumption, ...) | `validate.rs` |
 //! | validation of listed entries (certificates, plugins, listeners) | `sections.rs` |
+//! | `[log]`: access-log fields and format, `listener.ja4_header` | `access.rs` |
 //! | durations and sizes | `units.rs` |
 //!
 //! Relative paths in the file are resolved against the folder that holds the file.
 
+mod access;
 mod acme;
 pub(crate) mod raw;
 mod sections;
@@ -20,11 +22,13 @@ mod units;
 mod upstream;
 mod validate;
 
+pub use crate::admission::{AdmissionSettings, KeyLimits};
 pub use crate::proxy_protocol::{Cidr, ProxyProtocolSettings};
+pub use access::AccessField;
 pub use acme::{AcmeSettings, AcmeStorage, ChallengeKind, ExternalAccount, HttpListenerSettings, KeyType};
 pub use raw::defaults;
 pub use units::{parse_duration, parse_size};
-pub use upstream::{Balance, HealthCheckSettings, PoolTls, UpstreamProtocol, UpstreamSettings};
+pub use upstream::{Balance, HealthCheckSettings, PoolTls, SendProxyProtocol, UpstreamProtocol, UpstreamSettings};
 use validate::Validator;
 
 use std::collections::BTreeMap;
@@ -94,6 +98,12 @@ pub struct LogSettings {
     pub level: String,
     /// One line per proxied request (target `tern::access`).
     pub access: bool,
+    /// How access lines are written (`log.access_format`; by default as `format`).
+    pub access_format: LogFormat,
+    /// The fields of an access line, in order (`log.access_fields`).
+    pub access_fields: Vec<AccessField>,
+    /// Access lines waiting for the writer thread at most; more are dropped and counted (`log.access_queue`).
+    pub access_queue: usize,
 }
 
 /// `log.format`
@@ -109,7 +119,14 @@ pub enum LogFormat {
 
 impl Default for LogSettings {
     fn default() -> Self {
-        Self { format: LogFormat::Text, level: "info".into(), access: true }
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+            access: true,
+            access_format: LogFormat::Text,
+            access_fields: AccessField::defaults(),
+            access_queue: defaults::ACCESS_QUEUE,
+        }
     }
 }
 
@@ -227,10 +244,56 @@ pub struct ServerSettings {
     pub session_cache_entries: usize,
     /// On SIGTERM, how long in-flight connections may take to finish before tern exits anyway.
     pub shutdown_grace: Duration,
+    /// On SIGUSR2 (binary upgrade), how long the new process may take to be ready before it is stopped and this
+    /// one goes on serving.
+    pub upgrade_timeout: Duration,
     /// Limits on what one client connection may hold after its handshake.
     pub client: ClientLimits,
     /// Linear memory of all plugin instances running at once, summed over every plugin.
     pub plugin_memory_total: usize,
+    /// Certificate compression (RFC 8879) and the memo of compressed chains.
+    pub certificate_compression: CompressionSettings,
+}
+
+/// A certificate compression algorithm (RFC 8879) of `server.certificate_compression`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CertCompression {
+    /// Brotli (algorithm 2): what Chromium offers.
+    Brotli,
+    /// zlib (algorithm 1).
+    Zlib,
+}
+
+impl CertCompression {
+    /// Config value and metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Brotli => "brotli",
+            Self::Zlib => "zlib",
+        }
+    }
+}
+
+/// `server.certificate_compression*`: which algorithms TLS 1.3 certificates are compressed with, and how many
+/// compressed chains are remembered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompressionSettings {
+    /// Offered in this order of preference (the first one the client also offers is used); empty: off.
+    pub algorithms: Vec<CertCompression>,
+    /// Compressed chains remembered (one entry per chain and algorithm).
+    pub cache_entries: u64,
+    /// Bytes of compressed chains remembered (estimated, with the key).
+    pub cache_bytes: u64,
+}
+
+impl Default for CompressionSettings {
+    fn default() -> Self {
+        Self {
+            algorithms: defaults::CERTIFICATE_COMPRESSION.to_vec(),
+            cache_entries: defaults::CERTIFICATE_COMPRESSION_CACHE_ENTRIES,
+            cache_bytes: defaults::CERTIFICATE_COMPRESSION_CACHE_BYTES,
+        }
+    }
 }
 
 /// What one client connection may hold after the handshake, in time and in count. Every bound has a default
@@ -306,6 +369,9 @@ pub struct ProxySettings {
     pub max_connections_per_backend: usize,
     /// Open backend connections of the whole process.
     pub max_backend_connections: usize,
+    /// Idle upstream connections kept for one client connection on routes that send PROXY protocol headers (such
+    /// connections carry that client's requests only).
+    pub max_idle_per_client: usize,
 }
 
 /// `[[listener]]`
@@ -327,6 +393,13 @@ pub struct ListenerSettings {
     pub client_auth: Option<ClientAuth>,
     /// PROXY protocol from the listener's trusted peers (load balancers in front of it), if it takes it.
     pub proxy_protocol: Option<ProxyProtocolSettings>,
+    /// Per-client limits on new and open connections, applied right after accept (`[listener.admission]`).
+    pub admission: AdmissionSettings,
+    /// The request header that carries the client's JA4 fingerprint upstream, if any (`listener.ja4_header`).
+    pub ja4_header: Option<http::HeaderName>,
+    /// The PROXY protocol header sent first on every connection to `backend`, if any
+    /// (`listener.backend_proxy_protocol`).
+    pub backend_proxy_protocol: Option<SendProxyProtocol>,
 }
 
 /// A listener's answer for clients without SNI and for names neither static certificates nor the plugin know.

@@ -73,6 +73,7 @@ pub struct Server {
     pub max_connections: Option<usize>,
     pub session_cache_entries: Option<usize>,
     pub shutdown_grace: Option<String>,
+    pub upgrade_timeout: Option<String>,
     pub request_head_timeout: Option<String>,
     pub keepalive_timeout: Option<String>,
     pub request_body_timeout: Option<String>,
@@ -83,6 +84,9 @@ pub struct Server {
     pub h2_keepalive_timeout: Option<String>,
     pub max_request_header_bytes: Option<Size>,
     pub plugin_memory_total: Option<Size>,
+    pub certificate_compression: Option<Vec<String>>,
+    pub certificate_compression_cache_entries: Option<u64>,
+    pub certificate_compression_cache_bytes: Option<Size>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -102,6 +106,9 @@ pub struct Log {
     pub format: super::LogFormat,
     pub level: Option<String>,
     pub access: Option<bool>,
+    pub access_format: Option<super::LogFormat>,
+    pub access_fields: Option<Vec<String>>,
+    pub access_queue: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -132,6 +139,7 @@ pub struct Proxy {
     pub pool_idle_timeout: Option<String>,
     pub max_connections_per_backend: Option<usize>,
     pub max_backend_connections: Option<usize>,
+    pub max_idle_per_client: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -148,6 +156,23 @@ pub struct Listener {
     pub client_ca: Option<String>,
     pub client_auth: Option<String>,
     pub proxy_protocol: Option<ProxyProtocol>,
+    pub admission: Option<Admission>,
+    pub ja4_header: Option<String>,
+    pub backend_proxy_protocol: Option<super::SendProxyProtocol>,
+}
+
+/// `listener.admission`: per-client limits right after accept.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admission {
+    pub address_new_per_second: Option<u32>,
+    pub address_burst: Option<u32>,
+    pub address_concurrent: Option<u32>,
+    pub prefix_new_per_second: Option<u32>,
+    pub prefix_burst: Option<u32>,
+    pub prefix_concurrent: Option<u32>,
+    pub exempt: Option<Vec<String>>,
+    pub max_tracked: Option<usize>,
 }
 
 /// `listener.proxy_protocol`.
@@ -227,6 +252,7 @@ pub struct Upstream {
     pub tls: Option<bool>,
     pub ca: Option<String>,
     pub health_check: Option<HealthCheck>,
+    pub proxy_protocol: Option<super::SendProxyProtocol>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -266,6 +292,10 @@ pub enum Size {
 /// Defaults, documented in the README's config reference.
 pub mod defaults {
     use std::time::Duration;
+    /// `log.access_queue`: access lines waiting for the writer thread (a few MB at most).
+    pub const ACCESS_QUEUE: usize = 8192;
+    /// The largest `log.access_queue` accepted.
+    pub const ACCESS_QUEUE_CEILING: usize = 1 << 20;
     /// `server.handshake_timeout`
     pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     /// `server.max_connections`
@@ -294,6 +324,11 @@ pub mod defaults {
     pub const MAX_CONNECTIONS_PER_BACKEND: usize = 1024;
     /// `proxy.max_backend_connections`
     pub const MAX_BACKEND_CONNECTIONS: usize = 4096;
+    /// `proxy.max_idle_per_client`: idle upstream connections kept for one client connection on routes that send
+    /// PROXY protocol headers (HAProxy's `max-session-srv-conns` is 5 too)
+    pub const MAX_IDLE_PER_CLIENT: usize = 5;
+    /// The largest `proxy.max_idle_per_client` accepted.
+    pub const MAX_IDLE_PER_CLIENT_CEILING: usize = 1024;
     /// `server.request_head_timeout` (HAProxy's `timeout http-request` is commonly 10 s)
     pub const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
     /// `server.keepalive_timeout` (nginx `keepalive_timeout` 75 s, HAProxy `timeout http-keep-alive`)
@@ -314,6 +349,13 @@ pub mod defaults {
     pub const MAX_REQUEST_HEADER_BYTES: u32 = 64 << 10;
     /// `server.plugin_memory_total`: 512 MiB
     pub const PLUGIN_MEMORY_TOTAL: usize = 512 << 20;
+    /// `server.certificate_compression`: both, brotli first (Chromium offers brotli alone)
+    pub const CERTIFICATE_COMPRESSION: [crate::config::CertCompression; 2] =
+        [crate::config::CertCompression::Brotli, crate::config::CertCompression::Zlib];
+    /// `server.certificate_compression_cache_entries`: compressed chains (one per chain and algorithm)
+    pub const CERTIFICATE_COMPRESSION_CACHE_ENTRIES: u64 = 100_000;
+    /// `server.certificate_compression_cache_bytes`: 64 MiB, some 30,000 compressed chains of 2 KB
+    pub const CERTIFICATE_COMPRESSION_CACHE_BYTES: u64 = 64 << 20;
     /// Largest `server.max_connections` (and admin's) accepted: far beyond any file-descriptor limit.
     pub const MAX_CONNECTIONS_CEILING: usize = 10_000_000;
     /// `admin.max_connections`
@@ -334,6 +376,8 @@ pub mod defaults {
     pub const PLUGIN_MAX_CONCURRENCY: usize = 64;
     /// `server.shutdown_grace`
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+    /// `server.upgrade_timeout`
+    pub const UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
     /// `admin.bind`
     pub const ADMIN_BIND: &str = "127.0.0.1:9901";
     /// `reload.watch_interval`
@@ -403,4 +447,26 @@ pub mod defaults {
     pub const ACME_PREFIX: &str = "tern:acme:";
     /// Shortest `resumption.secret` accepted, in bytes.
     pub const SECRET_MIN_LEN: usize = 32;
+    /// `listener.admission.address_new_per_second`: far above what one browser (a handful of connections per
+    /// page) or a NAT of a few hundred users opens, far below what one flooding host can
+    pub const ADMISSION_ADDRESS_NEW_PER_SECOND: u32 = 200;
+    /// `listener.admission.address_concurrent`: HTTP/2 needs one connection per browser, HTTP/1.1 about six; 256
+    /// leaves room for a NAT of dozens of browsers, while 40 addresses cannot fill `server.max_connections`
+    pub const ADMISSION_ADDRESS_CONCURRENT: u32 = 256;
+    /// `listener.admission.prefix_new_per_second` (a /24 or /64: many hosts, or one IPv6 host's many addresses)
+    pub const ADMISSION_PREFIX_NEW_PER_SECOND: u32 = 1_000;
+    /// `listener.admission.prefix_concurrent`: a tenth of `server.max_connections`
+    pub const ADMISSION_PREFIX_CONCURRENT: u32 = 1_024;
+    /// `listener.admission.*_burst`, as a multiple of the rate: two seconds' worth
+    pub const ADMISSION_BURST_SECONDS: u32 = 2;
+    /// `listener.admission.exempt`: local health checks, and a local proxy without PROXY protocol (every client
+    /// would share its address)
+    pub const ADMISSION_EXEMPT: [&str; 2] = ["127.0.0.0/8", "::1"];
+    /// `listener.admission.max_tracked`: keys per table (addresses, prefixes), 32 bytes each plus the hash
+    /// table's slack: at most about 4.5 MiB per table
+    pub const ADMISSION_MAX_TRACKED: usize = 65_536;
+    /// Largest `listener.admission` rate or burst accepted (a token bucket of `f32` stays exact to a token).
+    pub const ADMISSION_RATE_CEILING: u32 = 1_000_000;
+    /// Largest `listener.admission.max_tracked` accepted (about 1 GiB per table).
+    pub const ADMISSION_MAX_TRACKED_CEILING: usize = 1 << 24;
 }

@@ -146,6 +146,58 @@ impl Validator<'_> {
         Ok(ProxyProtocolSettings { trusted, required: raw.required.unwrap_or(true) })
     }
 
+    /// `listener.admission`: every limit on by default; a burst defaults to two seconds of its rate.
+    fn admission(&self, key: &str, raw: raw::Admission) -> Result<AdmissionSettings, ConfigError> {
+        let key = format!("{key}.admission");
+        let ceiling = defaults::ADMISSION_RATE_CEILING as usize;
+        let limits =
+            |kind: &str, rate: Option<u32>, burst: Option<u32>, concurrent: Option<u32>, default: (u32, u32)| {
+                let field = |name: &str| format!("{key}.{kind}_{name}");
+                let new_per_second =
+                    self.count(&field("new_per_second"), rate.unwrap_or(default.0) as usize, ceiling)?;
+                let two_seconds =
+                    new_per_second.saturating_mul(defaults::ADMISSION_BURST_SECONDS as usize).min(ceiling);
+                let burst = self.count(&field("burst"), burst.map_or(two_seconds, |b| b as usize), ceiling)?;
+                let concurrent = self.count(
+                    &field("concurrent"),
+                    concurrent.unwrap_or(default.1) as usize,
+                    defaults::MAX_CONNECTIONS_CEILING,
+                )?;
+                // Each is at most its ceiling (10,000,000), which fits a u32.
+                let [new_per_second, burst, concurrent] = [new_per_second, burst, concurrent].map(|n| n as u32);
+                Ok::<_, ConfigError>(KeyLimits { new_per_second, burst, concurrent })
+            };
+        let address = limits(
+            "address",
+            raw.address_new_per_second,
+            raw.address_burst,
+            raw.address_concurrent,
+            (defaults::ADMISSION_ADDRESS_NEW_PER_SECOND, defaults::ADMISSION_ADDRESS_CONCURRENT),
+        )?;
+        let prefix = limits(
+            "prefix",
+            raw.prefix_new_per_second,
+            raw.prefix_burst,
+            raw.prefix_concurrent,
+            (defaults::ADMISSION_PREFIX_NEW_PER_SECOND, defaults::ADMISSION_PREFIX_CONCURRENT),
+        )?;
+        let exempt_key = format!("{key}.exempt");
+        let exempt = match raw.exempt {
+            None => defaults::ADMISSION_EXEMPT.iter().map(|net| net.to_string()).collect(),
+            Some(list) => list,
+        };
+        let exempt =
+            exempt.iter().map(|net| net.parse().map_err(|m| self.err(&exempt_key, m))).collect::<Result<_, _>>()?;
+        let max_tracked = raw.max_tracked.unwrap_or(defaults::ADMISSION_MAX_TRACKED);
+        if !(crate::admission::SHARDS..=defaults::ADMISSION_MAX_TRACKED_CEILING).contains(&max_tracked) {
+            return Err(self.err(
+                format!("{key}.max_tracked"),
+                format!("must be between {} and {}", crate::admission::SHARDS, defaults::ADMISSION_MAX_TRACKED_CEILING),
+            ));
+        }
+        Ok(AdmissionSettings { address, prefix, exempt, max_tracked })
+    }
+
     fn kv_grant(&self, key: &str, grant: raw::KvGrant, redis: &[RedisSettings]) -> Result<KvGrant, ConfigError> {
         if !redis.iter().any(|r| r.name == grant.redis) {
             return Err(self.err(format!("{key}.grants.kv.redis"), format!("no [[redis]] named {:?}", grant.redis)));
@@ -233,6 +285,7 @@ impl Validator<'_> {
             retries: u.retries.unwrap_or(defaults::UPSTREAM_RETRIES),
             protocol: u.protocol.unwrap_or_default(),
             health_check,
+            proxy_protocol: u.proxy_protocol,
         })
     }
 
@@ -333,6 +386,8 @@ impl Validator<'_> {
                 let backend = parse_backend(&l.backend).map_err(|m| self.err(format!("{key}.backend"), m))?;
                 let client_auth = self.client_auth(&key, l.client_ca, l.client_auth.as_deref())?;
                 let proxy_protocol = l.proxy_protocol.map(|pp| self.proxy_protocol(&key, pp)).transpose()?;
+                let admission = self.admission(&key, l.admission.unwrap_or_default())?;
+                let ja4_header = self.ja4_header(&key, l.ja4_header)?;
                 Ok(ListenerSettings {
                     name,
                     bind,
@@ -342,6 +397,9 @@ impl Validator<'_> {
                     backend,
                     client_auth,
                     proxy_protocol,
+                    admission,
+                    ja4_header,
+                    backend_proxy_protocol: l.backend_proxy_protocol,
                 })
             },
         )

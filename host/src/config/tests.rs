@@ -237,7 +237,7 @@ const SIZES: [&str; 9] = [
     "4294967296",
 ];
 /// Every numeric key with the values it is tried with.
-const KEYS: [(&str, &str, &[&str]); 34] = [
+const KEYS: [(&str, &str, &[&str]); 40] = [
     ("server", "max_connections", &NUMBERS),
     ("server", "session_cache_entries", &NUMBERS),
     ("server", "h2_max_concurrent_streams", &NUMBERS),
@@ -251,6 +251,8 @@ const KEYS: [(&str, &str, &[&str]); 34] = [
     ("server", "shutdown_grace", &DURATIONS),
     ("server", "max_request_header_bytes", &SIZES),
     ("server", "plugin_memory_total", &SIZES),
+    ("server", "certificate_compression_cache_entries", &NUMBERS),
+    ("server", "certificate_compression_cache_bytes", &SIZES),
     ("cache", "max_entries", &NUMBERS),
     ("cache", "max_bytes", &SIZES),
     ("cache", "ttl", &DURATIONS),
@@ -262,6 +264,7 @@ const KEYS: [(&str, &str, &[&str]); 34] = [
     ("proxy", "pool_idle_timeout", &DURATIONS),
     ("proxy", "max_connections_per_backend", &NUMBERS),
     ("proxy", "max_backend_connections", &NUMBERS),
+    ("proxy", "max_idle_per_client", &NUMBERS),
     ("acme", "renew_check_interval", &DURATIONS),
     ("acme", "handshake_wait", &DURATIONS),
     ("acme", "order_timeout", &DURATIONS),
@@ -272,6 +275,9 @@ const KEYS: [(&str, &str, &[&str]); 34] = [
     ("acme", "orders_per_hour_per_domain", &NUMBERS),
     ("acme", "max_concurrent_orders", &NUMBERS),
     ("acme", "max_pending", &NUMBERS),
+    ("listener.admission", "address_concurrent", &NUMBERS),
+    ("listener.admission", "prefix_burst", &NUMBERS),
+    ("listener.admission", "max_tracked", &NUMBERS),
 ];
 /// What an `[acme]` section needs besides the keys tried.
 const ACME_REQUIRED: &str =
@@ -337,12 +343,28 @@ fn assert_usable(config: &Config, text: &str, runtime: &tokio::runtime::Runtime)
         })
     }));
     assert!(filled.unwrap_or_else(|_| panic!("the cache panicked under:\n{text}")), "{text}");
+    // The memo of compressed certificates: fill an entry and hit it.
+    let compressed = std::panic::catch_unwind(|| {
+        let settings = &config.server.certificate_compression;
+        let compression = crate::compression::Compression::new(settings, std::sync::Arc::default());
+        let compressor = compression.compressor(CertCompression::Brotli)?;
+        let level = rustls::compress::CompressionLevel::Interactive;
+        (0..2).map(|_| compressor.compress(vec![7; 3000], level).ok()).last().flatten()
+    });
+    assert!(compressed.is_ok(), "certificate compression panicked under:\n{text}");
     if let Some(acme) = &config.acme {
         for d in [acme.renew_check_interval, acme.order_timeout + acme.lock_lease, acme.failure_backoff_max] {
             assert!(now.checked_add(d).is_some(), "{d:?} overflows the clock:\n{text}");
         }
         let built = std::panic::catch_unwind(|| crate::acme::Acme::new(acme.clone(), None, "node"));
         assert!(built.is_ok(), "the ACME subsystem panicked under:\n{text}");
+    }
+    for listener in &config.listeners {
+        let admitted = std::panic::catch_unwind(|| {
+            let admission = std::sync::Arc::new(crate::admission::Admission::new("l".into(), &listener.admission));
+            (0..3).filter(|_| admission.admit(std::net::Ipv4Addr::new(192, 0, 2, 1).into()).is_ok()).count()
+        });
+        assert!(admitted.is_ok(), "admission panicked under:\n{text}");
     }
 }
 
@@ -449,4 +471,56 @@ fn acme_settings_get_defaults_and_every_mistake_names_its_key_and_secrets_never_
     assert_eq!(http.http_listeners[0].https_port, 443);
     let clash = error_of(&format!("{MINIMAL}\n[[http_listener]]\nbind = \"127.0.0.1:8443\""));
     assert!(clash.contains("already used"), "{clash}");
+}
+
+#[test]
+fn certificate_compression_takes_known_algorithms_once_and_a_bounded_memo() {
+    let with = |keys: &str| format!("{MINIMAL}\n[server]\n{keys}\n");
+    let config = load(MINIMAL).unwrap();
+    assert_eq!(config.server.certificate_compression, CompressionSettings::default());
+    assert_eq!(config.server.certificate_compression.algorithms, [CertCompression::Brotli, CertCompression::Zlib]);
+    let config =
+        load(&with("certificate_compression = [\"zlib\"]\ncertificate_compression_cache_bytes = \"1MiB\"")).unwrap();
+    let settings = &config.server.certificate_compression;
+    assert_eq!((settings.algorithms.as_slice(), settings.cache_bytes), (&[CertCompression::Zlib][..], 1 << 20));
+    assert!(load(&with("certificate_compression = []")).unwrap().server.certificate_compression.algorithms.is_empty());
+    for (bad, key, says) in [
+        ("certificate_compression = [\"zstd\"]", "server.certificate_compression", "\"zstd\": give"),
+        ("certificate_compression = [\"zlib\", \"zlib\"]", "server.certificate_compression", "listed twice"),
+        ("certificate_compression_cache_entries = 0", "server.certificate_compression_cache_entries", "between 1"),
+        ("certificate_compression_cache_bytes = \"1KiB\"", "server.certificate_compression_cache_bytes", "between"),
+    ] {
+        let err = error_of(&with(bad));
+        assert!(
+            err.contains("/etc/tern/tern.toml") && err.contains(&format!("{key}: ")) && err.contains(says),
+            "{bad}: {err}"
+        );
+    }
+}
+
+#[test]
+fn proxy_protocol_to_upstreams_is_off_unless_set_and_only_v2_is_known() {
+    let config = load(MINIMAL).unwrap();
+    assert_eq!(config.listeners[0].backend_proxy_protocol, None);
+    assert_eq!(config.proxy.max_idle_per_client, defaults::MAX_IDLE_PER_CLIENT);
+    let pool = "\n[[upstream]]\nname = \"pp\"\nservers = [\"127.0.0.1:8081\"]\nproxy_protocol = \"v2\"\n";
+    let listener = |value: &str| {
+        MINIMAL.replace(
+            "bind = \"127.0.0.1:8443\"",
+            &format!("bind = \"127.0.0.1:8443\"\nbackend_proxy_protocol = {value}"),
+        )
+    };
+    let config = load(&(listener("\"v2\"") + pool + "\n[proxy]\nmax_idle_per_client = 2\n")).unwrap();
+    assert_eq!(config.listeners[0].backend_proxy_protocol, Some(SendProxyProtocol::V2));
+    assert_eq!(config.upstreams[0].proxy_protocol, Some(SendProxyProtocol::V2));
+    assert_eq!(config.proxy.max_idle_per_client, 2);
+    for (bad, key) in [
+        (listener("\"v1\""), "backend_proxy_protocol"),
+        (MINIMAL.to_string() + &pool.replace("\"v2\"", "\"v3\""), "proxy_protocol"),
+    ] {
+        let err = error_of(&bad);
+        assert!(err.contains("/etc/tern/tern.toml") && err.contains(key) && err.contains("`v2`"), "{err}");
+    }
+    let err = error_of(&(MINIMAL.to_string() + "\n[proxy]\nmax_idle_per_client = 0\n"));
+    assert!(err.contains("proxy.max_idle_per_client") && err.contains("between 1 and 1024"), "{err}");
 }

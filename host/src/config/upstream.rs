@@ -32,6 +32,18 @@ pub struct UpstreamSettings {
     pub tls: Option<PoolTls>,
     /// Active HTTP checks, if configured.
     pub health_check: Option<HealthCheckSettings>,
+    /// `proxy_protocol = "v2"`: every connection to a server starts with a PROXY protocol header (the client's
+    /// for requests, `LOCAL` for health checks), and carries one client connection's requests only.
+    pub proxy_protocol: Option<SendProxyProtocol>,
+}
+
+/// `upstream.proxy_protocol` and `listener.backend_proxy_protocol`: the PROXY protocol header tern sends first on
+/// every connection to the backend (HAProxy's `send-proxy-v2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendProxyProtocol {
+    /// Version 2 (binary), with the client's SNI (`PP2_TYPE_AUTHORITY`) and ALPN protocol (`PP2_TYPE_ALPN`).
+    V2,
 }
 
 /// `upstream.tls` and `upstream.ca`.

@@ -224,11 +224,7 @@ impl Validator<'_> {
         let admin = raw.admin.map(|a| self.admin(a)).transpose()?;
         let reload = self.reload(&raw.reload)?;
         self.distinct_addresses(&listeners, &http_listeners, admin.as_ref())?;
-        let log = LogSettings {
-            format: raw.log.format,
-            level: raw.log.level.unwrap_or_else(|| "info".into()),
-            access: raw.log.access.unwrap_or(true),
-        };
+        let log = self.log(raw.log)?;
         Ok(Config {
             log,
             server,
@@ -260,6 +256,7 @@ impl Validator<'_> {
             max_connections,
             session_cache_entries: raw.session_cache_entries.unwrap_or(defaults::SESSION_CACHE_ENTRIES),
             shutdown_grace: duration!(self.duration, "server", raw.shutdown_grace, defaults::SHUTDOWN_GRACE),
+            upgrade_timeout: duration!(self.deadline, "server", raw.upgrade_timeout, defaults::UPGRADE_TIMEOUT),
             client: self.client_limits(raw)?,
             plugin_memory_total: {
                 let total = self.size(
@@ -272,8 +269,51 @@ impl Validator<'_> {
                 }
                 usize::try_from(total).unwrap_or(usize::MAX)
             },
+            certificate_compression: self.certificate_compression(raw)?,
         };
         Ok(server)
+    }
+
+    /// `server.certificate_compression` (known algorithms, each once) and the bounds of its memo.
+    fn certificate_compression(&self, raw: &raw::Server) -> Result<CompressionSettings, ConfigError> {
+        let key = "server.certificate_compression";
+        let algorithms = match &raw.certificate_compression {
+            None => defaults::CERTIFICATE_COMPRESSION.to_vec(),
+            Some(names) => {
+                let mut algorithms = Vec::with_capacity(names.len());
+                for name in names {
+                    let algorithm = match name.as_str() {
+                        "brotli" => CertCompression::Brotli,
+                        "zlib" => CertCompression::Zlib,
+                        other => return Err(self.err(key, format!("{other:?}: give \"brotli\" or \"zlib\""))),
+                    };
+                    if algorithms.contains(&algorithm) {
+                        return Err(self.err(key, format!("{name:?} is listed twice")));
+                    }
+                    algorithms.push(algorithm);
+                }
+                algorithms
+            }
+        };
+        let entries_key = "server.certificate_compression_cache_entries";
+        let entries =
+            raw.certificate_compression_cache_entries.unwrap_or(defaults::CERTIFICATE_COMPRESSION_CACHE_ENTRIES);
+        if !(1..=defaults::MAX_CONNECTIONS_CEILING as u64).contains(&entries) {
+            return Err(self.err(entries_key, format!("must be between 1 and {}", defaults::MAX_CONNECTIONS_CEILING)));
+        }
+        let bytes_key = "server.certificate_compression_cache_bytes";
+        let bytes = self.size(
+            bytes_key,
+            raw.certificate_compression_cache_bytes.as_ref(),
+            defaults::CERTIFICATE_COMPRESSION_CACHE_BYTES,
+        )?;
+        if !(64 << 10..=1 << 40).contains(&bytes) {
+            return Err(self.err(bytes_key, "must be between 64KiB and 1TiB"));
+        }
+        if bytes / entries > u64::from(u32::MAX) {
+            return Err(self.err(bytes_key, format!("more than 4 GiB per entry on average; raise {entries_key}")));
+        }
+        Ok(CompressionSettings { algorithms, cache_entries: entries, cache_bytes: bytes })
     }
 
     fn cache(&self, raw: &raw::Cache) -> Result<CacheSettings, ConfigError> {
@@ -312,6 +352,11 @@ impl Validator<'_> {
                 "proxy.max_backend_connections",
                 raw.max_backend_connections.unwrap_or(defaults::MAX_BACKEND_CONNECTIONS),
                 defaults::MAX_CONNECTIONS_CEILING,
+            )?,
+            max_idle_per_client: self.count(
+                "proxy.max_idle_per_client",
+                raw.max_idle_per_client.unwrap_or(defaults::MAX_IDLE_PER_CLIENT),
+                defaults::MAX_IDLE_PER_CLIENT_CEILING,
             )?,
         };
         Ok(proxy)

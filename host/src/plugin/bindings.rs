@@ -50,6 +50,8 @@ pub struct CallState {
     pub(super) http_hooks: super::http::HttpHooks,
     /// Set when a granted store could not be reached during this call.
     pub(super) store_down: Arc<std::sync::atomic::AtomicBool>,
+    /// Set while a kv call waits for the store: a call abandoned at its deadline then was waiting for the store.
+    pub(super) store_waiting: Arc<std::sync::atomic::AtomicBool>,
     pub(super) log_lines: u32,
 }
 
@@ -113,7 +115,7 @@ macro_rules! host_interfaces {
         impl $version::tern::plugin::kv::Host for CallState {
             async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, $version::tern::plugin::kv::Error> {
                 let grant = self.kv_grant(std::slice::from_ref(&key))?;
-                let result = grant.store.get(&key).await;
+                let result = waiting_for_store(self.store_waiting.clone(), grant.store.get(&key)).await;
                 Ok(self.kv_result(result)?)
             }
 
@@ -122,7 +124,7 @@ macro_rules! host_interfaces {
                 keys: Vec<String>,
             ) -> Result<Vec<Option<Vec<u8>>>, $version::tern::plugin::kv::Error> {
                 let grant = self.kv_grant(&keys)?;
-                let result = grant.store.get_many(&keys).await;
+                let result = waiting_for_store(self.store_waiting.clone(), grant.store.get_many(&keys)).await;
                 Ok(self.kv_result(result)?)
             }
 
@@ -132,7 +134,7 @@ macro_rules! host_interfaces {
                 fields: Vec<String>,
             ) -> Result<Vec<Option<Vec<u8>>>, $version::tern::plugin::kv::Error> {
                 let grant = self.kv_grant(std::slice::from_ref(&key))?;
-                let result = grant.store.hash_get(&key, &fields).await;
+                let result = waiting_for_store(self.store_waiting.clone(), grant.store.hash_get(&key, &fields)).await;
                 Ok(self.kv_result(result)?)
             }
         }
@@ -190,6 +192,17 @@ impl CallState {
         }
         Ok(grant.clone())
     }
+}
+
+/// Awaits a store reply with `waiting` set meanwhile (it stays set if the call is abandoned at its deadline).
+async fn waiting_for_store<T>(
+    waiting: Arc<std::sync::atomic::AtomicBool>,
+    reply: impl std::future::Future<Output = T>,
+) -> T {
+    waiting.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reply = reply.await;
+    waiting.store(false, std::sync::atomic::Ordering::Relaxed);
+    reply
 }
 
 /// A plugin's key-value grant: the store and the key prefixes it may read.

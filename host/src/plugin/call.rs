@@ -39,8 +39,15 @@ pub struct Plugin {
     pub(super) kv: Option<Arc<KvAccess>>,
     pub(super) http: Option<Arc<crate::config::HttpGrant>>,
     pub(super) permits: Arc<Semaphore>,
-    pub(super) guard: guard::Guard,
+    pub(super) guard: Arc<guard::Guard>,
     pub(super) stats: Arc<PluginStats>,
+}
+
+/// What one call's capabilities saw of the plugin's stores: one failed, or one was being waited for.
+#[derive(Debug, Default)]
+struct StoreFlags {
+    down: Arc<AtomicBool>,
+    waiting: Arc<AtomicBool>,
 }
 
 /// The contract version a plugin was built against.
@@ -139,6 +146,9 @@ impl Plugin {
         client: Option<std::net::IpAddr>,
     ) -> Result<Selection, PluginError> {
         if let Err(shed) = self.guard.admit_for(client) {
+            if shed == guard::Shed::CircuitOpen {
+                self.probe_store();
+            }
             let shed = PluginError::Shed(shed);
             self.stats.record(shed.outcome());
             return Err(shed);
@@ -147,8 +157,15 @@ impl Plugin {
         let _permit = self.permits.acquire().await.map_err(|_| PluginError::Instantiate("plugin closed".into()))?;
         self.stats.started();
         let timeout = self.source.timeout;
-        let result = match tokio::time::timeout(timeout, self.call(servername, listener)).await {
+        let store = StoreFlags::default();
+        let result = match tokio::time::timeout(timeout, self.call(servername, listener, &store)).await {
             Ok(result) => result,
+            // The time went to a store that failed or did not answer: the store's fault, not the plugin's.
+            Err(_) if store.down.load(Ordering::Relaxed) || store.waiting.load(Ordering::Relaxed) => {
+                Err(PluginError::StoreUnavailable(format!(
+                    "the store did not answer within the plugin's timeout ({timeout:?})"
+                )))
+            }
             Err(_) => Err(PluginError::Timeout(timeout)),
         };
         self.stats.record(match &result {
@@ -156,16 +173,38 @@ impl Plugin {
             Ok(Selection::NotFound) => Outcome::NotFound,
             Err(err) => err.outcome(),
         });
-        self.guard.report(result.as_ref().is_err_and(PluginError::counts_against_plugin));
+        let store_outage = matches!(result, Err(PluginError::StoreUnavailable(_)));
+        self.guard.report(result.as_ref().is_err_and(PluginError::counts_against_plugin), store_outage);
         result
     }
 
-    async fn call(&self, servername: &ServerName, listener: &str) -> Result<Selection, PluginError> {
+    /// With the breaker open over store outages, asks the store (in the background, at most every 100 ms while
+    /// calls are being shed) whether it answers again: if it does, the next call is the breaker's trial, without
+    /// waiting out the cooldown. The ping goes through the same client the plugin's calls use, so a trial never
+    /// runs on a client that has not reconnected yet.
+    fn probe_store(&self) {
+        let Some(kv) = &self.kv else { return };
+        if !self.guard.probe_due() {
+            return;
+        }
+        let (store, guard) = (kv.store.clone(), self.guard.clone());
+        tokio::spawn(async move {
+            let answered = store.ping().await.is_ok();
+            guard.store_probed(answered);
+        });
+    }
+
+    async fn call(
+        &self,
+        servername: &ServerName,
+        listener: &str,
+        flags: &StoreFlags,
+    ) -> Result<Selection, PluginError> {
         // Epoch ticks (hence deadlines and yielding) while this call runs; dropped with the future on timeout.
         let _ticking = self.runtime.ticker.running();
         let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
         // Set by the kv and HTTP capabilities when the store behind them cannot be reached.
-        let store_down = Arc::new(AtomicBool::new(false));
+        let (store_down, store_waiting) = (flags.down.clone(), flags.waiting.clone());
         let wasi = self.wasi_ctx(stderr.clone()).await?;
         let state = CallState {
             wasi,
@@ -177,8 +216,13 @@ impl Plugin {
             settings: self.settings.clone(),
             kv: self.kv.clone(),
             http: wasmtime_wasi_http::WasiHttpCtx::new(),
-            http_hooks: http::HttpHooks { grant: self.http.clone(), store_down: store_down.clone() },
+            http_hooks: http::HttpHooks {
+                grant: self.http.clone(),
+                store_down: store_down.clone(),
+                store_waiting: store_waiting.clone(),
+            },
             store_down: store_down.clone(),
+            store_waiting,
             log_lines: 0,
         };
         let mut store = Store::new(&self.runtime.engine, state);

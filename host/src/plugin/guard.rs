@@ -94,15 +94,35 @@ struct Breaker {
     open_until: Option<Instant>,
     /// A trial call is running (half-open): everyone else is shed until it reports.
     trial: bool,
+    /// The last failure was the plugin's store being unreachable: the store's answering again ends the cooldown
+    /// ([`Guard::probe_due`]).
+    store_outage: bool,
+    /// A store probe is running.
+    probing: bool,
+    /// When the last store probe started.
+    probed_at: Option<Instant>,
 }
+
+/// How often, at most, an open breaker whose failures were store outages has the store asked whether it is back.
+const STORE_PROBE_INTERVAL: Duration = Duration::from_millis(100);
 
 impl Guard {
     /// A guard allowing `max_calls_per_second` (burst of one second's worth), and opening the breaker after
     /// `threshold` consecutive failures for `cooldown`. `None` / 0 disable either.
     pub fn new(max_calls_per_second: Option<u32>, threshold: u32, cooldown: Duration) -> Self {
         let rate = max_calls_per_second.map(|n| Mutex::new(Bucket::full(n)));
-        let breaker = (threshold > 0)
-            .then(|| Mutex::new(Breaker { threshold, cooldown, failures: 0, open_until: None, trial: false }));
+        let breaker = (threshold > 0).then(|| {
+            Mutex::new(Breaker {
+                threshold,
+                cooldown,
+                failures: 0,
+                open_until: None,
+                trial: false,
+                store_outage: false,
+                probing: false,
+                probed_at: None,
+            })
+        });
         Self { rate, per_client: None, breaker }
     }
 
@@ -148,11 +168,37 @@ impl Guard {
         Ok(())
     }
 
-    /// Reports how an admitted call ended.
-    pub fn report(&self, failed: bool) {
+    /// Whether the breaker is open because the plugin's store was unreachable and it is time to ask the store
+    /// whether it answers again; if so the caller must report the answer with [`Guard::store_probed`].
+    pub fn probe_due(&self) -> bool {
+        let Some(breaker) = &self.breaker else { return false };
+        let mut b = lock(breaker);
+        let due = b.probed_at.is_none_or(|at| at.elapsed() >= STORE_PROBE_INTERVAL);
+        if b.open_until.is_none() || !b.store_outage || b.trial || b.probing || !due {
+            return false;
+        }
+        b.probing = true;
+        b.probed_at = Some(Instant::now());
+        true
+    }
+
+    /// The store probe's answer: a store that answers ends the cooldown, so the next call is the trial.
+    pub fn store_probed(&self, answered: bool) {
+        let Some(breaker) = &self.breaker else { return };
+        let mut b = lock(breaker);
+        b.probing = false;
+        if answered && b.open_until.is_some() && !b.trial {
+            b.open_until = Some(Instant::now());
+        }
+    }
+
+    /// Reports how an admitted call ended: `failed` if it counts against the plugin, and whether that failure was
+    /// its store being unreachable.
+    pub fn report(&self, failed: bool, store_outage: bool) {
         let Some(breaker) = &self.breaker else { return };
         let mut b = lock(breaker);
         b.trial = false;
+        b.store_outage = failed && store_outage;
         if failed {
             b.failures += 1;
             if b.failures >= b.threshold {
@@ -207,22 +253,50 @@ mod tests {
     }
 
     #[test]
+    fn a_store_that_answers_again_ends_the_cooldown_of_a_breaker_opened_by_store_outages() {
+        let guard = Guard::new(None, 2, Duration::from_secs(3600));
+        for _ in 0..2 {
+            guard.admit().unwrap();
+            guard.report(true, true);
+        }
+        assert_eq!(guard.admit(), Err(Shed::CircuitOpen));
+        assert!(guard.probe_due());
+        assert!(!guard.probe_due(), "one probe at a time");
+        guard.store_probed(false);
+        assert!(!guard.probe_due(), "not again before the probe interval");
+        assert_eq!(guard.admit(), Err(Shed::CircuitOpen), "a store still down keeps it open");
+        std::thread::sleep(STORE_PROBE_INTERVAL);
+        assert!(guard.probe_due());
+        guard.store_probed(true);
+        guard.admit().expect("the trial goes through at once, long before the cooldown");
+        assert_eq!(guard.admit(), Err(Shed::CircuitOpen), "one trial at a time");
+        guard.report(false, false);
+        assert_eq!(guard.admit(), Ok(()), "a good trial closes it");
+        // A breaker opened by the plugin's own faults (traps, timeouts) waits out its cooldown.
+        for _ in 0..2 {
+            guard.admit().unwrap();
+            guard.report(true, false);
+        }
+        assert!(!guard.probe_due());
+    }
+
+    #[test]
     fn breaker_opens_after_the_threshold_and_lets_one_trial_through_after_cooldown() {
         // Long enough that no scheduling delay between two lines lets it half-open by accident.
         let guard = Guard::new(None, 3, Duration::from_secs(1));
         for _ in 0..3 {
             guard.admit().unwrap();
-            guard.report(true);
+            guard.report(true, false);
         }
         assert_eq!(guard.admit(), Err(Shed::CircuitOpen));
         std::thread::sleep(Duration::from_millis(1050));
         guard.admit().unwrap();
         assert_eq!(guard.admit(), Err(Shed::CircuitOpen), "one trial at a time");
-        guard.report(true);
+        guard.report(true, false);
         assert_eq!(guard.admit(), Err(Shed::CircuitOpen), "a failed trial reopens");
         std::thread::sleep(Duration::from_millis(1050));
         guard.admit().unwrap();
-        guard.report(false);
+        guard.report(false, false);
         assert_eq!(guard.admit(), Ok(()), "a good trial closes it");
     }
 }

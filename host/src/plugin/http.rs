@@ -17,6 +17,8 @@ pub struct HttpHooks {
     pub(super) grant: Option<Arc<HttpGrant>>,
     /// Set when the API could not be reached (connect failure or timeout).
     pub(super) store_down: Arc<std::sync::atomic::AtomicBool>,
+    /// Set while a request waits for the API's response head.
+    pub(super) store_waiting: Arc<std::sync::atomic::AtomicBool>,
 }
 
 type ResponseFuture = Box<
@@ -43,9 +45,11 @@ impl WasiHttpHooks for HttpHooks {
             first_byte_timeout: Some(grant.timeout),
             between_bytes_timeout: Some(grant.timeout),
         };
-        let store_down = self.store_down.clone();
+        let (store_down, store_waiting) = (self.store_down.clone(), self.store_waiting.clone());
         Box::new(async move {
+            store_waiting.store(true, std::sync::atomic::Ordering::Relaxed);
             let sent = wasmtime_wasi_http::default_send_request(request, Some(options)).await;
+            store_waiting.store(false, std::sync::atomic::Ordering::Relaxed);
             let (response, io) = sent.inspect_err(|_| store_down.store(true, std::sync::atomic::Ordering::Relaxed))?;
             let cap = grant.max_response_bytes;
             let declared = response.body().size_hint().exact();

@@ -195,12 +195,10 @@ impl PluginRuntime {
             cache_scope: Arc::from(settings.name.as_str()),
             source: settings.clone(),
             permits: Arc::new(Semaphore::new(settings.max_concurrency)),
-            guard: guard::Guard::new(
-                settings.max_calls_per_second,
-                settings.breaker_threshold,
-                settings.breaker_cooldown,
-            )
-            .with_client_share(settings.max_calls_per_second_per_client),
+            guard: Arc::new(
+                guard::Guard::new(settings.max_calls_per_second, settings.breaker_threshold, settings.breaker_cooldown)
+                    .with_client_share(settings.max_calls_per_second_per_client),
+            ),
             stats: Arc::new(PluginStats::default()),
         })
     }

@@ -72,6 +72,13 @@ impl Proxy {
         };
         headers.insert(X_FORWARDED_FOR, HeaderValue::from_str(&forwarded_for).map_err(|_| StatusCode::BAD_REQUEST)?);
         append_forwarded(headers, conn.peer, &host)?;
+        if let Some(name) = &conn.ja4_header {
+            // tern's own value only: whatever the client sent under that name is dropped first.
+            headers.remove(name);
+            if let Some(value) = conn.tls.ja4.and_then(|ja4| HeaderValue::from_str(ja4.as_str()).ok()) {
+                headers.insert(name.clone(), value);
+            }
+        }
         if upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }

@@ -23,7 +23,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::answer::Served;
 use crate::backend::Budget;
 use crate::body::Counted;
-use crate::clip::Clip;
 use crate::config::{ClientLimits, ProxySettings};
 use crate::metrics::{Metrics, inc};
 use crate::route::Route;
@@ -31,11 +30,12 @@ use crate::sni::ServerName;
 use crate::upstream::{HttpClient, Upstreams};
 use crate::watchdog::{Activity, Tracked};
 
+pub mod access;
 mod headers;
 mod send;
 
 use headers::strip_hop_by_hop;
-use send::{Failed, Sent, SentTo, with_base};
+use send::{Failed, Sent, with_base};
 
 /// Response body type: the backend's streamed body, or a small one tern makes itself.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -45,6 +45,8 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 pub struct Proxy {
     client: HttpClient,
     backend: Uri,
+    /// With `listener.backend_proxy_protocol`: how each client connection's own client to `backend` is made.
+    backend_private: Option<crate::upstream::Recipe>,
     upstreams: Arc<Upstreams>,
     response_timeout: std::time::Duration,
     connect_timeout: std::time::Duration,
@@ -56,6 +58,10 @@ pub struct Proxy {
 pub struct Connection {
     /// The client's address.
     pub peer: SocketAddr,
+    /// The address the client connected to (tern's side of the connection), if the socket could tell.
+    pub local: Option<SocketAddr>,
+    /// Upstream connections that carry this connection's PROXY protocol header, and only its requests.
+    pub private: crate::upstream::Private,
     /// Whether ALPN chose HTTP/2.
     pub h2: bool,
     /// The SNI the handshake was for (normalised), if the client sent one.
@@ -64,26 +70,37 @@ pub struct Connection {
     pub served: Arc<Served>,
     /// The listener's client limits.
     pub limits: ClientLimits,
+    /// What the handshake negotiated (for the access log and the JA4 header).
+    pub tls: access::HandshakeFacts,
+    /// The request header carrying the client's JA4 fingerprint upstream (`listener.ja4_header`), if any.
+    pub ja4_header: Option<http::HeaderName>,
 }
 
 /// How long an HTTP/2 connection told to go away (idle, draining) gets to finish before it is dropped.
 const GOAWAY_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Proxy {
-    /// A proxy to `backend` (an `http://host:port` origin) whose connections count against `budget`, and to
-    /// the routes of `upstreams`.
+    /// A proxy to `backend` (an `http://host:port` origin) whose connections count against `budget` (and start
+    /// with a PROXY protocol header if `backend_proxy_protocol` says so), and to the routes of `upstreams`.
     pub fn new(
         backend: Uri,
         settings: &ProxySettings,
         metrics: Arc<Metrics>,
         budget: Budget,
         upstreams: Arc<Upstreams>,
+        backend_proxy_protocol: Option<crate::config::SendProxyProtocol>,
     ) -> Self {
         let versions = crate::upstream::Versions::Http1;
-        let client =
-            crate::upstream::client(settings, settings.connect_timeout, budget, crate::upstream::no_tls(), versions);
+        let recipe = crate::upstream::Recipe::new(
+            settings,
+            settings.connect_timeout,
+            budget,
+            crate::upstream::no_tls(),
+            versions,
+        );
         Self {
-            client,
+            client: recipe.shared(None),
+            backend_private: backend_proxy_protocol.map(|_| recipe),
             backend,
             upstreams,
             response_timeout: settings.response_timeout,
@@ -138,8 +155,20 @@ impl Proxy {
                 match ended {
                     Ended::Done(done) => done,
                     Ended::Drain => {
-                        served.as_mut().graceful_shutdown();
-                        served.await
+                        // A connection that has not carried a request yet gets its first one (within the request
+                        // head timeout): its client would not send it again, as it would on a reused connection.
+                        let first = tokio::time::timeout(limits.request_head_timeout, activity.first_request());
+                        let finished = tokio::select! {
+                            done = served.as_mut() => Some(done),
+                            _ = first => None,
+                        };
+                        match finished {
+                            Some(done) => done,
+                            None => {
+                                served.as_mut().graceful_shutdown();
+                                served.await
+                            }
+                        }
                     }
                     Ended::Expired(why) => {
                         inc(metrics.connections_timed_out.by(why));
@@ -165,32 +194,18 @@ impl Proxy {
         result
     }
 
-    /// Forwards one request and writes its access-log line.
-    async fn forward(&self, req: Request<Incoming>, conn: &Connection, tunnels: &Tunnels) -> Response<Body> {
-        let started = std::time::Instant::now();
-        let method = req.method().clone();
-        let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned);
-        let host = host.or_else(|| req.uri().authority().map(|a| a.to_string())).unwrap_or_default();
-        let path = req.uri().path_and_query().map_or_else(|| "/".to_string(), |pq| pq.to_string());
-        let version = req.version();
-        let mut upstream = Sent::Nowhere;
-        let response = self.forward_inner(req, conn, tunnels, &mut upstream).await;
-        let status = response.status().as_u16();
-        // Formatted only when the access log is on.
-        let upstream = SentTo(&upstream, &self.backend);
-        tracing::info!(
-            target: "tern::access",
-            peer = %conn.peer,
-            method = %Clip(method.as_str()),
-            host = %Clip(&host),
-            path = %Clip(&path),
-            ?version,
-            status,
-            %upstream,
-            micros = started.elapsed().as_micros() as u64,
-            "request"
-        );
-        response
+    /// Forwards one request; with the access log on, its line is written once the response body has ended.
+    async fn forward(&self, req: Request<Incoming>, conn: &Arc<Connection>, tunnels: &Tunnels) -> Response<Body> {
+        let log = access::get();
+        let request = log.map(|_| access::RequestFacts::of(&req));
+        let mut trace = access::Trace::new();
+        let response = self.forward_inner(req, conn, tunnels, &mut trace).await;
+        match (log, request) {
+            (Some(log), Some(request)) => {
+                log.follow(response, conn.clone(), request, trace, &self.backend, self.metrics.clone())
+            }
+            _ => response,
+        }
     }
 
     /// Forwards one request along the connection's route; failures become 4xx/5xx responses.
@@ -199,7 +214,7 @@ impl Proxy {
         mut req: Request<Incoming>,
         conn: &Connection,
         tunnels: &Tunnels,
-        upstream_chosen: &mut Sent,
+        trace: &mut access::Trace,
     ) -> Response<Body> {
         if let Err(status) = check_authority(&req, conn) {
             inc(&self.metrics.misdirected_requests);
@@ -210,16 +225,18 @@ impl Proxy {
             Ok(upstream) => upstream,
             Err(status) => return simple(status, "bad request\n"),
         };
+        trace.uploaded = Some(upload.received.clone());
         let sent_at = std::time::Instant::now();
         let sent = match &conn.served.route {
             Route::Listener => {
-                *upstream_chosen = Sent::Listener;
+                trace.sent = Sent::Listener;
                 let upstream = with_base(upstream, &self.backend);
-                self.exchange(&self.client, upstream, upload, self.response_timeout).await
+                let private = self.private_backend(conn);
+                self.exchange(private.as_ref().unwrap_or(&self.client), upstream, upload, self.response_timeout).await
             }
             Route::Origin(origin) => match self.upstreams.origin_client(origin).await {
                 Ok(client) => {
-                    *upstream_chosen = Sent::Origin(origin.clone());
+                    trace.sent = Sent::Origin(origin.clone());
                     let upstream = with_base(upstream, &origin.base);
                     self.exchange(&client, upstream, upload, self.response_timeout).await
                 }
@@ -229,7 +246,7 @@ impl Proxy {
                 }
             },
             Route::Pool(name) => match self.upstreams.pool(name) {
-                Some(pool) => self.via_pool(pool, upstream, upload, upstream_chosen).await,
+                Some(pool) => self.via_pool(pool, conn, upstream, upload, &mut trace.sent).await,
                 None => Err(Failed::NoServer),
             },
         };
@@ -237,6 +254,7 @@ impl Proxy {
             Ok(response) => response,
             Err(failed) => return self.refuse(failed, &conn.served.route),
         };
+        trace.upstream = Some(sent_at.elapsed());
         self.metrics.backend_latency.observe(sent_at.elapsed());
         let class = usize::from(response.status().as_u16() / 100).min(5);
         inc(&self.metrics.backend_status[class]);

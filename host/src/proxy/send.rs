@@ -1,6 +1,7 @@
 //! Sending a request upstream along the connection's route: one exchange with a deadline that starts when the
 //! upload ends, a pool's choice of server with retries and passive health, the response tern makes when nothing
-//! answered, and what the access log says about where a request went.
+//! answered, what the access log says about where a request went, and which client carries a request on routes
+//! that send PROXY protocol headers (the client connection's own, [`crate::upstream::Private`]).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -10,11 +11,12 @@ use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 
-use super::{Body, Proxy, simple};
+use super::{Body, Connection, Proxy, simple};
 use crate::body::UploadWatch;
 use crate::metrics::inc;
 use crate::route::Route;
-use crate::upstream::{Failure, HttpClient, Pool, UpBody};
+use crate::upstream::proxy_header::ClientFacts;
+use crate::upstream::{Failure, HttpClient, Pool, Slot, UpBody};
 
 impl Proxy {
     /// Sends one request and waits for the response head. The response deadline starts once the client has
@@ -48,6 +50,7 @@ impl Proxy {
     pub(super) async fn via_pool(
         &self,
         pool: &Pool,
+        conn: &Connection,
         upstream: Request<UpBody>,
         upload: UploadWatch,
         chosen: &mut Sent,
@@ -73,7 +76,12 @@ impl Proxy {
             let watch = upload.take().unwrap_or_else(UploadWatch::finished);
             let in_flight = pool.start(index);
             let started = std::time::Instant::now();
-            let result = self.exchange(&server.client, request, watch, pool.settings.response_timeout).await;
+            // With `proxy_protocol`, the client connection's own client to this server.
+            let private = server.private.as_ref().map(|recipe| {
+                conn.private.client(Slot::Server(pool.name.clone(), index), recipe, || client_facts(conn))
+            });
+            let client = private.as_ref().unwrap_or(&server.client);
+            let result = self.exchange(client, request, watch, pool.settings.response_timeout).await;
             drop(in_flight);
             let failure = match &result {
                 Ok(_) => {
@@ -100,6 +108,12 @@ impl Proxy {
             }
             tracing::debug!(pool = %pool.name, server = %server.address, ?failure, "retrying on another server");
         }
+    }
+
+    /// With `listener.backend_proxy_protocol`, the client connection's own client to the listener's backend.
+    pub(super) fn private_backend(&self, conn: &Connection) -> Option<HttpClient> {
+        let recipe = self.backend_private.as_ref()?;
+        Some(conn.private.client(Slot::Backend, recipe, || client_facts(conn)))
     }
 
     /// The response, counter and log line of a request that got no response head.
@@ -179,6 +193,17 @@ pub(super) enum Failed {
     Other(String),
     /// No response head within the response timeout.
     Timeout(std::time::Duration),
+}
+
+/// What the PROXY protocol header of a client connection says: who the client is, what it connected to, the
+/// server name it asked for and the protocol ALPN chose.
+fn client_facts(conn: &Connection) -> ClientFacts<'_> {
+    ClientFacts {
+        source: conn.peer,
+        destination: conn.local,
+        authority: conn.servername.as_ref().map(|name| name.as_str()),
+        alpn: conn.tls.alpn.map(str::as_bytes),
+    }
 }
 
 /// Sets the scheme and authority of an upstream request's URI (`base` is `scheme://host:port`).

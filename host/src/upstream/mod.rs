@@ -4,6 +4,9 @@
 //! Every client counts its connections against the process-wide backend budget ([`crate::backend`]); a pool
 //! server has its own per-server budget as well. Idle connections are bounded per host and closed after
 //! `proxy.pool_idle_timeout`, so a million routed names cannot grow memory without bound.
+//!
+//! Routes that send PROXY protocol headers ([`proxy_header`]) use a client per client connection instead
+//! ([`Private`]), made from the same [`Recipe`] and counted against the same budgets.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,8 +17,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::{Builder, Client};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::Semaphore;
 
@@ -26,9 +29,13 @@ use crate::metrics::{Exposition, label_value};
 
 mod origins;
 mod pool;
+mod private;
+pub(crate) mod proxy_header;
 
 use origins::{OriginClients, Trust};
 pub(crate) use pool::{Failure, Pool};
+pub use private::Private;
+pub(crate) use private::Slot;
 
 /// Request bodies sent upstream: the client's upload, or nothing (health checks, retried bodiless requests).
 pub(crate) type UpBody = Either<Upload<Incoming>, Empty<Bytes>>;
@@ -59,26 +66,71 @@ pub(crate) fn client(
     tls: rustls::ClientConfig,
     versions: Versions,
 ) -> HttpClient {
-    let mut tcp = HttpConnector::new();
-    // A backend that is down must give a fast 502, not hang the client.
-    tcp.set_connect_timeout(Some(connect_timeout));
-    tcp.set_nodelay(true);
-    tcp.enforce_http(false);
-    let bounded = BoundedConnector::new(tcp, budget, connect_timeout);
-    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
-    // Over TLS, HTTP/2 is offered by ALPN (for cleartext URIs ALPN plays no part).
-    let connector = match versions {
-        Versions::Http1 => builder.enable_http1().wrap_connector(bounded),
-        Versions::H2 | Versions::Alpn => builder.enable_all_versions().wrap_connector(bounded),
-    };
-    let mut client = Client::builder(TokioExecutor::new());
-    client
-        .pool_idle_timeout(settings.pool_idle_timeout)
-        .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .http2_only(versions == Versions::H2);
-    client.build(connector)
+    Recipe::new(settings, connect_timeout, budget, tls, versions).shared(None)
+}
+
+/// How the clients to one backend are made: the connector's parts (TCP settings, budget, TLS) and hyper-util's
+/// settings. Cloning it shares the budget.
+#[derive(Debug, Clone)]
+pub(crate) struct Recipe {
+    tcp: HttpConnector,
+    budget: Budget,
+    wait: Duration,
+    tls: Arc<rustls::ClientConfig>,
+    /// A shared client's pool: [`MAX_IDLE_PER_HOST`] idle connections.
+    shared: Builder,
+    /// A [`Private`] client's pool: `proxy.max_idle_per_client` idle connections.
+    private: Builder,
+}
+
+impl Recipe {
+    /// Clients connecting within `connect_timeout` (and waiting as long for a permit of `budget`), speaking
+    /// `versions`, with TLS by `tls` for `https` URIs.
+    pub(crate) fn new(
+        settings: &ProxySettings,
+        connect_timeout: Duration,
+        budget: Budget,
+        mut tls: rustls::ClientConfig,
+        versions: Versions,
+    ) -> Self {
+        let mut tcp = HttpConnector::new();
+        // A backend that is down must give a fast 502, not hang the client.
+        tcp.set_connect_timeout(Some(connect_timeout));
+        tcp.set_nodelay(true);
+        tcp.enforce_http(false);
+        // Over TLS, HTTP/2 is offered by ALPN (for cleartext URIs ALPN plays no part); what hyper-rustls's builder
+        // would set.
+        tls.alpn_protocols = match versions {
+            Versions::Http1 => Vec::new(),
+            Versions::H2 | Versions::Alpn => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        };
+        let mut shared = Client::builder(TokioExecutor::new());
+        shared
+            .pool_idle_timeout(settings.pool_idle_timeout)
+            .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .http2_only(versions == Versions::H2);
+        let mut private = shared.clone();
+        private.pool_max_idle_per_host(settings.max_idle_per_client);
+        Self { tcp, budget, wait: connect_timeout, tls: Arc::new(tls), shared, private }
+    }
+
+    /// A client for everyone (`header`: written first on each connection, such as a health check's `LOCAL`).
+    pub(crate) fn shared(&self, header: Option<Arc<[u8]>>) -> HttpClient {
+        self.shared.build(self.connector(header))
+    }
+
+    /// A client for one client connection, whose connections all start with that client's `header`.
+    pub(crate) fn private(&self, header: Arc<[u8]>) -> HttpClient {
+        self.private.build(self.connector(Some(header)))
+    }
+
+    fn connector(&self, header: Option<Arc<[u8]>>) -> Connector {
+        let bounded = BoundedConnector::new(self.tcp.clone(), self.budget.clone(), self.wait).with_header(header);
+        // What `HttpsConnectorBuilder::https_or_http` makes, sharing one TLS config.
+        hyper_rustls::HttpsConnector::from((bounded, self.tls.clone()))
+    }
 }
 
 /// TLS to upstreams verified against `roots`.

@@ -1,5 +1,7 @@
 //! `[[upstream]]` pools: choosing a server (round robin, least outstanding requests), passive health (failures in
-//! a row take a server out) and active HTTP checks (which bring it back).
+//! a row take a server out) and active HTTP checks (which bring it back). A pool with `proxy_protocol` sends its
+//! requests through each client connection's [`super::Private`] clients and its health checks with a `LOCAL`
+//! header (HAProxy's `check-send-proxy`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -9,7 +11,7 @@ use http::Uri;
 use http_body_util::{Either, Empty};
 use tokio::sync::Semaphore;
 
-use super::{HttpClient, Versions, client, no_tls, tls_config};
+use super::{HttpClient, Recipe, Versions, no_tls, proxy_header, tls_config};
 use crate::backend::Budget;
 use crate::config::{Balance, HealthCheckSettings, ProxySettings, UpstreamSettings};
 use crate::metrics::{Histogram, inc, label_value};
@@ -30,7 +32,10 @@ pub(crate) struct PoolServer {
     pub(crate) address: String,
     /// `http://address`, the base of request URIs.
     pub(crate) base: Uri,
+    /// The shared client: every request, or with `proxy_protocol` only the health checks (`LOCAL` header).
     pub(crate) client: HttpClient,
+    /// With `proxy_protocol`: how each client connection's own client to this server is made.
+    pub(crate) private: Option<Recipe>,
     in_flight: AtomicUsize,
     /// Consecutive failed requests (passive health).
     fails: AtomicU32,
@@ -72,23 +77,25 @@ impl Pool {
         let epoch = Instant::now();
         let scheme = if tls.is_some() { "https" } else { "http" };
         let tls = tls.map_or_else(no_tls, tls_config);
+        let versions = match settings.protocol {
+            crate::config::UpstreamProtocol::Http1 => Versions::Http1,
+            crate::config::UpstreamProtocol::H2 => Versions::H2,
+        };
         let servers = settings
             .servers
             .iter()
-            .map(|address| PoolServer {
+            .map(|address| {
+                let budget = Budget::new(settings.max_connections_per_server, total.clone());
+                let recipe = Recipe::new(proxy, settings.connect_timeout, budget, tls.clone(), versions);
+                let check_header = settings.proxy_protocol.map(|_| proxy_header::local());
+                (address, recipe.shared(check_header), settings.proxy_protocol.map(|_| recipe))
+            })
+            .map(|(address, client, private)| PoolServer {
                 address: address.clone(),
                 // Validated in config: `host:port` makes a URI.
                 base: format!("{scheme}://{address}").parse().unwrap_or_else(|_| Uri::from_static("http://invalid")),
-                client: client(
-                    proxy,
-                    settings.connect_timeout,
-                    Budget::new(settings.max_connections_per_server, total.clone()),
-                    tls.clone(),
-                    match settings.protocol {
-                        crate::config::UpstreamProtocol::Http1 => Versions::Http1,
-                        crate::config::UpstreamProtocol::H2 => Versions::H2,
-                    },
-                ),
+                client,
+                private,
                 in_flight: AtomicUsize::new(0),
                 fails: AtomicU32::new(0),
                 ejected_until: AtomicU64::new(0),
@@ -254,6 +261,7 @@ mod tests {
             retries: 1,
             protocol: crate::config::UpstreamProtocol::Http1,
             tls: None,
+            proxy_protocol: None,
             health_check: health_check.then(|| HealthCheckSettings {
                 path: "/".into(),
                 interval: Duration::from_secs(1),
@@ -269,6 +277,7 @@ mod tests {
             pool_idle_timeout: Duration::from_secs(1),
             max_connections_per_backend: 4,
             max_backend_connections: 16,
+            max_idle_per_client: 5,
         };
         Pool::new(&settings, &proxy, Arc::new(Semaphore::new(16)), None)
     }

@@ -3,8 +3,10 @@
 //!
 //! `connections.rs`: what a client can hold after the handshake (idle connections, streams, uploads, slow reads,
 //! the breaker, the admin listener); `floods.rs`: floods and malformed input (huge names, memory bombs, HTTP/2
-//! floods, trickled hellos, ambiguous framing, descriptor exhaustion, name floods against the rate cap).
+//! floods, trickled hellos, ambiguous framing, descriptor exhaustion, name floods against the rate cap);
+//! `admission.rs`: per-address and per-prefix limits on new and open connections, before TLS.
 
+mod admission;
 mod connections;
 mod floods;
 

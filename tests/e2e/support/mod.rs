@@ -13,6 +13,7 @@ use tern_fixtures::TestCa;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+pub mod haproxy;
 pub mod pebble;
 mod routes;
 pub use routes::*;
@@ -350,18 +351,28 @@ impl TernProcess {
 
     /// `tern run -c config`, under a descriptor limit (soft and hard) of `nofile` if given.
     pub async fn start_with(config: &Path, nofile: Option<u32>) -> Result<Self> {
+        Self::start_from(Path::new(TERN), config, nofile, &[]).await
+    }
+
+    /// `binary run -c config` (a copy of the binary under test), with `env` added to its environment.
+    pub async fn start_from(binary: &Path, config: &Path, nofile: Option<u32>, env: &[(&str, &str)]) -> Result<Self> {
         let ready_dir = tempfile::tempdir()?;
         let ready = ready_dir.path().join("ready.json");
         let mut command = match nofile {
-            None => tern(&["run", "-c", &config.to_string_lossy(), "--ready-file", &ready.to_string_lossy()]),
+            None => {
+                let mut command = std::process::Command::new(binary);
+                let args = ["run", "-c", &config.to_string_lossy(), "--ready-file", &ready.to_string_lossy()];
+                command.args(args).env("TERN_LOG", "info");
+                command
+            }
             Some(limit) => {
                 let mut command = std::process::Command::new("bash");
                 let line = format!("ulimit -n {limit} && exec \"$0\" run -c \"$1\" --ready-file \"$2\"",);
-                command.args(["-c", &line, TERN]).arg(config).arg(&ready).env("TERN_LOG", "info");
+                command.args(["-c", &line]).arg(binary).arg(config).arg(&ready).env("TERN_LOG", "info");
                 command
             }
         };
-        command.stdin(std::process::Stdio::null());
+        command.stdin(std::process::Stdio::null()).envs(env.iter().copied());
         let mut child =
             tokio::process::Command::from(command).stderr(std::process::Stdio::piped()).kill_on_drop(true).spawn()?;
         use tokio::io::AsyncBufReadExt;
