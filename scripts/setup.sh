@@ -6,8 +6,8 @@
 # peer in front of tern in the PROXY protocol tests) and systemd-analyze (checks the shipped unit), and pebble and
 # pebble-challtestsrv (Let's Encrypt's ACME test server and its mock DNS, one Debian package: the ACME tests issue
 # real certificates from it, see tests/e2e/support/pebble.rs).
-# `bench` mode adds what the benchmarks need beyond the tests: chromium (headless; the browser side of the
-# cert-compression benchmark).
+# and chromium (headless: the browser side of the certificate-compression test and benchmark). `bench` mode is
+# the same set today.
 # Usage: scripts/setup.sh [demo|test|bench]    (idempotent; quiet when everything is present)
 set -euo pipefail
 mode="${1:-demo}"
@@ -33,7 +33,7 @@ if [ "$mode" = test ] || [ "$mode" = bench ]; then
   if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
     missing+=(python3-venv)
   fi
-  if [ "$mode" = bench ] && ! command -v chromium >/dev/null 2>&1; then
+  if ! command -v chromium >/dev/null 2>&1; then
     missing+=(chromium)
   fi
   if [ "${#missing[@]}" -gt 0 ]; then

@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use rustls::compress::CertDecompressor;
 use tern::config::CertCompression;
@@ -155,5 +156,38 @@ async fn compression_counters_are_exposed_on_the_admin_endpoint() -> anyhow::Res
     assert_eq!(sample(&text, "tern_tls_certificates_compressed_total", &[("algorithm", "zlib")]), 0.0);
     assert_eq!(sample(&text, "tern_tls_certificate_compression_cache_total", &[("outcome", "miss")]), 1.0);
     assert_eq!(sample(&text, "tern_tls_certificate_compression_cache_total", &[("outcome", "hit")]), 2.0);
+    Ok(())
+}
+
+/// Debian's headless Chromium, a client that is not tern's code, gets its certificate brotli-compressed (it offers
+/// brotli only) and loads the page through tern.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_gets_the_certificate_brotli_compressed() -> anyhow::Result<()> {
+    let (_pki, server) = start("[admin]\nbind = \"127.0.0.1:0\"\n").await?;
+    let profile = tempfile::tempdir()?;
+    let mut command = tokio::process::Command::new("chromium");
+    command
+        .args(["--headless=new", "--no-sandbox", "--disable-gpu", "--ignore-certificate-errors", "--no-first-run"])
+        .args(["--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("--host-resolver-rules=MAP * 127.0.0.1:{}", server.addr.port()))
+        .args(["--dump-dom", &format!("https://{CHAIN}/from-chromium")])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(90), command.output())
+        .await
+        .map_err(|_| anyhow::anyhow!("chromium hung"))?
+        .map_err(|e| anyhow::anyhow!("starting chromium (scripts/setup.sh test installs it): {e}"))?;
+    let page = String::from_utf8_lossy(&output.stdout);
+    // The echo backend answers with the request it saw.
+    assert!(
+        page.contains("/from-chromium"),
+        "chromium loaded no page through tern: {page} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (_, text) = admin(server.admin_addr(), "GET", "/metrics", None).await?;
+    let brotli = sample(&text, "tern_tls_certificates_compressed_total", &[("algorithm", "brotli")]);
+    assert!(brotli >= 1.0, "chromium's handshakes were brotli-compressed: {brotli}");
+    assert_eq!(sample(&text, "tern_tls_certificates_compressed_total", &[("algorithm", "zlib")]), 0.0);
     Ok(())
 }
