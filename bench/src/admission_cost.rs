@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use futures_util::StreamExt;
+use tern_bench::{metric, scrape};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::process::{Child, Command};
@@ -254,20 +255,6 @@ async fn handshake(client: Arc<rustls::ClientConfig>, to: SocketAddr) -> Result<
     let mut tls = tokio::time::timeout(Duration::from_secs(10), connect).await.context("handshake stalled")??;
     let _ = tls.shutdown().await;
     Ok(true)
-}
-
-/// The admin endpoint's Prometheus text.
-async fn scrape(admin: SocketAddr) -> Result<String> {
-    let mut tcp = TcpStream::connect(admin).await?;
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").await?;
-    let mut body = String::new();
-    tcp.read_to_string(&mut body).await?;
-    Ok(body)
-}
-
-/// The value of the sample written exactly `series` (name and labels).
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
 }
 
 /// `tern run` with one listener (`main`) limiting each address to one open connection; loopback's 127.0.0.0/16

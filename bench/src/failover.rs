@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use tern_bench::{metric, scrape};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
@@ -96,20 +97,6 @@ struct Outcome {
     /// Mean time from A's write to B holding the session, over `replicated` sessions.
     lag_ms: Option<f64>,
     replicated: f64,
-}
-
-/// The admin endpoint's Prometheus text.
-async fn scrape(admin: SocketAddr) -> Result<String> {
-    let mut tcp = tokio::net::TcpStream::connect(admin).await?;
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").await?;
-    let mut body = String::new();
-    tcp.read_to_string(&mut body).await?;
-    Ok(body)
-}
-
-/// A sample without labels.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
 }
 
 async fn run(

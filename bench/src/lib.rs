@@ -105,3 +105,18 @@ fn stat_cpu_seconds(path: &str) -> Result<f64> {
     let fields: Vec<&str> = stat.rsplit_once(')').context("stat format")?.1.split_whitespace().collect();
     Ok((fields[11].parse::<f64>()? + fields[12].parse::<f64>()?) / 100.0)
 }
+
+/// A tern admin endpoint's Prometheus text (`GET /metrics`).
+pub async fn scrape(admin: std::net::SocketAddr) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(admin).await?;
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").await?;
+    let mut body = String::new();
+    tcp.read_to_string(&mut body).await?;
+    Ok(body)
+}
+
+/// The value of the sample written exactly `series` (its name, and its labels if it has any); 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
+}

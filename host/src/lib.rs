@@ -17,6 +17,7 @@ mod backend;
 mod body;
 pub mod cache;
 pub mod certs;
+pub mod civil;
 mod clip;
 pub mod compression;
 pub mod config;

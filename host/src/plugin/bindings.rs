@@ -48,10 +48,8 @@ pub struct CallState {
     pub(super) kv: Option<Arc<KvAccess>>,
     pub(super) http: wasmtime_wasi_http::WasiHttpCtx,
     pub(super) http_hooks: super::http::HttpHooks,
-    /// Set when a granted store could not be reached during this call.
-    pub(super) store_down: Arc<std::sync::atomic::AtomicBool>,
-    /// Set while a kv call waits for the store: a call abandoned at its deadline then was waiting for the store.
-    pub(super) store_waiting: Arc<std::sync::atomic::AtomicBool>,
+    /// What this call's capabilities saw of the plugin's stores.
+    pub(super) store: Arc<StoreSeen>,
     pub(super) log_lines: u32,
 }
 
@@ -115,7 +113,7 @@ macro_rules! host_interfaces {
         impl $version::tern::plugin::kv::Host for CallState {
             async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, $version::tern::plugin::kv::Error> {
                 let grant = self.kv_grant(std::slice::from_ref(&key))?;
-                let result = waiting_for_store(self.store_waiting.clone(), grant.store.get(&key)).await;
+                let result = self.store.clone().waiting_for(grant.store.get(&key)).await;
                 Ok(self.kv_result(result)?)
             }
 
@@ -124,7 +122,7 @@ macro_rules! host_interfaces {
                 keys: Vec<String>,
             ) -> Result<Vec<Option<Vec<u8>>>, $version::tern::plugin::kv::Error> {
                 let grant = self.kv_grant(&keys)?;
-                let result = waiting_for_store(self.store_waiting.clone(), grant.store.get_many(&keys)).await;
+                let result = self.store.clone().waiting_for(grant.store.get_many(&keys)).await;
                 Ok(self.kv_result(result)?)
             }
 
@@ -134,7 +132,7 @@ macro_rules! host_interfaces {
                 fields: Vec<String>,
             ) -> Result<Vec<Option<Vec<u8>>>, $version::tern::plugin::kv::Error> {
                 let grant = self.kv_grant(std::slice::from_ref(&key))?;
-                let result = waiting_for_store(self.store_waiting.clone(), grant.store.hash_get(&key, &fields)).await;
+                let result = self.store.clone().waiting_for(grant.store.hash_get(&key, &fields)).await;
                 Ok(self.kv_result(result)?)
             }
         }
@@ -173,7 +171,7 @@ impl CallState {
     fn kv_result<T>(&self, result: Result<T, crate::store::StoreError>) -> Result<T, KvError> {
         result.map_err(|err| {
             if matches!(err, crate::store::StoreError::Unavailable { .. }) {
-                self.store_down.store(true, std::sync::atomic::Ordering::Relaxed);
+                self.store.down.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             to_wit(err)
         })
@@ -194,15 +192,29 @@ impl CallState {
     }
 }
 
-/// Awaits a store reply with `waiting` set meanwhile (it stays set if the call is abandoned at its deadline).
-async fn waiting_for_store<T>(
-    waiting: Arc<std::sync::atomic::AtomicBool>,
-    reply: impl std::future::Future<Output = T>,
-) -> T {
-    waiting.store(true, std::sync::atomic::Ordering::Relaxed);
-    let reply = reply.await;
-    waiting.store(false, std::sync::atomic::Ordering::Relaxed);
-    reply
+/// What one call's capabilities (kv, outgoing HTTP) saw of the plugin's stores: the host's evidence that a failed
+/// or abandoned call was the store's fault, not the plugin's.
+#[derive(Debug, Default)]
+pub(super) struct StoreSeen {
+    /// A store could not be reached.
+    pub(super) down: std::sync::atomic::AtomicBool,
+    /// A store call is in progress (it stays set when the call is abandoned at its deadline).
+    pub(super) waiting: std::sync::atomic::AtomicBool,
+}
+
+impl StoreSeen {
+    /// Awaits a store reply with `waiting` set meanwhile.
+    pub(super) async fn waiting_for<T>(self: Arc<Self>, reply: impl std::future::Future<Output = T>) -> T {
+        self.waiting.store(true, std::sync::atomic::Ordering::Relaxed);
+        let reply = reply.await;
+        self.waiting.store(false, std::sync::atomic::Ordering::Relaxed);
+        reply
+    }
+
+    /// Whether a store failed or was being waited for.
+    pub(super) fn troubled(&self) -> bool {
+        self.down.load(std::sync::atomic::Ordering::Relaxed) || self.waiting.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// A plugin's key-value grant: the store and the key prefixes it may read.

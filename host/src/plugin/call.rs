@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
@@ -12,7 +12,7 @@ use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, WasiCtx};
 
-use super::bindings::{CallState, KvAccess, v0_1, v0_2};
+use super::bindings::{CallState, KvAccess, StoreSeen, v0_1, v0_2};
 use super::limits::CallLimiter;
 use super::{Outcome, PemCertificate, PluginError, PluginRuntime, PluginStats, RouteRequest, Selection, guard, http};
 use crate::config::PluginSettings;
@@ -41,13 +41,6 @@ pub struct Plugin {
     pub(super) permits: Arc<Semaphore>,
     pub(super) guard: Arc<guard::Guard>,
     pub(super) stats: Arc<PluginStats>,
-}
-
-/// What one call's capabilities saw of the plugin's stores: one failed, or one was being waited for.
-#[derive(Debug, Default)]
-struct StoreFlags {
-    down: Arc<AtomicBool>,
-    waiting: Arc<AtomicBool>,
 }
 
 /// The contract version a plugin was built against.
@@ -157,15 +150,13 @@ impl Plugin {
         let _permit = self.permits.acquire().await.map_err(|_| PluginError::Instantiate("plugin closed".into()))?;
         self.stats.started();
         let timeout = self.source.timeout;
-        let store = StoreFlags::default();
-        let result = match tokio::time::timeout(timeout, self.call(servername, listener, &store)).await {
+        let store = Arc::new(StoreSeen::default());
+        let result = match tokio::time::timeout(timeout, self.call(servername, listener, store.clone())).await {
             Ok(result) => result,
             // The time went to a store that failed or did not answer: the store's fault, not the plugin's.
-            Err(_) if store.down.load(Ordering::Relaxed) || store.waiting.load(Ordering::Relaxed) => {
-                Err(PluginError::StoreUnavailable(format!(
-                    "the store did not answer within the plugin's timeout ({timeout:?})"
-                )))
-            }
+            Err(_) if store.troubled() => Err(PluginError::StoreUnavailable(format!(
+                "the store did not answer within the plugin's timeout ({timeout:?})"
+            ))),
             Err(_) => Err(PluginError::Timeout(timeout)),
         };
         self.stats.record(match &result {
@@ -198,13 +189,11 @@ impl Plugin {
         &self,
         servername: &ServerName,
         listener: &str,
-        flags: &StoreFlags,
+        seen: Arc<StoreSeen>,
     ) -> Result<Selection, PluginError> {
         // Epoch ticks (hence deadlines and yielding) while this call runs; dropped with the future on timeout.
         let _ticking = self.runtime.ticker.running();
         let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
-        // Set by the kv and HTTP capabilities when the store behind them cannot be reached.
-        let (store_down, store_waiting) = (flags.down.clone(), flags.waiting.clone());
         let wasi = self.wasi_ctx(stderr.clone()).await?;
         let state = CallState {
             wasi,
@@ -216,13 +205,8 @@ impl Plugin {
             settings: self.settings.clone(),
             kv: self.kv.clone(),
             http: wasmtime_wasi_http::WasiHttpCtx::new(),
-            http_hooks: http::HttpHooks {
-                grant: self.http.clone(),
-                store_down: store_down.clone(),
-                store_waiting: store_waiting.clone(),
-            },
-            store_down: store_down.clone(),
-            store_waiting,
+            http_hooks: http::HttpHooks { grant: self.http.clone(), store: seen.clone() },
+            store: seen.clone(),
             log_lines: 0,
         };
         let mut store = Store::new(&self.runtime.engine, state);
@@ -253,7 +237,7 @@ impl Plugin {
         self.stats.saw_memory(store.data().limiter.peak);
         match answer {
             Ok(selection) => Ok(selection),
-            Err(message) if store_down.load(Ordering::Relaxed) => Err(PluginError::StoreUnavailable(message)),
+            Err(message) if seen.down.load(Ordering::Relaxed) => Err(PluginError::StoreUnavailable(message)),
             Err(message) => Err(PluginError::Returned(message)),
         }
     }

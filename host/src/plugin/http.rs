@@ -15,10 +15,8 @@ use crate::config::HttpGrant;
 /// The per-call hooks: they see every request the plugin sends.
 pub struct HttpHooks {
     pub(super) grant: Option<Arc<HttpGrant>>,
-    /// Set when the API could not be reached (connect failure or timeout).
-    pub(super) store_down: Arc<std::sync::atomic::AtomicBool>,
-    /// Set while a request waits for the API's response head.
-    pub(super) store_waiting: Arc<std::sync::atomic::AtomicBool>,
+    /// The API could not be reached (connect failure or timeout), or a request is waiting for its response head.
+    pub(super) store: Arc<super::bindings::StoreSeen>,
 }
 
 type ResponseFuture = Box<
@@ -45,12 +43,11 @@ impl WasiHttpHooks for HttpHooks {
             first_byte_timeout: Some(grant.timeout),
             between_bytes_timeout: Some(grant.timeout),
         };
-        let (store_down, store_waiting) = (self.store_down.clone(), self.store_waiting.clone());
+        let store = self.store.clone();
         Box::new(async move {
-            store_waiting.store(true, std::sync::atomic::Ordering::Relaxed);
-            let sent = wasmtime_wasi_http::default_send_request(request, Some(options)).await;
-            store_waiting.store(false, std::sync::atomic::Ordering::Relaxed);
-            let (response, io) = sent.inspect_err(|_| store_down.store(true, std::sync::atomic::Ordering::Relaxed))?;
+            let sent =
+                store.clone().waiting_for(wasmtime_wasi_http::default_send_request(request, Some(options))).await;
+            let (response, io) = sent.inspect_err(|_| store.down.store(true, std::sync::atomic::Ordering::Relaxed))?;
             let cap = grant.max_response_bytes;
             let declared = response.body().size_hint().exact();
             if declared.is_some_and(|len| len > cap) {
