@@ -6,7 +6,8 @@
 # peer in front of tern in the PROXY protocol tests) and systemd-analyze (checks the shipped unit), and pebble and
 # pebble-challtestsrv (Let's Encrypt's ACME test server and its mock DNS, one Debian package: the ACME tests issue
 # real certificates from it, see tests/e2e/support/pebble.rs).
-# and chromium (headless: the browser side of the certificate-compression test and benchmark). `bench` mode is
+# and chromium (headless: the browser side of the certificate-compression test and benchmark), and testssl.sh
+# (its view of the server's cipher order). `bench` mode is
 # the same set today.
 # Usage: scripts/setup.sh [demo|test|bench]    (idempotent; quiet when everything is present)
 set -euo pipefail
@@ -35,6 +36,9 @@ if [ "$mode" = test ] || [ "$mode" = bench ]; then
   fi
   if ! command -v chromium >/dev/null 2>&1; then
     missing+=(chromium)
+  fi
+  if ! command -v testssl >/dev/null 2>&1; then
+    missing+=(testssl.sh)
   fi
   if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing ${missing[*]} from Debian packages" >&2

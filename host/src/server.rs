@@ -263,7 +263,7 @@ impl Server {
         };
         let (sessions, ticketer) = resumption.for_scope(&scope);
         let ticketer = ticketer.map(|t| t as Arc<dyn rustls::server::ProducesTickets>);
-        let tls = TlsTemplate::new(&settings.alpn, verifier, sessions, ticketer)
+        let tls = TlsTemplate::new(&settings.alpn, &config.server.ciphers, verifier, sessions, ticketer)
             .map_err(|source| StartError::Tls { listener: settings.name.clone(), source })?
             .with_compression(compression);
         let ctx = Arc::new(ListenerCtx {

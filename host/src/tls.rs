@@ -22,55 +22,87 @@ use crate::route::Target;
 use crate::select::{Policy, SelectError, Selector, Source};
 use crate::sni::ServerName;
 
-use crate::crypto::provider;
+use crate::config::CipherSettings;
+use crate::crypto::{SuitePreference, provider};
 
 /// A listener's TLS settings, from which each handshake's config is cloned.
 #[derive(Debug, Clone)]
 pub struct TlsTemplate {
     base: Arc<ServerConfig>,
+    /// `base` with ChaCha20-Poly1305 first, for clients that list it first (see [`SuitePreference`]).
+    chacha_first: Option<Arc<ServerConfig>>,
     reject: Arc<ServerConfig>,
     /// Keeps the memo of compressed certificates alive (`base` reaches it only through a `Weak`).
     _compression: crate::compression::Compression,
 }
 
 impl TlsTemplate {
-    /// TLS 1.2 and 1.3, the given ALPN protocols, client certificates if `client_verifier` asks for them, and the
-    /// resumption state of the listener's scope: its session store and, unless tickets are off, its ticketer.
-    /// Certificates go uncompressed until [`TlsTemplate::with_compression`].
+    /// TLS 1.2 and 1.3, the cipher suites and order of `ciphers`, the given ALPN protocols, client certificates
+    /// if `client_verifier` asks for them, and the resumption state of the listener's scope: its session store
+    /// and, unless tickets are off, its ticketer. Certificates go uncompressed until
+    /// [`TlsTemplate::with_compression`].
     pub fn new(
         alpn: &[Vec<u8>],
+        ciphers: &CipherSettings,
         client_verifier: Option<Arc<dyn ClientCertVerifier>>,
         sessions: Arc<dyn StoresServerSessions>,
         ticketer: Option<Arc<dyn ProducesTickets>>,
     ) -> Result<Self, rustls::Error> {
-        let builder = ServerConfig::builder_with_provider(provider().clone())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
-        let builder = match client_verifier {
-            Some(verifier) => builder.with_client_cert_verifier(verifier),
-            None => builder.with_no_client_auth(),
+        let preference = SuitePreference::new(ciphers);
+        let build = |provider: &Arc<rustls::crypto::CryptoProvider>| -> Result<ServerConfig, rustls::Error> {
+            let builder = ServerConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+            let builder = match &client_verifier {
+                Some(verifier) => builder.with_client_cert_verifier(verifier.clone()),
+                None => builder.with_no_client_auth(),
+            };
+            let mut config = builder.with_cert_resolver(Arc::new(NoCertificate));
+            config.alpn_protocols = alpn.to_vec();
+            config.session_storage = sessions.clone();
+            if let Some(ticketer) = &ticketer {
+                config.ticketer = ticketer.clone();
+            }
+            config.ignore_client_order = preference.server_decides;
+            Ok(config)
         };
-        let mut base = builder.with_cert_resolver(Arc::new(NoCertificate));
-        base.alpn_protocols = alpn.to_vec();
-        base.session_storage = sessions;
-        if let Some(ticketer) = ticketer {
-            base.ticketer = ticketer;
-        }
         let compression = crate::compression::Compression::off();
+        let mut base = build(&preference.preferred)?;
         compression.apply(&mut base);
         let reject = Arc::new(base.clone());
-        Ok(Self { base: Arc::new(base), reject, _compression: compression })
+        let chacha_first = match &preference.chacha_first {
+            Some(provider) => {
+                let mut config = build(provider)?;
+                compression.apply(&mut config);
+                Some(Arc::new(config))
+            }
+            None => None,
+        };
+        Ok(Self { base: Arc::new(base), chacha_first, reject, _compression: compression })
     }
 
     /// The same template compressing TLS 1.3 certificates as `compression` says (the server's one memo).
     pub fn with_compression(self, compression: &crate::compression::Compression) -> Self {
-        let mut base = (*self.base).clone();
-        compression.apply(&mut base);
-        Self { base: Arc::new(base), reject: self.reject, _compression: compression.clone() }
+        let compressing = |config: &Arc<ServerConfig>| {
+            let mut config = (**config).clone();
+            compression.apply(&mut config);
+            Arc::new(config)
+        };
+        Self {
+            base: compressing(&self.base),
+            chacha_first: self.chacha_first.as_ref().map(compressing),
+            reject: self.reject,
+            _compression: compression.clone(),
+        }
     }
 
-    /// The config that serves `key` (a clone of the template: ~0.1 µs, shares session state).
-    pub(crate) fn serving(&self, key: Arc<CertifiedKey>) -> Arc<ServerConfig> {
-        let mut config = (*self.base).clone();
+    /// The config that serves `key` to a client offering `offered` cipher suites (a clone of the template:
+    /// ~0.1 µs, shares session state).
+    pub(crate) fn serving(&self, key: Arc<CertifiedKey>, offered: &[rustls::CipherSuite]) -> Arc<ServerConfig> {
+        let template = match &self.chacha_first {
+            Some(chacha) if SuitePreference::client_prefers_chacha(offered) => chacha,
+            _ => &self.base,
+        };
+        let mut config = (**template).clone();
         config.cert_resolver = Arc::new(Chosen(key));
         Arc::new(config)
     }
@@ -186,9 +218,11 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
     let parsed_name = || servername.as_deref().and_then(|raw| ServerName::parse(raw).ok());
     match selector.select_for(policy, servername.as_deref(), client).await {
         Ok((Choice::Serve(served), source)) => {
-            let cert = served.for_client(accepted.client_hello().signature_schemes()).clone();
+            let offered = accepted.client_hello();
+            let cert = served.for_client(offered.signature_schemes()).clone();
+            let config = tls.serving(cert.certified.clone(), offered.cipher_suites());
             let stream = StartHandshake::from_parts(accepted, io)
-                .into_stream(tls.serving(cert.certified.clone()))
+                .into_stream(config)
                 .await
                 .map_err(|e| (servername.clone(), HandshakeError::Tls(e)))?;
             let (servername, handshake) = (parsed_name(), started.elapsed());

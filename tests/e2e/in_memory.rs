@@ -169,7 +169,7 @@ async fn a_name_past_its_ttl_is_served_at_once_while_one_refresh_runs_in_the_bac
 
 fn template() -> anyhow::Result<TlsTemplate> {
     let sessions = rustls::server::ServerSessionMemoryCache::new(64);
-    Ok(TlsTemplate::new(&[b"http/1.1".to_vec()], None, sessions, None)?)
+    Ok(TlsTemplate::new(&[b"http/1.1".to_vec()], &Default::default(), None, sessions, None)?)
 }
 
 async fn client_over(

@@ -253,6 +253,28 @@ pub struct ServerSettings {
     pub plugin_memory_total: usize,
     /// Certificate compression (RFC 8879) and the memo of compressed chains.
     pub certificate_compression: CompressionSettings,
+    /// Which cipher suites are negotiated, and whose order of preference wins.
+    pub ciphers: CipherSettings,
+}
+
+/// `server.cipher_suites` and `server.cipher_order`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CipherSettings {
+    /// The suites enabled, most preferred first; `None`: all of them in tern's default order for this CPU
+    /// ([`crate::crypto::default_suites`]).
+    pub suites: Option<Vec<rustls::CipherSuite>>,
+    /// Whose preference decides.
+    pub order: CipherOrder,
+}
+
+/// `server.cipher_order`: whose order of cipher suites decides (nginx's `ssl_prefer_server_ciphers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CipherOrder {
+    /// tern's order, except that a client listing ChaCha20-Poly1305 first gets it (the default).
+    #[default]
+    Server,
+    /// The client's order.
+    Client,
 }
 
 /// A certificate compression algorithm (RFC 8879) of `server.certificate_compression`.

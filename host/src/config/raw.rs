@@ -87,6 +87,8 @@ pub struct Server {
     pub certificate_compression: Option<Vec<String>>,
     pub certificate_compression_cache_entries: Option<u64>,
     pub certificate_compression_cache_bytes: Option<Size>,
+    pub cipher_suites: Option<Vec<String>>,
+    pub cipher_order: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

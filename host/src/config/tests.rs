@@ -499,6 +499,38 @@ fn certificate_compression_takes_known_algorithms_once_and_a_bounded_memo() {
 }
 
 #[test]
+fn cipher_suites_are_known_names_once_with_tls13_and_the_server_order_by_default() {
+    use rustls::CipherSuite;
+    let with = |keys: &str| format!("{MINIMAL}\n[server]\n{keys}\n");
+    let config = load(MINIMAL).unwrap();
+    assert_eq!(config.server.ciphers, CipherSettings { suites: None, order: CipherOrder::Server });
+    let config = load(&with(
+        "cipher_suites = [\"TLS_CHACHA20_POLY1305_SHA256\", \"TLS13_AES_128_GCM_SHA256\", \
+         \"TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256\"]\ncipher_order = \"client\"",
+    ))
+    .unwrap();
+    let chosen = [
+        CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+        CipherSuite::TLS13_AES_128_GCM_SHA256,
+        CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+    ];
+    assert_eq!(config.server.ciphers, CipherSettings { suites: Some(chosen.to_vec()), order: CipherOrder::Client });
+    for (bad, key, says) in [
+        ("cipher_suites = [\"TLS_RSA_WITH_RC4_128_SHA\"]", "server.cipher_suites", "not a suite tern offers"),
+        ("cipher_suites = [\"TLS_AES_128_GCM_SHA256\", \"tls13_aes_128_gcm_sha256\"]", "server.cipher_suites", "twice"),
+        ("cipher_suites = [\"TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256\"]", "server.cipher_suites", "no TLS 1.3"),
+        ("cipher_suites = []", "server.cipher_suites", "no TLS 1.3"),
+        ("cipher_order = \"random\"", "server.cipher_order", "\"random\": give"),
+    ] {
+        let err = error_of(&with(bad));
+        assert!(
+            err.contains("/etc/tern/tern.toml") && err.contains(&format!("{key}: ")) && err.contains(says),
+            "{bad}: {err}"
+        );
+    }
+}
+
+#[test]
 fn proxy_protocol_to_upstreams_is_off_unless_set_and_only_v2_is_known() {
     let config = load(MINIMAL).unwrap();
     assert_eq!(config.listeners[0].backend_proxy_protocol, None);

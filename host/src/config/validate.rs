@@ -270,8 +270,47 @@ impl Validator<'_> {
                 usize::try_from(total).unwrap_or(usize::MAX)
             },
             certificate_compression: self.certificate_compression(raw)?,
+            ciphers: self.ciphers(raw)?,
         };
         Ok(server)
+    }
+
+    /// `server.cipher_suites` (suites tern implements, each once, at least one for TLS 1.3) and
+    /// `server.cipher_order`.
+    fn ciphers(&self, raw: &raw::Server) -> Result<CipherSettings, ConfigError> {
+        let key = "server.cipher_suites";
+        let suites = match &raw.cipher_suites {
+            None => None,
+            Some(names) => {
+                let mut suites: Vec<rustls::SupportedCipherSuite> = Vec::with_capacity(names.len());
+                for name in names {
+                    let Some(suite) = crate::crypto::suite_named(name) else {
+                        let known: Vec<&str> =
+                            crate::crypto::provider().cipher_suites.iter().filter_map(|s| s.suite().as_str()).collect();
+                        return Err(self.err(
+                            key,
+                            format!("{name:?} is not a suite tern offers; give some of {}", known.join(", ")),
+                        ));
+                    };
+                    if suites.iter().any(|s| s.suite() == suite.suite()) {
+                        return Err(self.err(key, format!("{name:?} is listed twice")));
+                    }
+                    suites.push(suite);
+                }
+                if !suites.iter().any(|s| matches!(s, rustls::SupportedCipherSuite::Tls13(_))) {
+                    return Err(self.err(key, "lists no TLS 1.3 suite: TLS 1.3 clients could not connect"));
+                }
+                Some(suites.iter().map(|s| s.suite()).collect())
+            }
+        };
+        let order = match raw.cipher_order.as_deref() {
+            None | Some("server") => CipherOrder::Server,
+            Some("client") => CipherOrder::Client,
+            Some(other) => {
+                return Err(self.err("server.cipher_order", format!("{other:?}: give \"server\" or \"client\"")));
+            }
+        };
+        Ok(CipherSettings { suites, order })
     }
 
     /// `server.certificate_compression` (known algorithms, each once) and the bounds of its memo.
