@@ -15,8 +15,7 @@
 //! connections and in time (`--phase-limit` per phase). The last line is the result as JSON.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +25,6 @@ use futures_util::StreamExt;
 use tern_bench::{metric, scrape};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::process::{Child, Command};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -79,8 +77,8 @@ async fn main() -> Result<()> {
     std::fs::write(dir.path().join("a.crt"), chain)?;
     std::fs::write(dir.path().join("a.key"), key)?;
     let backend = tern_fixtures::spawn_echo_backend().await?;
-    let (mut tern, addr, admin) = start_tern(&args.tern, dir.path(), backend).await?;
-    let pid = tern.id().context("tern running")?;
+    let mut tern = tern_bench::TernProcess::start(&args.tern, dir.path(), &config(backend)).await?;
+    let (pid, addr, admin) = (tern.pid, tern.listener, tern.admin);
     let sources: Vec<Ipv4Addr> =
         (0..args.addresses).map(|i| Ipv4Addr::new(127, 20 + (i / 256) as u8, i as u8, 1)).collect();
     println!(
@@ -137,7 +135,7 @@ async fn main() -> Result<()> {
         })
         .await?;
     drop(holders);
-    let _ = tern.start_kill();
+    let _ = tern.child.start_kill();
 
     println!("tern idle: {:.1} ms CPU per second", idle * 1e3);
     println!(
@@ -257,43 +255,15 @@ async fn handshake(client: Arc<rustls::ClientConfig>, to: SocketAddr) -> Result<
     Ok(true)
 }
 
-/// `tern run` with one listener (`main`) limiting each address to one open connection; loopback's 127.0.0.0/16
-/// exempt (the comparison clients), the flood's 127.20.0.0/14 not.
-async fn start_tern(tern: &Path, dir: &Path, backend: SocketAddr) -> Result<(Child, SocketAddr, SocketAddr)> {
-    let config = format!(
+/// A `tern run` config with one listener (`main`) limiting each address to one open connection; loopback's
+/// 127.0.0.0/16 exempt (the comparison clients), the flood's 127.20.0.0/14 not.
+fn config(backend: SocketAddr) -> String {
+    format!(
         "[log]\naccess = false\nlevel = \"warn\"\n\n[server]\nhandshake_timeout = \"10m\"\n\n\
          [[certificate]]\nname = \"a\"\ncert = \"a.crt\"\nkey = \"a.key\"\n\n\
          [[listener]]\nname = \"main\"\nbind = \"127.0.0.1:0\"\nstrict = true\nbackend = \"http://{backend}\"\n\n\
          [listener.admission]\nexempt = [\"127.0.0.0/16\"]\naddress_concurrent = 1\n\
          address_new_per_second = 1000000\nprefix_new_per_second = 1000000\nprefix_concurrent = 10000000\n\n\
          [admin]\nbind = \"127.0.0.1:0\"\n"
-    );
-    let path = dir.join("tern.toml");
-    std::fs::write(&path, config)?;
-    let ready = dir.join("ready.json");
-    let mut child = Command::new(tern)
-        .arg("run")
-        .arg("-c")
-        .arg(&path)
-        .arg("--ready-file")
-        .arg(&ready)
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {} (cargo build --release -p tern)", tern.display()))?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let text = loop {
-        if let Ok(text) = std::fs::read_to_string(&ready) {
-            break text;
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!("tern exited ({status}) before it was ready");
-        }
-        ensure!(Instant::now() < deadline, "tern not ready after 30 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let json: serde_json::Value = serde_json::from_str(&text)?;
-    let listener = json["listeners"]["main"].as_str().context("no listener")?.parse()?;
-    let admin = json["admin"].as_str().context("no admin")?.parse()?;
-    Ok((child, listener, admin))
+    )
 }

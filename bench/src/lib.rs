@@ -8,6 +8,11 @@ use anyhow::{Context, Result, bail};
 use tern_fixtures::TestCa;
 use tokio::process::{Child, Command};
 
+mod tern_process;
+pub use tern_process::TernProcess;
+
+pub mod floor;
+
 /// Key type of generated host certificates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum KeyKind {

@@ -21,12 +21,31 @@ pub struct Args {
     /// Configurations to run (tern-file, tern-redis, tern-static, tern-http: the http-api plugin, nginx-static,
     /// nginx-var, caddy-files: Caddy loading N files, caddy-http: Caddy's `get_certificate http` against the same
     /// API as tern-http, haproxy-crtlist: a crt-list of N lines; tern-routed: a route per name, tern-routed-unique:
-    /// an origin per name; diagnostic: tern-static-idle-plugin).
+    /// an origin per name; diagnostic: tern-static-idle-plugin; floor-direct: the minimal direct-answer server
+    /// `tls-floor`, one fixed certificate, no proxy, no resumption).
     #[arg(long, value_delimiter = ',', default_value = "tern-static,tern-file,tern-redis,nginx-static,nginx-var")]
     pub configs: Vec<String>,
     /// The tern binary.
     #[arg(long, default_value = "target/release/tern")]
     pub tern: PathBuf,
+    /// The minimal direct-answer server of `floor-direct`.
+    #[arg(long, default_value = "target/release/tls-floor")]
+    pub floor: PathBuf,
+    /// Full handshakes of the in-memory floor per certificate set (rustls alone, no sockets, server-side CPU
+    /// only; 0: not measured).
+    #[arg(long, default_value_t = 20_000)]
+    pub memory_floor_handshakes: u32,
+    /// Run `perf` on every configuration's server during an extra hot-set phase (after the measured ones, so
+    /// that perf's cost stays out of them), writing into this folder as `<config>-<n>-<key>.<perf subcommand>`.
+    #[arg(long)]
+    pub perf: Option<PathBuf>,
+    /// Seconds of the `--perf` phase.
+    #[arg(long, default_value_t = 8.0)]
+    pub perf_seconds: f64,
+    /// perf's subcommand and options for `--perf` (`-p`, `-o` and the duration are added), e.g.
+    /// `stat -e raw_syscalls:sys_enter,sched:sched_switch`.
+    #[arg(long, default_value = "record -F 499 --call-graph dwarf,32768", allow_hyphen_values = true)]
+    pub perf_args: String,
     /// Where certificate sets are kept between runs.
     #[arg(long, default_value = "target/bench-certs")]
     pub certs: PathBuf,

@@ -41,7 +41,4 @@ pub async fn spawn_backend() -> Result<SocketAddr> {
     Ok(addr)
 }
 
-/// Where `needle` first starts in `haystack`.
-pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
+pub use tern_bench::floor::find;

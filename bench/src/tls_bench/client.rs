@@ -27,17 +27,9 @@ impl Client {
         use rustls::pki_types::pem::PemObject;
         let mut roots = rustls::RootCertStore::empty();
         roots.add(rustls::pki_types::CertificateDer::from_pem_file(dir.join("ca.crt"))?)?;
-        // Cipher suites in browsers' order (Chrome, Firefox and Safari offer TLS_AES_128_GCM_SHA256 first; rustls
-        // and OpenSSL clients offer AES-256 first). Every server here honours the client's order, so all of them
-        // negotiate the same suite; X25519 is the key exchange throughout.
-        let mut provider = (**tern::crypto::provider()).clone();
-        provider.cipher_suites.sort_by_key(|suite| {
-            (
-                matches!(suite, rustls::SupportedCipherSuite::Tls12(_)),
-                !format!("{:?}", suite.suite()).contains("AES_128"),
-            )
-        });
-        let provider = Arc::new(provider);
+        // Cipher suites in browsers' order (AES-128-GCM first); every server here honours the client's order, so
+        // all of them negotiate the same suite; X25519 is the key exchange throughout.
+        let provider = tern_bench::floor::browser_order_provider();
         let base =
             rustls::ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
         let mut verifying = base.clone().with_root_certificates(roots).with_no_client_auth();

@@ -6,6 +6,10 @@ use std::path::Path;
 
 use crate::Setup;
 
+/// The minimal direct-answer server (`tls-floor`): not a certificate-selecting server, so its handshakes for other
+/// names than the first are not verified, and it is the baseline of the floor comparison.
+pub const FLOOR_DIRECT: &str = "floor-direct";
+
 /// A `[[certificate]]` entry for every host of the set (tern's static preload).
 fn static_certificates(setup: &Setup) -> String {
     let dir = setup.dir.display();

@@ -18,6 +18,11 @@
 //! preload runs all tern configurations at once and alternates short phases between them (`--ab-rounds`), and so
 //! does the comparison of every peer server with tern-file at the sizes of `--peer-sizes`. A server that does not
 //! serve within `--start-timeout` is reported as not started, and the run goes on.
+//!
+//! Two floors put tern's server CPU per proxied full handshake in proportion (issue 16): `floor-direct`, the minimal
+//! tokio + tokio-rustls server answering the request itself (`tls-floor`), run as a configuration and compared with
+//! tern-static and tern-file in interleaved rounds; and the in-memory floor, rustls alone without sockets (server
+//! side's CPU only, `--memory-floor-handshakes`). `--perf DIR` records a profile of each server under load.
 
 mod args;
 mod backend;
@@ -42,8 +47,9 @@ use clap::Parser;
 use crate::args::Args;
 use crate::backend::spawn_backend;
 use crate::cert_api::CertApi;
+use crate::configs::FLOOR_DIRECT;
 use crate::environment::{Peers, machine_info, pin_client};
-use crate::measure::{compare_interleaved, memory_all_cached, run_config};
+use crate::measure::{compare_interleaved, memory_all_cached, memory_floor, run_config};
 use crate::report::{print_row, write_results};
 
 #[tokio::main]
@@ -79,6 +85,8 @@ pub(crate) struct Results {
     pub rows: Vec<serde_json::Value>,
     pub comparisons: Vec<serde_json::Value>,
     pub failures: Vec<serde_json::Value>,
+    /// The in-memory floor of each certificate set.
+    pub memory_floors: Vec<serde_json::Value>,
 }
 
 /// One certificate set of `n` hosts: generated (or reused) and imported into Redis, then every configuration in
@@ -108,6 +116,14 @@ async fn run_set(
         .args(["--redis", bench.redis_url, "--prefix", &prefix])
         .output()?;
     anyhow::ensure!(import.status.success(), "certs import: {}", String::from_utf8_lossy(&import.stderr));
+    if args.memory_floor_handshakes > 0 {
+        // Before any server starts: the in-memory floor has the machine to itself (but for the other processes).
+        let setup = Setup { n, key, dir: dir.clone(), names: names.clone(), prefix: prefix.clone() };
+        match memory_floor(bench, &setup).await {
+            Ok(floor) => results.memory_floors.push(floor),
+            Err(err) => println!("in-memory floor n={n} {key}: FAILED: {err:#}"),
+        }
+    }
     for config in &args.configs {
         if !peers.runs(config) {
             continue;
@@ -163,6 +179,16 @@ async fn run_set(
         match compare_interleaved(bench, &compared, &setup).await {
             Ok(result) => results.comparisons.push(result),
             Err(err) => println!("interleaved peer comparison n={n} {key}: FAILED: {err:#}"),
+        }
+    }
+    // Floors (issue 16): tern's full handshake against the minimal direct-answer server, interleaved.
+    let mut floored: Vec<&str> = ["tern-static", "tern-file"].into_iter().filter(|c| has(c)).collect();
+    if has(FLOOR_DIRECT) && !floored.is_empty() && args.ab_rounds > 0 {
+        floored.insert(0, FLOOR_DIRECT);
+        let setup = Setup { n, key, dir: dir.clone(), names: names.clone(), prefix: prefix.clone() };
+        match compare_interleaved(bench, &floored, &setup).await {
+            Ok(result) => results.comparisons.push(result),
+            Err(err) => println!("interleaved floor comparison n={n} {key}: FAILED: {err:#}"),
         }
     }
     if has("tern-routed-unique") && args.memory_all {

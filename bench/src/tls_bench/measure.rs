@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use serde_json::json;
 
 use crate::client::{Client, Verify};
+use crate::configs::FLOOR_DIRECT;
 use crate::load::{Draw, Mode, load, percentile};
 use crate::server::{Server, start_server};
 use crate::{Bench, Setup};
@@ -20,7 +21,9 @@ pub async fn run_config(bench: &Bench<'_>, config: &str, setup: &Setup) -> Resul
     let addr = server.addr;
     let (rss_start, pss_start) = server.memory_mib();
     let negotiated = client.negotiated(addr, &setup.names[0]).await?;
-    let (mut cold, mut warm) = cold_and_warm(&client, addr, setup).await?;
+    // The floor serves one certificate for every name: its cold and warm handshakes are timed unverified.
+    let verify = if config == FLOOR_DIRECT { Verify::No } else { Verify::Yes };
+    let (mut cold, mut warm) = cold_and_warm(&client, addr, setup, verify).await?;
 
     // Full handshakes, one request each: uniform over N at each concurrency, Zipf at the highest, and a warmed
     // hot set of 1,000 names (cache hits for the dynamic configurations).
@@ -41,6 +44,12 @@ pub async fn run_config(bench: &Bench<'_>, config: &str, setup: &Setup) -> Resul
     let resumed = load(&client, &server, hot.clone(), Draw::Uniform, top, args.seconds, Mode::Resumed).await?;
     let keepalive = load(&client, &server, hot.clone(), Draw::Uniform, top, args.seconds, Mode::KeepAlive).await?;
     let (rss_after, pss_after) = server.memory_mib();
+    let perf = match &args.perf {
+        Some(dir) => {
+            perf_phase(bench, &client, &server, &hot, dir, &format!("{config}-{}-{}", setup.n, setup.key)).await?
+        }
+        None => serde_json::Value::Null,
+    };
     let full_rate = phases[&format!("hot_c{top}")]["rate"].as_f64().unwrap_or(0.0);
     Ok(json!({
         "config": config,
@@ -64,18 +73,105 @@ pub async fn run_config(bench: &Bench<'_>, config: &str, setup: &Setup) -> Resul
             / phases[&format!("hot_c{top}")]["server_cpu_s_per_1k"].as_f64().unwrap_or(0.0).max(1e-9),
         "top_concurrency": top,
         "keepalive": keepalive,
+        "perf_phase": perf,
     }))
 }
 
-/// Cold vs warm: 200 names never asked before, one at a time, verified; then the same names again.
-async fn cold_and_warm(client: &Client, addr: SocketAddr, setup: &Setup) -> Result<(Vec<Duration>, Vec<Duration>)> {
+/// An extra hot-set phase of full handshakes under `perf` (`--perf`, `--perf-args`: `record ...` or `stat ...`),
+/// written to `dir/<label>.<subcommand>`. The load runs inside perf's window (it starts a quarter of a second
+/// after perf and ends a quarter before), so that what perf counts can be divided by the phase's handshakes. Its
+/// figures are returned but are not the configuration's: perf's sampling costs the server.
+async fn perf_phase(
+    bench: &Bench<'_>,
+    client: &Client,
+    server: &Server,
+    hot: &Arc<Vec<String>>,
+    dir: &std::path::Path,
+    label: &str,
+) -> Result<serde_json::Value> {
+    let args = bench.args;
+    std::fs::create_dir_all(dir)?;
+    let pids: Vec<String> = server.pids().iter().map(u32::to_string).collect();
+    let mut perf_args = args.perf_args.split_whitespace();
+    let subcommand = perf_args.next().unwrap_or("record");
+    let output = dir.join(format!("{label}.{subcommand}"));
+    let mut perf = tokio::process::Command::new("perf")
+        .arg(subcommand)
+        .args(perf_args)
+        .arg("-p")
+        .arg(pids.join(","))
+        .arg("-o")
+        .arg(&output)
+        .args(["--", "sleep", &format!("{}", args.perf_seconds)])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("perf (apt-get install linux-perf)")?;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let top = *args.concurrency.iter().max().unwrap_or(&64);
+    let seconds = (args.perf_seconds - 0.5).max(0.5);
+    let phase = load(client, server, hot.clone(), Draw::Uniform, top, seconds, Mode::Full).await?;
+    let status = perf.wait().await?;
+    anyhow::ensure!(status.success(), "perf {subcommand} failed ({status})");
+    println!("perf {subcommand} of {label} over {} handshakes: {}", phase["count"], output.display());
+    Ok(phase)
+}
+
+/// The in-memory floor of one certificate set: rustls server and client connections on one blocking thread, full
+/// TLS 1.3 handshakes with the first name's certificate and one small request each, the server side's thread CPU
+/// only; beside it, what the signature and one side of the key exchange cost alone (tern's provider).
+pub async fn memory_floor(bench: &Bench<'_>, setup: &Setup) -> Result<serde_json::Value> {
+    let handshakes = bench.args.memory_floor_handshakes;
+    let name = setup.names[0].clone();
+    let (cert, key) = (setup.dir.join(format!("{name}.crt")), setup.dir.join(format!("{name}.key")));
+    let (n, kind) = (setup.n, setup.key);
+    let measured = tokio::task::spawn_blocking(move || -> Result<serde_json::Value> {
+        use tern_bench::floor;
+        let server = floor::server_config(&cert, &key)?;
+        let m = floor::memory_floor(&server, &floor::client_config()?, &name, handshakes)?;
+        let provider = tern::crypto::provider();
+        let pem = std::fs::read(&key)?;
+        let (sign_us, _) = floor::sign_and_load_us(provider, &pem, if kind == "rsa2048" { 1000 } else { 10_000 })?;
+        let kx_us = floor::kx_side_us(provider, 5000)?;
+        println!(
+            "in-memory floor n={n} {kind}: server {:.1} us per full handshake with its request (client {:.1} us; \
+             signature {sign_us:.1} us, one side of {:?} {kx_us:.1} us; {}; {handshakes} handshakes)",
+            m.server_us,
+            m.client_us,
+            provider.kx_groups[0].name(),
+            m.negotiated
+        );
+        Ok(json!({
+            "n": n,
+            "key": kind,
+            "server_us": m.server_us,
+            "client_us": m.client_us,
+            "clock_us": m.clock_us,
+            "handshakes": m.handshakes,
+            "negotiated": m.negotiated,
+            "sign_us": sign_us,
+            "kx_side_us": kx_us,
+        }))
+    });
+    measured.await?
+}
+
+/// Cold vs warm: 200 names never asked before, one at a time, verified (unless `verify` says no); then the same
+/// names again.
+async fn cold_and_warm(
+    client: &Client,
+    addr: SocketAddr,
+    setup: &Setup,
+    verify: Verify,
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
     let sample: Vec<String> = setup.names.iter().rev().take(200.min(setup.n - 1)).cloned().collect();
     let mut cold = Vec::new();
     let mut warm = Vec::new();
     for pass in [&mut cold, &mut warm] {
         for name in &sample {
             let t = Instant::now();
-            client.visit(addr, name, Verify::Yes, false).await.with_context(|| name.to_string())?;
+            client.visit(addr, name, verify, false).await.with_context(|| name.to_string())?;
             pass.push(t.elapsed());
         }
     }
@@ -134,6 +230,7 @@ pub async fn compare_interleaved(bench: &Bench<'_>, configs: &[&str], setup: &Se
         "static_rates": rounds.rates[0],
         "static_cpu_s_per_1k": rounds.cpu[0],
         "static_errors": rounds.errors[0],
+        "baseline_cpu_us_per_handshake": rounds.us_per_handshake(0),
         "vs_static": result,
     }))
 }
@@ -177,6 +274,11 @@ impl Rounds {
         Ok(Self { count, rates, cpu, errors, totals })
     }
 
+    /// Server CPU per handshake of server `i` over all rounds (µs).
+    fn us_per_handshake(&self, i: usize) -> f64 {
+        self.totals[i].1 * 1e6 / self.totals[i].0.max(1.0)
+    }
+
     /// Server `i` (configuration `config`) against the baseline (server 0): printed, and as JSON.
     fn vs_baseline(&self, i: usize, config: &str, baseline: &str, setup: &Setup) -> serde_json::Value {
         let Rounds { count, rates, cpu, errors, totals } = self;
@@ -187,12 +289,14 @@ impl Rounds {
         let rate_total = totals[i].0 / totals[0].0.max(1.0);
         let cpu_total = (totals[i].1 / totals[i].0.max(1.0)) / (totals[0].1 / totals[0].0.max(1.0)).max(1e-12);
         println!(
-            "interleaved n={} {}: {} / {baseline} handshakes/s x{rate_total:.3} over all rounds, median x{rate_median:.3} (rounds {:.3}..{:.3}); server CPU per handshake x{cpu_total:.3} over all rounds, median x{cpu_median:.3} (rounds {:.3}..{:.3})",
+            "interleaved n={} {}: {} / {baseline} handshakes/s x{rate_total:.3} over all rounds, median x{rate_median:.3} (rounds {:.3}..{:.3}); server CPU per handshake x{cpu_total:.3} over all rounds ({:.1} us vs {:.1} us), median x{cpu_median:.3} (rounds {:.3}..{:.3})",
             setup.n,
             setup.key,
             config,
             rate_ratio[0],
             rate_ratio[rate_ratio.len() - 1],
+            self.us_per_handshake(i),
+            self.us_per_handshake(0),
             cpu_ratio[0],
             cpu_ratio[cpu_ratio.len() - 1]
         );
@@ -208,6 +312,7 @@ impl Rounds {
             "rates": rates[i],
             "cpu_s_per_1k": cpu[i],
             "errors": errors[i],
+            "cpu_us_per_handshake": self.us_per_handshake(i),
         })
     }
 }

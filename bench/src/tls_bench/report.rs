@@ -5,6 +5,7 @@ use serde_json::{Value, json};
 
 use crate::Results;
 use crate::args::Args;
+use crate::configs::FLOOR_DIRECT;
 
 pub fn print_row(row: &Value) {
     let top = &row["top_concurrency"];
@@ -39,7 +40,7 @@ pub fn print_row(row: &Value) {
 }
 
 pub fn write_results(args: &Args, machine: &str, results: &Results) -> Result<()> {
-    let Results { rows, comparisons, failures } = results;
+    let Results { rows, comparisons, failures, memory_floors } = results;
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
     let json = json!({
         "machine": machine,
@@ -47,6 +48,7 @@ pub fn write_results(args: &Args, machine: &str, results: &Results) -> Result<()
         "rows": rows,
         "interleaved": comparisons,
         "failures": failures,
+        "memory_floors": memory_floors,
     });
     let mut md = format!("Machine: {machine}\n\n");
     md += "| config | N | key | start (s) | RSS (MiB) | PSS (MiB) | hot full hs/s | p50 / p99 (ms) | server CPU-s / 1k | uniform hs/s (c=max) | zipf hs/s | cold p50 / p99 (ms) | warm p50 / p99 (ms) | resumed ÷ full (hs/s) | resumed ÷ full (server CPU) | keep-alive req/s |\n";
@@ -74,6 +76,7 @@ pub fn write_results(args: &Args, machine: &str, results: &Results) -> Result<()
             md += &comparison_markdown(c);
         }
     }
+    md += &floors_markdown(memory_floors, comparisons);
     for folder in [args.out.join(stamp.to_string()), args.out.join("latest")] {
         std::fs::create_dir_all(&folder)?;
         std::fs::write(folder.join("results.json"), serde_json::to_string_pretty(&json)?)?;
@@ -181,6 +184,47 @@ fn comparison_markdown(c: &Value) -> String {
                 f("pss_all_cached_mib"),
                 f("kib_per_name"),
                 f("pss_start_mib"),
+            );
+        }
+    }
+    md
+}
+
+/// The floors of each certificate set: the in-memory floor, and from the interleaved floor comparison the server
+/// CPU per full handshake of floor-direct and of tern, with tern's ratios to both floors.
+fn floors_markdown(memory_floors: &[Value], comparisons: &[Value]) -> String {
+    let mut md = String::new();
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    for floor in memory_floors {
+        if md.is_empty() {
+            md += "\nFloors: server CPU per full TLS 1.3 handshake with one small request (µs):\n\n";
+            md += "| N | key | server | µs per handshake | ÷ floor-direct | ÷ in-memory |\n|---|---|---|---|---|---|\n";
+        }
+        let (n, key) = (&floor["n"], floor["key"].as_str().unwrap_or(""));
+        let memory = f(&floor["server_us"]);
+        md += &format!(
+            "| {n} | {key} | in-memory rustls ({} handshakes; signature {:.1}, one key-exchange side {:.1}; {}) | {memory:.1} | | 1 |\n",
+            floor["handshakes"],
+            f(&floor["sign_us"]),
+            f(&floor["kx_side_us"]),
+            floor["negotiated"].as_str().unwrap_or(""),
+        );
+        let compared = comparisons.iter().find(|c| c["n"] == *n && c["key"] == key && c["baseline"] == FLOOR_DIRECT);
+        let Some(c) = compared else { continue };
+        let direct = f(&c["baseline_cpu_us_per_handshake"]);
+        md += &format!(
+            "| {n} | {key} | {FLOOR_DIRECT} (interleaved, {} × {} s, c={}) | {direct:.1} | 1 | {:.2} |\n",
+            c["rounds"],
+            c["seconds"],
+            c["concurrency"],
+            direct / memory.max(1e-9)
+        );
+        for (config, r) in c["vs_static"].as_object().into_iter().flatten() {
+            let us = f(&r["cpu_us_per_handshake"]);
+            md += &format!(
+                "| {n} | {key} | {config} (interleaved) | {us:.1} | {:.2} | {:.2} |\n",
+                us / direct.max(1e-9),
+                us / memory.max(1e-9)
             );
         }
     }

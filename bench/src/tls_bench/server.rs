@@ -23,7 +23,8 @@ pub struct Server {
 }
 
 impl Server {
-    fn pids(&self) -> Vec<u32> {
+    /// The server's processes: the child and its children (nginx's workers).
+    pub fn pids(&self) -> Vec<u32> {
         let Some(pid) = self.child.id() else { return Vec::new() };
         let mut pids = vec![pid];
         if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
@@ -159,6 +160,23 @@ pub async fn start_server(bench: &Bench<'_>, config: &str, setup: &Setup) -> Res
                 .env("HOME", &home)
                 .env("XDG_DATA_HOME", home.join("data"))
                 .env("XDG_CONFIG_HOME", home.join("config"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log()?)
+                .kill_on_drop(true)
+                .spawn()?
+        }
+        // The minimal direct-answer server: the first name's certificate for every name (the load client does not
+        // verify; the verified start-up handshake asks for that name).
+        "floor-direct" => {
+            let name = &setup.names[0];
+            server_command(args, args.floor.as_os_str())
+                .arg("--listen")
+                .arg(addr.to_string())
+                .arg("--cert")
+                .arg(setup.dir.join(format!("{name}.crt")))
+                .arg("--key")
+                .arg(setup.dir.join(format!("{name}.key")))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log()?)

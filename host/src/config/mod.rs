@@ -394,6 +394,8 @@ pub struct ProxySettings {
     /// Idle upstream connections kept for one client connection on routes that send PROXY protocol headers (such
     /// connections carry that client's requests only).
     pub max_idle_per_client: usize,
+    /// Idle pooled connections kept per upstream server by the shared clients (the rest are closed when idle).
+    pub max_idle_per_backend: usize,
 }
 
 /// `[[listener]]`

@@ -237,7 +237,7 @@ const SIZES: [&str; 9] = [
     "4294967296",
 ];
 /// Every numeric key with the values it is tried with.
-const KEYS: [(&str, &str, &[&str]); 40] = [
+const KEYS: [(&str, &str, &[&str]); 41] = [
     ("server", "max_connections", &NUMBERS),
     ("server", "session_cache_entries", &NUMBERS),
     ("server", "h2_max_concurrent_streams", &NUMBERS),
@@ -265,6 +265,7 @@ const KEYS: [(&str, &str, &[&str]); 40] = [
     ("proxy", "max_connections_per_backend", &NUMBERS),
     ("proxy", "max_backend_connections", &NUMBERS),
     ("proxy", "max_idle_per_client", &NUMBERS),
+    ("proxy", "max_idle_per_backend", &NUMBERS),
     ("acme", "renew_check_interval", &DURATIONS),
     ("acme", "handshake_wait", &DURATIONS),
     ("acme", "order_timeout", &DURATIONS),

@@ -397,6 +397,14 @@ impl Validator<'_> {
                 raw.max_idle_per_client.unwrap_or(defaults::MAX_IDLE_PER_CLIENT),
                 defaults::MAX_IDLE_PER_CLIENT_CEILING,
             )?,
+            max_idle_per_backend: {
+                let key = "proxy.max_idle_per_backend";
+                let idle = raw.max_idle_per_backend.unwrap_or(defaults::MAX_IDLE_PER_BACKEND);
+                if idle > defaults::MAX_CONNECTIONS_CEILING {
+                    return Err(self.err(key, format!("must be at most {}", defaults::MAX_CONNECTIONS_CEILING)));
+                }
+                idle
+            },
         };
         Ok(proxy)
     }

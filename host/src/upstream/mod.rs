@@ -44,9 +44,6 @@ pub(crate) type Connector = hyper_rustls::HttpsConnector<BoundedConnector>;
 /// An HTTP client to upstreams.
 pub(crate) type HttpClient = Client<Connector, UpBody>;
 
-/// Idle pooled connections kept per upstream host (hyper's default is unbounded).
-const MAX_IDLE_PER_HOST: usize = 32;
-
 /// Which HTTP versions a client speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Versions {
@@ -77,7 +74,7 @@ pub(crate) struct Recipe {
     budget: Budget,
     wait: Duration,
     tls: Arc<rustls::ClientConfig>,
-    /// A shared client's pool: [`MAX_IDLE_PER_HOST`] idle connections.
+    /// A shared client's pool: `proxy.max_idle_per_backend` idle connections per server.
     shared: Builder,
     /// A [`Private`] client's pool: `proxy.max_idle_per_client` idle connections.
     private: Builder,
@@ -107,7 +104,7 @@ impl Recipe {
         let mut shared = Client::builder(TokioExecutor::new());
         shared
             .pool_idle_timeout(settings.pool_idle_timeout)
-            .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
+            .pool_max_idle_per_host(settings.max_idle_per_backend)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .http2_only(versions == Versions::H2);

@@ -278,6 +278,7 @@ mod tests {
             max_connections_per_backend: 4,
             max_backend_connections: 16,
             max_idle_per_client: 5,
+            max_idle_per_backend: 32,
         };
         Pool::new(&settings, &proxy, Arc::new(Semaphore::new(16)), None)
     }

@@ -89,6 +89,7 @@ mod tests {
             max_connections_per_backend: 4,
             max_backend_connections: 16,
             max_idle_per_client: 5,
+            max_idle_per_backend: 32,
         };
         let budget = Budget::new(4, Arc::new(tokio::sync::Semaphore::new(16)));
         let recipe = Recipe::new(&proxy, proxy.connect_timeout, budget, no_tls(), Versions::Http1);
