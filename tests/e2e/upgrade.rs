@@ -169,6 +169,25 @@ fn install_binary(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// [`TernProcess::start_from`] on a binary [`install_binary`] just wrote. A child another test forks while the copy
+/// is open for writing holds that descriptor until its own exec, and exec'ing the copy meanwhile fails with
+/// ETXTBSY ("Text file busy"): retried for up to a second.
+async fn start_installed(binary: &Path, config: &Path, env: &[(&str, &str)]) -> anyhow::Result<TernProcess> {
+    for _ in 0..20 {
+        match TernProcess::start_from(binary, config, None, env).await {
+            Err(err)
+                if err
+                    .chain()
+                    .any(|e| e.downcast_ref::<std::io::Error>().and_then(|e| e.raw_os_error()) == Some(26)) =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
+    }
+    TernProcess::start_from(binary, config, None, env).await
+}
+
 /// The config of these tests: the file-path plugin, a default certificate, the echo backend, an admin API.
 fn upgrade_config(pki: &Pki, backend: SocketAddr) -> String {
     let mut config = basic_config(pki, backend, "default_certificate = \"default\"");
@@ -196,7 +215,7 @@ async fn replacing_the_binary_drops_no_connection() -> anyhow::Result<()> {
     let binary = install_binary(bin.path())?;
     let notifications = Notifications::bind(bin.path())?;
     let env = [("NOTIFY_SOCKET", notifications.path())];
-    let mut old = TernProcess::start_from(&binary, &config, None, &env).await?;
+    let mut old = start_installed(&binary, &config, &env).await?;
     let old_pid = old.child.id().context("old pid")?;
     assert_eq!(notifications.next(Duration::from_secs(5)).await?, "READY=1");
 
@@ -256,7 +275,7 @@ async fn a_failed_upgrade_leaves_the_old_process_serving() -> anyhow::Result<()>
     std::fs::write(&config, &text)?;
     let bin = tempfile::tempdir()?;
     let binary = install_binary(bin.path())?;
-    let mut old = TernProcess::start_from(&binary, &config, None, &[]).await?;
+    let mut old = start_installed(&binary, &config, &[]).await?;
     let old_pid = old.child.id().context("old pid")?;
     let (tally, stop) = (Arc::new(Tally::default()), Arc::new(AtomicBool::new(false)));
     let mut loops = load(old.addr, &pki, &tally, &stop);
