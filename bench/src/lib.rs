@@ -97,6 +97,13 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     stat_cpu_seconds(&format!("/proc/{pid}/stat"))
 }
 
+/// cutime + cstime of a process, in seconds: what its children used that it has waited for (reaped).
+pub fn reaped_children_cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat.rsplit_once(')').context("stat format")?.1.split_whitespace().collect();
+    Ok((fields[13].parse::<f64>()? + fields[14].parse::<f64>()?) / 100.0)
+}
+
 /// utime + stime of one thread of this process, in seconds (from `/proc/self/task/<tid>/stat`; `/proc/<tid>/stat`
 /// would count the whole process).
 pub fn thread_cpu_seconds(tid: u32) -> Result<f64> {

@@ -294,3 +294,25 @@ async fn the_shipped_systemd_unit_verifies_clean() -> anyhow::Result<()> {
     assert_eq!(text(&output).trim(), "", "systemd-analyze has no complaint (unknown keys only warn)");
     Ok(())
 }
+
+/// The kernel's THP switch for a process, from `/proc/<pid>/status` (`THP_enabled`, Linux 5.0 and later).
+fn thp_enabled(child: &tokio::process::Child) -> anyhow::Result<String> {
+    let pid = child.id().expect("running");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find_map(|l| l.strip_prefix("THP_enabled:")).map(str::trim);
+    Ok(line.unwrap_or("absent").to_string())
+}
+
+/// mimalloc advises huge pages for its arenas; tern turns them off for its process (memory at start was 2-3x the
+/// heap), unless `TERN_THP=on`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tern_runs_without_transparent_huge_pages_unless_asked() -> anyhow::Result<()> {
+    let pki = Pki::new(&["default.test"])?;
+    let config = pki.path("tern.toml");
+    std::fs::write(&config, basic_config(&pki, "127.0.0.1:9".parse()?, "default_certificate = \"default\""))?;
+    let off = TernProcess::start(&config).await?;
+    assert_eq!(thp_enabled(&off.child)?, "0", "THP is on in a tern process");
+    let on = TernProcess::start_from(std::path::Path::new(TERN), &config, None, &[("TERN_THP", "on")]).await?;
+    assert_eq!(thp_enabled(&on.child)?, "1", "TERN_THP=on did not keep THP");
+    Ok(())
+}

@@ -77,4 +77,26 @@ pub struct Args {
     /// (all up at once, `--ab-rounds` × `--ab-seconds`, cache hits / preloaded names).
     #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
     pub peer_sizes: Vec<usize>,
+    /// Instead of the measurements above: certificate-change propagation. For each N of `--sizes` and each of
+    /// tern-redis, nginx-static, haproxy-crtlist and caddy-files in `--configs`, two nodes under load; a name's
+    /// certificate is replaced `--updates` times and the time until a fresh handshake on both nodes shows it is
+    /// measured, with the update's CPU and the handshakes that failed meanwhile.
+    #[arg(long)]
+    pub propagation: bool,
+    /// Certificate changes per system and N (`--propagation`).
+    #[arg(long, default_value_t = 3)]
+    pub updates: usize,
+    /// Seconds an update may take to show on every node before it counts as not propagated (`--propagation`).
+    #[arg(long, default_value_t = 600.0)]
+    pub update_timeout: f64,
+    /// Load connections per node while updates propagate (full handshakes with a request, uniform over N).
+    #[arg(long, default_value_t = 4)]
+    pub propagation_concurrency: usize,
+    /// Reload nginx and Caddy nodes one at a time, the next once the previous serves the new certificate (halves
+    /// the memory a reload adds at once; `--propagation`).
+    #[arg(long)]
+    pub rolling: bool,
+    /// tern's `cache.ttl` in the fleet (seconds): the bound when no invalidation is published.
+    #[arg(long, default_value_t = 20)]
+    pub fleet_ttl: u32,
 }

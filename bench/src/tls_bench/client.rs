@@ -52,6 +52,16 @@ impl Client {
         Ok(())
     }
 
+    /// The leaf certificate a fresh (never resumed, not verified) handshake for `name` is given.
+    pub async fn leaf(&self, addr: SocketAddr, name: &str) -> Result<rustls::pki_types::CertificateDer<'static>> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let server_name = rustls::pki_types::ServerName::try_from(name.to_string())?;
+        let connect = tokio_rustls::TlsConnector::from(self.fast.clone()).connect(server_name, tcp);
+        let tls = tokio::time::timeout(Duration::from_secs(10), connect).await.context("handshake timed out")??;
+        let leaf = tls.get_ref().1.peer_certificates().and_then(|chain| chain.first()).context("no certificate")?;
+        Ok(leaf.clone().into_owned())
+    }
+
     /// What a verified handshake for `name` negotiates: protocol version, cipher suite and key-exchange group.
     pub async fn negotiated(&self, addr: SocketAddr, name: &str) -> Result<String> {
         let tcp = tokio::net::TcpStream::connect(addr).await?;

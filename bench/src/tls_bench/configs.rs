@@ -101,6 +101,16 @@ pub fn tern_config(
     text
 }
 
+/// A tern config as a node of the propagation benchmark's fleet: `cache.ttl` of `ttl` seconds and, where the
+/// config has a Redis store (`tern-redis`), `[invalidation]` on it (`tern certs invalidate` reaches every node).
+pub fn fleet_node(config: &str, ttl: u32) -> String {
+    let mut text = config.replacen("[cache]\n", &format!("[cache]\nttl = \"{ttl}s\"\n"), 1);
+    if text.contains("[[redis]]\nname = \"certs\"") {
+        text += "\n[invalidation]\nredis = \"certs\"\n";
+    }
+    text
+}
+
 /// Writes the route files of the routed configurations for every name of the set: `<name>.via` (to `backend`)
 /// and `<name>.own` (the name's own origin, `127.a.b.c:9`).
 pub fn write_routes(setup: &Setup, backend: SocketAddr) -> anyhow::Result<()> {

@@ -23,6 +23,9 @@
 //! tokio + tokio-rustls server answering the request itself (`tls-floor`), run as a configuration and compared with
 //! tern-static and tern-file in interleaved rounds; and the in-memory floor, rustls alone without sockets (server
 //! side's CPU only, `--memory-floor-handshakes`). `--perf DIR` records a profile of each server under load.
+//!
+//! `--propagation` measures instead how long a changed certificate takes to be served by both nodes of a two-node
+//! fleet of each system, under load, and what the change costs (`propagation.rs`).
 
 mod args;
 mod backend;
@@ -33,6 +36,7 @@ mod environment;
 mod load;
 mod measure;
 mod peers;
+mod propagation;
 mod report;
 mod server;
 
@@ -56,17 +60,21 @@ use crate::report::{print_row, write_results};
 async fn main() -> Result<()> {
     let args = Args::parse();
     let work = tempfile::tempdir()?;
-    let machine = machine_info(&args).await;
     if args.pin {
         pin_client()?;
     }
-    println!("{machine}");
+    // Peers first: the machine's description names the versions of those this run installed.
     let peers = Peers::find(&args).await;
+    let machine = machine_info(&args).await;
+    println!("{machine}");
     let backend = spawn_backend().await?;
     let (_redis, redis_port) = tern_bench::start_redis(work.path()).await?;
     let redis_url = format!("redis://127.0.0.1:{redis_port}");
     let api = CertApi::spawn(std::path::absolute(&args.certs)?)?;
-    let bench = Bench { args: &args, work: work.path(), backend, redis_url: &redis_url, api: &api };
+    let bench = Bench { args: &args, work: work.path(), backend, redis_url: &redis_url, api: &api, fleet: None };
+    if args.propagation {
+        return propagation::run(&bench, peers, &machine).await;
+    }
     let mut results = Results::default();
     let mut sets: Vec<(usize, tern_bench::KeyKind)> =
         args.sizes.iter().filter(|&&n| n > 0).map(|&n| (n, tern_bench::KeyKind::Ecdsa)).collect();
@@ -210,9 +218,21 @@ pub(crate) struct Bench<'a> {
     pub redis_url: &'a str,
     /// The certificate API of tern-http and caddy-http.
     pub api: &'a CertApi,
+    /// Set for a node of the propagation benchmark's two-node fleets: the controls an update goes through.
+    pub fleet: Option<Fleet>,
+}
+
+/// What a configuration adds as a node of a propagation fleet (`--propagation`): Caddy's admin API at
+/// `caddy_admin`, HAProxy's Runtime API socket in the node's folder, and for tern a cache TTL of `cache_ttl`
+/// seconds with `[invalidation]` on its Redis store.
+#[derive(Clone, Copy)]
+pub(crate) struct Fleet {
+    pub caddy_admin: SocketAddr,
+    pub cache_ttl: u32,
 }
 
 /// One certificate set: its size, key type, folder, host names and Redis prefix.
+#[derive(Clone)]
 pub(crate) struct Setup {
     pub n: usize,
     pub key: &'static str,

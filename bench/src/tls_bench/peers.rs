@@ -23,7 +23,8 @@ use serde_json::json;
 use crate::Setup;
 
 /// Caddy's JSON config for `caddy-files` or `caddy-http`; `storage` is Caddy's data folder, `api_url` the
-/// certificate API's URL for this set (`caddy-http`).
+/// certificate API's URL for this set (`caddy-http`), `admin` where its admin API listens (off when `None`; the
+/// propagation benchmark reloads through it).
 pub fn caddy_config(
     config: &str,
     setup: &Setup,
@@ -31,7 +32,12 @@ pub fn caddy_config(
     backend: SocketAddr,
     storage: &Path,
     api_url: &str,
+    admin: Option<SocketAddr>,
 ) -> String {
+    let admin = match admin {
+        Some(admin) => json!({ "listen": admin.to_string() }),
+        None => json!({ "disabled": true }),
+    };
     let tls = if config == "caddy-http" {
         json!({ "automation": { "policies": [ { "get_certificate": [ { "via": "http", "url": api_url } ] } ] } })
     } else {
@@ -49,7 +55,7 @@ pub fn caddy_config(
         json!({ "cache": { "capacity": setup.n + 1000 }, "certificates": { "load_files": files } })
     };
     json!({
-        "admin": { "disabled": true },
+        "admin": admin,
         "logging": { "logs": { "default": { "level": "ERROR" } } },
         "storage": { "module": "file_system", "root": storage.display().to_string() },
         "apps": {
@@ -99,10 +105,11 @@ pub fn haproxy_crt_list(setup: &Setup) -> String {
 }
 
 /// HAProxy's config: two threads (as nginx's two workers), `maxconn` within the descriptor limit, HTTP mode to
-/// the backend.
-pub fn haproxy_config(addr: SocketAddr, backend: SocketAddr, crt_list: &Path) -> String {
+/// the backend; with `socket`, its Runtime API (`stats socket ... level admin`) on that Unix socket.
+pub fn haproxy_config(addr: SocketAddr, backend: SocketAddr, crt_list: &Path, socket: Option<&Path>) -> String {
+    let socket = socket.map(|s| format!("  stats socket {} level admin\n", s.display())).unwrap_or_default();
     format!(
-        "global\n  nbthread 2\n  maxconn 4096\n\
+        "global\n  nbthread 2\n  maxconn 4096\n{socket}\
          \x20 ssl-default-bind-ciphersuites TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256\n\
          \x20 ssl-default-bind-options ssl-min-ver TLSv1.2\n\n\
          defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\n\

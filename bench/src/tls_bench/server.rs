@@ -10,7 +10,7 @@ use tokio::process::{Child, Command};
 use crate::args::Args;
 use crate::cert_api::CertApi;
 use crate::client::{Client, Verify};
-use crate::configs::{nginx_config, tern_config};
+use crate::configs::{fleet_node, nginx_config, tern_config};
 use crate::peers::{caddy_config, haproxy_config, haproxy_crt_list, write_haproxy_pems};
 use crate::{Bench, Setup};
 
@@ -35,6 +35,13 @@ impl Server {
 
     pub fn cpu_seconds(&self) -> f64 {
         self.pids().into_iter().filter_map(|p| tern_bench::cpu_seconds(p).ok()).sum()
+    }
+
+    /// `cpu_seconds` and what the server's processes that exited since it started used (nginx's old workers after
+    /// a reload, counted into the master's children time when it reaps them).
+    pub fn cpu_seconds_with_exited(&self) -> f64 {
+        let exited = self.child.id().and_then(|pid| tern_bench::reaped_children_cpu_seconds(pid).ok());
+        self.cpu_seconds() + exited.unwrap_or(0.0)
     }
 
     /// (RSS, PSS) in MiB over all processes.
@@ -80,6 +87,11 @@ impl Drop for Server {
     }
 }
 
+/// HAProxy's Runtime API socket of a node of the propagation benchmark (`work` is the node's folder).
+pub fn haproxy_socket(work: &std::path::Path) -> std::path::PathBuf {
+    work.join("haproxy.sock")
+}
+
 /// (client cores, server core) for `--pin`: the last core serves, the others load.
 pub fn pinned_cores() -> Result<(String, String)> {
     let cores = std::thread::available_parallelism()?.get();
@@ -101,7 +113,7 @@ fn server_command(args: &Args, program: &std::ffi::OsStr) -> Command {
 
 /// Starts one configuration and waits for its first successful (verified) handshake; returns the start-up time.
 pub async fn start_server(bench: &Bench<'_>, config: &str, setup: &Setup) -> Result<(Server, f64)> {
-    let Bench { args, work, backend, redis_url, api } = *bench;
+    let Bench { args, work, backend, redis_url, api, fleet } = *bench;
     let port = tokio::net::TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     if config.starts_with("tern-routed") {
@@ -123,7 +135,11 @@ pub async fn start_server(bench: &Bench<'_>, config: &str, setup: &Setup) -> Res
         | "tern-routed-unique"
         | "tern-http" => {
             let path = work.join(format!("{config}.toml"));
-            std::fs::write(&path, tern_config(config, setup, addr, backend, redis_url, &api.tern_template(&set)))?;
+            let mut text = tern_config(config, setup, addr, backend, redis_url, &api.tern_template(&set));
+            if let Some(fleet) = fleet {
+                text = fleet_node(&text, fleet.cache_ttl);
+            }
+            std::fs::write(&path, text)?;
             server_command(args, args.tern.as_os_str())
                 .args(["run", "-c"])
                 .arg(&path)
@@ -152,7 +168,8 @@ pub async fn start_server(bench: &Bench<'_>, config: &str, setup: &Setup) -> Res
             let home = work.join(config);
             std::fs::create_dir_all(&home)?;
             let path = home.join("caddy.json");
-            let text = caddy_config(config, setup, addr, backend, &home.join("data"), &api.caddy_url(&set));
+            let admin = fleet.map(|f| f.caddy_admin);
+            let text = caddy_config(config, setup, addr, backend, &home.join("data"), &api.caddy_url(&set), admin);
             std::fs::write(&path, text)?;
             server_command(args, "caddy".as_ref())
                 .args(["run", "--config"])
@@ -188,7 +205,8 @@ pub async fn start_server(bench: &Bench<'_>, config: &str, setup: &Setup) -> Res
             let list = work.join("haproxy-crt-list.txt");
             std::fs::write(&list, haproxy_crt_list(setup))?;
             let path = work.join("haproxy.cfg");
-            std::fs::write(&path, haproxy_config(addr, backend, &list))?;
+            let socket = fleet.map(|_| haproxy_socket(work));
+            std::fs::write(&path, haproxy_config(addr, backend, &list, socket.as_deref()))?;
             server_command(args, "haproxy".as_ref())
                 .args(["-db", "-f"])
                 .arg(&path)
