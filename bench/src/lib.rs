@@ -72,6 +72,18 @@ pub fn generate(count: usize, dir: &Path, domain: &str, kind: KeyKind) -> Result
     Ok(true)
 }
 
+/// A TLS 1.3-only client config trusting `root` alone, with no resumption (tern's provider: aws-lc-rs).
+pub fn tls13_client_config(root: rustls::pki_types::CertificateDer<'static>) -> Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root)?;
+    let mut config = rustls::ClientConfig::builder_with_provider(tern::crypto::provider().clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
+}
+
 /// Starts `redis-server` on a free loopback port, nothing persisted; killed when the child is dropped.
 pub async fn start_redis(dir: &Path) -> Result<(Child, u16)> {
     let port = tokio::net::TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port();
@@ -99,9 +111,7 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
 
 /// cutime + cstime of a process, in seconds: what its children used that it has waited for (reaped).
 pub fn reaped_children_cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat.rsplit_once(')').context("stat format")?.1.split_whitespace().collect();
-    Ok((fields[13].parse::<f64>()? + fields[14].parse::<f64>()?) / 100.0)
+    stat_seconds(&format!("/proc/{pid}/stat"), 13)
 }
 
 /// utime + stime of one thread of this process, in seconds (from `/proc/self/task/<tid>/stat`; `/proc/<tid>/stat`
@@ -112,10 +122,16 @@ pub fn thread_cpu_seconds(tid: u32) -> Result<f64> {
 
 /// utime + stime, in seconds, of a stat(5) file.
 fn stat_cpu_seconds(path: &str) -> Result<f64> {
+    stat_seconds(path, 11)
+}
+
+/// The sum of two adjacent clock-tick fields of a stat(5) file, in seconds; `index` counts after the
+/// parenthesised command name (utime + stime, fields 14 and 15 of stat(5): 11; cutime + cstime, 16 and 17: 13).
+fn stat_seconds(path: &str, index: usize) -> Result<f64> {
     let stat = std::fs::read_to_string(path)?;
-    // Fields 14 and 15 of stat(5); counted after the parenthesised command name, index 11 and 12.
     let fields: Vec<&str> = stat.rsplit_once(')').context("stat format")?.1.split_whitespace().collect();
-    Ok((fields[11].parse::<f64>()? + fields[12].parse::<f64>()?) / 100.0)
+    let field = |i: usize| fields.get(i).context("stat format").and_then(|f| Ok(f.parse::<f64>()?));
+    Ok((field(index)? + field(index + 1)?) / 100.0)
 }
 
 /// A tern admin endpoint's Prometheus text (`GET /metrics`).

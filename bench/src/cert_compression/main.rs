@@ -89,14 +89,8 @@ async fn rustls_handshake(
     root: &rustls::pki_types::CertificateDer<'static>,
     decompressors: &[&'static dyn CertDecompressor],
 ) -> Result<relay::Seen> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root.clone())?;
-    let mut config = rustls::ClientConfig::builder_with_provider(tern::crypto::provider().clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut config = tern_bench::tls13_client_config(root.clone())?;
     config.cert_decompressors = decompressors.to_vec();
-    config.resumption = rustls::client::Resumption::disabled();
     let before = tern.log.lock().unwrap_or_else(|e| e.into_inner()).len();
     let tcp = tokio::net::TcpStream::connect(tern.relay).await?;
     let name = rustls::pki_types::ServerName::try_from(chain::NAMES[0])?;

@@ -168,14 +168,7 @@ async fn handshake(connector: &tokio_rustls::TlsConnector, addr: SocketAddr, hos
 
 /// TLS 1.3 only, no resumption, the bench CA as the only root (tern's provider: aws-lc-rs).
 pub fn client_config(ca: &tern_fixtures::TestCa) -> Result<Arc<rustls::ClientConfig>> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.der())?;
-    let mut config = rustls::ClientConfig::builder_with_provider(tern::crypto::provider().clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.resumption = rustls::client::Resumption::disabled();
-    Ok(Arc::new(config))
+    Ok(Arc::new(tern_bench::tls13_client_config(ca.der())?))
 }
 
 /// xorshift64*: uniform enough for picking names, and reproducible from the seed.

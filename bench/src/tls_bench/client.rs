@@ -43,31 +43,34 @@ impl Client {
         Ok(Self { verifying: Arc::new(verifying), fast: Arc::new(fast), resuming: Arc::new(resuming) })
     }
 
-    /// A verified handshake for `name` and nothing else (configurations whose routes lead nowhere reachable).
-    pub async fn handshake_only(&self, addr: SocketAddr, name: &str) -> Result<()> {
+    /// A new connection to `addr` and a TLS handshake for `name` with `config`, within 10 s.
+    async fn handshake(
+        config: &Arc<rustls::ClientConfig>,
+        addr: SocketAddr,
+        name: &str,
+    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
         let tcp = tokio::net::TcpStream::connect(addr).await?;
         let server_name = rustls::pki_types::ServerName::try_from(name.to_string())?;
-        let connect = tokio_rustls::TlsConnector::from(self.verifying.clone()).connect(server_name, tcp);
-        tokio::time::timeout(Duration::from_secs(10), connect).await.context("handshake timed out")??;
+        let connect = tokio_rustls::TlsConnector::from(config.clone()).connect(server_name, tcp);
+        Ok(tokio::time::timeout(Duration::from_secs(10), connect).await.context("handshake timed out")??)
+    }
+
+    /// A verified handshake for `name` and nothing else (configurations whose routes lead nowhere reachable).
+    pub async fn handshake_only(&self, addr: SocketAddr, name: &str) -> Result<()> {
+        Self::handshake(&self.verifying, addr, name).await?;
         Ok(())
     }
 
     /// The leaf certificate a fresh (never resumed, not verified) handshake for `name` is given.
     pub async fn leaf(&self, addr: SocketAddr, name: &str) -> Result<rustls::pki_types::CertificateDer<'static>> {
-        let tcp = tokio::net::TcpStream::connect(addr).await?;
-        let server_name = rustls::pki_types::ServerName::try_from(name.to_string())?;
-        let connect = tokio_rustls::TlsConnector::from(self.fast.clone()).connect(server_name, tcp);
-        let tls = tokio::time::timeout(Duration::from_secs(10), connect).await.context("handshake timed out")??;
+        let tls = Self::handshake(&self.fast, addr, name).await?;
         let leaf = tls.get_ref().1.peer_certificates().and_then(|chain| chain.first()).context("no certificate")?;
         Ok(leaf.clone().into_owned())
     }
 
     /// What a verified handshake for `name` negotiates: protocol version, cipher suite and key-exchange group.
     pub async fn negotiated(&self, addr: SocketAddr, name: &str) -> Result<String> {
-        let tcp = tokio::net::TcpStream::connect(addr).await?;
-        let server_name = rustls::pki_types::ServerName::try_from(name.to_string())?;
-        let connect = tokio_rustls::TlsConnector::from(self.verifying.clone()).connect(server_name, tcp);
-        let tls = tokio::time::timeout(Duration::from_secs(10), connect).await.context("handshake timed out")??;
+        let tls = Self::handshake(&self.verifying, addr, name).await?;
         let connection = tls.get_ref().1;
         let show = |v: Option<String>| v.unwrap_or_else(|| "?".into());
         Ok(format!(

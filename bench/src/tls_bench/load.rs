@@ -105,16 +105,31 @@ pub async fn load(
     Ok(phase)
 }
 
+/// A load worker's own xorshift64 sequence, for drawing names (not for anything secret).
+pub struct Draws(u64);
+
+impl Draws {
+    /// Worker `w`'s sequence: distinct per worker, the same on every run.
+    pub fn for_worker(w: usize) -> Self {
+        Self(0x9E37_79B9_7F4A_7C15u64 ^ (w as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407))
+    }
+
+    pub fn draw(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
 impl Worker {
     /// Connections until `until`, worker `w`'s own sequence of names; returns the handshake latencies.
     async fn run(self, w: usize) -> Vec<Duration> {
         let Worker { client, addr, names, zipf, mode, until, counts } = self;
-        let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (w as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407);
+        let mut draws = Draws::for_worker(w);
         let mut latencies = Vec::new();
         while Instant::now() < until {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
+            let rng = draws.draw();
             let index = match zipf.as_ref() {
                 Some(cdf) => {
                     let u = (rng >> 11) as f64 / (1u64 << 53) as f64;

@@ -318,7 +318,7 @@ impl Rounds {
 }
 
 /// Sorts `values` and returns the median.
-fn median(values: &mut [f64]) -> f64 {
+pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     match values.len() {
         0 => 0.0,

@@ -43,6 +43,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::client::{Client, Verify};
 use crate::environment::Peers;
+use crate::load::Draws;
+use crate::measure::median;
 use crate::server::{Server, haproxy_socket, start_server};
 use crate::{Bench, Fleet, Setup};
 
@@ -169,14 +171,13 @@ async fn measure_system(
     let mut load = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
         for c in 0..args.propagation_concurrency {
-            let seed = (i * 1000 + c + 1) as u64;
             load.push(tokio::spawn(load_worker(
                 client.clone(),
                 node.server.addr,
                 setup.names.clone(),
                 node.counts.clone(),
                 stop.clone(),
-                seed,
+                i * args.propagation_concurrency + c,
             )));
         }
     }
@@ -214,14 +215,11 @@ async fn load_worker(
     names: Arc<Vec<String>>,
     counts: Arc<Counts>,
     stop: Arc<AtomicBool>,
-    seed: u64,
+    worker: usize,
 ) {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut draws = Draws::for_worker(worker);
     while !stop.load(Ordering::Relaxed) {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        let name = &names[(state % names.len() as u64) as usize];
+        let name = &names[(draws.draw() % names.len() as u64) as usize];
         let counter = match client.visit(addr, name, Verify::No, false).await {
             Ok(_) => &counts.done,
             Err(_) => &counts.failed,
@@ -477,13 +475,13 @@ fn summarise(
     pss_started: f64,
     updates: Vec<serde_json::Value>,
 ) -> serde_json::Value {
-    let mut latencies: Vec<f64> = updates.iter().filter_map(|u| u["propagated_s"].as_f64()).collect();
-    let mut cpu: Vec<f64> = updates.iter().filter_map(|u| u["update_cpu_s"].as_f64()).collect();
-    let mut noise: Vec<f64> = updates.iter().filter_map(|u| u["update_cpu_noise_s"].as_f64()).collect();
-    noise.sort_by(f64::total_cmp);
-    latencies.sort_by(f64::total_cmp);
-    cpu.sort_by(f64::total_cmp);
-    let median = |v: &[f64]| if v.is_empty() { None } else { Some(v[v.len() / 2]) };
+    let values = |key: &str| -> Vec<f64> { updates.iter().filter_map(|u| u[key].as_f64()).collect() };
+    let (mut latencies, mut cpu, mut noise) =
+        (values("propagated_s"), values("update_cpu_s"), values("update_cpu_noise_s"));
+    // None when no update measured it (median() says 0 for nothing).
+    let median_of = |v: &mut [f64]| (!v.is_empty()).then(|| median(v));
+    let (cpu_median, noise_median) = (median_of(&mut cpu), median_of(&mut noise));
+    let latency_median = median_of(&mut latencies); // sorts: the maximum is the last
     let sum = |key: &str| updates.iter().filter_map(|u| u[key].as_u64()).sum::<u64>();
     let pss_peak = updates.iter().filter_map(|u| u["pss_peak_mib"].as_f64()).fold(pss_started, f64::max);
     json!({
@@ -493,10 +491,10 @@ fn summarise(
         "startup_s": startups,
         "updates": updates.len(),
         "propagated": latencies.len(),
-        "latency_median_s": median(&latencies),
+        "latency_median_s": latency_median,
         "latency_max_s": latencies.last(),
-        "update_cpu_median_s": median(&cpu),
-        "update_cpu_noise_median_s": median(&noise),
+        "update_cpu_median_s": cpu_median,
+        "update_cpu_noise_median_s": noise_median,
         "handshakes": sum("handshakes"),
         "failed": sum("failed"),
         "pss_started_mib": pss_started,
