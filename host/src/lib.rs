@@ -19,6 +19,7 @@ pub mod cache;
 pub mod certs;
 pub mod civil;
 mod clip;
+pub mod coalesce;
 pub mod compression;
 pub mod config;
 pub mod counters;

@@ -51,6 +51,9 @@ pub(crate) struct ListenerCtx {
 }
 
 pub(crate) async fn accept_loop(listener: Listener) {
+    // A socket bound to one address accepts every connection on it: only a wildcard bind needs `getsockname` per
+    // connection to learn which address the client reached.
+    let bound = listener.tcp.local_addr().ok().filter(|addr| !addr.ip().is_unspecified());
     loop {
         // Taking the slots before accepting leaves excess connections in the kernel's backlog: back-pressure, so
         // the process never runs out of descriptors and `accept` never fails for everyone.
@@ -65,7 +68,7 @@ pub(crate) async fn accept_loop(listener: Listener) {
             Ok((tcp, peer)) => {
                 let ctx = listener.ctx.clone();
                 tokio::spawn(async move {
-                    ctx.handle(tcp, peer).await;
+                    ctx.handle(tcp, peer, bound).await;
                     drop(permit);
                 });
             }
@@ -79,7 +82,7 @@ pub(crate) async fn accept_loop(listener: Listener) {
 }
 
 impl ListenerCtx {
-    async fn handle(&self, mut tcp: TcpStream, tcp_peer: SocketAddr) {
+    async fn handle(&self, mut tcp: TcpStream, tcp_peer: SocketAddr, bound: Option<SocketAddr>) {
         let _ = tcp.set_nodelay(true);
         // The client's hold on its admission counts: taken below, released when this connection's task ends
         // (after proxying, an upgrade or a passthrough alike).
@@ -159,7 +162,7 @@ impl ListenerCtx {
         drop(hello);
         let facts =
             crate::proxy::access::HandshakeFacts::of(stream.get_ref().1, self.name.clone(), source, handshake, ja4);
-        let local = stream.get_ref().0.local_addr().ok();
+        let local = bound.or_else(|| stream.get_ref().0.get_ref().local_addr().ok());
         let conn = crate::proxy::Connection {
             peer,
             local,

@@ -263,9 +263,16 @@ impl Server {
         };
         let (sessions, ticketer) = resumption.for_scope(&scope);
         let ticketer = ticketer.map(|t| t as Arc<dyn rustls::server::ProducesTickets>);
-        let tls = TlsTemplate::new(&settings.alpn, &config.server.ciphers, verifier, sessions, ticketer)
-            .map_err(|source| StartError::Tls { listener: settings.name.clone(), source })?
-            .with_compression(compression);
+        let tls = TlsTemplate::new(
+            &settings.alpn,
+            &config.server.ciphers,
+            verifier,
+            sessions,
+            ticketer,
+            config.resumption.tls13_tickets,
+        )
+        .map_err(|source| StartError::Tls { listener: settings.name.clone(), source })?
+        .with_compression(compression);
         let ctx = Arc::new(ListenerCtx {
             name: name.clone(),
             policy,

@@ -18,6 +18,7 @@ use tokio_rustls::server::TlsStream;
 
 use crate::answer::{Choice, Served};
 use crate::certs::ParsedCert;
+use crate::coalesce::Coalescing;
 use crate::route::Target;
 use crate::select::{Policy, SelectError, Selector, Source};
 use crate::sni::ServerName;
@@ -39,14 +40,15 @@ pub struct TlsTemplate {
 impl TlsTemplate {
     /// TLS 1.2 and 1.3, the cipher suites and order of `ciphers`, the given ALPN protocols, client certificates
     /// if `client_verifier` asks for them, and the resumption state of the listener's scope: its session store
-    /// and, unless tickets are off, its ticketer. Certificates go uncompressed until
-    /// [`TlsTemplate::with_compression`].
+    /// and, unless tickets are off, its ticketer, with `tls13_tickets` TLS 1.3 tickets (or stateful session
+    /// tickets) after each full handshake. Certificates go uncompressed until [`TlsTemplate::with_compression`].
     pub fn new(
         alpn: &[Vec<u8>],
         ciphers: &CipherSettings,
         client_verifier: Option<Arc<dyn ClientCertVerifier>>,
         sessions: Arc<dyn StoresServerSessions>,
         ticketer: Option<Arc<dyn ProducesTickets>>,
+        tls13_tickets: usize,
     ) -> Result<Self, rustls::Error> {
         let preference = SuitePreference::new(ciphers);
         let build = |provider: &Arc<rustls::crypto::CryptoProvider>| -> Result<ServerConfig, rustls::Error> {
@@ -63,6 +65,7 @@ impl TlsTemplate {
                 config.ticketer = ticketer.clone();
             }
             config.ignore_client_order = preference.server_decides;
+            config.send_tls13_tickets = tls13_tickets;
             Ok(config)
         };
         let compression = crate::compression::Compression::off();
@@ -111,8 +114,8 @@ impl TlsTemplate {
 /// Outcome of a successful handshake.
 #[derive(Debug)]
 pub struct Accepted<IO = TcpStream> {
-    /// The TLS stream, ready for HTTP.
-    pub stream: TlsStream<IO>,
+    /// The TLS stream, ready for HTTP (the tickets of a TLS 1.3 handshake may wait for its first write).
+    pub stream: TlsStream<Coalescing<IO>>,
     /// The name the client asked for, normalised as selection saw it.
     pub servername: Option<ServerName>,
     /// Where the certificate came from.
@@ -221,10 +224,17 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
             let offered = accepted.client_hello();
             let cert = served.for_client(offered.signature_schemes()).clone();
             let config = tls.serving(cert.certified.clone(), offered.cipher_suites());
-            let stream = StartHandshake::from_parts(accepted, io)
-                .into_stream(config)
-                .await
-                .map_err(|e| (servername.clone(), HandshakeError::Tls(e)))?;
+            let handshake = StartHandshake::from_parts(accepted, Coalescing::new(io)).into_stream(config);
+            let stream = match handshake.into_fallible().await {
+                Ok(stream) => stream,
+                Err((e, mut io)) => {
+                    // The alert rustls wrote, if any, is still held.
+                    let _ = io.release().await;
+                    return Err((servername.clone(), HandshakeError::Tls(e)));
+                }
+            };
+            let stream =
+                send_or_defer_tickets(stream).await.map_err(|e| (servername.clone(), HandshakeError::Tls(e)))?;
             let (servername, handshake) = (parsed_name(), started.elapsed());
             Ok(Outcome::Accepted(Accepted { stream, servername, source, cert, served, hello, handshake }))
         }
@@ -236,6 +246,23 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
             Ok(Outcome::Refused(Box::new(Refusal { start, reject: tls.reject.clone(), servername, error })))
         }
     }
+}
+
+/// Ends a served handshake's write holding ([`Coalescing`]): over TLS 1.3, with the client's first request already
+/// read along with its Finished, the tickets wait for the answer; otherwise they go now, before tern waits on the
+/// client (over TLS 1.2 the held bytes are the server's Finished, which the client waits for).
+async fn send_or_defer_tickets<IO: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: TlsStream<Coalescing<IO>>,
+) -> std::io::Result<TlsStream<Coalescing<IO>>> {
+    let (io, conn) = stream.get_mut();
+    let tls13 = conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
+    // Nothing new to process: this only reports what the handshake's reads left for the application.
+    let request_read = conn.process_new_packets().is_ok_and(|state| state.plaintext_bytes_to_read() > 0);
+    io.handshake_done(tls13 && request_read);
+    if !(tls13 && request_read) {
+        io.release().await?;
+    }
+    Ok(stream)
 }
 
 /// The ALPN protocol of TLS-ALPN-01 (RFC 8737).

@@ -169,7 +169,7 @@ async fn a_name_past_its_ttl_is_served_at_once_while_one_refresh_runs_in_the_bac
 
 fn template() -> anyhow::Result<TlsTemplate> {
     let sessions = rustls::server::ServerSessionMemoryCache::new(64);
-    Ok(TlsTemplate::new(&[b"http/1.1".to_vec()], &Default::default(), None, sessions, None)?)
+    Ok(TlsTemplate::new(&[b"http/1.1".to_vec()], &Default::default(), None, sessions, None, 1)?)
 }
 
 async fn client_over(
@@ -229,5 +229,150 @@ async fn a_client_that_never_finishes_its_hello_is_held_only_until_the_deadline(
     assert!(accepted.await.is_err(), "accept waits for the rest of the hello");
     assert!(started.elapsed() >= deadline, "and only the deadline ends it");
     assert_eq!(core.calls(), 0);
+    Ok(())
+}
+
+/// A transport that counts the writes made to it (a vectored write is one write, as one `writev` would be).
+struct CountingWrites {
+    inner: tokio::io::DuplexStream,
+    writes: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl tokio::io::AsyncRead for CountingWrites {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for CountingWrites {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.poll_write_vectored(cx, &[std::io::IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let joined: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+        let written = std::pin::Pin::new(&mut self.inner).poll_write(cx, &joined);
+        if matches!(written, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A TLS 1.3 client driven by hand: its request goes in the same write as its Finished when `with_finished`;
+/// otherwise it first waits for the server's ticket, then sends the request. Returns the tickets it got and the
+/// plaintext answer.
+async fn hand_driven_client(
+    mut io: tokio::io::DuplexStream,
+    core: &Core,
+    with_finished: bool,
+) -> anyhow::Result<(u32, Vec<u8>)> {
+    use std::io::{Read, Write};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nhost: a.test\r\n\r\n";
+    let config = client_config(&core.pki.ca, &[], &[&rustls::version::TLS13]);
+    let mut conn = rustls::ClientConnection::new(config, "a.test".try_into()?)?;
+    let mut buf = vec![0u8; 16 << 10];
+    let mut requested = false;
+    let mut answer = Vec::new();
+    loop {
+        if !conn.is_handshaking() && !requested && (with_finished || conn.tls13_tickets_received() > 0) {
+            conn.writer().write_all(REQUEST)?;
+            requested = true;
+        }
+        while conn.wants_write() {
+            let mut out = Vec::new();
+            conn.write_tls(&mut out)?;
+            io.write_all(&out).await?;
+        }
+        let mut plain = [0u8; 4096];
+        while let Ok(n) = conn.reader().read(&mut plain) {
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&plain[..n]);
+        }
+        if answer.ends_with(b"ok") {
+            return Ok((conn.tls13_tickets_received(), answer));
+        }
+        let n = io.read(&mut buf).await?;
+        anyhow::ensure!(n > 0, "server closed; answer so far {:?}", String::from_utf8_lossy(&answer));
+        conn.read_tls(&mut &buf[..n])?;
+        conn.process_new_packets()?;
+    }
+}
+
+/// Serves one handshake on `io` and answers one request; returns the writes made by the end of the handshake and
+/// by the end of the answer.
+async fn counted_answer(
+    io: tokio::io::DuplexStream,
+    core: &Core,
+    template: &TlsTemplate,
+) -> anyhow::Result<(usize, usize)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let writes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let io = CountingWrites { inner: io, writes: writes.clone() };
+    let Ok(tls::Outcome::Accepted(mut accepted)) = tls::accept(io, None, &core.selector, &core.lenient, template).await
+    else {
+        anyhow::bail!("not accepted")
+    };
+    let after_handshake = writes.load(std::sync::atomic::Ordering::SeqCst);
+    let mut request = vec![0u8; 1024];
+    let n = accepted.stream.read(&mut request).await?;
+    anyhow::ensure!(request[..n].starts_with(b"GET / "), "{:?}", String::from_utf8_lossy(&request[..n]));
+    accepted.stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await?;
+    accepted.stream.flush().await?;
+    Ok((after_handshake, writes.load(std::sync::atomic::Ordering::SeqCst)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls13_tickets_leave_with_the_answer_when_the_request_came_with_the_finished() -> anyhow::Result<()> {
+    let core = core(cache_settings(Duration::from_secs(300)), Duration::from_secs(1)).await?;
+    let template = template()?;
+    // The request in the client's Finished flight: the ticket waits and leaves in the answer's write.
+    let (client_io, server_io) = tokio::io::duplex(64 << 10);
+    let (client, server) =
+        tokio::join!(hand_driven_client(client_io, &core, true), counted_answer(server_io, &core, &template));
+    let ((tickets, answer), writes) = (client?, server?);
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(tickets, 1, "the ticket arrived with the answer");
+    assert_eq!(writes, (1, 2), "server flight; then ticket and answer in one write");
+    // A client that waits for its ticket before it asks anything (a preconnect) gets it without asking.
+    let (client_io, server_io) = tokio::io::duplex(64 << 10);
+    let (client, server) =
+        tokio::join!(hand_driven_client(client_io, &core, false), counted_answer(server_io, &core, &template));
+    let ((tickets, _), writes) = (client?, server?);
+    assert_eq!(tickets, 1);
+    assert_eq!(writes, (2, 3), "server flight, ticket, answer");
     Ok(())
 }

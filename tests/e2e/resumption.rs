@@ -421,3 +421,27 @@ async fn a_redis_cluster_carries_keys_and_sessions_too() -> Result<()> {
     assert_eq!(a.metric("tern_resumption_redis_errors_total", &[]).await?, 0.0, "{}", a.log_text());
     Ok(())
 }
+
+/// TLS 1.3 tickets a client holds after one request over a fresh connection to a server whose `[resumption]`
+/// section is `resumption` (none: the defaults).
+async fn tickets_after_one_request(resumption: &str) -> Result<u32> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new(&["a.test", "default.test"])?;
+    let backend = tern_fixtures::spawn_echo_backend().await?;
+    let config = basic_config(&pki, backend, "default_certificate = \"default\"") + resumption;
+    let server = TestServer::start(&config, pki.dir.path()).await?;
+    let mut stream = connect(server.addr, &pki.client(&[b"http/1.1"]), "a.test").await?;
+    stream.write_all(b"GET / HTTP/1.1\r\nhost: a.test\r\nconnection: close\r\n\r\n").await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    anyhow::ensure!(response.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&response));
+    Ok(stream.get_ref().1.tls13_tickets_received())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tls13_ticket_per_handshake_unless_configured() -> Result<()> {
+    assert_eq!(tickets_after_one_request("").await?, 1, "default: one ticket, as Go and Caddy send");
+    assert_eq!(tickets_after_one_request("\n[resumption]\ntls13_tickets = 3\n").await?, 3);
+    assert_eq!(tickets_after_one_request("\n[resumption]\ntls13_tickets = 0\n").await?, 0);
+    Ok(())
+}

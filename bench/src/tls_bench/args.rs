@@ -21,13 +21,17 @@ pub struct Args {
     /// Configurations to run (tern-file, tern-redis, tern-static, tern-http: the http-api plugin, nginx-static,
     /// nginx-var, caddy-files: Caddy loading N files, caddy-http: Caddy's `get_certificate http` against the same
     /// API as tern-http, haproxy-crtlist: a crt-list of N lines; tern-routed: a route per name, tern-routed-unique:
-    /// an origin per name; diagnostic: tern-static-idle-plugin; floor-direct: the minimal direct-answer server
+    /// an origin per name; diagnostic: tern-static-idle-plugin; tern-static-b: tern-static with `--tern-b`; floor-direct: the minimal direct-answer server
     /// `tls-floor`, one fixed certificate, no proxy, no resumption).
     #[arg(long, value_delimiter = ',', default_value = "tern-static,tern-file,tern-redis,nginx-static,nginx-var")]
     pub configs: Vec<String>,
     /// The tern binary.
     #[arg(long, default_value = "target/release/tern")]
     pub tern: PathBuf,
+    /// A second tern binary, for an A/B of two builds: configuration `tern-static-b` is tern-static run with it,
+    /// and joins the floors' interleaved rounds beside tern-static.
+    #[arg(long, default_value = "target/release/tern-b")]
+    pub tern_b: PathBuf,
     /// The minimal direct-answer server of `floor-direct`.
     #[arg(long, default_value = "target/release/tls-floor")]
     pub floor: PathBuf,

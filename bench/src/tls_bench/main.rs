@@ -190,7 +190,7 @@ async fn run_set(
         }
     }
     // Floors (issue 16): tern's full handshake against the minimal direct-answer server, interleaved.
-    let mut floored: Vec<&str> = ["tern-static", "tern-file"].into_iter().filter(|c| has(c)).collect();
+    let mut floored: Vec<&str> = ["tern-static", "tern-static-b", "tern-file"].into_iter().filter(|c| has(c)).collect();
     if has(FLOOR_DIRECT) && !floored.is_empty() && args.ab_rounds > 0 {
         floored.insert(0, FLOOR_DIRECT);
         let setup = Setup { n, key, dir: dir.clone(), names: names.clone(), prefix: prefix.clone() };

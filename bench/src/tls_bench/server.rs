@@ -128,6 +128,7 @@ pub async fn start_server(bench: &Bench<'_>, config: &str, setup: &Setup) -> Res
     let started = Instant::now();
     let child = match config {
         "tern-static"
+        | "tern-static-b"
         | "tern-file"
         | "tern-redis"
         | "tern-static-idle-plugin"
@@ -135,12 +136,16 @@ pub async fn start_server(bench: &Bench<'_>, config: &str, setup: &Setup) -> Res
         | "tern-routed-unique"
         | "tern-http" => {
             let path = work.join(format!("{config}.toml"));
-            let mut text = tern_config(config, setup, addr, backend, redis_url, &api.tern_template(&set));
+            let (as_config, binary) = match config {
+                "tern-static-b" => ("tern-static", &args.tern_b),
+                other => (other, &args.tern),
+            };
+            let mut text = tern_config(as_config, setup, addr, backend, redis_url, &api.tern_template(&set));
             if let Some(fleet) = fleet {
                 text = fleet_node(&text, fleet.cache_ttl);
             }
             std::fs::write(&path, text)?;
-            server_command(args, args.tern.as_os_str())
+            server_command(args, binary.as_os_str())
                 .args(["run", "-c"])
                 .arg(&path)
                 .stderr(log()?)

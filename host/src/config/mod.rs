@@ -161,6 +161,9 @@ pub struct ResumptionSettings {
     pub prefix: String,
     /// Issue session tickets (TLS 1.2 and 1.3). Off: TLS 1.3 resumes statefully through the session cache.
     pub tickets: bool,
+    /// TLS 1.3 tickets sent after each full handshake (0: TLS 1.3 does not resume). One, as Go and Caddy send; a
+    /// client uses a ticket once, and each ticket costs the server its key derivation, sealing and write.
+    pub tls13_tickets: usize,
     /// Ticket-key slot length: a new key encrypts every `ticket_rotation`.
     pub ticket_rotation: Duration,
     /// How long a ticket resumes (and the lifetime hint clients get); keys decrypt for this long after their slot.
@@ -178,6 +181,7 @@ impl Default for ResumptionSettings {
             secret: None,
             prefix: defaults::RESUMPTION_PREFIX.to_string(),
             tickets: true,
+            tls13_tickets: defaults::TLS13_TICKETS,
             ticket_rotation: defaults::TICKET_ROTATION,
             ticket_lifetime: defaults::TICKET_LIFETIME,
             session_lifetime: defaults::SESSION_LIFETIME,

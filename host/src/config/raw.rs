@@ -50,6 +50,7 @@ pub struct Resumption {
     pub secret: Option<toml::Value>,
     pub prefix: Option<String>,
     pub tickets: Option<bool>,
+    pub tls13_tickets: Option<usize>,
     pub ticket_rotation: Option<String>,
     pub ticket_lifetime: Option<String>,
     pub session_lifetime: Option<String>,
@@ -421,6 +422,10 @@ pub mod defaults {
     pub const ALPN: [&str; 2] = ["h2", "http/1.1"];
     /// `resumption.prefix`
     pub const RESUMPTION_PREFIX: &str = "tern:resumption:";
+    /// `resumption.tls13_tickets`
+    pub const TLS13_TICKETS: usize = 1;
+    /// The most `resumption.tls13_tickets` accepted.
+    pub const TLS13_TICKETS_MAX: usize = 8;
     /// `resumption.ticket_rotation`
     pub const TICKET_ROTATION: Duration = Duration::from_secs(3600);
     /// `resumption.ticket_lifetime`

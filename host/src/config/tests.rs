@@ -58,6 +58,10 @@ fn resumption_through_redis_needs_a_long_secret_that_debug_never_prints() {
     assert!(err.contains("resumption.redis: no [[redis]] named \"nope\""), "{err}");
     let err = error_of(&with("[resumption]\nticket_rotation = \"2h\"\nticket_lifetime = \"1h\""));
     assert!(err.contains("resumption.ticket_lifetime: is shorter"), "{err}");
+    let err = error_of(&with("[resumption]\ntls13_tickets = 9"));
+    assert!(err.contains("resumption.tls13_tickets: 9: at most 8"), "{err}");
+    assert_eq!(load(&with("[resumption]\ntls13_tickets = 0")).unwrap().resumption.tls13_tickets, 0);
+    assert_eq!(load(MINIMAL).unwrap().resumption.tls13_tickets, 1);
     let secret = "0123456789abcdef0123456789abcdef-secret";
     let config = load(&with(&format!("[resumption]\nredis = \"r\"\nsecret = \"{secret}\""))).unwrap();
     assert_eq!(config.resumption.secret.as_ref().unwrap().bytes(), secret.as_bytes());

@@ -480,6 +480,13 @@ impl Validator<'_> {
             return Err(self.err("resumption.ticket_lifetime", "TLS allows at most 7 days"));
         }
         let session_lifetime = duration!(self.deadline, "resumption", r.session_lifetime, fallback.session_lifetime);
+        let tls13_tickets = r.tls13_tickets.unwrap_or(fallback.tls13_tickets);
+        if tls13_tickets > defaults::TLS13_TICKETS_MAX {
+            return Err(self.err(
+                "resumption.tls13_tickets",
+                format!("{tls13_tickets}: at most {} tickets per handshake", defaults::TLS13_TICKETS_MAX),
+            ));
+        }
         let prefix = r.prefix.unwrap_or(fallback.prefix);
         if prefix.is_empty() || prefix.contains(char::is_whitespace) {
             return Err(self.err("resumption.prefix", "must be non-empty, without spaces"));
@@ -489,6 +496,7 @@ impl Validator<'_> {
             secret,
             prefix,
             tickets: r.tickets.unwrap_or(true),
+            tls13_tickets,
             ticket_rotation: rotation,
             ticket_lifetime: lifetime,
             session_lifetime,

@@ -47,6 +47,8 @@ pub struct Proxy {
     backend: Uri,
     /// With `listener.backend_proxy_protocol`: how each client connection's own client to `backend` is made.
     backend_private: Option<crate::upstream::Recipe>,
+    /// Without it: `backend`'s connections driven by their requests (all but upgrades go this way).
+    direct: Option<Arc<crate::upstream::Direct>>,
     upstreams: Arc<Upstreams>,
     response_timeout: std::time::Duration,
     connect_timeout: std::time::Duration,
@@ -98,8 +100,10 @@ impl Proxy {
             crate::upstream::no_tls(),
             versions,
         );
+        let direct = backend_proxy_protocol.is_none().then(|| recipe.direct(backend.clone()));
         Self {
             client: recipe.shared(None),
+            direct,
             backend_private: backend_proxy_protocol.map(|_| recipe),
             backend,
             upstreams,
@@ -227,18 +231,29 @@ impl Proxy {
         };
         trace.uploaded = Some(upload.received.clone());
         let sent_at = std::time::Instant::now();
+        let boxed = |response: Response<Incoming>| response.map(BodyExt::boxed);
         let sent = match &conn.served.route {
             Route::Listener => {
                 trace.sent = Sent::Listener;
-                let upstream = with_base(upstream, &self.backend);
-                let private = self.private_backend(conn);
-                self.exchange(private.as_ref().unwrap_or(&self.client), upstream, upload, self.response_timeout).await
+                match &self.direct {
+                    // An upgrade needs hyper-util's connection task: the connection outlives the response.
+                    Some(direct) if upgrade.is_none() => {
+                        let timeout = self.response_timeout;
+                        self.exchange_direct(direct, upstream, upload, timeout).await.map(|r| r.map(BodyExt::boxed))
+                    }
+                    _ => {
+                        let upstream = with_base(upstream, &self.backend);
+                        let private = self.private_backend(conn);
+                        let client = private.as_ref().unwrap_or(&self.client);
+                        self.exchange(client, upstream, upload, self.response_timeout).await.map(boxed)
+                    }
+                }
             }
             Route::Origin(origin) => match self.upstreams.origin_client(origin).await {
                 Ok(client) => {
                     trace.sent = Sent::Origin(origin.clone());
                     let upstream = with_base(upstream, &origin.base);
-                    self.exchange(&client, upstream, upload, self.response_timeout).await
+                    self.exchange(&client, upstream, upload, self.response_timeout).await.map(boxed)
                 }
                 Err(why) => {
                     tracing::warn!(origin = %origin, error = %why, "no TLS trust for the origin");
@@ -246,7 +261,10 @@ impl Proxy {
                 }
             },
             Route::Pool(name) => match self.upstreams.pool(name) {
-                Some(pool) => self.via_pool(pool, conn, upstream, upload, &mut trace.sent).await,
+                Some(pool) => {
+                    let upstream = (upstream, upgrade.is_some());
+                    self.via_pool(pool, conn, upstream, upload, &mut trace.sent).await
+                }
                 None => Err(Failed::NoServer),
             },
         };
@@ -268,7 +286,7 @@ impl Proxy {
             return Response::from_parts(parts, empty());
         }
         strip_hop_by_hop(response.headers_mut(), false);
-        response.map(BodyExt::boxed)
+        response
     }
 }
 

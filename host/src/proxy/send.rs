@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use http::header::HeaderMap;
 use http::{Request, Response, StatusCode, Uri};
-use http_body_util::{Either, Empty};
+use http_body_util::{BodyExt, Either, Empty};
 use hyper::body::Incoming;
 
 use super::{Body, Connection, Proxy, simple};
@@ -16,12 +16,10 @@ use crate::body::UploadWatch;
 use crate::metrics::inc;
 use crate::route::Route;
 use crate::upstream::proxy_header::ClientFacts;
-use crate::upstream::{Failure, HttpClient, Pool, Slot, UpBody};
+use crate::upstream::{Direct, DirectBody, DirectError, Failure, HttpClient, Pool, Slot, UpBody};
 
 impl Proxy {
-    /// Sends one request and waits for the response head. The response deadline starts once the client has
-    /// finished uploading: a slow upload to a healthy backend is bounded by the body's own idle timeout, not by
-    /// the backend's response timeout.
+    /// Sends one request through `client` and waits for the response head (see [`Proxy::deadline`]).
     pub(super) async fn exchange(
         &self,
         client: &HttpClient,
@@ -29,32 +27,60 @@ impl Proxy {
         upload: UploadWatch,
         response_timeout: std::time::Duration,
     ) -> Result<Response<Incoming>, Failed> {
-        let mut request = std::pin::pin!(client.request(upstream));
-        let sent = tokio::select! {
-            sent = request.as_mut() => Ok(sent),
-            _ = upload.done => tokio::time::timeout(response_timeout, request.as_mut()).await,
+        let sent = async { client.request(upstream).await.map_err(|err| failed_of(&err, err.is_connect())) };
+        self.deadline(sent, upload, response_timeout).await
+    }
+
+    /// [`Proxy::exchange`] over the listener backend's [`Direct`] connections.
+    pub(super) async fn exchange_direct(
+        &self,
+        direct: &Arc<Direct>,
+        upstream: Request<UpBody>,
+        upload: UploadWatch,
+        response_timeout: std::time::Duration,
+    ) -> Result<Response<DirectBody>, Failed> {
+        let sent = async {
+            direct.request(upstream).await.map_err(|err| match err {
+                DirectError::Connect(err) => failed_of(&*err, true),
+                DirectError::Http(err) => failed_of(&err, false),
+            })
         };
-        match sent {
+        self.deadline(sent, upload, response_timeout).await
+    }
+
+    /// Waits for `sent`, the response head. The response deadline starts once the client has finished uploading:
+    /// a slow upload to a healthy backend is bounded by the body's own idle timeout, not by the backend's response
+    /// timeout.
+    async fn deadline<B>(
+        &self,
+        sent: impl Future<Output = Result<Response<B>, Failed>>,
+        upload: UploadWatch,
+        response_timeout: std::time::Duration,
+    ) -> Result<Response<B>, Failed> {
+        let mut sent = std::pin::pin!(sent);
+        let answered = tokio::select! {
+            answered = sent.as_mut() => Ok(answered),
+            _ = upload.done => tokio::time::timeout(response_timeout, sent.as_mut()).await,
+        };
+        match answered {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(_)) if upload.timed_out.load(Ordering::Acquire) => Err(Failed::UploadTimeout),
-            Ok(Err(err)) if crate::backend::is_exhausted(&err) => Err(Failed::Busy),
-            Ok(Err(err)) if err.is_connect() => Err(Failed::Connect(err.to_string())),
-            Ok(Err(err)) => Err(Failed::Other(err.to_string())),
+            Ok(Err(failed)) => Err(failed),
             Err(_) => Err(Failed::Timeout(response_timeout)),
         }
     }
 
     /// Sends a request to a server of `pool`; a connect failure, or a connection that broke before the response
     /// head, moves a bodiless idempotent request on to another server, up to the pool's `retries`. Each outcome
-    /// feeds the server's passive health.
+    /// feeds the server's passive health. An `upgrade` goes through hyper-util's client, never [`Direct`].
     pub(super) async fn via_pool(
         &self,
         pool: &Pool,
         conn: &Connection,
-        upstream: Request<UpBody>,
+        (upstream, upgrade): (Request<UpBody>, bool),
         upload: UploadWatch,
         chosen: &mut Sent,
-    ) -> Result<Response<Incoming>, Failed> {
+    ) -> Result<Response<Body>, Failed> {
         let retry = retry_template(&upstream);
         let (mut next, mut upload) = (Some(upstream), Some(upload));
         let mut tried = Vec::with_capacity(2);
@@ -72,16 +98,24 @@ impl Proxy {
             };
             let server = &pool.servers[index];
             *chosen = Sent::Pool(pool.name.clone(), server.address.clone());
-            let request = with_base(request, &server.base);
             let watch = upload.take().unwrap_or_else(UploadWatch::finished);
             let in_flight = pool.start(index);
             let started = std::time::Instant::now();
-            // With `proxy_protocol`, the client connection's own client to this server.
-            let private = server.private.as_ref().map(|recipe| {
-                conn.private.client(Slot::Server(pool.name.clone(), index), recipe, || client_facts(conn))
-            });
-            let client = private.as_ref().unwrap_or(&server.client);
-            let result = self.exchange(client, request, watch, pool.settings.response_timeout).await;
+            let timeout = pool.settings.response_timeout;
+            let result = match &server.direct {
+                Some(direct) if !upgrade => {
+                    self.exchange_direct(direct, request, watch, timeout).await.map(|r| r.map(BodyExt::boxed))
+                }
+                _ => {
+                    let request = with_base(request, &server.base);
+                    // With `proxy_protocol`, the client connection's own client to this server.
+                    let private = server.private.as_ref().map(|recipe| {
+                        conn.private.client(Slot::Server(pool.name.clone(), index), recipe, || client_facts(conn))
+                    });
+                    let client = private.as_ref().unwrap_or(&server.client);
+                    self.exchange(client, request, watch, timeout).await.map(|r| r.map(BodyExt::boxed))
+                }
+            };
             drop(in_flight);
             let failure = match &result {
                 Ok(_) => {
@@ -148,6 +182,17 @@ impl Proxy {
                 simple(StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n")
             }
         }
+    }
+}
+
+/// What a client error means for the request: the budget spent, no connection, or a failure after connecting.
+fn failed_of(err: &(dyn std::error::Error + 'static), connecting: bool) -> Failed {
+    if crate::backend::is_exhausted(err) {
+        Failed::Busy
+    } else if connecting {
+        Failed::Connect(err.to_string())
+    } else {
+        Failed::Other(err.to_string())
     }
 }
 

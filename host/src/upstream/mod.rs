@@ -27,11 +27,13 @@ use crate::body::Upload;
 use crate::config::{ProxySettings, UpstreamSettings};
 use crate::metrics::{Exposition, label_value};
 
+mod direct;
 mod origins;
 mod pool;
 mod private;
 pub(crate) mod proxy_header;
 
+pub(crate) use direct::{Direct, DirectBody, DirectError};
 use origins::{OriginClients, Trust};
 pub(crate) use pool::{Failure, Pool};
 pub use private::Private;
@@ -78,6 +80,9 @@ pub(crate) struct Recipe {
     shared: Builder,
     /// A [`Private`] client's pool: `proxy.max_idle_per_client` idle connections.
     private: Builder,
+    /// `proxy.max_idle_per_backend` and `proxy.pool_idle_timeout`, for [`Recipe::direct`].
+    max_idle: usize,
+    idle_timeout: Duration,
 }
 
 impl Recipe {
@@ -110,7 +115,22 @@ impl Recipe {
             .http2_only(versions == Versions::H2);
         let mut private = shared.clone();
         private.pool_max_idle_per_host(settings.max_idle_per_client);
-        Self { tcp, budget, wait: connect_timeout, tls: Arc::new(tls), shared, private }
+        Self {
+            tcp,
+            budget,
+            wait: connect_timeout,
+            tls: Arc::new(tls),
+            shared,
+            private,
+            max_idle: settings.max_idle_per_backend,
+            idle_timeout: settings.pool_idle_timeout,
+        }
+    }
+
+    /// Connections to the cleartext HTTP/1.1 `backend` driven by their requests ([`Direct`]), with the shared
+    /// client's budget and idle bounds.
+    pub(crate) fn direct(&self, backend: http::Uri) -> Arc<Direct> {
+        Direct::new(self.bounded(None), backend, self.max_idle, self.idle_timeout)
     }
 
     /// A client for everyone (`header`: written first on each connection, such as a health check's `LOCAL`).
@@ -123,8 +143,12 @@ impl Recipe {
         self.private.build(self.connector(Some(header)))
     }
 
+    fn bounded(&self, header: Option<Arc<[u8]>>) -> BoundedConnector {
+        BoundedConnector::new(self.tcp.clone(), self.budget.clone(), self.wait).with_header(header)
+    }
+
     fn connector(&self, header: Option<Arc<[u8]>>) -> Connector {
-        let bounded = BoundedConnector::new(self.tcp.clone(), self.budget.clone(), self.wait).with_header(header);
+        let bounded = self.bounded(header);
         // What `HttpsConnectorBuilder::https_or_http` makes, sharing one TLS config.
         hyper_rustls::HttpsConnector::from((bounded, self.tls.clone()))
     }

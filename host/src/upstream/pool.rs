@@ -36,6 +36,9 @@ pub(crate) struct PoolServer {
     pub(crate) client: HttpClient,
     /// With `proxy_protocol`: how each client connection's own client to this server is made.
     pub(crate) private: Option<Recipe>,
+    /// A cleartext HTTP/1.1 server without `proxy_protocol`: its connections driven by their requests (all
+    /// requests but upgrades; see [`super::Direct`]).
+    pub(crate) direct: Option<Arc<super::Direct>>,
     in_flight: AtomicUsize,
     /// Consecutive failed requests (passive health).
     fails: AtomicU32,
@@ -88,14 +91,19 @@ impl Pool {
                 let budget = Budget::new(settings.max_connections_per_server, total.clone());
                 let recipe = Recipe::new(proxy, settings.connect_timeout, budget, tls.clone(), versions);
                 let check_header = settings.proxy_protocol.map(|_| proxy_header::local());
-                (address, recipe.shared(check_header), settings.proxy_protocol.map(|_| recipe))
-            })
-            .map(|(address, client, private)| PoolServer {
-                address: address.clone(),
                 // Validated in config: `host:port` makes a URI.
-                base: format!("{scheme}://{address}").parse().unwrap_or_else(|_| Uri::from_static("http://invalid")),
+                let base: Uri =
+                    format!("{scheme}://{address}").parse().unwrap_or_else(|_| Uri::from_static("http://invalid"));
+                let direct = (scheme == "http" && versions == Versions::Http1 && settings.proxy_protocol.is_none())
+                    .then(|| recipe.direct(base.clone()));
+                (address, base, recipe.shared(check_header), settings.proxy_protocol.map(|_| recipe), direct)
+            })
+            .map(|(address, base, client, private, direct)| PoolServer {
+                address: address.clone(),
+                base,
                 client,
                 private,
+                direct,
                 in_flight: AtomicUsize::new(0),
                 fails: AtomicU32::new(0),
                 ejected_until: AtomicU64::new(0),
