@@ -124,8 +124,23 @@ impl Direct {
                     made = self.connect() => (made?, false),
                 },
             };
-            let mut sending = std::pin::pin!(conn.sender.try_send_request(request));
             let mut open = true;
+            // A connection just given back may not have settled into its idle state yet: drive it until it takes
+            // a request (at once, nearly always), or ends.
+            let ready = std::future::poll_fn(|cx| {
+                if open && conn.driver.as_mut().poll(cx).is_ready() {
+                    open = false;
+                }
+                conn.sender.poll_ready(cx)
+            })
+            .await;
+            if let Err(err) = ready {
+                if reused {
+                    continue;
+                }
+                return Err(DirectError::Http(err));
+            }
+            let mut sending = std::pin::pin!(conn.sender.try_send_request(request));
             let sent = std::future::poll_fn(|cx| {
                 if open && conn.driver.as_mut().poll(cx).is_ready() {
                     // The connection ended; the request's own future reports how.
@@ -179,8 +194,11 @@ impl Direct {
     }
 
     /// Hands a connection whose response has ended to the oldest waiting request, or keeps it for the next one
-    /// (unless enough are idle).
+    /// (unless enough are idle). With `max_idle` 0 nothing is reused.
     fn give_back(&self, mut conn: Conn) {
+        if self.max_idle == 0 {
+            return; // no reuse: closing it frees its permit for whoever waits
+        }
         let mut stack = lock(&self.idle);
         while let Some(waiting) = stack.waiting.pop_front() {
             match waiting.send(conn) {
@@ -398,6 +416,20 @@ mod tests {
             assert_eq!(request.await.unwrap(), "hello");
         }
         assert_eq!(backend.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn with_no_idle_connections_allowed_every_request_opens_its_own() {
+        let backend = backend(b"hello", None).await;
+        let budget = Budget::new(16, Arc::new(tokio::sync::Semaphore::new(16)));
+        let connector = BoundedConnector::new(HttpConnector::new(), budget, Duration::from_secs(2));
+        let direct =
+            Direct::new(connector, format!("http://{}", backend.addr).parse().unwrap(), 0, Duration::from_secs(60));
+        for _ in 0..3 {
+            assert_eq!(body_of(&direct).await, "hello");
+        }
+        assert_eq!(backend.accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(direct.idle_count(), 0);
     }
 
     #[tokio::test]
