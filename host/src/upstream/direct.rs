@@ -38,18 +38,27 @@ type Driver = Pin<Box<http1::Connection<Permitted, UpBody>>>;
 /// One backend connection: where requests go in, and the state that moves them.
 struct Conn {
     sender: http1::SendRequest<UpBody>,
-    driver: Driver,
+    /// `None` once the connection has ended. Dropping it then is what fails the requests queued to it (a request
+    /// never written comes back to be sent elsewhere): hyper cancels them only when its state is dropped.
+    driver: Option<Driver>,
 }
 
 impl Conn {
+    /// Moves the connection along; whether it is still open.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(driver) = &mut self.driver
+            && driver.as_mut().poll(cx).is_ready()
+        {
+            self.driver = None;
+        }
+        self.driver.is_some()
+    }
+
     /// Polls the connection once without a task to wake (for a connection nobody waits on): whether it is still
-    /// open and ready for a request.
+    /// open and ready for a request (a previous request's upload is not still going, nor its response).
     fn still_usable(&mut self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
-        if self.driver.as_mut().poll(&mut cx).is_ready() {
-            return false; // closed by the backend, or failed
-        }
-        matches!(self.sender.poll_ready(&mut cx), Poll::Ready(Ok(())))
+        self.drive(&mut cx) && matches!(self.sender.poll_ready(&mut cx), Poll::Ready(Ok(())))
     }
 }
 
@@ -124,13 +133,10 @@ impl Direct {
                     made = self.connect() => (made?, false),
                 },
             };
-            let mut open = true;
             // A connection just given back may not have settled into its idle state yet: drive it until it takes
-            // a request (at once, nearly always), or ends.
+            // a request (at once, nearly always), or ends (then the sender reports it closed).
             let ready = std::future::poll_fn(|cx| {
-                if open && conn.driver.as_mut().poll(cx).is_ready() {
-                    open = false;
-                }
+                conn.drive(cx);
                 conn.sender.poll_ready(cx)
             })
             .await;
@@ -142,17 +148,15 @@ impl Direct {
             }
             let mut sending = std::pin::pin!(conn.sender.try_send_request(request));
             let sent = std::future::poll_fn(|cx| {
-                if open && conn.driver.as_mut().poll(cx).is_ready() {
-                    // The connection ended; the request's own future reports how.
-                    open = false;
-                }
+                // If the connection ends, the request's own future reports how.
+                conn.drive(cx);
                 sending.as_mut().poll(cx)
             })
             .await;
             match sent {
                 Ok(response) => {
                     let home = Arc::downgrade(self);
-                    let conn = open.then_some(conn);
+                    let conn = conn.driver.is_some().then_some(conn);
                     return Ok(response.map(|inner| DirectBody { inner, conn, home, ended: false }));
                 }
                 Err(mut failed) => match failed.take_message() {
@@ -190,7 +194,7 @@ impl Direct {
         let connecting = tower_service::Service::call(&mut *lock(&self.connector), self.backend.clone());
         let io = connecting.await.map_err(DirectError::Connect)?;
         let (sender, driver) = http1::Builder::new().handshake(io).await.map_err(DirectError::Http)?;
-        Ok(Conn { sender, driver: Box::pin(driver) })
+        Ok(Conn { sender, driver: Some(Box::pin(driver)) })
     }
 
     /// Hands a connection whose response has ended to the oldest waiting request, or keeps it for the next one
@@ -273,14 +277,16 @@ impl Body for DirectBody {
         if frame.is_pending()
             && let Some(conn) = &mut this.conn
         {
-            if conn.driver.as_mut().poll(cx).is_ready() {
+            if !conn.drive(cx) {
                 this.conn = None;
             }
             // Reading may have handed the body its next frame.
             frame = Pin::new(&mut this.inner).poll_frame(cx);
         }
         match &frame {
+            // hyper's servers stop polling a body after its trailers.
             Poll::Ready(None) => this.ended = true,
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => this.ended = true,
             Poll::Ready(Some(Err(_))) => this.conn = None,
             _ => {}
         }
@@ -298,8 +304,11 @@ impl Body for DirectBody {
 
 impl Drop for DirectBody {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take()
+        // An early answer (a 413 to an upload still being sent) ends before its request: such a connection is not
+        // ready for another request, and goes.
+        if let Some(mut conn) = self.conn.take()
             && (self.ended || self.inner.is_end_stream())
+            && conn.still_usable()
             && let Some(home) = self.home.upgrade()
         {
             home.give_back(conn);
@@ -472,6 +481,21 @@ mod tests {
         }
         assert_eq!(backend.closed.load(Ordering::SeqCst), 1, "the idle connection was closed");
         assert_eq!(direct.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_closes_a_fresh_connection_fails_the_request_at_once() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                drop(tcp);
+            }
+        });
+        let backend = Backend { addr, accepted: Default::default(), closed: Default::default() };
+        let direct = direct_to(&backend, Duration::from_secs(60));
+        let answered = tokio::time::timeout(Duration::from_secs(5), direct.request(get())).await;
+        assert!(matches!(answered, Ok(Err(DirectError::Http(_)))), "{answered:?}");
     }
 
     #[tokio::test]
