@@ -258,8 +258,9 @@ async fn send_or_defer_tickets<IO: AsyncRead + AsyncWrite + Unpin>(
     let tls13 = conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
     // Nothing new to process: this only reports what the handshake's reads left for the application.
     let request_read = conn.process_new_packets().is_ok_and(|state| state.plaintext_bytes_to_read() > 0);
-    io.handshake_done(tls13 && request_read);
-    if !(tls13 && request_read) {
+    let defer = tls13 && request_read;
+    io.handshake_done(defer);
+    if !defer {
         io.release().await?;
     }
     Ok(stream)

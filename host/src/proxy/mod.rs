@@ -231,29 +231,20 @@ impl Proxy {
         };
         trace.uploaded = Some(upload.received.clone());
         let sent_at = std::time::Instant::now();
-        let boxed = |response: Response<Incoming>| response.map(BodyExt::boxed);
         let sent = match &conn.served.route {
             Route::Listener => {
                 trace.sent = Sent::Listener;
-                match &self.direct {
-                    // An upgrade needs hyper-util's connection task: the connection outlives the response.
-                    Some(direct) if upgrade.is_none() => {
-                        let timeout = self.response_timeout;
-                        self.exchange_direct(direct, upstream, upload, timeout).await.map(|r| r.map(BodyExt::boxed))
-                    }
-                    _ => {
-                        let upstream = with_base(upstream, &self.backend);
-                        let private = self.private_backend(conn);
-                        let client = private.as_ref().unwrap_or(&self.client);
-                        self.exchange(client, upstream, upload, self.response_timeout).await.map(boxed)
-                    }
-                }
+                let private = self.private_backend(conn);
+                let client = private.as_ref().unwrap_or(&self.client);
+                let via = send::Via { direct: self.direct.as_ref(), client, base: &self.backend };
+                self.send_via(via, (upstream, upgrade.is_some()), upload, self.response_timeout).await
             }
             Route::Origin(origin) => match self.upstreams.origin_client(origin).await {
                 Ok(client) => {
                     trace.sent = Sent::Origin(origin.clone());
                     let upstream = with_base(upstream, &origin.base);
-                    self.exchange(&client, upstream, upload, self.response_timeout).await.map(boxed)
+                    let sent = self.exchange(&client, upstream, upload, self.response_timeout).await;
+                    sent.map(|response| response.map(BodyExt::boxed))
                 }
                 Err(why) => {
                     tracing::warn!(origin = %origin, error = %why, "no TLS trust for the origin");

@@ -48,6 +48,29 @@ impl Proxy {
         self.deadline(sent, upload, response_timeout).await
     }
 
+    /// Sends one request to one upstream: over its [`Direct`] connections, if it has them and the request does not
+    /// `upgrade`; otherwise through `via.client`, the URI on `via.base`.
+    pub(super) async fn send_via(
+        &self,
+        via: Via<'_>,
+        (upstream, upgrade): (Request<UpBody>, bool),
+        upload: UploadWatch,
+        response_timeout: std::time::Duration,
+    ) -> Result<Response<Body>, Failed> {
+        match via.direct {
+            // An upgrade needs hyper-util's connection task: the connection outlives the response.
+            Some(direct) if !upgrade => {
+                let sent = self.exchange_direct(direct, upstream, upload, response_timeout).await;
+                sent.map(|response| response.map(BodyExt::boxed))
+            }
+            _ => {
+                let upstream = with_base(upstream, via.base);
+                let sent = self.exchange(via.client, upstream, upload, response_timeout).await;
+                sent.map(|response| response.map(BodyExt::boxed))
+            }
+        }
+    }
+
     /// Waits for `sent`, the response head. The response deadline starts once the client has finished uploading:
     /// a slow upload to a healthy backend is bounded by the body's own idle timeout, not by the backend's response
     /// timeout.
@@ -101,21 +124,13 @@ impl Proxy {
             let watch = upload.take().unwrap_or_else(UploadWatch::finished);
             let in_flight = pool.start(index);
             let started = std::time::Instant::now();
-            let timeout = pool.settings.response_timeout;
-            let result = match &server.direct {
-                Some(direct) if !upgrade => {
-                    self.exchange_direct(direct, request, watch, timeout).await.map(|r| r.map(BodyExt::boxed))
-                }
-                _ => {
-                    let request = with_base(request, &server.base);
-                    // With `proxy_protocol`, the client connection's own client to this server.
-                    let private = server.private.as_ref().map(|recipe| {
-                        conn.private.client(Slot::Server(pool.name.clone(), index), recipe, || client_facts(conn))
-                    });
-                    let client = private.as_ref().unwrap_or(&server.client);
-                    self.exchange(client, request, watch, timeout).await.map(|r| r.map(BodyExt::boxed))
-                }
-            };
+            // With `proxy_protocol`, the client connection's own client to this server.
+            let private = server.private.as_ref().map(|recipe| {
+                conn.private.client(Slot::Server(pool.name.clone(), index), recipe, || client_facts(conn))
+            });
+            let client = private.as_ref().unwrap_or(&server.client);
+            let via = Via { direct: server.direct.as_ref(), client, base: &server.base };
+            let result = self.send_via(via, (request, upgrade), watch, pool.settings.response_timeout).await;
             drop(in_flight);
             let failure = match &result {
                 Ok(_) => {
@@ -194,6 +209,14 @@ fn failed_of(err: &(dyn std::error::Error + 'static), connecting: bool) -> Faile
     } else {
         Failed::Other(err.to_string())
     }
+}
+
+/// One upstream's ways in: its [`Direct`] connections (cleartext HTTP/1.1 without PROXY protocol), the client
+/// for everything else, and the base of its request URIs.
+pub(super) struct Via<'a> {
+    pub(super) direct: Option<&'a Arc<Direct>>,
+    pub(super) client: &'a HttpClient,
+    pub(super) base: &'a Uri,
 }
 
 /// Where a request was sent, for its access-log line.
