@@ -2,8 +2,10 @@
 //!
 //! Bounded three ways, because the key is attacker-chosen (SNI): by entry count, by estimated bytes, and by
 //! time (the plugin's TTL hint capped by `cache.max_ttl` and by the leaf's expiry; "not found" answers live for
-//! `cache.negative_ttl`). Eviction is moka's TinyLFU, which keeps a flood of one-off names from pushing out the
-//! names that are really used. Concurrent misses for one key share a single load. An entry past its TTL is served
+//! `cache.negative_ttl`). Answers that serve a name (certificates, passthrough targets, issuance grants) and
+//! answers that do not ("not found", refused) live in two caches with bounds of their own, so that a flood of
+//! made-up names, which the plugin can only answer "not found", evicts other such answers and never a name that is
+//! served; within each, eviction is moka's TinyLFU. Concurrent misses for one key share a single load. An entry past its TTL is served
 //! at once while one background refresh per key replaces it (stale-while-revalidate), and keeps serving, within
 //! `cache.max_stale`, while refreshing fails (stale-if-error).
 
@@ -66,6 +68,11 @@ impl Cached {
         }
     }
 
+    /// Whether this is a "not found" or refused answer (held in the negative tier).
+    pub(crate) fn is_negative(&self) -> bool {
+        matches!(self, Cached::NotFound { .. } | Cached::Invalid { .. })
+    }
+
     /// Whether the entry may be served without asking the plugin.
     pub(crate) fn is_fresh(&self) -> bool {
         Instant::now() < self.fresh_until()
@@ -123,25 +130,41 @@ pub(crate) struct Loaded<E> {
 /// The bounded, TTL-aware cache of plugin answers.
 #[derive(Clone)]
 pub struct CertCache {
-    inner: moka::future::Cache<CacheKey, Cached>,
+    /// Answers that serve the name, bounded by `cache.max_entries` and `cache.max_bytes`.
+    served: Tier,
+    /// "Not found" and refused answers, bounded by `cache.max_negative_entries`. Apart from `served` because moka
+    /// alone did not protect a served name from them: under a flood it drops reads it has no room to record (so a
+    /// rarely used name loses its place in the LRU order) and its frequency sketch, sized by the entries, forgets
+    /// a name read once every few thousand lookups (`a_flood_of_unknown_names_never_evicts_a_served_name`).
+    negative: Tier,
     settings: CacheSettings,
     /// Keys whose stale entry is being refreshed in the background (one refresh per key at a time; bounded by
     /// the entries, which the cache bounds).
     refreshing: Arc<std::sync::Mutex<std::collections::HashSet<CacheKey>>>,
 }
 
+type Tier = moka::future::Cache<CacheKey, Cached>;
+
 impl std::fmt::Debug for CertCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertCache").field("entries", &self.inner.entry_count()).finish()
+        f.debug_struct("CertCache")
+            .field("served", &self.served.entry_count())
+            .field("negative", &self.negative.entry_count())
+            .finish()
     }
 }
 
-/// Bytes counted per entry beyond its answer's estimate and its name (the key). `scale-bench` (1M ECDSA names,
-/// 2026-12-01) measured 2,076 bytes of RSS per cached certificate against 1,296 estimated: the real overhead is
-/// nearer 800, but weighing a certificate above the slot made a flood of junk names evict a hot legitimate entry
-/// (`a_flood_of_random_names_keeps_cache_and_plugin_calls_bounded` failed), so `max_entries` stays the bound that
-/// binds at the defaults and the docs state the real size.
-const ENTRY_OVERHEAD: usize = 48;
+/// What a load shares with the callers that waited for it, other than a negative answer (which the negative tier
+/// holds): a served answer (which the served tier holds) or the failure (which nothing holds).
+enum Shared<E> {
+    Served(Cached),
+    Failed(Arc<E>),
+}
+
+/// Bytes counted per served entry beyond its answer's estimate and its name (the key): what `scale-bench` (1M
+/// ECDSA names, 2026-12-01) measured, 2,076 bytes of RSS per cached certificate against 1,296 estimated. (Counting
+/// it made a flood of junk names evict a hot certificate while both kinds shared one cache; they no longer do.)
+const ENTRY_OVERHEAD: usize = 780;
 
 impl CertCache {
     /// An empty cache with these bounds.
@@ -150,7 +173,8 @@ impl CertCache {
         // bounds the bytes and the entry count at once. Rounded up: rounded down, 256 MiB over 100,000 entries
         // let 100,013 in. Config validation keeps the slot within u32.
         let slot = u32::try_from(settings.max_bytes.div_ceil(settings.max_entries).max(1)).unwrap_or(u32::MAX);
-        let inner = moka::future::Cache::builder()
+        let evictions = metrics.clone();
+        let served = moka::future::Cache::builder()
             .max_capacity(settings.max_bytes)
             .weigher(move |key: &CacheKey, value: &Cached| {
                 let bytes = value.bytes().saturating_add(key.name.as_str().len() + ENTRY_OVERHEAD);
@@ -160,11 +184,35 @@ impl CertCache {
             .support_invalidation_closures()
             .eviction_listener(move |_key, _value, cause| {
                 if cause == moka::notification::RemovalCause::Size {
-                    crate::metrics::inc(&metrics.cache_evictions);
+                    crate::metrics::inc(&evictions.cache_evictions);
                 }
             })
             .build();
-        Self { inner, settings: settings.clone(), refreshing: Arc::default() }
+        // Entries of a bounded size (a name of at most 253 bytes and a short reason), so counted, not weighed.
+        let negative = moka::future::Cache::builder()
+            .max_capacity(settings.max_negative_entries)
+            .expire_after(KeepUntilStaleLimit { max_stale: settings.max_stale })
+            .support_invalidation_closures()
+            .eviction_listener(move |_key, _value, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    crate::metrics::inc(&metrics.cache_negative_evictions);
+                }
+            })
+            .build();
+        Self { served, negative, settings: settings.clone(), refreshing: Arc::default() }
+    }
+
+    /// The tier that holds answers like `value`.
+    fn tier(&self, value: &Cached) -> &Tier {
+        if value.is_negative() { &self.negative } else { &self.served }
+    }
+
+    /// The entry for `key` in either tier, fresh or stale.
+    async fn lookup(&self, key: &CacheKey) -> Option<Cached> {
+        match self.served.get(key).await {
+            Some(value) => Some(value),
+            None => self.negative.get(key).await,
+        }
     }
 
     /// Like [`CertCache::get_or_load`], but a stale entry is served at once (stale-while-revalidate):
@@ -184,7 +232,7 @@ impl CertCache {
         R: FnOnce(CacheKey) -> G,
         G: Future<Output = ()> + Send + 'static,
     {
-        match self.inner.get(&key).await {
+        match self.lookup(&key).await {
             Some(value) if value.is_fresh() => {
                 Ok(Loaded { lookup: Lookup::Hit, value, refresh_error: None, refresh_invalid: None })
             }
@@ -213,21 +261,43 @@ impl CertCache {
         E: Send + Sync + 'static,
         F: Future<Output = Result<Answer, E>>,
     {
-        match self.inner.get(&key).await {
+        match self.lookup(&key).await {
             Some(value) if value.is_fresh() => {
                 return Ok(Loaded { lookup: Lookup::Hit, value, refresh_error: None, refresh_invalid: None });
             }
-            Some(_stale) => return self.refresh(key, load).await,
+            Some(stale) => return self.refresh(key, load, self.tier(&stale)).await,
             None => {}
         }
-        let settings = &self.settings;
-        let value = self.inner.try_get_with(key, async move { load.await.map(|a| a.into_cached(settings)) }).await?;
+        // Concurrent misses share one load through the negative tier's per-key lock: a negative answer is stored
+        // there and handed to every waiter; a served answer goes to the served tier and reaches the waiters as the
+        // shared "error", as does a failure (which is not cached).
+        let (settings, served, served_key) = (&self.settings, &self.served, key.clone());
+        let shared = self.negative.try_get_with(key, async move {
+            // Loaded by a caller that found neither tier's entry just before this one did.
+            if let Some(value) = served.get(&served_key).await.filter(Cached::is_fresh) {
+                return Err(Shared::Served(value));
+            }
+            let value = load.await.map_err(|err| Shared::Failed(Arc::new(err)))?.into_cached(settings);
+            if value.is_negative() {
+                return Ok(value);
+            }
+            served.insert(served_key, value.clone()).await;
+            Err(Shared::Served(value))
+        });
+        let value = match shared.await {
+            Ok(value) => value,
+            Err(shared) => match &*shared {
+                Shared::Served(value) => value.clone(),
+                Shared::Failed(err) => return Err(err.clone()),
+            },
+        };
         Ok(Loaded { lookup: Lookup::Miss, value, refresh_error: None, refresh_invalid: None })
     }
 
-    /// Refreshes a stale entry under moka's per-key lock: concurrent callers queue, and those behind the first
-    /// find the entry fresh again (or find that the refresh failed only after trying it themselves).
-    async fn refresh<E, F>(&self, key: CacheKey, load: F) -> Result<Loaded<Arc<E>>, Arc<E>>
+    /// Refreshes a stale entry of tier `tier` under moka's per-key lock: concurrent callers queue, and those
+    /// behind the first find the entry fresh again (in this tier, or in the other if the answer changed kind), or
+    /// find that the refresh failed only after trying it themselves.
+    async fn refresh<E, F>(&self, key: CacheKey, load: F, tier: &Tier) -> Result<Loaded<Arc<E>>, Arc<E>>
     where
         E: Send + Sync + 'static,
         F: Future<Output = Result<Answer, E>>,
@@ -235,12 +305,18 @@ impl CertCache {
         let mut outcome = None;
         let slot = &mut outcome;
         let settings = &self.settings;
-        self.inner
-            .entry(key)
+        let negative_tier = std::ptr::eq(tier, &self.negative);
+        let other = if negative_tier { &self.served } else { &self.negative };
+        let other_key = key.clone();
+        tier.entry(key)
             .and_compute_with(move |entry| async move {
                 let current = entry.map(|e| e.into_value());
-                if let Some(value) = current.as_ref().filter(|v| v.is_fresh()) {
-                    let value = value.clone();
+                let fresh = match current.as_ref() {
+                    Some(value) => Some(value.clone()).filter(Cached::is_fresh),
+                    // Moved to the other tier by the refresh this caller queued behind.
+                    None => other.get(&other_key).await.filter(Cached::is_fresh),
+                };
+                if let Some(value) = fresh {
                     *slot = Some(Ok(Loaded { lookup: Lookup::Hit, value, refresh_error: None, refresh_invalid: None }));
                     return moka::ops::compute::Op::Nop;
                 }
@@ -265,7 +341,13 @@ impl CertCache {
                             refresh_invalid: None,
                         };
                         *slot = Some(Ok(loaded));
-                        moka::ops::compute::Op::Put(value)
+                        if value.is_negative() == negative_tier {
+                            moka::ops::compute::Op::Put(value)
+                        } else {
+                            // A served name now unknown, or the reverse: the answer changes tier.
+                            other.insert(other_key, value).await;
+                            moka::ops::compute::Op::Remove
+                        }
                     }
                     (Err(err), Some(stale)) => {
                         let refresh_error = Some(Arc::new(err));
@@ -291,60 +373,72 @@ impl CertCache {
     /// Drops every plugin's answer for `name`; a `*.parent` pattern drops every name one label below `parent`.
     pub(crate) fn invalidate_name(&self, name: &str) {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
-        let result = match name.strip_prefix("*.") {
+        match name.strip_prefix("*.") {
             Some(parent) => {
                 let parent = parent.to_string();
-                self.inner.invalidate_entries_if(move |key, _| {
-                    key.name.as_str().split_once('.').is_some_and(|(_, rest)| rest == parent)
-                })
+                self.invalidate_if(move |key| key.name.as_str().split_once('.').is_some_and(|(_, rest)| rest == parent))
             }
-            None => self.inner.invalidate_entries_if(move |key, _| key.name.as_str() == name),
-        };
-        if let Err(err) = result {
-            // Only possible without support_invalidation_closures, which the builder always sets.
-            tracing::error!(error = %err, "cache invalidation refused");
+            None => self.invalidate_if(move |key| key.name.as_str() == name),
         }
     }
 
     /// The entry for `key`, fresh or stale, without loading anything.
     pub(crate) async fn peek(&self, key: &CacheKey) -> Option<Cached> {
-        self.inner.get(key).await
+        self.lookup(key).await
     }
 
     /// Drops every cached answer.
     pub(crate) fn invalidate_all(&self) {
-        self.inner.invalidate_all();
+        self.served.invalidate_all();
+        self.negative.invalidate_all();
     }
 
     /// Drops every answer of one plugin (a swap with `on_swap = "flush"`).
     pub(crate) fn invalidate_plugin(&self, plugin: &str) {
         let plugin: Arc<str> = Arc::from(plugin);
-        if let Err(err) = self.inner.invalidate_entries_if(move |key, _| key.plugin == plugin) {
-            tracing::error!(error = %err, "cache invalidation refused");
+        self.invalidate_if(move |key| key.plugin == plugin);
+    }
+
+    /// Drops the entries of both tiers whose key matches.
+    fn invalidate_if(&self, matches: impl Fn(&CacheKey) -> bool + Clone + Send + Sync + 'static) {
+        for tier in [&self.served, &self.negative] {
+            let matches = matches.clone();
+            if let Err(err) = tier.invalidate_entries_if(move |key, _| matches(key)) {
+                // Only possible without support_invalidation_closures, which the builders always set.
+                tracing::error!(error = %err, "cache invalidation refused");
+            }
         }
     }
 
     /// Appends the cache's gauges.
     pub(crate) fn render(&self, x: &mut crate::metrics::Exposition) {
-        x.family("tern_cache_entries", "gauge", "Names in the certificate cache.");
+        x.family("tern_cache_entries", "gauge", "Names in the certificate cache, served and negative.");
         x.sample("tern_cache_entries", "", self.entry_count());
-        x.family("tern_cache_weighted_bytes", "gauge", "Estimated bytes in the cache (each entry at least its slot).");
+        x.family("tern_cache_negative_entries", "gauge", "Names cached as not found or refused.");
+        x.sample("tern_cache_negative_entries", "", self.negative_entry_count());
+        x.family("tern_cache_weighted_bytes", "gauge", "Estimated bytes of served names (each at least its slot).");
         x.sample("tern_cache_weighted_bytes", "", self.weighted_size());
     }
 
-    /// Cached names (approximate until pending maintenance has run).
+    /// Cached names of both tiers (approximate until pending maintenance has run).
     pub fn entry_count(&self) -> u64 {
-        self.inner.entry_count()
+        self.served.entry_count() + self.negative.entry_count()
     }
 
-    /// Weighted size: estimated bytes, with each entry counted at least at its slot size.
+    /// Names cached as "not found" or refused (approximate until pending maintenance has run).
+    pub fn negative_entry_count(&self) -> u64 {
+        self.negative.entry_count()
+    }
+
+    /// Weighted size of the served tier: estimated bytes, with each entry counted at least at its slot size.
     pub(crate) fn weighted_size(&self) -> u64 {
-        self.inner.weighted_size()
+        self.served.weighted_size()
     }
 
     /// Runs pending evictions and expirations now (they otherwise run as the cache is used).
     pub async fn run_pending_tasks(&self) {
-        self.inner.run_pending_tasks().await;
+        self.served.run_pending_tasks().await;
+        self.negative.run_pending_tasks().await;
     }
 }
 
@@ -448,6 +542,7 @@ mod tests {
         CacheSettings {
             max_entries,
             max_bytes,
+            max_negative_entries: max_entries,
             ttl: Duration::from_secs(60),
             max_ttl: Duration::from_secs(120),
             negative_ttl: Duration::from_millis(50),
@@ -565,14 +660,62 @@ mod tests {
         assert!(cache.weighted_size() <= 1 << 20);
     }
 
+    /// A refresh whose answer changes kind moves the name between the tiers: it is then found in the other one,
+    /// and counted once.
+    #[tokio::test]
+    async fn an_answer_that_changes_kind_moves_to_the_other_tier() {
+        let cache = CertCache::new(&settings(100, 1 << 20), Arc::default());
+        let answer = |negative: bool| async move {
+            let target = Arc::new(Target { host: "backend.internal".into(), port: 443 });
+            let served = Answer::Passthrough(target, Some(Duration::from_millis(50)));
+            Ok::<_, ()>(if negative { Answer::NotFound } else { served })
+        };
+        cache.get_or_load(key("m.example"), answer(false)).await.unwrap();
+        for negative in [true, false, true] {
+            tokio::time::sleep(Duration::from_millis(80)).await;
+            assert_eq!(cache.get_or_load(key("m.example"), answer(negative)).await.unwrap().lookup, Lookup::Miss);
+            let loaded = cache.get_or_load(key("m.example"), async { Err::<Answer, _>(()) }).await.unwrap();
+            assert_eq!((loaded.lookup, loaded.value.is_negative()), (Lookup::Hit, negative));
+            cache.run_pending_tasks().await;
+            assert_eq!((cache.entry_count(), cache.negative_entry_count()), (1, u64::from(negative)));
+        }
+    }
+
+    /// A flood of names the plugin does not know, many times the cache's size, with a name that is served looked
+    /// up only now and then: the flood's answers never evict it (before they were kept apart, moka's LRU order and
+    /// frequency sketch protected it only while its rare reads were recorded, and evicted it here).
+    #[tokio::test]
+    async fn a_flood_of_unknown_names_never_evicts_a_served_name() {
+        let cache = CertCache::new(&settings(100, 1 << 20), Arc::default());
+        let served = || async {
+            let target = Arc::new(Target { host: "backend.internal".into(), port: 443 });
+            Ok::<_, ()>(Answer::Passthrough(target, None))
+        };
+        cache.get_or_load(key("served.example"), served()).await.unwrap();
+        for i in 0..20_000 {
+            let name = format!("n{i}.flood.example");
+            for _ in 0..2 {
+                cache.get_or_load(key(&name), async { Ok::<_, ()>(Answer::NotFound) }).await.unwrap();
+            }
+            if i % 500 == 499 {
+                cache.run_pending_tasks().await;
+                let lookup = cache.get_or_load(key("served.example"), served()).await.unwrap().lookup;
+                assert_eq!(lookup, Lookup::Hit, "the served name was evicted after {} flood names", i + 1);
+            }
+        }
+    }
+
     #[tokio::test]
     async fn the_entry_bound_holds_when_max_bytes_is_not_a_multiple_of_it() {
-        // A slot of 999 bytes rounded down to 998 would let 1,001 entries of the slot's weight in.
+        // A slot of 999 bytes rounded down to 998 would let 1,001 served entries of the slot's weight in.
         let cache = CertCache::new(&settings(1000, 999 * 1000 - 1), Arc::default());
         for i in 0..5_000 {
-            cache.get_or_load(key(&format!("n{i}.example")), async { Ok::<_, ()>(Answer::NotFound) }).await.unwrap();
+            let target = Arc::new(Target { host: "backend.internal".into(), port: 443 });
+            let served = async { Ok::<_, ()>(Answer::Passthrough(target, None)) };
+            cache.get_or_load(key(&format!("n{i}.example")), served).await.unwrap();
         }
         cache.run_pending_tasks().await;
+        assert_eq!(cache.negative_entry_count(), 0);
         assert!(cache.entry_count() <= 1000, "{} entries", cache.entry_count());
     }
 }

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub stale_serves: AtomicU64,
     /// Cache entries evicted for size (not expiry or invalidation).
     pub cache_evictions: AtomicU64,
+    /// Negative answers ("not found", refused) evicted for size.
+    pub cache_negative_evictions: AtomicU64,
     /// Selections answered with the listener's default certificate.
     pub default_served: AtomicU64,
     /// Selection latency of answers from static certificates or the cache.
@@ -211,6 +213,8 @@ impl Metrics {
         );
         x.family("tern_cache_evictions_total", "counter", "Cache entries evicted for size.");
         x.sample("tern_cache_evictions_total", "", get(&self.cache_evictions));
+        x.family("tern_cache_negative_evictions_total", "counter", "Negative answers evicted for size.");
+        x.sample("tern_cache_negative_evictions_total", "", get(&self.cache_negative_evictions));
         x.family("tern_selection_seconds", "histogram", "Certificate selection latency, by cache outcome.");
         x.histogram("tern_selection_seconds", "cache=\"hit\"", &self.selection_hit);
         x.histogram("tern_selection_seconds", "cache=\"miss\"", &self.selection_miss);

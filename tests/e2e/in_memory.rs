@@ -33,6 +33,7 @@ fn cache_settings(ttl: Duration) -> CacheSettings {
     CacheSettings {
         max_entries: 1000,
         max_bytes: 16 << 20,
+        max_negative_entries: 1000,
         ttl,
         max_ttl: Duration::from_secs(3600),
         negative_ttl: Duration::from_secs(60),

@@ -184,7 +184,7 @@ async fn a_flood_of_random_names_keeps_cache_and_plugin_calls_bounded() -> anyho
         FILE_PATH_PLUGIN,
         &format!("max_calls_per_second = {RATE}"),
         "default_certificate = \"default\"",
-    ) + "\n[cache]\nmax_entries = 1000\nmax_bytes = \"4MiB\"\n";
+    ) + "\n[cache]\nmax_entries = 1000\nmax_bytes = \"4MiB\"\nmax_negative_entries = 1000\n";
     let server = Arc::new(TestServer::start(&config, pki.dir.path()).await?);
     let default = server.selector.statics().by_id("default").cloned();
     let policy =
@@ -216,14 +216,16 @@ async fn a_flood_of_random_names_keeps_cache_and_plugin_calls_bounded() -> anyho
     server.selector.cache().run_pending_tasks().await;
     let stats = server.plugin_stats();
     let calls = stats.calls();
-    let entries = server.selector.cache().entry_count();
+    let negative = server.selector.cache().negative_entry_count();
+    let served = server.selector.cache().entry_count() - negative;
     println!(
-        "flood of {FLOOD} names in {elapsed:.1?}: {calls} plugin calls ({} shed by the {RATE}/s cap), {entries} cache entries, RSS {} -> {} MiB",
+        "flood of {FLOOD} names in {elapsed:.1?}: {calls} plugin calls ({} shed by the {RATE}/s cap), {served} served and {negative} negative cache entries, RSS {} -> {} MiB",
         stats.count(Outcome::RateLimited),
         rss_before / 1024,
         rss_kib() / 1024
     );
-    assert!(entries <= 1000, "cache bound held: {entries} entries");
+    assert_eq!(served, 1, "only the legitimate name is served");
+    assert!(negative <= 1000, "negative bound held: {negative} entries");
     // A full bucket (one second's worth) plus the refill over the flood's duration.
     let allowed = RATE + (elapsed.as_secs_f64() * RATE as f64).ceil() as u64 + 1;
     assert!(calls <= allowed, "{calls} plugin calls exceed the cap ({allowed} allowed in {elapsed:?})");

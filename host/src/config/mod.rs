@@ -365,10 +365,13 @@ impl Default for ClientLimits {
 /// `[cache]`
 #[derive(Debug, Clone)]
 pub struct CacheSettings {
-    /// At most this many names cached (certificates and "not found" answers together).
+    /// At most this many names cached with an answer that serves them (certificate, passthrough, issuance).
     pub max_entries: u64,
-    /// At most this many bytes of certificates and keys cached (estimated).
+    /// At most this many bytes of those answers cached (estimated).
     pub max_bytes: u64,
+    /// At most this many "not found" and refused answers cached, apart from the served names so that a flood of
+    /// unknown names cannot evict one.
+    pub max_negative_entries: u64,
     /// How long a plugin's certificate is served from cache when the plugin gives no TTL hint.
     pub ttl: Duration,
     /// The longest TTL a plugin hint may ask for.

@@ -127,6 +127,7 @@ pub struct Reload {
 pub struct Cache {
     pub max_entries: Option<u64>,
     pub max_bytes: Option<Size>,
+    pub max_negative_entries: Option<u64>,
     pub ttl: Option<String>,
     pub max_ttl: Option<String>,
     pub negative_ttl: Option<String>,
@@ -310,6 +311,8 @@ pub mod defaults {
     pub const CACHE_MAX_ENTRIES: u64 = 100_000;
     /// `cache.max_bytes`: 256 MiB
     pub const CACHE_MAX_BYTES: u64 = 256 << 20;
+    /// `cache.max_negative_entries`: "not found" and refused answers, ~0.6 KiB of memory each (measured)
+    pub const CACHE_MAX_NEGATIVE_ENTRIES: u64 = 100_000;
     /// `cache.ttl`
     pub const CACHE_TTL: Duration = Duration::from_secs(3600);
     /// `cache.max_ttl`

@@ -30,6 +30,7 @@ fn minimal_file_gets_defaults_and_resolved_paths() {
     let config = load(MINIMAL).unwrap();
     assert_eq!(config.server.handshake_timeout, defaults::HANDSHAKE_TIMEOUT);
     assert_eq!(config.cache.max_entries, defaults::CACHE_MAX_ENTRIES);
+    assert_eq!(config.cache.max_negative_entries, defaults::CACHE_MAX_NEGATIVE_ENTRIES);
     let plugin = &config.plugins[0];
     assert_eq!(plugin.path, Path::new("/etc/tern/plugins/file_path.wasm"));
     assert_eq!(plugin.grants.files.as_deref(), Some(Path::new("/srv/certs")));
@@ -93,6 +94,7 @@ fn bad_values_name_the_key() {
         (MINIMAL.replace("http://127.0.0.1:8080", "http://b:1/api"), "listener \"listener-0\".backend"),
         (format!("{MINIMAL}\n[cache]\nttl = \"0x\""), "cache.ttl"),
         (format!("{MINIMAL}\n[cache]\nmax_entries = 0"), "cache.max_entries"),
+        (format!("{MINIMAL}\n[cache]\nmax_negative_entries = 0"), "cache.max_negative_entries"),
         (format!("{MINIMAL}\n[server]\nhandshake_timeout = \"0s\""), "server.handshake_timeout"),
         (
             MINIMAL.replace("key = \"certs/fallback.key\"", "key = \"k\"\nnames = [\"a/b\"]"),
@@ -241,7 +243,7 @@ const SIZES: [&str; 9] = [
     "4294967296",
 ];
 /// Every numeric key with the values it is tried with.
-const KEYS: [(&str, &str, &[&str]); 41] = [
+const KEYS: [(&str, &str, &[&str]); 42] = [
     ("server", "max_connections", &NUMBERS),
     ("server", "session_cache_entries", &NUMBERS),
     ("server", "h2_max_concurrent_streams", &NUMBERS),
@@ -259,6 +261,7 @@ const KEYS: [(&str, &str, &[&str]); 41] = [
     ("server", "certificate_compression_cache_bytes", &SIZES),
     ("cache", "max_entries", &NUMBERS),
     ("cache", "max_bytes", &SIZES),
+    ("cache", "max_negative_entries", &NUMBERS),
     ("cache", "ttl", &DURATIONS),
     ("cache", "negative_ttl", &DURATIONS),
     ("cache", "max_stale", &DURATIONS),

@@ -362,6 +362,10 @@ impl Validator<'_> {
                 "cache.max_bytes",
                 self.size("cache.max_bytes", raw.max_bytes.as_ref(), defaults::CACHE_MAX_BYTES)?,
             )?,
+            max_negative_entries: self.positive(
+                "cache.max_negative_entries",
+                raw.max_negative_entries.unwrap_or(defaults::CACHE_MAX_NEGATIVE_ENTRIES),
+            )?,
             ttl: duration!(self.duration, "cache", raw.ttl, defaults::CACHE_TTL),
             max_ttl: duration!(self.duration, "cache", raw.max_ttl, defaults::CACHE_MAX_TTL),
             negative_ttl: duration!(self.duration, "cache", raw.negative_ttl, defaults::CACHE_NEGATIVE_TTL),
