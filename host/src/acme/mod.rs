@@ -217,12 +217,8 @@ impl Acme {
                 crate::metrics::inc(&self.metrics.served_after_wait);
                 Ok(cert)
             }
-            Ok(Err(err)) => {
-                if matches!(err, AcmeError::Budget { .. } | AcmeError::Backoff { .. }) {
-                    self.refused.insert(name.clone(), err.clone());
-                }
-                Err(err)
-            }
+            // A refusal is remembered by the order task (also when this handshake stopped waiting first).
+            Ok(Err(err)) => Err(err),
             Err(_) => {
                 crate::metrics::inc(&self.metrics.wait_expired);
                 Err(AcmeError::Pending)
@@ -243,6 +239,14 @@ impl Acme {
         let (acme, owned) = (self.clone(), name.clone());
         let task = tokio::spawn(async move {
             let result = acme.obtain(&owned, purpose).await;
+            // Remembered here, not by the waiting handshake: one that stopped waiting (`acme.handshake_wait`)
+            // before the budget said no would leave the name to ask storage and spend the check again each time.
+            // Before the name leaves `pending`, so a handshake meanwhile finds the one or the other.
+            if let Err(err @ (AcmeError::Budget { .. } | AcmeError::Backoff { .. })) = &result
+                && purpose == Purpose::Issue
+            {
+                acme.refused.insert(owned.clone(), err.clone());
+            }
             lock(&acme.pending).remove(&owned);
             result
         });
