@@ -5,9 +5,9 @@
 //! `cache.negative_ttl`). Answers that serve a name (certificates, passthrough targets, issuance grants) and
 //! answers that do not ("not found", refused) live in two caches with bounds of their own, so that a flood of
 //! made-up names, which the plugin can only answer "not found", evicts other such answers and never a name that is
-//! served; within each, eviction is moka's TinyLFU. Concurrent misses for one key share a single load. An entry past its TTL is served
-//! at once while one background refresh per key replaces it (stale-while-revalidate), and keeps serving, within
-//! `cache.max_stale`, while refreshing fails (stale-if-error).
+//! served; within each, eviction is moka's TinyLFU. Concurrent misses for one key share a single load. An entry
+//! past its TTL is served at once while one background refresh per key replaces it (stale-while-revalidate), and
+//! keeps serving, within `cache.max_stale`, while refreshing fails (stale-if-error).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -173,38 +173,22 @@ impl CertCache {
         // bounds the bytes and the entry count at once. Rounded up: rounded down, 256 MiB over 100,000 entries
         // let 100,013 in. Config validation keeps the slot within u32.
         let slot = u32::try_from(settings.max_bytes.div_ceil(settings.max_entries).max(1)).unwrap_or(u32::MAX);
-        let evictions = metrics.clone();
-        let served = moka::future::Cache::builder()
-            .max_capacity(settings.max_bytes)
-            .weigher(move |key: &CacheKey, value: &Cached| {
+        let served = moka::future::Cache::builder().max_capacity(settings.max_bytes).weigher(
+            move |key: &CacheKey, value: &Cached| {
                 let bytes = value.bytes().saturating_add(key.name.as_str().len() + ENTRY_OVERHEAD);
                 u32::try_from(bytes).unwrap_or(u32::MAX).max(slot)
-            })
-            .expire_after(KeepUntilStaleLimit { max_stale: settings.max_stale })
-            .support_invalidation_closures()
-            .eviction_listener(move |_key, _value, cause| {
-                if cause == moka::notification::RemovalCause::Size {
-                    crate::metrics::inc(&evictions.cache_evictions);
-                }
-            })
-            .build();
+            },
+        );
+        let served = build_tier(served, settings, metrics.clone(), |m| &m.cache_evictions);
         // Entries of a bounded size (a name of at most 253 bytes and a short reason), so counted, not weighed.
-        let negative = moka::future::Cache::builder()
-            .max_capacity(settings.max_negative_entries)
-            .expire_after(KeepUntilStaleLimit { max_stale: settings.max_stale })
-            .support_invalidation_closures()
-            .eviction_listener(move |_key, _value, cause| {
-                if cause == moka::notification::RemovalCause::Size {
-                    crate::metrics::inc(&metrics.cache_negative_evictions);
-                }
-            })
-            .build();
+        let negative = moka::future::Cache::builder().max_capacity(settings.max_negative_entries);
+        let negative = build_tier(negative, settings, metrics, |m| &m.cache_negative_evictions);
         Self { served, negative, settings: settings.clone(), refreshing: Arc::default() }
     }
 
-    /// The tier that holds answers like `value`.
-    fn tier(&self, value: &Cached) -> &Tier {
-        if value.is_negative() { &self.negative } else { &self.served }
+    /// The tier that holds negative answers (`negative`) or served ones, and the other.
+    fn tiers(&self, negative: bool) -> (&Tier, &Tier) {
+        if negative { (&self.negative, &self.served) } else { (&self.served, &self.negative) }
     }
 
     /// The entry for `key` in either tier, fresh or stale.
@@ -265,7 +249,7 @@ impl CertCache {
             Some(value) if value.is_fresh() => {
                 return Ok(Loaded { lookup: Lookup::Hit, value, refresh_error: None, refresh_invalid: None });
             }
-            Some(stale) => return self.refresh(key, load, self.tier(&stale)).await,
+            Some(stale) => return self.refresh(key, load, stale.is_negative()).await,
             None => {}
         }
         // Concurrent misses share one load through the negative tier's per-key lock: a negative answer is stored
@@ -294,10 +278,10 @@ impl CertCache {
         Ok(Loaded { lookup: Lookup::Miss, value, refresh_error: None, refresh_invalid: None })
     }
 
-    /// Refreshes a stale entry of tier `tier` under moka's per-key lock: concurrent callers queue, and those
-    /// behind the first find the entry fresh again (in this tier, or in the other if the answer changed kind), or
-    /// find that the refresh failed only after trying it themselves.
-    async fn refresh<E, F>(&self, key: CacheKey, load: F, tier: &Tier) -> Result<Loaded<Arc<E>>, Arc<E>>
+    /// Refreshes a stale entry (a negative answer if `negative`) under its tier's per-key lock: concurrent callers
+    /// queue, and those behind the first find the entry fresh again (in this tier, or in the other if the answer
+    /// changed kind), or find that the refresh failed only after trying it themselves.
+    async fn refresh<E, F>(&self, key: CacheKey, load: F, negative: bool) -> Result<Loaded<Arc<E>>, Arc<E>>
     where
         E: Send + Sync + 'static,
         F: Future<Output = Result<Answer, E>>,
@@ -305,8 +289,7 @@ impl CertCache {
         let mut outcome = None;
         let slot = &mut outcome;
         let settings = &self.settings;
-        let negative_tier = std::ptr::eq(tier, &self.negative);
-        let other = if negative_tier { &self.served } else { &self.negative };
+        let (tier, other) = self.tiers(negative);
         let other_key = key.clone();
         tier.entry(key)
             .and_compute_with(move |entry| async move {
@@ -341,7 +324,7 @@ impl CertCache {
                             refresh_invalid: None,
                         };
                         *slot = Some(Ok(loaded));
-                        if value.is_negative() == negative_tier {
+                        if value.is_negative() == negative {
                             moka::ops::compute::Op::Put(value)
                         } else {
                             // A served name now unknown, or the reverse: the answer changes tier.
@@ -440,6 +423,25 @@ impl CertCache {
         self.served.run_pending_tasks().await;
         self.negative.run_pending_tasks().await;
     }
+}
+
+/// A tier from its bounds: entries kept until their TTL plus `cache.max_stale`, invalidation by predicate, and
+/// evictions for size counted by `evictions`.
+fn build_tier(
+    builder: moka::future::CacheBuilder<CacheKey, Cached, Tier>,
+    settings: &CacheSettings,
+    metrics: Arc<crate::metrics::Metrics>,
+    evictions: fn(&crate::metrics::Metrics) -> &std::sync::atomic::AtomicU64,
+) -> Tier {
+    builder
+        .expire_after(KeepUntilStaleLimit { max_stale: settings.max_stale })
+        .support_invalidation_closures()
+        .eviction_listener(move |_key, _value, cause| {
+            if cause == moka::notification::RemovalCause::Size {
+                crate::metrics::inc(evictions(&metrics));
+            }
+        })
+        .build()
 }
 
 /// A background refresh of `key` in progress; ends it when dropped (also if the refresh panicked).
@@ -549,6 +551,11 @@ mod tests {
             max_stale: Duration::from_secs(60),
             invalid_ttl: Duration::from_secs(10),
         }
+    }
+
+    /// A served answer that needs no certificate.
+    fn passthrough(ttl: Option<Duration>) -> Answer {
+        Answer::Passthrough(Arc::new(Target { host: "backend.internal".into(), port: 443 }), ttl)
     }
 
     fn key(name: &str) -> CacheKey {
@@ -666,9 +673,7 @@ mod tests {
     async fn an_answer_that_changes_kind_moves_to_the_other_tier() {
         let cache = CertCache::new(&settings(100, 1 << 20), Arc::default());
         let answer = |negative: bool| async move {
-            let target = Arc::new(Target { host: "backend.internal".into(), port: 443 });
-            let served = Answer::Passthrough(target, Some(Duration::from_millis(50)));
-            Ok::<_, ()>(if negative { Answer::NotFound } else { served })
+            Ok::<_, ()>(if negative { Answer::NotFound } else { passthrough(Some(Duration::from_millis(50))) })
         };
         cache.get_or_load(key("m.example"), answer(false)).await.unwrap();
         for negative in [true, false, true] {
@@ -687,10 +692,7 @@ mod tests {
     #[tokio::test]
     async fn a_flood_of_unknown_names_never_evicts_a_served_name() {
         let cache = CertCache::new(&settings(100, 1 << 20), Arc::default());
-        let served = || async {
-            let target = Arc::new(Target { host: "backend.internal".into(), port: 443 });
-            Ok::<_, ()>(Answer::Passthrough(target, None))
-        };
+        let served = || async { Ok::<_, ()>(passthrough(None)) };
         cache.get_or_load(key("served.example"), served()).await.unwrap();
         for i in 0..20_000 {
             let name = format!("n{i}.flood.example");
@@ -710,8 +712,7 @@ mod tests {
         // A slot of 999 bytes rounded down to 998 would let 1,001 served entries of the slot's weight in.
         let cache = CertCache::new(&settings(1000, 999 * 1000 - 1), Arc::default());
         for i in 0..5_000 {
-            let target = Arc::new(Target { host: "backend.internal".into(), port: 443 });
-            let served = async { Ok::<_, ()>(Answer::Passthrough(target, None)) };
+            let served = async { Ok::<_, ()>(passthrough(None)) };
             cache.get_or_load(key(&format!("n{i}.example")), served).await.unwrap();
         }
         cache.run_pending_tasks().await;
