@@ -1,5 +1,6 @@
 //! What a plugin costs per language: component size, compile time, and, on the cache-miss path (a fresh instance
-//! per call, as tern runs plugins), instantiate + call latency and linear memory per instance.
+//! per call, as tern runs plugins), instantiate + call latency, linear memory per instance, and the mean time of
+//! each part of a call (instantiation, the export's run) from the plugin's own histograms.
 //!
 //! ```text
 //! cargo build --release -p tern-bench
@@ -56,8 +57,8 @@ async fn main() -> Result<()> {
     stores.insert("bench".into(), store);
     println!("plugin cost: {} calls per plugin, a fresh instance per call, certificates in Redis", args.calls);
     println!(
-        "{:<28} {:>9} {:>10} {:>11} {:>11} {:>11} {:>12}",
-        "plugin", "size", "compile", "first call", "median", "p99", "memory/inst"
+        "{:<28} {:>9} {:>10} {:>11} {:>11} {:>11} {:>12} {:>12} {:>10}",
+        "plugin", "size", "compile", "first call", "median", "p99", "memory/inst", "instantiate", "run"
     );
     for path in &args.plugins {
         measure(path, &names, &stores).await?;
@@ -90,15 +91,19 @@ async fn measure(path: &Path, names: &[String], stores: &tern::store::Stores) ->
     rest.sort();
     let at = |q: f64| rest.get(((rest.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or_default();
     let memory = plugin.stats().peak_memory_bytes();
+    // Means over every call (the first included), from the plugin's own phase histograms.
+    let mean_ms = |h: &tern::metrics::Histogram| h.mean().unwrap_or_default().as_secs_f64() * 1e3;
     println!(
-        "{:<28} {:>7.2}MB {:>9.2}s {:>9.2}ms {:>9.3}ms {:>9.3}ms {:>10.1}MiB",
+        "{:<28} {:>7.2}MB {:>9.2}s {:>9.2}ms {:>9.3}ms {:>9.3}ms {:>10.1}MiB {:>10.3}ms {:>8.3}ms",
         path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
         size as f64 / 1e6,
         compile.as_secs_f64(),
         first.as_secs_f64() * 1e3,
         at(0.5).as_secs_f64() * 1e3,
         at(0.99).as_secs_f64() * 1e3,
-        memory as f64 / (1 << 20) as f64
+        memory as f64 / (1 << 20) as f64,
+        mean_ms(plugin.stats().instantiate()),
+        mean_ms(plugin.stats().run()),
     );
     Ok(())
 }

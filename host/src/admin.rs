@@ -205,6 +205,16 @@ fn render_metrics(state: &AdminState) -> String {
     for (name, slot) in &plugins {
         slot.stats().render(name, &mut x);
     }
+    use crate::plugin::Phase;
+    for (phase, family, help) in [
+        (Phase::Instantiate, "tern_plugin_instantiate_seconds", "Time to instantiate a plugin, per call."),
+        (Phase::Run, "tern_plugin_run_seconds", "Time a plugin's export ran, per call (store round trips included)."),
+    ] {
+        x.family(family, "histogram", help);
+        for (name, slot) in &plugins {
+            slot.stats().render_phases(name, phase, &mut x);
+        }
+    }
     x.family("tern_plugin_swaps_total", "counter", "Plugin builds swapped in by reloads.");
     for (name, slot) in &plugins {
         x.sample("tern_plugin_swaps_total", &format!("plugin=\"{}\"", label_value(name)), slot.status().swaps);

@@ -231,7 +231,9 @@ impl CertCache {
                 }
                 Ok(Loaded { lookup: Lookup::Stale, value: stale, refresh_error: None, refresh_invalid: None })
             }
-            None => self.get_or_load(key, load).await,
+            // Boxed: the miss path (moka's per-key lock, the load) is kilobytes of future that a hit never needs
+            // and that would otherwise be part of every handshake's future, copied with it.
+            None => Box::pin(self.get_or_load(key, load)).await,
         }
     }
 

@@ -111,7 +111,8 @@ impl ListenerCtx {
             match tls::accept(tcp, Some(peer.ip()), &self.selector, &self.policy, &self.tls).await {
                 Ok(Outcome::Accepted(accepted)) => Some((accepted, peer)),
                 Ok(Outcome::Passthrough(passthrough)) => {
-                    self.pass_through(*passthrough, peer).await;
+                    // Boxed: the splice's future is only needed by passthrough connections.
+                    Box::pin(self.pass_through(*passthrough, peer)).await;
                     None
                 }
                 Ok(Outcome::Challenge(servername)) => {

@@ -98,6 +98,12 @@ impl Histogram {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// The mean observation (to the microsecond), if any was recorded.
+    pub fn mean(&self) -> Option<Duration> {
+        let count = self.count();
+        (count > 0).then(|| Duration::from_micros(self.sum_micros.load(Ordering::Relaxed) / count))
+    }
+
     /// Appends the histogram in Prometheus text format (seconds), with `labels` (e.g. `cache="hit"`).
     pub(crate) fn render(&self, out: &mut String, name: &str, labels: &str) {
         let sep = if labels.is_empty() { "" } else { "," };

@@ -290,7 +290,7 @@ impl Selector {
         if let Some(acme) = &self.acme
             && acme.is_listed(&name)
         {
-            return self.obtained(policy, name, Arc::new(crate::route::Route::Listener)).await;
+            return Box::pin(self.obtained(policy, name, Arc::new(crate::route::Route::Listener))).await;
         }
         let Some(slot) = &policy.plugin else {
             return self.fallback(policy, SelectError::UnknownName { servername: name });
@@ -334,7 +334,7 @@ impl Selector {
         if let Cached::Obtain { route, .. } = &loaded.value {
             inc(if loaded.lookup == Lookup::Miss { &self.metrics.cache_misses } else { &self.metrics.cache_hits });
             let route = route.clone();
-            return self.obtained(policy, name, route).await;
+            return Box::pin(self.obtained(policy, name, route)).await;
         }
         self.answer(policy, plugin, name, loaded)
     }
@@ -529,7 +529,9 @@ async fn load(
     listener: &str,
     client: Option<std::net::IpAddr>,
 ) -> Result<Answer, LoadFailure> {
-    let selection = plugin.select_for(name, listener, client).await.map_err(LoadFailure::Plugin)?;
+    // Boxed: the plugin call's future (wasmtime's instantiation and call) is kilobytes, and inline it would
+    // size every handshake's future for a miss (see `Selector::select_for`).
+    let selection = Box::pin(plugin.select_for(name, listener, client)).await.map_err(LoadFailure::Plugin)?;
     match check_answer(&plugin.source().grants, name, selection) {
         Ok(answer) => Ok(answer),
         Err(AnswerError::Certificate(error)) => Ok(Answer::Invalid(error)),

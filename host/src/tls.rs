@@ -215,7 +215,8 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
     let (accepted, hello) = read_client_hello(&mut io).await.map_err(|e| (None, HandshakeError::Hello(e)))?;
     let servername = accepted.client_hello().server_name().map(str::to_owned);
     if accepted.client_hello().alpn().is_some_and(|mut offered| offered.any(|p| p == ACME_TLS_ALPN)) {
-        return answer_challenge(accepted, io, selector, servername, tls).await;
+        // Boxed, as rare paths are: a handshake's future is as large as its largest path, and it is copied whole.
+        return Box::pin(answer_challenge(accepted, io, selector, servername, tls)).await;
     }
     // Selection succeeded, so a name that was sent parsed there; the same rule again.
     let parsed_name = || servername.as_deref().and_then(|raw| ServerName::parse(raw).ok());

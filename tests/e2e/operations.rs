@@ -36,6 +36,14 @@ async fn metrics_are_valid_prometheus_text_and_move_with_traffic() -> anyhow::Re
     assert_eq!(sample(&text, "tern_selections_total", &[("how", "cache_miss")]), 2.0);
     assert_eq!(sample(&text, "tern_selections_total", &[("how", "cache_hit")]), 1.0);
     assert_eq!(sample(&text, "tern_plugin_calls_total", &[("plugin", "files"), ("outcome", "found")]), 2.0);
+    // Where the misses' time went: one instantiation and one run per call, none for the hit.
+    let line = |name: &str| {
+        let prefix = format!("{name}{{plugin=\"files\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.parse::<f64>().ok())
+    };
+    assert_eq!(line("tern_plugin_instantiate_seconds_count"), Some(2.0), "{text}");
+    assert_eq!(line("tern_plugin_run_seconds_count"), Some(2.0), "{text}");
+    assert!(line("tern_plugin_run_seconds_sum").is_some_and(|s| s > 0.0), "{text}");
     assert_eq!(sample(&text, "tern_backend_responses_total", &[("class", "2xx")]), 3.0);
     assert_eq!(sample(&text, "tern_cache_entries", &[]), 2.0);
     // A refused handshake moves its own counter.

@@ -217,19 +217,25 @@ impl Plugin {
         store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
 
         let classify = |store: &Store<CallState>, e| self.classify(store, e, "instantiate");
+        // Where a miss's time goes (`tern_plugin_instantiate_seconds`, `tern_plugin_run_seconds`).
+        let started = std::time::Instant::now();
         let answer = match &self.pre {
             Pre::V0_1(pre) => {
                 let instance = pre.instantiate_async(&mut store).await.map_err(|e| classify(&store, e))?;
+                let started = self.instantiated(started);
                 let answer = instance.call_select_certificate(&mut store, servername.as_str()).await;
+                self.stats.ran(started.elapsed());
                 answer.map(|answer| answer.map(from_v0_1))
             }
             Pre::V0_2(pre) => {
                 let instance = pre.instantiate_async(&mut store).await.map_err(|e| classify(&store, e))?;
+                let started = self.instantiated(started);
                 let hello = v0_2::tern::plugin::types::Hello {
                     servername: servername.as_str().to_string(),
                     listener: listener.to_string(),
                 };
                 let answer = instance.call_select_certificate(&mut store, &hello).await;
+                self.stats.ran(started.elapsed());
                 answer.map(|answer| answer.map(from_v0_2))
             }
         }
@@ -240,6 +246,13 @@ impl Plugin {
             Err(message) if seen.down.load(Ordering::Relaxed) => Err(PluginError::StoreUnavailable(message)),
             Err(message) => Err(PluginError::Returned(message)),
         }
+    }
+
+    /// Records the instantiation that began at `started`; the export's run starts now.
+    fn instantiated(&self, started: std::time::Instant) -> std::time::Instant {
+        let now = std::time::Instant::now();
+        self.stats.instantiated(now - started);
+        now
     }
 
     /// The WASI context of one call: nothing inherited, the granted directory (if any) read-only at `/`.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::guard::Shed;
 use crate::counters::{Counters, Key};
-use crate::metrics::{Exposition, label_value};
+use crate::metrics::{Exposition, Histogram, label_value};
 
 /// Why a plugin call failed. Each variant is the plugin's (or its configuration's) fault, never the client's.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -178,6 +178,15 @@ impl Outcome {
 }
 
 /// Counters of one plugin's calls (of every build that served in its slot).
+/// The two timed parts of a plugin call.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Phase {
+    /// A fresh instance of the component.
+    Instantiate,
+    /// The export, until it returns.
+    Run,
+}
+
 #[derive(Debug, Default)]
 pub struct PluginStats {
     /// Calls started (shed calls are not started).
@@ -186,6 +195,10 @@ pub struct PluginStats {
     outcomes: Counters<Outcome>,
     /// The largest linear memory one call's instance held, bytes.
     peak_memory_bytes: AtomicU64,
+    /// How long instantiating took, per call that got that far (a fresh instance per call).
+    instantiate: Histogram,
+    /// How long the export ran, per instantiated call (its store round trips included).
+    run: Histogram,
 }
 
 impl PluginStats {
@@ -214,6 +227,16 @@ impl PluginStats {
         self.peak_memory_bytes.load(Ordering::Relaxed)
     }
 
+    /// Time spent instantiating, per call.
+    pub fn instantiate(&self) -> &Histogram {
+        &self.instantiate
+    }
+
+    /// Time the export ran, per call.
+    pub fn run(&self) -> &Histogram {
+        &self.run
+    }
+
     fn sum(&self, included: fn(Outcome) -> bool) -> u64 {
         Outcome::ALL.iter().copied().filter(|o| included(*o)).map(|o| self.count(o)).sum()
     }
@@ -224,6 +247,14 @@ impl PluginStats {
 
     pub(crate) fn record(&self, outcome: Outcome) {
         self.outcomes.inc(outcome);
+    }
+
+    pub(crate) fn instantiated(&self, took: Duration) {
+        self.instantiate.observe(took);
+    }
+
+    pub(crate) fn ran(&self, took: Duration) {
+        self.run.observe(took);
     }
 
     pub(crate) fn saw_memory(&self, bytes: usize) {
@@ -244,6 +275,17 @@ impl PluginStats {
             let labels = format!("plugin=\"{plugin}\",outcome=\"{}\"", outcome.label());
             x.sample("tern_plugin_calls_total", &labels, value);
         }
+    }
+
+    /// The samples of `tern_plugin_instantiate_seconds` and `tern_plugin_run_seconds` for the plugin `name`
+    /// (the family headers are the caller's).
+    pub(crate) fn render_phases(&self, name: &str, which: Phase, x: &mut Exposition) {
+        let labels = format!("plugin=\"{}\"", label_value(name));
+        let (histogram, family) = match which {
+            Phase::Instantiate => (&self.instantiate, "tern_plugin_instantiate_seconds"),
+            Phase::Run => (&self.run, "tern_plugin_run_seconds"),
+        };
+        x.histogram(family, &labels, histogram);
     }
 
     /// The counters the admin API's plugin status shows.
