@@ -205,14 +205,15 @@ fn render_metrics(state: &AdminState) -> String {
     for (name, slot) in &plugins {
         slot.stats().render(name, &mut x);
     }
-    use crate::plugin::Phase;
-    for (phase, family, help) in [
-        (Phase::Instantiate, "tern_plugin_instantiate_seconds", "Time to instantiate a plugin, per call."),
-        (Phase::Run, "tern_plugin_run_seconds", "Time a plugin's export ran, per call (store round trips included)."),
-    ] {
+    type Phase = fn(&crate::plugin::PluginStats) -> &crate::metrics::Histogram;
+    let phases: [(&str, &str, Phase); 2] = [
+        ("tern_plugin_instantiate_seconds", "Time to instantiate a plugin, per call.", |s| s.instantiate()),
+        ("tern_plugin_run_seconds", "Time a plugin's export ran, per call (store round trips included).", |s| s.run()),
+    ];
+    for (family, help, histogram) in phases {
         x.family(family, "histogram", help);
         for (name, slot) in &plugins {
-            slot.stats().render_phases(name, phase, &mut x);
+            x.histogram(family, &format!("plugin=\"{}\"", label_value(name)), histogram(slot.stats()));
         }
     }
     x.family("tern_plugin_swaps_total", "counter", "Plugin builds swapped in by reloads.");

@@ -16,7 +16,6 @@ mod slot;
 
 pub use call::{Contract, Plugin};
 pub use guard::Shed;
-pub(crate) use outcome::Phase;
 pub use outcome::{Outcome, PluginError, PluginStats};
 pub use runtime::{PluginLoadError, PluginRuntime, load_all, runtime_for, sha256_hex};
 pub use slot::{PluginSlot, SlotStatus};

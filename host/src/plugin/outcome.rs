@@ -178,15 +178,6 @@ impl Outcome {
 }
 
 /// Counters of one plugin's calls (of every build that served in its slot).
-/// The two timed parts of a plugin call.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Phase {
-    /// A fresh instance of the component.
-    Instantiate,
-    /// The export, until it returns.
-    Run,
-}
-
 #[derive(Debug, Default)]
 pub struct PluginStats {
     /// Calls started (shed calls are not started).
@@ -275,17 +266,6 @@ impl PluginStats {
             let labels = format!("plugin=\"{plugin}\",outcome=\"{}\"", outcome.label());
             x.sample("tern_plugin_calls_total", &labels, value);
         }
-    }
-
-    /// The samples of `tern_plugin_instantiate_seconds` and `tern_plugin_run_seconds` for the plugin `name`
-    /// (the family headers are the caller's).
-    pub(crate) fn render_phases(&self, name: &str, which: Phase, x: &mut Exposition) {
-        let labels = format!("plugin=\"{}\"", label_value(name));
-        let (histogram, family) = match which {
-            Phase::Instantiate => (&self.instantiate, "tern_plugin_instantiate_seconds"),
-            Phase::Run => (&self.run, "tern_plugin_run_seconds"),
-        };
-        x.histogram(family, &labels, histogram);
     }
 
     /// The counters the admin API's plugin status shows.
