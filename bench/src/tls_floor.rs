@@ -4,14 +4,19 @@
 //! cache). Each connection: the handshake, one HTTP/1.1 request head read (bounded), a fixed small answer,
 //! close_notify, close. No proxy, no selection, no logs, no metrics: what is left is TLS, sockets and the runtime.
 //!
+//! With `--backend`, it is the least a TLS-terminating proxy can do instead (`floor-proxy`): the request head goes
+//! as it came, unparsed and unchanged, over a pooled keep-alive TCP connection to the backend, and the backend's
+//! answer (its head and a `content-length` body) comes back as it is. No header is added or checked, nothing but
+//! the framing is parsed: what is left is TLS, sockets, the runtime and the proxy round trip itself.
+//!
 //! ```text
-//! target/release/tls-floor --listen 127.0.0.1:8443 --cert host0.crt --key host0.key
+//! target/release/tls-floor --listen 127.0.0.1:8443 --cert host0.crt --key host0.key [--backend 127.0.0.1:8080]
 //! ```
-//! `tls-bench` runs it as the configuration `floor-direct`.
+//! `tls-bench` runs it as the configurations `floor-direct` and `floor-proxy`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Result;
@@ -42,6 +47,9 @@ struct Args {
     /// Its private key (PEM).
     #[arg(long)]
     key: PathBuf,
+    /// Proxy every request to this HTTP/1.1 backend over pooled keep-alive connections instead of answering it.
+    #[arg(long)]
+    backend: Option<SocketAddr>,
     /// Runtime worker threads (default: tokio's, as tern's runtime: one per core this process may run on).
     #[arg(long)]
     workers: Option<usize>,
@@ -56,11 +64,87 @@ fn main() -> Result<()> {
     }
     // The accept loop on a worker, as tern's listeners: the thread that blocks here only waits.
     let acceptor = TlsAcceptor::from(config);
-    runtime.enable_all().build()?.block_on(async move { tokio::spawn(serve(args.listen, acceptor)).await? })
+    let backend = args.backend.map(|addr| Arc::new(Backend { addr, idle: Mutex::new(Vec::new()) }));
+    runtime.enable_all().build()?.block_on(async move { tokio::spawn(serve(args.listen, acceptor, backend)).await? })
+}
+
+/// The backend of `floor-proxy` and its idle keep-alive connections (newest last).
+struct Backend {
+    addr: SocketAddr,
+    idle: Mutex<Vec<TcpStream>>,
+}
+
+/// Idle backend connections kept at most (as tern's `proxy.max_idle_per_backend`).
+const MAX_IDLE: usize = 256;
+
+impl Backend {
+    /// Sends `head` on an idle connection (a fresh one if none, or if the idle one had gone) and reads the answer
+    /// into `answer`: its head and a `content-length` body. The connection is kept for the next request.
+    async fn exchange(&self, head: &[u8], answer: &mut Vec<u8>) -> std::io::Result<()> {
+        let idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
+        let reused = idle.is_some();
+        let mut tcp = match idle {
+            Some(tcp) => tcp,
+            None => self.connect().await?,
+        };
+        let result = match Self::round_trip(&mut tcp, head, answer).await {
+            Err(_) if reused => {
+                // A kept connection the backend had closed: once more on a fresh one.
+                answer.clear();
+                tcp = self.connect().await?;
+                Self::round_trip(&mut tcp, head, answer).await
+            }
+            other => other,
+        };
+        result?;
+        let mut idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(tcp);
+        }
+        Ok(())
+    }
+
+    async fn connect(&self) -> std::io::Result<TcpStream> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        tcp.set_nodelay(true)?;
+        Ok(tcp)
+    }
+
+    async fn round_trip(tcp: &mut TcpStream, head: &[u8], answer: &mut Vec<u8>) -> std::io::Result<()> {
+        tcp.write_all(head).await?;
+        let invalid = || std::io::Error::from(std::io::ErrorKind::InvalidData);
+        let end = loop {
+            if let Some(end) = find(answer, b"\r\n\r\n") {
+                break end + 4;
+            }
+            if answer.len() >= MAX_REQUEST_HEAD {
+                return Err(invalid());
+            }
+            if tcp.read_buf(answer).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        };
+        let body = content_length(&answer[..end]).ok_or_else(invalid)?;
+        while answer.len() < end + body {
+            if tcp.read_buf(answer).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `content-length` of a response head, if it has one.
+fn content_length(head: &[u8]) -> Option<usize> {
+    let text = std::str::from_utf8(head).ok()?;
+    text.split("\r\n").find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("content-length").then(|| value.trim().parse().ok())?
+    })
 }
 
 /// Accepts until killed; each connection on a task of its own, at most [`MAX_CONNECTIONS`] at once.
-async fn serve(addr: SocketAddr, acceptor: TlsAcceptor) -> Result<()> {
+async fn serve(addr: SocketAddr, acceptor: TlsAcceptor, backend: Option<Arc<Backend>>) -> Result<()> {
     let listener = TcpListener::bind(addr).await?;
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -74,15 +158,16 @@ async fn serve(addr: SocketAddr, acceptor: TlsAcceptor) -> Result<()> {
             }
         };
         let acceptor = acceptor.clone();
+        let backend = backend.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, answer(&acceptor, tcp)).await;
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, answer(&acceptor, tcp, backend.as_deref())).await;
             drop(permit);
         });
     }
 }
 
-/// One connection: handshake, request head, the fixed answer, close_notify.
-async fn answer(acceptor: &TlsAcceptor, tcp: TcpStream) -> std::io::Result<()> {
+/// One connection: handshake, request head, the fixed answer (or the backend's), close_notify.
+async fn answer(acceptor: &TlsAcceptor, tcp: TcpStream, backend: Option<&Backend>) -> std::io::Result<()> {
     tcp.set_nodelay(true)?;
     let mut tls = acceptor.accept(tcp).await?;
     let mut head = Vec::with_capacity(1024);
@@ -95,6 +180,13 @@ async fn answer(acceptor: &TlsAcceptor, tcp: TcpStream) -> std::io::Result<()> {
             return Ok(()); // closed before a whole request
         }
     }
-    tls.write_all(RESPONSE).await?;
+    match backend {
+        None => tls.write_all(RESPONSE).await?,
+        Some(backend) => {
+            let mut answer = Vec::with_capacity(1024);
+            backend.exchange(&head, &mut answer).await?;
+            tls.write_all(&answer).await?;
+        }
+    }
     tls.shutdown().await
 }

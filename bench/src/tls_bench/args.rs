@@ -22,7 +22,8 @@ pub struct Args {
     /// nginx-var, caddy-files: Caddy loading N files, caddy-http: Caddy's `get_certificate http` against the same
     /// API as tern-http, haproxy-crtlist: a crt-list of N lines; tern-routed: a route per name, tern-routed-unique:
     /// an origin per name; diagnostic: tern-static-idle-plugin; tern-static-b: tern-static with `--tern-b`; floor-direct: the minimal direct-answer server
-    /// `tls-floor`, one fixed certificate, no proxy, no resumption).
+    /// `tls-floor`, one fixed certificate, no proxy, no resumption; floor-proxy: the same server proxying the
+    /// request unchanged to the backend over pooled connections, the least a TLS-terminating proxy does).
     #[arg(long, value_delimiter = ',', default_value = "tern-static,tern-file,tern-redis,nginx-static,nginx-var")]
     pub configs: Vec<String>,
     /// The tern binary.
@@ -32,7 +33,7 @@ pub struct Args {
     /// and joins the floors' interleaved rounds beside tern-static.
     #[arg(long, default_value = "target/release/tern-b")]
     pub tern_b: PathBuf,
-    /// The minimal direct-answer server of `floor-direct`.
+    /// The minimal server of `floor-direct` and `floor-proxy`.
     #[arg(long, default_value = "target/release/tls-floor")]
     pub floor: PathBuf,
     /// Full handshakes of the in-memory floor per certificate set (rustls alone, no sockets, server-side CPU

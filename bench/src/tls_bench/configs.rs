@@ -10,6 +10,10 @@ use crate::Setup;
 /// names than the first are not verified, and it is the baseline of the floor comparison.
 pub const FLOOR_DIRECT: &str = "floor-direct";
 
+/// The same server proxying each request, as it came, to the bench backend over pooled keep-alive connections:
+/// the least a TLS-terminating proxy can do (`tls-floor --backend`). Like floor-direct, one certificate for all.
+pub const FLOOR_PROXY: &str = "floor-proxy";
+
 /// A `[[certificate]]` entry for every host of the set (tern's static preload).
 fn static_certificates(setup: &Setup) -> String {
     let dir = setup.dir.display();

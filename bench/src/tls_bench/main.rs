@@ -51,7 +51,7 @@ use clap::Parser;
 use crate::args::Args;
 use crate::backend::spawn_backend;
 use crate::cert_api::CertApi;
-use crate::configs::FLOOR_DIRECT;
+use crate::configs::{FLOOR_DIRECT, FLOOR_PROXY};
 use crate::environment::{Peers, machine_info, pin_client};
 use crate::measure::{compare_interleaved, memory_all_cached, memory_floor, run_config};
 use crate::report::{print_row, write_results};
@@ -189,8 +189,10 @@ async fn run_set(
             Err(err) => println!("interleaved peer comparison n={n} {key}: FAILED: {err:#}"),
         }
     }
-    // Floors (issue 16): tern's full handshake against the minimal direct-answer server, interleaved.
-    let mut floored: Vec<&str> = ["tern-static", "tern-static-b", "tern-file"].into_iter().filter(|c| has(c)).collect();
+    // Floors (issue 16): tern's full handshake against the minimal direct-answer server (and the minimal proxy,
+    // when asked for), interleaved.
+    let mut floored: Vec<&str> =
+        [FLOOR_PROXY, "tern-static", "tern-static-b", "tern-file"].into_iter().filter(|c| has(c)).collect();
     if has(FLOOR_DIRECT) && !floored.is_empty() && args.ab_rounds > 0 {
         floored.insert(0, FLOOR_DIRECT);
         let setup = Setup { n, key, dir: dir.clone(), names: names.clone(), prefix: prefix.clone() };

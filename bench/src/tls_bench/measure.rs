@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use serde_json::json;
 
 use crate::client::{Client, Verify};
-use crate::configs::FLOOR_DIRECT;
+use crate::configs::{FLOOR_DIRECT, FLOOR_PROXY};
 use crate::load::{Draw, Mode, load, percentile};
 use crate::server::{Server, start_server};
 use crate::{Bench, Setup};
@@ -21,8 +21,8 @@ pub async fn run_config(bench: &Bench<'_>, config: &str, setup: &Setup) -> Resul
     let addr = server.addr;
     let (rss_start, pss_start) = server.memory_mib();
     let negotiated = client.negotiated(addr, &setup.names[0]).await?;
-    // The floor serves one certificate for every name: its cold and warm handshakes are timed unverified.
-    let verify = if config == FLOOR_DIRECT { Verify::No } else { Verify::Yes };
+    // The floors serve one certificate for every name: their cold and warm handshakes are timed unverified.
+    let verify = if config == FLOOR_DIRECT || config == FLOOR_PROXY { Verify::No } else { Verify::Yes };
     let (mut cold, mut warm) = cold_and_warm(&client, addr, setup, verify).await?;
 
     // Full handshakes, one request each: uniform over N at each concurrency, Zipf at the highest, and a warmed

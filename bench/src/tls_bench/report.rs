@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use crate::Results;
 use crate::args::Args;
-use crate::configs::FLOOR_DIRECT;
+use crate::configs::{FLOOR_DIRECT, FLOOR_PROXY};
 
 pub fn print_row(row: &Value) {
     let top = &row["top_concurrency"];
@@ -198,12 +198,13 @@ fn floors_markdown(memory_floors: &[Value], comparisons: &[Value]) -> String {
     for floor in memory_floors {
         if md.is_empty() {
             md += "\nFloors: server CPU per full TLS 1.3 handshake with one small request (µs):\n\n";
-            md += "| N | key | server | µs per handshake | ÷ floor-direct | ÷ in-memory |\n|---|---|---|---|---|---|\n";
+            md += "| N | key | server | µs per handshake | ÷ floor-direct | ÷ floor-proxy | ÷ in-memory |\n";
+            md += "|---|---|---|---|---|---|---|\n";
         }
         let (n, key) = (&floor["n"], floor["key"].as_str().unwrap_or(""));
         let memory = f(&floor["server_us"]);
         md += &format!(
-            "| {n} | {key} | in-memory rustls ({} handshakes; signature {:.1}, one key-exchange side {:.1}; {}) | {memory:.1} | | 1 |\n",
+            "| {n} | {key} | in-memory rustls ({} handshakes; signature {:.1}, one key-exchange side {:.1}; {}) | {memory:.1} | | | 1 |\n",
             floor["handshakes"],
             f(&floor["sign_us"]),
             f(&floor["kx_side_us"]),
@@ -212,8 +213,10 @@ fn floors_markdown(memory_floors: &[Value], comparisons: &[Value]) -> String {
         let compared = comparisons.iter().find(|c| c["n"] == *n && c["key"] == key && c["baseline"] == FLOOR_DIRECT);
         let Some(c) = compared else { continue };
         let direct = f(&c["baseline_cpu_us_per_handshake"]);
+        let proxy = c["vs_static"].get(FLOOR_PROXY).map(|r| f(&r["cpu_us_per_handshake"]));
+        let vs_proxy = |us: f64| proxy.map(|p| format!("{:.2}", us / p.max(1e-9))).unwrap_or_default();
         md += &format!(
-            "| {n} | {key} | {FLOOR_DIRECT} (interleaved, {} × {} s, c={}) | {direct:.1} | 1 | {:.2} |\n",
+            "| {n} | {key} | {FLOOR_DIRECT} (interleaved, {} × {} s, c={}) | {direct:.1} | 1 | | {:.2} |\n",
             c["rounds"],
             c["seconds"],
             c["concurrency"],
@@ -222,8 +225,9 @@ fn floors_markdown(memory_floors: &[Value], comparisons: &[Value]) -> String {
         for (config, r) in c["vs_static"].as_object().into_iter().flatten() {
             let us = f(&r["cpu_us_per_handshake"]);
             md += &format!(
-                "| {n} | {key} | {config} (interleaved) | {us:.1} | {:.2} | {:.2} |\n",
+                "| {n} | {key} | {config} (interleaved) | {us:.1} | {:.2} | {} | {:.2} |\n",
                 us / direct.max(1e-9),
+                vs_proxy(us),
                 us / memory.max(1e-9)
             );
         }

@@ -190,9 +190,13 @@ pub async fn start_server(bench: &Bench<'_>, config: &str, setup: &Setup) -> Res
         }
         // The minimal direct-answer server: the first name's certificate for every name (the load client does not
         // verify; the verified start-up handshake asks for that name).
-        "floor-direct" => {
+        "floor-direct" | "floor-proxy" => {
             let name = &setup.names[0];
-            server_command(args, args.floor.as_os_str())
+            let mut command = server_command(args, args.floor.as_os_str());
+            if config == "floor-proxy" {
+                command.arg("--backend").arg(backend.to_string());
+            }
+            command
                 .arg("--listen")
                 .arg(addr.to_string())
                 .arg("--cert")
