@@ -249,17 +249,14 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Ends a served handshake's write holding ([`Coalescing`]): over TLS 1.3, with the client's first request already
-/// read along with its Finished, the tickets wait for the answer; otherwise they go now, before tern waits on the
-/// client (over TLS 1.2 the held bytes are the server's Finished, which the client waits for).
+/// Ends a served handshake's write holding ([`Coalescing`]): over TLS 1.3 the tickets wait for the answer (for at
+/// most [`crate::coalesce::TICKET_HOLD`] of waiting on a client that sends nothing); over TLS 1.2 the held bytes
+/// are the server's Finished, which the client waits for: they go now.
 async fn send_or_defer_tickets<IO: AsyncRead + AsyncWrite + Unpin>(
     mut stream: TlsStream<Coalescing<IO>>,
 ) -> std::io::Result<TlsStream<Coalescing<IO>>> {
     let (io, conn) = stream.get_mut();
-    let tls13 = conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
-    // Nothing new to process: this only reports what the handshake's reads left for the application.
-    let request_read = conn.process_new_packets().is_ok_and(|state| state.plaintext_bytes_to_read() > 0);
-    let defer = tls13 && request_read;
+    let defer = conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
     io.handshake_done(defer);
     if !defer {
         io.release().await?;

@@ -313,14 +313,20 @@ impl tokio::io::AsyncWrite for CountingWrites {
     }
 }
 
-/// A TLS 1.3 client driven by hand: its request goes in the same write as its Finished when `with_finished`;
-/// otherwise it first waits for the server's ticket, then sends the request. Returns the tickets it got and the
-/// plaintext answer.
-async fn hand_driven_client(
-    mut io: tokio::io::DuplexStream,
-    core: &Core,
-    with_finished: bool,
-) -> anyhow::Result<(u32, Vec<u8>)> {
+/// When the hand-driven client sends its request.
+#[derive(Clone, Copy, PartialEq)]
+enum Ask {
+    /// In the same write as its Finished (as browsers send them).
+    WithFinished,
+    /// In a write of its own a moment after its Finished (as curl, Python and tokio-rustls do).
+    AfterFinished,
+    /// Only once the server's ticket has arrived (a preconnect, a client that reads first).
+    AfterTicket,
+}
+
+/// A TLS 1.3 client driven by hand, sending its request as `ask` says. Returns the tickets it got and the plaintext
+/// answer.
+async fn hand_driven_client(mut io: tokio::io::DuplexStream, core: &Core, ask: Ask) -> anyhow::Result<(u32, Vec<u8>)> {
     use std::io::{Read, Write};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nhost: a.test\r\n\r\n";
@@ -330,9 +336,20 @@ async fn hand_driven_client(
     let mut requested = false;
     let mut answer = Vec::new();
     loop {
-        if !conn.is_handshaking() && !requested && (with_finished || conn.tls13_tickets_received() > 0) {
-            conn.writer().write_all(REQUEST)?;
-            requested = true;
+        if !conn.is_handshaking() && !requested {
+            if ask == Ask::AfterFinished {
+                // The Finished alone first, then the request after a pause well inside the server's ticket hold.
+                while conn.wants_write() {
+                    let mut out = Vec::new();
+                    conn.write_tls(&mut out)?;
+                    io.write_all(&out).await?;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            if ask != Ask::AfterTicket || conn.tls13_tickets_received() > 0 {
+                conn.writer().write_all(REQUEST)?;
+                requested = true;
+            }
         }
         while conn.wants_write() {
             let mut out = Vec::new();
@@ -374,6 +391,8 @@ async fn counted_answer(
     let mut request = vec![0u8; 1024];
     let n = accepted.stream.read(&mut request).await?;
     anyhow::ensure!(request[..n].starts_with(b"GET / "), "{:?}", String::from_utf8_lossy(&request[..n]));
+    // As hyper's server does each time it has polled the connection, with nothing written yet.
+    accepted.stream.flush().await?;
     accepted.stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await?;
     accepted.stream.flush().await?;
     Ok((after_handshake, writes.load(std::sync::atomic::Ordering::SeqCst)))
@@ -385,18 +404,34 @@ async fn tls13_tickets_leave_with_the_answer_when_the_request_came_with_the_fini
     let template = template()?;
     // The request in the client's Finished flight: the ticket waits and leaves in the answer's write.
     let (client_io, server_io) = tokio::io::duplex(64 << 10);
-    let (client, server) =
-        tokio::join!(hand_driven_client(client_io, &core, true), counted_answer(server_io, &core, &template));
+    let (client, server) = tokio::join!(
+        hand_driven_client(client_io, &core, Ask::WithFinished),
+        counted_answer(server_io, &core, &template)
+    );
     let ((tickets, answer), writes) = (client?, server?);
     assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
     assert_eq!(tickets, 1, "the ticket arrived with the answer");
     assert_eq!(writes, (1, 2), "server flight; then ticket and answer in one write");
-    // A client that waits for its ticket before it asks anything (a preconnect) gets it without asking.
+    // The request in a write of its own after the Finished: the ticket still waits for the answer.
     let (client_io, server_io) = tokio::io::duplex(64 << 10);
-    let (client, server) =
-        tokio::join!(hand_driven_client(client_io, &core, false), counted_answer(server_io, &core, &template));
+    let (client, server) = tokio::join!(
+        hand_driven_client(client_io, &core, Ask::AfterFinished),
+        counted_answer(server_io, &core, &template)
+    );
     let ((tickets, _), writes) = (client?, server?);
     assert_eq!(tickets, 1);
-    assert_eq!(writes, (2, 3), "server flight, ticket, answer");
+    assert_eq!(writes, (1, 2), "server flight; then ticket and answer in one write");
+    // A client that waits for its ticket before it asks anything (a preconnect) gets it without asking, once the
+    // hold is over.
+    let (client_io, server_io) = tokio::io::duplex(64 << 10);
+    let started = std::time::Instant::now();
+    let (client, server) = tokio::join!(
+        hand_driven_client(client_io, &core, Ask::AfterTicket),
+        counted_answer(server_io, &core, &template)
+    );
+    let ((tickets, _), writes) = (client?, server?);
+    assert_eq!(tickets, 1);
+    assert_eq!(writes, (1, 3), "server flight; the ticket alone after the hold; the answer");
+    assert!(started.elapsed() >= tern::coalesce::TICKET_HOLD, "the ticket went before the hold was over");
     Ok(())
 }
