@@ -26,6 +26,16 @@ pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
+/// The `content-length` of an HTTP/1.1 message head (its first such header), if it has a valid one.
+pub fn content_length(head: &[u8]) -> Option<usize> {
+    let text = std::str::from_utf8(head).ok()?;
+    let (_, value) = text
+        .split("\r\n")
+        .filter_map(|line| line.split_once(':'))
+        .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))?;
+    value.trim().parse().ok()
+}
+
 /// tern's crypto provider (aws-lc-rs) with the cipher suites in browsers' order: TLS 1.3 before TLS 1.2, and
 /// AES-128-GCM first (Chrome, Firefox and Safari offer it first; rustls and OpenSSL clients offer AES-256 first).
 /// The load client offers this order; every server here honours the client's order, so all negotiate the same.

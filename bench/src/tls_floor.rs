@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Parser;
-use tern_bench::floor::{MAX_REQUEST_HEAD, RESPONSE, find, server_config};
+use tern_bench::floor::{MAX_REQUEST_HEAD, RESPONSE, content_length, find, server_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -132,15 +132,6 @@ impl Backend {
         }
         Ok(())
     }
-}
-
-/// The `content-length` of a response head, if it has one.
-fn content_length(head: &[u8]) -> Option<usize> {
-    let text = std::str::from_utf8(head).ok()?;
-    text.split("\r\n").find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.eq_ignore_ascii_case("content-length").then(|| value.trim().parse().ok())?
-    })
 }
 
 /// Accepts until killed; each connection on a task of its own, at most [`MAX_CONNECTIONS`] at once.

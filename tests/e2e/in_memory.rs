@@ -328,7 +328,7 @@ enum Ask {
 /// answer.
 async fn hand_driven_client(mut io: tokio::io::DuplexStream, core: &Core, ask: Ask) -> anyhow::Result<(u32, Vec<u8>)> {
     use std::io::{Read, Write};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nhost: a.test\r\n\r\n";
     let config = client_config(&core.pki.ca, &[], &[&rustls::version::TLS13]);
     let mut conn = rustls::ClientConnection::new(config, "a.test".try_into()?)?;
@@ -339,11 +339,7 @@ async fn hand_driven_client(mut io: tokio::io::DuplexStream, core: &Core, ask: A
         if !conn.is_handshaking() && !requested {
             if ask == Ask::AfterFinished {
                 // The Finished alone first, then the request after a pause well inside the server's ticket hold.
-                while conn.wants_write() {
-                    let mut out = Vec::new();
-                    conn.write_tls(&mut out)?;
-                    io.write_all(&out).await?;
-                }
+                send_tls(&mut conn, &mut io).await?;
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             if ask != Ask::AfterTicket || conn.tls13_tickets_received() > 0 {
@@ -351,11 +347,7 @@ async fn hand_driven_client(mut io: tokio::io::DuplexStream, core: &Core, ask: A
                 requested = true;
             }
         }
-        while conn.wants_write() {
-            let mut out = Vec::new();
-            conn.write_tls(&mut out)?;
-            io.write_all(&out).await?;
-        }
+        send_tls(&mut conn, &mut io).await?;
         let mut plain = [0u8; 4096];
         while let Ok(n) = conn.reader().read(&mut plain) {
             if n == 0 {
@@ -371,6 +363,30 @@ async fn hand_driven_client(mut io: tokio::io::DuplexStream, core: &Core, ask: A
         conn.read_tls(&mut &buf[..n])?;
         conn.process_new_packets()?;
     }
+}
+
+/// Writes whatever the client connection has to send.
+async fn send_tls(conn: &mut rustls::ClientConnection, io: &mut tokio::io::DuplexStream) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    while conn.wants_write() {
+        let mut out = Vec::new();
+        conn.write_tls(&mut out)?;
+        io.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+/// One hand-driven client (`ask`) against one served handshake and answer: the client's tickets and answer, and the
+/// server's writes by the end of the handshake and of the answer.
+async fn ticket_exchange(
+    core: &Core,
+    template: &TlsTemplate,
+    ask: Ask,
+) -> anyhow::Result<((u32, Vec<u8>), (usize, usize))> {
+    let (client_io, server_io) = tokio::io::duplex(64 << 10);
+    let (client, server) =
+        tokio::join!(hand_driven_client(client_io, core, ask), counted_answer(server_io, core, template));
+    Ok((client?, server?))
 }
 
 /// Serves one handshake on `io` and answers one request; returns the writes made by the end of the handshake and
@@ -403,33 +419,18 @@ async fn tls13_tickets_leave_with_the_answer_when_the_request_came_with_the_fini
     let core = core(cache_settings(Duration::from_secs(300)), Duration::from_secs(1)).await?;
     let template = template()?;
     // The request in the client's Finished flight: the ticket waits and leaves in the answer's write.
-    let (client_io, server_io) = tokio::io::duplex(64 << 10);
-    let (client, server) = tokio::join!(
-        hand_driven_client(client_io, &core, Ask::WithFinished),
-        counted_answer(server_io, &core, &template)
-    );
-    let ((tickets, answer), writes) = (client?, server?);
+    let ((tickets, answer), writes) = ticket_exchange(&core, &template, Ask::WithFinished).await?;
     assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
     assert_eq!(tickets, 1, "the ticket arrived with the answer");
     assert_eq!(writes, (1, 2), "server flight; then ticket and answer in one write");
     // The request in a write of its own after the Finished: the ticket still waits for the answer.
-    let (client_io, server_io) = tokio::io::duplex(64 << 10);
-    let (client, server) = tokio::join!(
-        hand_driven_client(client_io, &core, Ask::AfterFinished),
-        counted_answer(server_io, &core, &template)
-    );
-    let ((tickets, _), writes) = (client?, server?);
+    let ((tickets, _), writes) = ticket_exchange(&core, &template, Ask::AfterFinished).await?;
     assert_eq!(tickets, 1);
     assert_eq!(writes, (1, 2), "server flight; then ticket and answer in one write");
     // A client that waits for its ticket before it asks anything (a preconnect) gets it without asking, once the
     // hold is over.
-    let (client_io, server_io) = tokio::io::duplex(64 << 10);
     let started = std::time::Instant::now();
-    let (client, server) = tokio::join!(
-        hand_driven_client(client_io, &core, Ask::AfterTicket),
-        counted_answer(server_io, &core, &template)
-    );
-    let ((tickets, _), writes) = (client?, server?);
+    let ((tickets, _), writes) = ticket_exchange(&core, &template, Ask::AfterTicket).await?;
     assert_eq!(tickets, 1);
     assert_eq!(writes, (1, 3), "server flight; the ticket alone after the hold; the answer");
     assert!(started.elapsed() >= tern::coalesce::TICKET_HOLD, "the ticket went before the hold was over");

@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::backend::find;
 use crate::client::{Client, Verify};
 use crate::server::Server;
+use tern_bench::floor::content_length;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -188,11 +189,7 @@ async fn keepalive(
             anyhow::ensure!(n > 0, "closed mid-response");
             got.extend_from_slice(&buf[..n]);
             if let Some(end) = find(&got, b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
-                let length = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
-                    .unwrap_or(0);
+                let length = content_length(&got[..end]).unwrap_or(0);
                 if got.len() >= end + 4 + length {
                     break;
                 }
