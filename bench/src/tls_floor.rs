@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Parser;
 use tern_bench::floor::{MAX_REQUEST_HEAD, RESPONSE, content_length, find, server_config};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -112,25 +112,31 @@ impl Backend {
 
     async fn round_trip(tcp: &mut TcpStream, head: &[u8], answer: &mut Vec<u8>) -> std::io::Result<()> {
         tcp.write_all(head).await?;
-        let invalid = || std::io::Error::from(std::io::ErrorKind::InvalidData);
-        let end = loop {
-            if let Some(end) = find(answer, b"\r\n\r\n") {
-                break end + 4;
-            }
-            if answer.len() >= MAX_REQUEST_HEAD {
-                return Err(invalid());
-            }
-            if tcp.read_buf(answer).await? == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-        };
-        let body = content_length(&answer[..end]).ok_or_else(invalid)?;
+        let end = read_head(tcp, answer).await?.ok_or(std::io::ErrorKind::UnexpectedEof)?;
+        let body = content_length(&answer[..end]).ok_or(std::io::ErrorKind::InvalidData)?;
         while answer.len() < end + body {
             if tcp.read_buf(answer).await? == 0 {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
         }
         Ok(())
+    }
+}
+
+/// Reads into `buf` until it holds a whole HTTP head, at most [`MAX_REQUEST_HEAD`] bytes in all, and returns where
+/// the head ends (past its `\r\n\r\n`), or `None` if the peer closed first. A longer head is `InvalidData`.
+async fn read_head<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut Vec<u8>) -> std::io::Result<Option<usize>> {
+    loop {
+        if let Some(end) = find(buf, b"\r\n\r\n") {
+            return Ok(Some(end + 4));
+        }
+        if buf.len() >= MAX_REQUEST_HEAD {
+            return Err(std::io::ErrorKind::InvalidData.into());
+        }
+        let mut chunk = (&mut *reader).take((MAX_REQUEST_HEAD - buf.len()) as u64);
+        if chunk.read_buf(buf).await? == 0 {
+            return Ok(None);
+        }
     }
 }
 
@@ -162,14 +168,8 @@ async fn answer(acceptor: &TlsAcceptor, tcp: TcpStream, backend: Option<&Backend
     tcp.set_nodelay(true)?;
     let mut tls = acceptor.accept(tcp).await?;
     let mut head = Vec::with_capacity(1024);
-    while find(&head, b"\r\n\r\n").is_none() {
-        if head.len() >= MAX_REQUEST_HEAD {
-            return Err(std::io::ErrorKind::InvalidData.into());
-        }
-        let mut chunk = (&mut tls).take((MAX_REQUEST_HEAD - head.len()) as u64);
-        if chunk.read_buf(&mut head).await? == 0 {
-            return Ok(()); // closed before a whole request
-        }
+    if read_head(&mut tls, &mut head).await?.is_none() {
+        return Ok(()); // closed before a whole request
     }
     match backend {
         None => tls.write_all(RESPONSE).await?,
