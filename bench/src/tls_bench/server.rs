@@ -10,7 +10,7 @@ use tokio::process::{Child, Command};
 use crate::args::Args;
 use crate::cert_api::CertApi;
 use crate::client::{Client, Verify};
-use crate::configs::{fleet_node, nginx_config, tern_config};
+use crate::configs::{FLOOR_DIRECT, FLOOR_PROXY, fleet_node, nginx_config, tern_config};
 use crate::peers::{caddy_config, haproxy_config, haproxy_crt_list, write_haproxy_pems};
 use crate::{Bench, Setup};
 
@@ -190,10 +190,10 @@ pub async fn start_server(bench: &Bench<'_>, config: &str, setup: &Setup) -> Res
         }
         // The minimal direct-answer server: the first name's certificate for every name (the load client does not
         // verify; the verified start-up handshake asks for that name).
-        "floor-direct" | "floor-proxy" => {
+        FLOOR_DIRECT | FLOOR_PROXY => {
             let name = &setup.names[0];
             let mut command = server_command(args, args.floor.as_os_str());
-            if config == "floor-proxy" {
+            if config == FLOOR_PROXY {
                 command.arg("--backend").arg(backend.to_string());
             }
             command
