@@ -12,6 +12,16 @@
 # Usage: scripts/setup.sh [demo|test|bench]    (idempotent; quiet when everything is present)
 set -euo pipefail
 mode="${1:-demo}"
+cd "$(dirname "$0")/.."
+
+# The toolchain rust-toolchain.toml pins (wasmtime 50 needs Rust 1.97), with the wasm32-wasip2 target, clippy and
+# rustfmt. Asked for by name, so that any rustup installs it, whatever its auto-install setting.
+channel="$(sed -n 's/^channel = "\(.*\)"$/\1/p' rust-toolchain.toml)"
+if ! rustup run "$channel" rustc --version >/dev/null 2>&1 \
+  || ! rustup target list --toolchain "$channel" --installed | grep -qx wasm32-wasip2; then
+  echo "setup: installing the Rust $channel toolchain (rust-toolchain.toml)" >&2
+  rustup toolchain install "$channel" --profile minimal --component clippy,rustfmt --target wasm32-wasip2
+fi
 
 if ! rustup target list --installed | grep -qx wasm32-wasip2; then
   echo "setup: adding the wasm32-wasip2 Rust target" >&2

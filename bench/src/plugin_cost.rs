@@ -31,6 +31,10 @@ struct Args {
     /// Calls per plugin, each for a different name.
     #[arg(long, default_value_t = 500)]
     calls: usize,
+    /// MiB of each memory slot kept resident between calls (`server.plugin_keep_resident`); each plugin is
+    /// measured once per value, in the order given (0: every slot decommitted after its call, as before 50.x).
+    #[arg(long, value_delimiter = ',', default_value = "8")]
+    keep_resident_mib: Vec<usize>,
 }
 
 #[tokio::main]
@@ -57,20 +61,36 @@ async fn main() -> Result<()> {
     stores.insert("bench".into(), store);
     println!("plugin cost: {} calls per plugin, a fresh instance per call, certificates in Redis", args.calls);
     println!(
-        "{:<28} {:>9} {:>10} {:>11} {:>11} {:>11} {:>12} {:>12} {:>10}",
-        "plugin", "size", "compile", "first call", "median", "p99", "memory/inst", "instantiate", "run"
+        "{:<22} {:>5} {:>9} {:>9} {:>11} {:>10} {:>10} {:>11} {:>12} {:>11} {:>9} {:>9}",
+        "plugin",
+        "kept",
+        "size",
+        "compile",
+        "first call",
+        "median",
+        "p99",
+        "memory/inst",
+        "instantiate",
+        "run",
+        "CPU/call",
+        "resident"
     );
     for path in &args.plugins {
-        measure(path, &names, &stores).await?;
+        for &keep in &args.keep_resident_mib {
+            measure(path, keep, &names, &stores).await?;
+        }
     }
     Ok(())
 }
 
 /// Loads (compiles) the plugin at `path`, calls it once per name, and prints its line of the table.
-async fn measure(path: &Path, names: &[String], stores: &tern::store::Stores) -> Result<()> {
+/// `CPU/call` is this process's CPU over the calls (the store's reset after each answer included, Redis's not);
+/// `resident` what the pool keeps mapped after the last call (`tern_plugin_pool_resident_bytes`).
+async fn measure(path: &Path, keep_mib: usize, names: &[String], stores: &tern::store::Stores) -> Result<()> {
     let size = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?.len();
     let settings = plugin_settings(path);
-    let runtime = plugin::PluginRuntime::new(settings.memory_limit, 4)?;
+    // Sized as tern sizes it for this plugin alone (its default concurrency cap).
+    let runtime = plugin::runtime_for(std::slice::from_ref(&settings), keep_mib << 20)?;
     let started = Instant::now();
     let plugin = plugin::load_all(&runtime, std::slice::from_ref(&settings), stores)
         .await?
@@ -79,6 +99,7 @@ async fn measure(path: &Path, names: &[String], stores: &tern::store::Stores) ->
         .context("plugin did not load")?;
     let compile = started.elapsed();
     let mut times = Vec::with_capacity(names.len());
+    let cpu_before = tern_bench::cpu_seconds(std::process::id())?;
     for name in names {
         let name = ServerName::parse(name).map_err(|e| anyhow::anyhow!("{e}"))?;
         let started = Instant::now();
@@ -86,6 +107,7 @@ async fn measure(path: &Path, names: &[String], stores: &tern::store::Stores) ->
         times.push(started.elapsed());
         anyhow::ensure!(matches!(answer, Selection::Serve { .. }), "{} found nothing for {name}", path.display());
     }
+    let cpu = tern_bench::cpu_seconds(std::process::id())? - cpu_before;
     let first = times[0];
     let mut rest = times[1..].to_vec();
     rest.sort();
@@ -94,8 +116,9 @@ async fn measure(path: &Path, names: &[String], stores: &tern::store::Stores) ->
     // Means over every call (the first included), from the plugin's own phase histograms.
     let mean_ms = |h: &tern::metrics::Histogram| h.mean().unwrap_or_default().as_secs_f64() * 1e3;
     println!(
-        "{:<28} {:>7.2}MB {:>9.2}s {:>9.2}ms {:>9.3}ms {:>9.3}ms {:>10.1}MiB {:>10.3}ms {:>8.3}ms",
+        "{:<22} {:>2}MiB {:>7.2}MB {:>8.2}s {:>9.2}ms {:>8.3}ms {:>8.3}ms {:>8.1}MiB {:>10.3}ms {:>9.3}ms {:>7.3}ms {:>6.1}MiB",
         path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+        keep_mib,
         size as f64 / 1e6,
         compile.as_secs_f64(),
         first.as_secs_f64() * 1e3,
@@ -104,6 +127,8 @@ async fn measure(path: &Path, names: &[String], stores: &tern::store::Stores) ->
         memory as f64 / (1 << 20) as f64,
         mean_ms(plugin.stats().instantiate()),
         mean_ms(plugin.stats().run()),
+        cpu * 1e3 / names.len() as f64,
+        runtime.pool_resident_bytes() as f64 / (1 << 20) as f64,
     );
     Ok(())
 }
@@ -114,6 +139,7 @@ fn plugin_settings(path: &Path) -> PluginSettings {
     let mut settings = PluginSettings::one_off("bench", path);
     settings.timeout = Duration::from_secs(10);
     settings.memory_limit = 256 << 20;
+    settings.max_concurrency = tern::config::defaults::PLUGIN_MAX_CONCURRENCY;
     settings.grants.kv = Some(KvGrant { store: "bench".into(), prefixes: vec![String::new()] });
     settings
 }

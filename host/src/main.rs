@@ -340,7 +340,7 @@ async fn check(path: PathBuf) -> Result<()> {
                 .await
                 .map_err(|(key, path, message)| anyhow::anyhow!("{key} {}: {message}", path.display()))?;
         }
-        let runtime = plugin::runtime_for(&config.plugins)?;
+        let runtime = plugin::runtime_for(&config.plugins, config.server.plugin_keep_resident)?;
         anyhow::Ok(plugin::load_all(&runtime, &config.plugins, &tern::server::stores_for(&config)).await?)
     }
     .await

@@ -255,6 +255,8 @@ pub struct ServerSettings {
     pub client: ClientLimits,
     /// Linear memory of all plugin instances running at once, summed over every plugin.
     pub plugin_memory_total: usize,
+    /// Bytes of each plugin memory slot kept mapped and reset in place between calls (0: decommitted).
+    pub plugin_keep_resident: usize,
     /// Certificate compression (RFC 8879) and the memo of compressed chains.
     pub certificate_compression: CompressionSettings,
     /// Which cipher suites are negotiated, and whose order of preference wins.

@@ -85,6 +85,7 @@ pub struct Server {
     pub h2_keepalive_timeout: Option<String>,
     pub max_request_header_bytes: Option<Size>,
     pub plugin_memory_total: Option<Size>,
+    pub plugin_keep_resident: Option<Size>,
     pub certificate_compression: Option<Vec<String>>,
     pub certificate_compression_cache_entries: Option<u64>,
     pub certificate_compression_cache_bytes: Option<Size>,
@@ -359,6 +360,10 @@ pub mod defaults {
     pub const MAX_REQUEST_HEADER_BYTES: u32 = 64 << 10;
     /// `server.plugin_memory_total`: 512 MiB
     pub const PLUGIN_MEMORY_TOTAL: usize = 512 << 20;
+    /// `server.plugin_keep_resident`: 8 MiB of each plugin memory slot (a JavaScript or Python call writes 4–8)
+    pub const PLUGIN_KEEP_RESIDENT: usize = 8 << 20;
+    /// Largest `server.plugin_keep_resident` accepted: 1 GiB.
+    pub const PLUGIN_KEEP_RESIDENT_CEILING: u64 = 1 << 30;
     /// `server.certificate_compression`: both, brotli first (Chromium offers brotli alone)
     pub const CERTIFICATE_COMPRESSION: [crate::config::CertCompression; 2] =
         [crate::config::CertCompression::Brotli, crate::config::CertCompression::Zlib];

@@ -243,7 +243,7 @@ const SIZES: [&str; 9] = [
     "4294967296",
 ];
 /// Every numeric key with the values it is tried with.
-const KEYS: [(&str, &str, &[&str]); 42] = [
+const KEYS: [(&str, &str, &[&str]); 43] = [
     ("server", "max_connections", &NUMBERS),
     ("server", "session_cache_entries", &NUMBERS),
     ("server", "h2_max_concurrent_streams", &NUMBERS),
@@ -257,6 +257,7 @@ const KEYS: [(&str, &str, &[&str]); 42] = [
     ("server", "shutdown_grace", &DURATIONS),
     ("server", "max_request_header_bytes", &SIZES),
     ("server", "plugin_memory_total", &SIZES),
+    ("server", "plugin_keep_resident", &SIZES),
     ("server", "certificate_compression_cache_entries", &NUMBERS),
     ("server", "certificate_compression_cache_bytes", &SIZES),
     ("cache", "max_entries", &NUMBERS),

@@ -269,6 +269,17 @@ impl Validator<'_> {
                 }
                 usize::try_from(total).unwrap_or(usize::MAX)
             },
+            plugin_keep_resident: {
+                let keep = self.size(
+                    "server.plugin_keep_resident",
+                    raw.plugin_keep_resident.as_ref(),
+                    defaults::PLUGIN_KEEP_RESIDENT as u64,
+                )?;
+                if keep > defaults::PLUGIN_KEEP_RESIDENT_CEILING {
+                    return Err(self.err("server.plugin_keep_resident", "must be at most 1GiB (0 keeps nothing)"));
+                }
+                usize::try_from(keep).unwrap_or(usize::MAX)
+            },
             certificate_compression: self.certificate_compression(raw)?,
             ciphers: self.ciphers(raw)?,
         };

@@ -79,6 +79,8 @@ pub struct PluginRuntime {
     linker: Arc<Linker<CallState>>,
     pub(super) ticker: Arc<EpochTicker>,
     pub(super) memory: Arc<limits::MemoryBudget>,
+    /// Bytes of each memory and table slot kept resident between calls (0: none, or no PAGEMAP_SCAN here).
+    keep_resident: usize,
 }
 
 impl std::fmt::Debug for PluginRuntime {
@@ -88,15 +90,31 @@ impl std::fmt::Debug for PluginRuntime {
 }
 
 impl PluginRuntime {
-    /// A runtime sized for plugins using at most `max_memory` bytes each and `max_instances` instances at once.
+    /// A runtime sized for plugins using at most `max_memory` bytes each and `max_instances` instances at once,
+    /// keeping the default `server.plugin_keep_resident` of each memory and table slot resident between calls.
     pub fn new(max_memory: usize, max_instances: u32) -> Result<Self, PluginLoadError> {
-        let engine = match Engine::new(&engine_config(Some((max_memory, max_instances)))) {
+        Self::keeping(max_memory, max_instances, crate::config::defaults::PLUGIN_KEEP_RESIDENT)
+    }
+
+    /// Like [`PluginRuntime::new`], keeping up to `keep_resident` bytes of each memory and table slot mapped
+    /// between calls (`server.plugin_keep_resident`; 0: every slot is decommitted after its call). Where the kernel lacks the
+    /// PAGEMAP_SCAN ioctl (Linux before 6.7) nothing is kept: without it every reset would copy the whole
+    /// `keep_resident`, written or not.
+    pub fn keeping(max_memory: usize, max_instances: u32, keep_resident: usize) -> Result<Self, PluginLoadError> {
+        let mut keep_resident = if keep_resident > 0 && !wasmtime::PoolingAllocationConfig::is_pagemap_scan_available() {
+            tracing::info!("PAGEMAP_SCAN unavailable: plugin memory slots are decommitted after each call");
+            0
+        } else {
+            keep_resident
+        };
+        let engine = match Engine::new(&engine_config(Some((max_memory, max_instances)), keep_resident)) {
             Ok(engine) => engine,
             Err(err) => {
                 // The pooling allocator reserves address space up front; where that is not allowed (a low
                 // `ulimit -v`), fall back to allocating per instance, which is slower but works.
                 tracing::warn!(error = %err, "pooling allocator unavailable, allocating plugin instances on demand");
-                Engine::new(&engine_config(None)).map_err(|e| PluginLoadError::Runtime(e.to_string()))?
+                keep_resident = 0;
+                Engine::new(&engine_config(None, 0)).map_err(|e| PluginLoadError::Runtime(e.to_string()))?
             }
         };
         let mut linker = Linker::new(&engine);
@@ -106,7 +124,7 @@ impl PluginRuntime {
         bindings::add_to_linker(&mut linker).map_err(|e| PluginLoadError::Runtime(e.to_string()))?;
         let ticker = Arc::new(EpochTicker::start(engine.clone()));
         let memory = limits::MemoryBudget::new(crate::config::defaults::PLUGIN_MEMORY_TOTAL);
-        Ok(Self { engine, linker: Arc::new(linker), ticker, memory })
+        Ok(Self { engine, linker: Arc::new(linker), ticker, memory, keep_resident })
     }
 
     /// Draws every instance's linear memory from a budget of `total` bytes (`server.plugin_memory_total`).
@@ -119,6 +137,17 @@ impl PluginRuntime {
     /// (bytes in use, budget) of plugin linear memory.
     pub fn memory(&self) -> (usize, usize) {
         (self.memory.used(), self.memory.limit())
+    }
+
+    /// Bytes of each memory and table slot kept resident between calls: `server.plugin_keep_resident`, or 0
+    /// where the kernel cannot say which pages a call wrote.
+    pub fn keep_resident(&self) -> usize {
+        self.keep_resident
+    }
+
+    /// Bytes the pool keeps mapped in memory slots no call is using (`server.plugin_keep_resident` each at most).
+    pub fn pool_resident_bytes(&self) -> usize {
+        self.engine.pooling_allocator_metrics().map_or(0, |m| m.unused_memory_bytes_resident())
     }
 
     /// Compiles and links a plugin. CPU-heavy (tens of milliseconds): call it off the async workers.
@@ -215,7 +244,9 @@ fn compile_message(message: &str, bytes: &[u8]) -> String {
     first.to_string()
 }
 
-fn engine_config(pooling: Option<(usize, u32)>) -> wasmtime::Config {
+/// The engine's configuration; `pooling` is (largest memory, instances at once), and `keep_resident` the bytes
+/// of each memory slot reset in place instead of decommitted (0: none).
+fn engine_config(pooling: Option<(usize, u32)>, keep_resident: usize) -> wasmtime::Config {
     let mut config = wasmtime::Config::new();
     config.wasm_component_model(true);
     config.epoch_interruption(true);
@@ -228,6 +259,15 @@ fn engine_config(pooling: Option<(usize, u32)>) -> wasmtime::Config {
         pool.total_tables(instances.saturating_mul(4));
         pool.total_stacks(instances);
         pool.max_memory_size(max_memory);
+        if keep_resident > 0 {
+            // Reset in place, found by the PAGEMAP_SCAN ioctl: only the pages the call wrote are copied back
+            // from the image (or zeroed), and they stay mapped, so the next call does not fault them in again.
+            // Tables too: a JavaScript call fills funcref entries lazily, and a decommitted table page faults
+            // (and flushes the other cores' TLBs) again on every call.
+            pool.linear_memory_keep_resident(keep_resident);
+            pool.table_keep_resident(keep_resident);
+            pool.pagemap_scan(wasmtime::Enabled::Yes);
+        }
         config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
     }
     config
@@ -320,12 +360,13 @@ pub async fn load_all(
 
 /// Sizes a runtime for a set of plugins: the largest memory cap and the sum of concurrency caps (plus headroom
 /// for one-off calls).
-pub fn runtime_for(plugins: &[PluginSettings]) -> Result<PluginRuntime, PluginLoadError> {
+/// `keep_resident` is `server.plugin_keep_resident`.
+pub fn runtime_for(plugins: &[PluginSettings], keep_resident: usize) -> Result<PluginRuntime, PluginLoadError> {
     let max_memory =
         plugins.iter().map(|p| p.memory_limit).max().unwrap_or(crate::config::defaults::PLUGIN_MEMORY_LIMIT);
     // Twice the caps: during a swap the old build's calls finish while the new build's start.
     let instances: usize = 2 * plugins.iter().map(|p| p.max_concurrency).sum::<usize>() + 8;
-    PluginRuntime::new(max_memory, u32::try_from(instances).unwrap_or(u32::MAX))
+    PluginRuntime::keeping(max_memory, u32::try_from(instances).unwrap_or(u32::MAX), keep_resident)
 }
 
 /// Lowercase hex SHA-256 of `bytes` (a component's identity in status and reload decisions).
@@ -341,5 +382,12 @@ impl PluginRuntime {
         x.sample("tern_plugin_memory_bytes", "", used as u64);
         x.family("tern_plugin_memory_budget_bytes", "gauge", "server.plugin_memory_total.");
         x.sample("tern_plugin_memory_budget_bytes", "", budget as u64);
+        let resident = self.pool_resident_bytes();
+        x.family(
+            "tern_plugin_pool_resident_bytes",
+            "gauge",
+            "Plugin memory slots' pages kept mapped between calls (server.plugin_keep_resident each).",
+        );
+        x.sample("tern_plugin_pool_resident_bytes", "", resident as u64);
     }
 }

@@ -9,6 +9,7 @@
 //! | `garbage` | returns a "certificate" that is not PEM                            |
 //! | `escape`  | tries to read a file outside its granted directory                 |
 //! | `slow`    | waits 1.5 s, then serves files like any other name                 |
+//! | `residue` | reports what an earlier call left in its memory, then leaves some  |
 //! | anything  | else: `/<name>.crt` and `/<name>.key` from the granted directory    |
 //!
 //! Every call logs one line through the host so tests can see the log import work.
@@ -39,9 +40,36 @@ impl Selector for Chaos {
                 }
                 read_files(servername)
             }
+            "residue" => residue(),
             _ => read_files(servername),
         }
     }
+}
+
+/// Initialised data: its page comes from the component's image.
+static mut MARK: u64 = 0x5EED;
+/// Zero-initialised memory, 6 MiB: its pages start as zeros, beyond the image.
+static mut SCRATCH: [u8; SCRATCH_BYTES] = [0; SCRATCH_BYTES];
+const SCRATCH_BYTES: usize = 6 << 20;
+const PAGE: usize = 4096;
+
+/// Fails with what it found of an earlier call (`MARK` changed, any byte of `SCRATCH` not zero), or with
+/// "residue: clean"; then changes `MARK` and writes every other page of `SCRATCH` (768 separate dirty regions,
+/// more than a partial reset scan covers), so that a next call given this instance's memory unreset would see it.
+fn residue() -> Result<Selection, String> {
+    // SAFETY: the guest is single-threaded and nothing else holds references to these statics.
+    let (mark, scratch) = unsafe { (&mut *std::ptr::addr_of_mut!(MARK), &mut *std::ptr::addr_of_mut!(SCRATCH)) };
+    let mark_seen = std::hint::black_box(*mark);
+    let dirty = scratch.chunks(PAGE).filter(|page| page.iter().any(|&b| b != 0)).count();
+    *mark = 0xDEAD;
+    for page in scratch.chunks_mut(PAGE).step_by(2) {
+        page.fill(0xA5);
+    }
+    std::hint::black_box(&scratch);
+    if mark_seen != 0x5EED || dirty != 0 {
+        return Err(format!("residue: found mark {mark_seen:#x} and {dirty} dirty pages of an earlier call"));
+    }
+    Err("residue: clean".into())
 }
 
 tern_guest::export_selector!(Chaos);
