@@ -35,6 +35,14 @@ struct Args {
     /// measured once per value, in the order given (0: every slot decommitted after its call, as before 50.x).
     #[arg(long, value_delimiter = ',', default_value = "8")]
     keep_resident_mib: Vec<usize>,
+    /// Spare instances made ahead of calls (`plugin.spare_instances`); each value measured after each
+    /// `--keep-resident-mib` value.
+    #[arg(long, value_delimiter = ',', default_value = "0,1")]
+    spares: Vec<usize>,
+    /// Pause between calls, ms: 0 is a burst of back-to-back misses (a spare is rarely ready), a few ms are misses
+    /// arriving apart, as on a server whose misses are not all at once.
+    #[arg(long, default_value_t = 0)]
+    gap_ms: u64,
 }
 
 #[tokio::main]
@@ -59,11 +67,16 @@ async fn main() -> Result<()> {
     store.write_all(writes).await?;
     let mut stores = tern::store::Stores::new();
     stores.insert("bench".into(), store);
-    println!("plugin cost: {} calls per plugin, a fresh instance per call, certificates in Redis", args.calls);
     println!(
-        "{:<22} {:>5} {:>9} {:>9} {:>11} {:>10} {:>10} {:>11} {:>12} {:>11} {:>9} {:>9}",
+        "plugin cost: {} calls per plugin {} ms apart, a fresh instance per call, certificates in Redis",
+        args.calls, args.gap_ms
+    );
+    println!(
+        "{:<22} {:>5} {:>5} {:>8} {:>9} {:>9} {:>11} {:>10} {:>10} {:>11} {:>12} {:>11} {:>9} {:>9}",
         "plugin",
         "kept",
+        "spare",
+        "on spare",
         "size",
         "compile",
         "first call",
@@ -77,18 +90,31 @@ async fn main() -> Result<()> {
     );
     for path in &args.plugins {
         for &keep in &args.keep_resident_mib {
-            measure(path, keep, &names, &stores).await?;
+            for &spares in &args.spares {
+                let setup = Setup { keep_mib: keep, spares, gap: Duration::from_millis(args.gap_ms) };
+                measure(path, &setup, &names, &stores).await?;
+            }
         }
     }
     Ok(())
 }
 
+/// One line of the table: how the plugin's runtime is set up and how calls arrive.
+struct Setup {
+    keep_mib: usize,
+    spares: usize,
+    gap: Duration,
+}
+
 /// Loads (compiles) the plugin at `path`, calls it once per name, and prints its line of the table.
-/// `CPU/call` is this process's CPU over the calls (the store's reset after each answer included, Redis's not);
-/// `resident` what the pool keeps mapped after the last call (`tern_plugin_pool_resident_bytes`).
-async fn measure(path: &Path, keep_mib: usize, names: &[String], stores: &tern::store::Stores) -> Result<()> {
+/// `CPU/call` is this process's CPU over the calls (the store's reset after each answer and the making of
+/// spares included, Redis's not); `on spare` the share of calls that found a spare ready; `resident` what the
+/// pool keeps mapped after the last call (`tern_plugin_pool_resident_bytes`).
+async fn measure(path: &Path, setup: &Setup, names: &[String], stores: &tern::store::Stores) -> Result<()> {
     let size = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?.len();
-    let settings = plugin_settings(path);
+    let mut settings = plugin_settings(path);
+    settings.spare_instances = setup.spares;
+    let keep_mib = setup.keep_mib;
     // Sized as tern sizes it for this plugin alone (its default concurrency cap).
     let runtime = plugin::runtime_for(std::slice::from_ref(&settings), keep_mib << 20)?;
     let started = Instant::now();
@@ -105,6 +131,7 @@ async fn measure(path: &Path, keep_mib: usize, names: &[String], stores: &tern::
         let started = Instant::now();
         let answer = plugin.select(&name, "bench").await?;
         times.push(started.elapsed());
+        tokio::time::sleep(setup.gap).await;
         anyhow::ensure!(matches!(answer, Selection::Serve { .. }), "{} found nothing for {name}", path.display());
     }
     let cpu = tern_bench::cpu_seconds(std::process::id())? - cpu_before;
@@ -116,9 +143,11 @@ async fn measure(path: &Path, keep_mib: usize, names: &[String], stores: &tern::
     // Means over every call (the first included), from the plugin's own phase histograms.
     let mean_ms = |h: &tern::metrics::Histogram| h.mean().unwrap_or_default().as_secs_f64() * 1e3;
     println!(
-        "{:<22} {:>2}MiB {:>7.2}MB {:>8.2}s {:>9.2}ms {:>8.3}ms {:>8.3}ms {:>8.1}MiB {:>10.3}ms {:>9.3}ms {:>7.3}ms {:>6.1}MiB",
+        "{:<22} {:>2}MiB {:>5} {:>7.0}% {:>7.2}MB {:>8.2}s {:>9.2}ms {:>8.3}ms {:>8.3}ms {:>8.1}MiB {:>10.3}ms {:>9.3}ms {:>7.3}ms {:>6.1}MiB",
         path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
         keep_mib,
+        setup.spares,
+        plugin.stats().calls_on_spare() as f64 * 100.0 / names.len() as f64,
         size as f64 / 1e6,
         compile.as_secs_f64(),
         first.as_secs_f64() * 1e3,

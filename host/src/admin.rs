@@ -216,6 +216,18 @@ fn render_metrics(state: &AdminState) -> String {
             x.histogram(family, &format!("plugin=\"{}\"", label_value(name)), histogram(slot.stats()));
         }
     }
+    x.family(
+        "tern_plugin_spare_calls_total",
+        "counter",
+        "Plugin calls that ran in a spare instance made ahead of them.",
+    );
+    for (name, slot) in &plugins {
+        x.sample(
+            "tern_plugin_spare_calls_total",
+            &format!("plugin=\"{}\"", label_value(name)),
+            slot.stats().calls_on_spare(),
+        );
+    }
     x.family("tern_plugin_swaps_total", "counter", "Plugin builds swapped in by reloads.");
     for (name, slot) in &plugins {
         x.sample("tern_plugin_swaps_total", &format!("plugin=\"{}\"", label_value(name)), slot.status().swaps);

@@ -137,7 +137,8 @@ impl Server {
         let stores = stores_for(&config);
         let invalidation =
             config.invalidation.as_ref().and_then(|i| Some((stores.get(&i.store)?.clone(), i.channel.clone())));
-        let runtime = plugin::runtime_for(&config.plugins, config.server.plugin_keep_resident)?.with_memory_total(config.server.plugin_memory_total);
+        let runtime = plugin::runtime_for(&config.plugins, config.server.plugin_keep_resident)?
+            .with_memory_total(config.server.plugin_memory_total);
         let budgets = Budgets::for_config(&config);
         let plugins: HashMap<String, Arc<PluginSlot>> = plugin::load_all(&runtime, &config.plugins, &stores)
             .await?

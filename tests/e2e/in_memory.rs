@@ -57,7 +57,8 @@ async fn core(cache: CacheSettings, plugin_timeout: Duration) -> anyhow::Result<
     settings.timeout = plugin_timeout;
     settings.max_concurrency = 4;
     settings.grants = Grants { files: Some(pki.certs()), ..Grants::default() };
-    let runtime = tern::plugin::runtime_for(std::slice::from_ref(&settings), tern::config::defaults::PLUGIN_KEEP_RESIDENT)?;
+    let runtime =
+        tern::plugin::runtime_for(std::slice::from_ref(&settings), tern::config::defaults::PLUGIN_KEEP_RESIDENT)?;
     let plugin = tern::plugin::load_all(&runtime, &[settings], &tern::store::Stores::new()).await?.remove(0);
     let slot = Arc::new(PluginSlot::new(plugin));
     let metrics = Arc::new(Metrics::default());
@@ -185,27 +186,38 @@ async fn client_over(
 
 /// A plugin memory slot kept resident between calls (`server.plugin_keep_resident`) is reset completely: no call
 /// sees what an earlier call wrote, neither in initialised data nor in 768 separate dirty pages of zeroed memory
-/// (the chaos plugin's `residue`), with the default kept and with nothing kept. One call at a time, so each call
-/// gets the slot the previous one left (its permit is freed only once that slot is reset).
+/// (the chaos plugin's `residue`), with the default kept, with nothing kept, and with a spare instance made ahead
+/// of each call (`spare_instances`: every call but the first runs on one, each in a slot an earlier call
+/// dirtied). One call at a time, so each call gets the slot the previous one left (its permit is freed only once
+/// that slot is reset).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_plugin_call_sees_what_an_earlier_call_left_in_its_memory() -> anyhow::Result<()> {
     let name = tern::sni::ServerName::parse("residue.example.test").map_err(|e| anyhow::anyhow!("{e}"))?;
-    for keep in [tern::config::defaults::PLUGIN_KEEP_RESIDENT, 0] {
+    let kept = tern::config::defaults::PLUGIN_KEEP_RESIDENT;
+    for (keep, spares) in [(kept, 0), (0, 0), (kept, 1)] {
         let mut settings = PluginSettings::one_off("chaos", std::path::Path::new(CHAOS_PLUGIN));
         settings.max_concurrency = 1;
+        settings.spare_instances = spares;
         let runtime = tern::plugin::runtime_for(std::slice::from_ref(&settings), keep)?;
         let plugin = tern::plugin::load_all(&runtime, &[settings], &tern::store::Stores::new()).await?.remove(0);
         for call in 0..12 {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while call > 0 && plugin.spares_ready() < spares {
+                assert!(std::time::Instant::now() < deadline, "call {call}: no spare made within 5 s");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
             match plugin.select(&name, "memory").await {
                 Err(PluginError::Returned(message)) => {
-                    assert_eq!(message, "residue: clean", "call {call}, {keep} bytes kept resident")
+                    assert_eq!(message, "residue: clean", "call {call}, {keep} bytes kept resident, {spares} spares")
                 }
                 other => panic!("call {call}: expected the plugin's report, got {other:?}"),
             }
         }
-        // The pages really stayed: the reset above was the in-place one, not a decommit.
+        assert_eq!(plugin.stats().calls_on_spare(), if spares > 0 { 11 } else { 0 });
+        // The pages really stayed: the reset above was the in-place one, not a decommit. (With a spare, the slot
+        // the last call left is the spare's now, in use, so the pool counts no unused resident bytes.)
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while runtime.keep_resident() > 0 && runtime.pool_resident_bytes() < (3 << 20) {
+        while spares == 0 && runtime.keep_resident() > 0 && runtime.pool_resident_bytes() < (3 << 20) {
             assert!(std::time::Instant::now() < deadline, "only {} bytes kept resident", runtime.pool_resident_bytes());
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

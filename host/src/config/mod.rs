@@ -471,6 +471,8 @@ pub struct PluginSettings {
     pub memory_limit: usize,
     /// Calls in flight at once; more wait for a slot (within the handshake deadline).
     pub max_concurrency: usize,
+    /// Instances made ahead of calls, off the handshake, each used by one call (0: every call instantiates).
+    pub spare_instances: usize,
     /// Calls started per second at most; misses beyond it get the listener's fallback. `None`: no cap.
     pub max_calls_per_second: Option<u32>,
     /// Of that cap, calls per second one client network (/24 IPv4, /64 IPv6) may start, so that one client's
@@ -553,7 +555,7 @@ pub struct ConfigError {
 
 impl PluginSettings {
     /// A plugin outside any config file (`tern plugin call`, tests, benchmarks): the configured defaults for
-    /// deadline and memory, one call at a time, no rate cap, no breaker, no grants.
+    /// deadline and memory, one call at a time, no spare instance, no rate cap, no breaker, no grants.
     pub fn one_off(name: &str, path: &Path) -> Self {
         Self {
             name: name.to_string(),
@@ -561,6 +563,7 @@ impl PluginSettings {
             timeout: defaults::PLUGIN_TIMEOUT,
             memory_limit: defaults::PLUGIN_MEMORY_LIMIT,
             max_concurrency: 1,
+            spare_instances: 0,
             max_calls_per_second: None,
             max_calls_per_second_per_client: None,
             breaker_threshold: 0,

@@ -206,6 +206,7 @@ pub struct Plugin {
     pub timeout: Option<String>,
     pub memory_limit: Option<Size>,
     pub max_concurrency: Option<usize>,
+    pub spare_instances: Option<usize>,
     pub max_calls_per_second: Option<u32>,
     pub max_calls_per_second_per_client: Option<u32>,
     pub breaker_threshold: Option<u32>,
@@ -389,6 +390,8 @@ pub mod defaults {
     pub const PLUGIN_MEMORY_LIMIT: usize = 64 << 20;
     /// `plugin.max_concurrency`
     pub const PLUGIN_MAX_CONCURRENCY: usize = 64;
+    /// `plugin.spare_instances`: one instance made ahead of the next miss
+    pub const PLUGIN_SPARE_INSTANCES: usize = 1;
     /// `server.shutdown_grace`
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
     /// `server.upgrade_timeout`

@@ -52,6 +52,14 @@ impl Validator<'_> {
             &format!("{key}.max_concurrency"),
             p.max_concurrency.unwrap_or(defaults::PLUGIN_MAX_CONCURRENCY),
         )?;
+        // Each spare holds a pool slot and its memory: more than the calls that can run at once is waste.
+        let spare_instances = p.spare_instances.unwrap_or(defaults::PLUGIN_SPARE_INSTANCES.min(max_concurrency));
+        if spare_instances > max_concurrency {
+            return Err(self.err(
+                format!("{key}.spare_instances"),
+                format!("must be at most max_concurrency ({max_concurrency}); 0 makes none"),
+            ));
+        }
         let settings = p
             .settings
             .into_iter()
@@ -71,6 +79,7 @@ impl Validator<'_> {
             timeout,
             memory_limit: usize::try_from(memory_limit).unwrap_or(usize::MAX),
             max_concurrency,
+            spare_instances,
             max_calls_per_second,
             max_calls_per_second_per_client,
             breaker_threshold: p.breaker_threshold.unwrap_or(defaults::BREAKER_THRESHOLD),

@@ -36,6 +36,7 @@ fn minimal_file_gets_defaults_and_resolved_paths() {
     assert_eq!(plugin.grants.files.as_deref(), Some(Path::new("/srv/certs")));
     assert_eq!(plugin.settings["ttl_seconds"], "30");
     assert_eq!(plugin.timeout, defaults::PLUGIN_TIMEOUT);
+    assert_eq!(plugin.spare_instances, defaults::PLUGIN_SPARE_INSTANCES);
     let listener = &config.listeners[0];
     assert_eq!(listener.name, "listener-0");
     assert_eq!(listener.fallback, Fallback::DefaultCertificate("fallback".into()));
@@ -84,6 +85,10 @@ fn bad_values_name_the_key() {
         (MINIMAL.replace("127.0.0.1:8443", "localhost"), "listener \"listener-0\".bind"),
         (MINIMAL.replace("[[plugin]]", "[[plugin]]\ntimeout = \"soon\""), "plugin \"files\".timeout"),
         (MINIMAL.replace("[[plugin]]", "[[plugin]]\nmemory_limit = \"1TiB\""), "plugin \"files\".memory_limit"),
+        (
+            MINIMAL.replace("[[plugin]]", "[[plugin]]\nmax_concurrency = 2\nspare_instances = 3"),
+            "plugin \"files\".spare_instances",
+        ),
         (MINIMAL.replace("plugin = \"files\"", "plugin = \"nope\""), "listener \"listener-0\".plugin"),
         (
             MINIMAL.replace("default_certificate = \"fallback\"", "default_certificate = \"x\""),

@@ -35,7 +35,8 @@ const MAX_LOG_LINE: usize = 1024;
 /// Lines a plugin may log per call, so a chatty or hostile plugin cannot flood the host's log.
 const MAX_LOG_LINES_PER_CALL: u32 = 64;
 
-/// Everything one plugin call's `Store` holds. Created fresh for every call and dropped after it.
+/// Everything one plugin call's `Store` holds. Created fresh for every call (or ahead of it, for a spare) and dropped
+/// after it.
 pub struct CallState {
     pub(super) wasi: WasiCtx,
     pub(super) table: ResourceTable,

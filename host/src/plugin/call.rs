@@ -1,43 +1,32 @@
-//! One plugin call: a fresh instance in a fresh `Store`, bounded by the guard (rate cap, breaker), the
-//! concurrency cap, a deadline and a memory cap; its failure classified into a [`PluginError`].
+//! One plugin call: a fresh instance (made for it, or a spare made ahead), bounded by the guard (rate cap,
+//! breaker), the concurrency cap, a deadline and a memory cap; its failure classified into a [`PluginError`].
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use wasmtime::component::ResourceTable;
-use wasmtime::{Store, UpdateDeadline};
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
-use wasmtime_wasi::{FsPerms, WasiCtx};
+use wasmtime::Store;
 
-use super::bindings::{CallState, KvAccess, StoreSeen, v0_1, v0_2};
-use super::limits::CallLimiter;
-use super::{Outcome, PemCertificate, PluginError, PluginRuntime, PluginStats, RouteRequest, Selection, guard, http};
+use super::bindings::{CallState, StoreSeen, v0_1, v0_2};
+use super::instance::{Bound, Failed, Fresh, Recipe, Spares};
+use super::{Outcome, PemCertificate, PluginError, PluginStats, RouteRequest, Selection, guard};
 use crate::config::PluginSettings;
 use crate::sni::ServerName;
-
-/// Bytes of a plugin's stderr kept per call, to explain traps (a panic message fits easily).
-const STDERR_CAPTURE: usize = 2048;
 
 /// A compiled, linked plugin, ready to be called.
 pub struct Plugin {
     pub(super) name: Arc<str>,
-    /// Keeps the engine and its epoch ticker alive as long as the plugin can be called: without the ticker a
-    /// spinning plugin would never yield and its deadline would never fire.
-    pub(super) runtime: PluginRuntime,
-    pub(super) pre: Pre,
+    /// How its instances are made (engine, component, capabilities).
+    pub(super) recipe: Arc<Recipe>,
+    /// Instances made ahead of calls (`spare_instances`).
+    pub(super) spares: Arc<Spares>,
     /// The settings it was loaded from (a reload compares against them).
     pub(super) source: PluginSettings,
     /// SHA-256 of the component, hex.
     pub(super) sha256: String,
     /// The cache key prefix of this build's answers: the plugin name, or a new one after a flushing swap.
     pub(super) cache_scope: Arc<str>,
-    /// `source.settings`, shared with every call's store.
-    pub(super) settings: Arc<BTreeMap<String, String>>,
-    pub(super) kv: Option<Arc<KvAccess>>,
-    pub(super) http: Option<Arc<crate::config::HttpGrant>>,
     pub(super) permits: Arc<Semaphore>,
     pub(super) guard: Arc<guard::Guard>,
     pub(super) stats: Arc<PluginStats>,
@@ -114,10 +103,15 @@ impl Plugin {
 
     /// The contract version it was built against.
     pub fn contract(&self) -> Contract {
-        match self.pre {
+        match self.recipe.pre {
             Pre::V0_1(_) => Contract::V0_1,
             Pre::V0_2(_) => Contract::V0_2,
         }
+    }
+
+    /// Spare instances ready for the next calls now.
+    pub fn spares_ready(&self) -> usize {
+        self.spares.ready()
     }
 
     /// Makes this plugin count into `stats` (a replacement keeps its slot's counters).
@@ -176,7 +170,7 @@ impl Plugin {
     /// waiting out the cooldown. The ping goes through the same client the plugin's calls use, so a trial never
     /// runs on a client that has not reconnected yet.
     fn probe_store(&self) {
-        let Some(kv) = &self.kv else { return };
+        let Some(kv) = &self.recipe.kv else { return };
         if !self.guard.probe_due() {
             return;
         }
@@ -195,56 +189,38 @@ impl Plugin {
         permit: OwnedSemaphorePermit,
     ) -> Result<Selection, PluginError> {
         // Epoch ticks (hence deadlines and yielding) while this call runs; dropped with the future on timeout.
-        let _ticking = self.runtime.ticker.running();
-        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
-        let wasi = self.wasi_ctx(stderr.clone()).await?;
-        let state = CallState {
-            wasi,
-            stderr,
-            table: ResourceTable::new(),
-            limiter: CallLimiter::new(self.source.memory_limit, self.runtime.memory.clone()),
-            plugin: self.name.clone(),
-            servername: Some(servername.clone()),
-            settings: self.settings.clone(),
-            kv: self.kv.clone(),
-            http: wasmtime_wasi_http::WasiHttpCtx::new(),
-            http_hooks: http::HttpHooks { grant: self.http.clone(), store: seen.clone() },
-            store: seen.clone(),
-            log_lines: 0,
+        let _ticking = self.recipe.runtime.ticker.running();
+        let spare = self.spares.take();
+        let on_spare = spare.is_some();
+        let mut fresh = match spare {
+            Some(spare) => spare,
+            None => match self.recipe.instantiate().await? {
+                Ok(fresh) => fresh,
+                Err(Failed { store, error }) => return Err(self.classify(&store, error, "instantiate")),
+            },
         };
-        let mut store = Store::new(&self.runtime.engine, state);
-        store.limiter(|state| &mut state.limiter);
-        // Yield to the executor at every tick: a spinning plugin shares its worker thread, and the timeout
-        // around this future can fire and drop it.
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
-
-        let classify = |store: &Store<CallState>, e| self.classify(store, e, "instantiate");
-        // Where a miss's time goes (`tern_plugin_instantiate_seconds`, `tern_plugin_run_seconds`).
+        // Where a miss's time goes (`tern_plugin_instantiate_seconds`, `tern_plugin_run_seconds`); a spare's
+        // instantiation counts too, though no handshake waited for it.
+        self.stats.instantiated(fresh.took, on_spare);
+        fresh.begin(servername, &seen);
         let started = std::time::Instant::now();
-        let answer = match &self.pre {
-            Pre::V0_1(pre) => {
-                let instance = pre.instantiate_async(&mut store).await.map_err(|e| classify(&store, e))?;
-                let started = self.instantiated(started);
-                let answer = instance.call_select_certificate(&mut store, servername.as_str()).await;
-                self.stats.ran(started.elapsed());
-                answer.map(|answer| answer.map(from_v0_1))
+        let Fresh { mut store, bound, .. } = fresh;
+        let answer = match bound {
+            Bound::V0_1(instance) => {
+                instance.call_select_certificate(&mut store, servername.as_str()).await.map(|a| a.map(from_v0_1))
             }
-            Pre::V0_2(pre) => {
-                let instance = pre.instantiate_async(&mut store).await.map_err(|e| classify(&store, e))?;
-                let started = self.instantiated(started);
+            Bound::V0_2(instance) => {
                 let hello = v0_2::tern::plugin::types::Hello {
                     servername: servername.as_str().to_string(),
                     listener: listener.to_string(),
                 };
-                let answer = instance.call_select_certificate(&mut store, &hello).await;
-                self.stats.ran(started.elapsed());
-                answer.map(|answer| answer.map(from_v0_2))
+                instance.call_select_certificate(&mut store, &hello).await.map(|a| a.map(from_v0_2))
             }
-        }
-        .map_err(|e| self.classify(&store, e, "call"))?;
+        };
+        self.stats.ran(started.elapsed());
+        let answer = answer.map_err(|e| self.classify(&store, e, "call"))?;
         self.stats.saw_memory(store.data().limiter.peak);
-        retire(store, permit);
+        retire(store, permit, self.spares.clone(), self.recipe.clone());
         match answer {
             Ok(selection) => Ok(selection),
             Err(message) if seen.down.load(Ordering::Relaxed) => Err(PluginError::StoreUnavailable(message)),
@@ -252,37 +228,12 @@ impl Plugin {
         }
     }
 
-    /// Records the instantiation that began at `started`; the export's run starts now.
-    fn instantiated(&self, started: std::time::Instant) -> std::time::Instant {
-        let now = std::time::Instant::now();
-        self.stats.instantiated(now - started);
-        now
-    }
-
-    /// The WASI context of one call: nothing inherited, the granted directory (if any) read-only at `/`.
-    async fn wasi_ctx(&self, stderr: MemoryOutputPipe) -> Result<WasiCtx, PluginError> {
-        let Some(dir) = self.source.grants.files.clone() else {
-            return Ok(WasiCtx::builder().stderr(stderr).build());
-        };
-        // Opening the directory is a filesystem call: keep it off the async workers.
-        tokio::task::spawn_blocking(move || {
-            let mut builder = WasiCtx::builder();
-            builder
-                .stderr(stderr)
-                .preopened_dir(&dir, "/", FsPerms::ReadOnly)
-                .map_err(|e| PluginError::Instantiate(format!("granted directory {}: {e}", dir.display())))?;
-            Ok(builder.build())
-        })
-        .await
-        .map_err(|e| PluginError::Instantiate(e.to_string()))?
-    }
-
     fn classify(&self, store: &Store<CallState>, err: wasmtime::Error, stage: &str) -> PluginError {
         if store.data().limiter.memory_exceeded {
             return PluginError::MemoryLimit { limit: store.data().limiter.memory_limit() };
         }
         if store.data().limiter.budget_exceeded {
-            return PluginError::MemoryBudget { limit: self.runtime.memory.limit() };
+            return PluginError::MemoryBudget { limit: self.recipe.runtime.memory.limit() };
         }
         if err.downcast_ref::<wasmtime::Trap>().is_some() || stage == "call" {
             // A Rust plugin's panic message goes to stderr just before the trap: it says what went wrong.
@@ -299,16 +250,18 @@ impl Plugin {
     }
 }
 
-/// Tears down a finished call's store on a blocking thread, then frees its concurrency slot. Dropping the store
-/// resets the instance's pool slot for the next call: its dirtied linear-memory pages are copied back from the
-/// component's image (or decommitted), ~0.3 ms of CPU for a JavaScript or Python plugin (`plugin-cost`). That is
-/// the plugin's cost, not the handshake's: the answer goes back at once, and the reset stays off the async
-/// workers. Holding the permit until the slot is free keeps `max_concurrency` a bound on the slots in use.
-/// (A call that fails or times out drops its store where it stands, as before.)
-fn retire(store: Store<CallState>, permit: OwnedSemaphorePermit) {
+/// Tears down a finished call's store on a blocking thread, frees its concurrency slot, then tops the spares
+/// up. Dropping the store resets the instance's pool slot for the next call: its dirtied linear-memory pages are
+/// copied back from the component's image (or decommitted), ~0.3 ms of CPU for a JavaScript or Python plugin
+/// (`plugin-cost`). That is the plugin's cost, not the handshake's: the answer goes back at once, and the reset
+/// and the making of spares stay off the async workers. Holding the permit until the slot is free keeps
+/// `max_concurrency` a bound on the slots calls use. (A call that fails or times out drops its store where it
+/// stands and makes no spare.)
+fn retire(store: Store<CallState>, permit: OwnedSemaphorePermit, spares: Arc<Spares>, recipe: Arc<Recipe>) {
     drop(tokio::task::spawn_blocking(move || {
         drop(store);
         drop(permit);
+        spares.top_up(&recipe);
     }));
 }
 

@@ -9,6 +9,7 @@ mod bindings;
 mod call;
 mod guard;
 mod http;
+mod instance;
 mod limits;
 mod outcome;
 mod runtime;

@@ -190,6 +190,8 @@ pub struct PluginStats {
     instantiate: Histogram,
     /// How long the export ran, per instantiated call (its store round trips included).
     run: Histogram,
+    /// Calls that ran in a spare instance (made ahead, off the handshake).
+    on_spare: AtomicU64,
 }
 
 impl PluginStats {
@@ -223,6 +225,11 @@ impl PluginStats {
         &self.instantiate
     }
 
+    /// Calls that ran in a spare instance, made before the call.
+    pub fn calls_on_spare(&self) -> u64 {
+        self.on_spare.load(Ordering::Relaxed)
+    }
+
     /// Time the export ran, per call.
     pub fn run(&self) -> &Histogram {
         &self.run
@@ -240,8 +247,12 @@ impl PluginStats {
         self.outcomes.inc(outcome);
     }
 
-    pub(crate) fn instantiated(&self, took: Duration) {
+    /// An instance taken by a call: made in `took`, ahead of the call when `on_spare`.
+    pub(crate) fn instantiated(&self, took: Duration, on_spare: bool) {
         self.instantiate.observe(took);
+        if on_spare {
+            self.on_spare.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn ran(&self, took: Duration) {

@@ -12,6 +12,7 @@ use wasmtime::component::{Component, Linker};
 
 use super::bindings::{self, CallState, KvAccess};
 use super::call::Pre;
+use super::instance::{Recipe, Spares};
 use super::{Plugin, PluginStats, guard, limits};
 use crate::config::PluginSettings;
 use crate::store::Stores;
@@ -101,7 +102,8 @@ impl PluginRuntime {
     /// PAGEMAP_SCAN ioctl (Linux before 6.7) nothing is kept: without it every reset would copy the whole
     /// `keep_resident`, written or not.
     pub fn keeping(max_memory: usize, max_instances: u32, keep_resident: usize) -> Result<Self, PluginLoadError> {
-        let mut keep_resident = if keep_resident > 0 && !wasmtime::PoolingAllocationConfig::is_pagemap_scan_available() {
+        let mut keep_resident = if keep_resident > 0 && !wasmtime::PoolingAllocationConfig::is_pagemap_scan_available()
+        {
             tracing::info!("PAGEMAP_SCAN unavailable: plugin memory slots are decommitted after each call");
             0
         } else {
@@ -213,13 +215,21 @@ impl PluginRuntime {
                 Some(Arc::new(KvAccess { store, prefixes: grant.prefixes.clone() }))
             }
         };
-        Ok(Plugin {
-            name: Arc::from(settings.name.as_str()),
-            kv,
-            http: settings.grants.http.clone().map(Arc::new),
+        let name: Arc<str> = Arc::from(settings.name.as_str());
+        let recipe = Recipe {
             runtime: self.clone(),
             pre,
+            name: name.clone(),
+            memory_limit: settings.memory_limit,
+            files: settings.grants.files.clone(),
             settings: Arc::new(settings.settings.clone()),
+            kv,
+            http: settings.grants.http.clone().map(Arc::new),
+        };
+        Ok(Plugin {
+            name,
+            recipe: Arc::new(recipe),
+            spares: Arc::new(Spares::new(settings.spare_instances, settings.timeout)),
             sha256: sha256_hex(bytes),
             cache_scope: Arc::from(settings.name.as_str()),
             source: settings.clone(),
@@ -358,14 +368,13 @@ pub async fn load_all(
     Ok(loaded)
 }
 
-/// Sizes a runtime for a set of plugins: the largest memory cap and the sum of concurrency caps (plus headroom
-/// for one-off calls).
-/// `keep_resident` is `server.plugin_keep_resident`.
+/// Sizes a runtime for a set of plugins: the largest memory cap and the sum of concurrency caps and spares (plus
+/// headroom for one-off calls). `keep_resident` is `server.plugin_keep_resident`.
 pub fn runtime_for(plugins: &[PluginSettings], keep_resident: usize) -> Result<PluginRuntime, PluginLoadError> {
     let max_memory =
         plugins.iter().map(|p| p.memory_limit).max().unwrap_or(crate::config::defaults::PLUGIN_MEMORY_LIMIT);
-    // Twice the caps: during a swap the old build's calls finish while the new build's start.
-    let instances: usize = 2 * plugins.iter().map(|p| p.max_concurrency).sum::<usize>() + 8;
+    // Twice the caps and spares: during a swap the old build's calls finish while the new build's start.
+    let instances: usize = 2 * plugins.iter().map(|p| p.max_concurrency + p.spare_instances).sum::<usize>() + 8;
     PluginRuntime::keeping(max_memory, u32::try_from(instances).unwrap_or(u32::MAX), keep_resident)
 }
 
