@@ -52,8 +52,12 @@ impl Validator<'_> {
             &format!("{key}.max_concurrency"),
             p.max_concurrency.unwrap_or(defaults::PLUGIN_MAX_CONCURRENCY),
         )?;
-        // Each spare holds a pool slot and its memory: more than the calls that can run at once is waste.
-        let spare_instances = p.spare_instances.unwrap_or(defaults::PLUGIN_SPARE_INSTANCES.min(max_concurrency));
+        // Each spare holds a pool slot and its memory: more than the calls that can run at once is waste. A plugin
+        // granted a directory gets none by default: a spare opens the directory when it is made, so a directory
+        // swapped in place (a symlink flipped to a new release) would reach a later call through a spare made
+        // before the swap; every call opens it afresh instead.
+        let default_spares = if p.grants.files.is_some() { 0 } else { defaults::PLUGIN_SPARE_INSTANCES };
+        let spare_instances = p.spare_instances.unwrap_or(default_spares.min(max_concurrency));
         if spare_instances > max_concurrency {
             return Err(self.err(
                 format!("{key}.spare_instances"),

@@ -36,7 +36,8 @@ fn minimal_file_gets_defaults_and_resolved_paths() {
     assert_eq!(plugin.grants.files.as_deref(), Some(Path::new("/srv/certs")));
     assert_eq!(plugin.settings["ttl_seconds"], "30");
     assert_eq!(plugin.timeout, defaults::PLUGIN_TIMEOUT);
-    assert_eq!(plugin.spare_instances, defaults::PLUGIN_SPARE_INSTANCES);
+    // Granted a directory, it opens it per call: no spare unless asked for.
+    assert_eq!(plugin.spare_instances, 0);
     let listener = &config.listeners[0];
     assert_eq!(listener.name, "listener-0");
     assert_eq!(listener.fallback, Fallback::DefaultCertificate("fallback".into()));
@@ -77,6 +78,14 @@ fn unknown_key_names_file_and_line() {
     assert!(err.starts_with("/etc/tern/tern.toml: "), "{err}");
     assert!(err.contains("unknown field `bnid`"), "{err}");
     assert!(err.contains("line 14 `bnid = \"127.0.0.1:8443\"`"), "{err}");
+}
+
+#[test]
+fn spare_instances_default_to_one_except_for_plugins_granted_a_directory() {
+    let spares = |text: &str| load(text).unwrap().plugins[0].spare_instances;
+    assert_eq!(spares(&MINIMAL.replace("grants.files = \"/srv/certs\"\n", "")), defaults::PLUGIN_SPARE_INSTANCES);
+    assert_eq!(spares(&MINIMAL.replace("[[plugin]]", "[[plugin]]\nspare_instances = 2")), 2);
+    assert_eq!(spares(&MINIMAL.replace("[[plugin]]", "[[plugin]]\nmax_concurrency = 1\nspare_instances = 0")), 0);
 }
 
 #[test]

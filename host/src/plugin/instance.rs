@@ -164,38 +164,46 @@ impl Spares {
     /// On a blocking thread inside the runtime: makes spares until `target` are ready or being made. A failure
     /// is left to the next call, which instantiates for itself and reports it.
     pub(super) fn top_up(&self, recipe: &Recipe) {
-        while self.claim() {
+        while let Some(claim) = self.claim() {
             let made = tokio::runtime::Handle::current().block_on(async {
                 let _ticking = recipe.runtime.ticker.running();
                 tokio::time::timeout(self.timeout, recipe.instantiate()).await
             });
-            // A failed store is dropped (its slot reset) before the lock is taken.
-            let fresh = match made {
-                Ok(Ok(Ok(fresh))) => Some(fresh),
-                _ => None,
-            };
-            let mut state = self.lock();
-            state.making -= 1;
-            let Some(fresh) = fresh else {
-                drop(state);
-                tracing::debug!(target: "tern::plugin", plugin = %recipe.name, "a spare instance could not be made");
-                return;
-            };
-            state.ready.push(fresh);
+            match made {
+                Ok(Ok(Ok(fresh))) => self.lock().ready.push(fresh),
+                failed => {
+                    // A failed store is dropped (its slot reset) before the claim gives its place back.
+                    drop(failed);
+                    tracing::debug!(target: "tern::plugin", plugin = %recipe.name, "a spare instance could not be made");
+                    return;
+                }
+            }
+            drop(claim);
         }
     }
 
-    fn claim(&self) -> bool {
+    /// A place for one more spare, if fewer than `target` are ready or being made; given back when dropped
+    /// (a spare made by then is counted as ready instead).
+    fn claim(&self) -> Option<Claim<'_>> {
         let mut state = self.lock();
         if state.ready.len() + state.making >= self.target {
-            return false;
+            return None;
         }
         state.making += 1;
-        true
+        Some(Claim(self))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SpareState> {
         // Every critical section is a push, a pop or a counter step: a poisoned lock holds consistent data.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One spare being made; the count of those falls back when this drops, however the making ended.
+struct Claim<'a>(&'a Spares);
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.0.lock().making -= 1;
     }
 }
