@@ -84,7 +84,7 @@ fn main() {
     );
     let paths = String::from_utf8_lossy(&output.stdout);
     let mut paths = paths.lines();
-    for name in ["JS_REDIS", "PY_REDIS", "JS_REDIS_V0_1", "PY_REDIS_V0_1"] {
+    for name in ["JS_REDIS", "PY_REDIS", "JS_REDIS_V0_1", "PY_REDIS_V0_1", "JS_REDIS_QJS"] {
         let path = paths.next().expect("build-polyglot.sh prints one path per plugin");
         assert!(Path::new(path).is_file(), "{path} missing after build-polyglot.sh");
         println!("cargo:rustc-env=TERN_PLUGIN_{name}={path}");

@@ -1,5 +1,5 @@
-//! Plugins in three languages — the shipped Rust Redis plugin and the JavaScript (componentize-js) and Python
-//! (componentize-py) examples — select the same certificates for the same names, fail the same way on bad data,
+//! Plugins in three languages — the shipped Rust Redis plugin and the JavaScript (componentize-js, and the same
+//! source built with componentize-qjs) and Python (componentize-py) examples — select the same certificates for the same names, fail the same way on bad data,
 //! and run under `tern plugin call`. The examples are built against contract 0.2; their frozen 0.1 sources
 //! (`tests/fixtures/contract-0.1`, built against 0.1) must keep doing all of that through the same host. The 0.2
 //! examples also route: a route stored beside the certificate in Redis sends the name's traffic where it says.
@@ -17,19 +17,22 @@ const JS_PLUGIN: &str = env!("TERN_PLUGIN_JS_REDIS");
 const PY_PLUGIN: &str = env!("TERN_PLUGIN_PY_REDIS");
 const JS_PLUGIN_V0_1: &str = env!("TERN_PLUGIN_JS_REDIS_V0_1");
 const PY_PLUGIN_V0_1: &str = env!("TERN_PLUGIN_PY_REDIS_V0_1");
+const QJS_PLUGIN: &str = env!("TERN_PLUGIN_JS_REDIS_QJS");
 
 /// (plugin and listener name, component, the contract it was built against: `None` for the Rust plugin, which
 /// speaks whichever contract the plugins workspace builds it for).
-const LANGUAGES: [(&str, &str, Option<Contract>); 5] = [
+const LANGUAGES: [(&str, &str, Option<Contract>); 6] = [
     ("rust", REDIS_PLUGIN, None),
     ("javascript", JS_PLUGIN, Some(Contract::V0_2)),
+    ("javascript-quickjs", QJS_PLUGIN, Some(Contract::V0_2)),
     ("python", PY_PLUGIN, Some(Contract::V0_2)),
     ("javascript-0.1", JS_PLUGIN_V0_1, Some(Contract::V0_1)),
     ("python-0.1", PY_PLUGIN_V0_1, Some(Contract::V0_1)),
 ];
 
 /// The examples built against contract 0.2, the ones that can answer routes.
-const ROUTING: [(&str, &str); 2] = [("javascript", JS_PLUGIN), ("python", PY_PLUGIN)];
+const ROUTING: [(&str, &str); 3] =
+    [("javascript", JS_PLUGIN), ("javascript-quickjs", QJS_PLUGIN), ("python", PY_PLUGIN)];
 
 /// Held by each test of this file for its whole run. A JavaScript or Python component takes 12 to 18 MB of Wasm to
 /// compile (at every server start and every `tern plugin call`), and one compilation already keeps every core
@@ -209,9 +212,13 @@ async fn javascript_and_python_plugins_run_under_tern_plugin_call() -> Result<()
     let pki = Pki::new(&["a.poly.test"])?;
     store_certificate(&redis, &pki, "", "a.poly.test").await?;
     let url = redis.url();
-    for (plugin, version) in
-        [(JS_PLUGIN, "0.2.0"), (PY_PLUGIN, "0.2.0"), (JS_PLUGIN_V0_1, "0.1.0"), (PY_PLUGIN_V0_1, "0.1.0")]
-    {
+    for (plugin, version) in [
+        (JS_PLUGIN, "0.2.0"),
+        (QJS_PLUGIN, "0.2.0"),
+        (PY_PLUGIN, "0.2.0"),
+        (JS_PLUGIN_V0_1, "0.1.0"),
+        (PY_PLUGIN_V0_1, "0.1.0"),
+    ] {
         let found = text(&run_command(tern(&["plugin", "call", plugin, "a.poly.test", "--redis", &url])).await?);
         assert!(found.contains(&format!("contract:   tern:plugin@{version}\n")), "{plugin}:\n{found}");
         assert!(found.contains("validation: ok, covers a.poly.test"), "{plugin}:\n{found}");

@@ -21,13 +21,29 @@
 // value and failed by throwing; a `variant` is `{ tag, val }` (`{ tag: 'serve', val: { certificates, route,
 // ttlSeconds } }`, `{ tag: 'origin', val: url }`, `{ tag: 'not-found' }`); an `option` is the value or
 // `undefined`; a `list` is an array, except `list<u8>`, which is a Uint8Array.
+//
+// The same source also builds with componentize-qjs (QuickJS; `scripts/build-polyglot.sh` makes both): there an
+// absent `option` is `null`, not `undefined` (so every test for absence here is `== null`, true for both), and
+// there is no TextDecoder (so `utf8` falls back to a decoder that throws on bad UTF-8 as a fatal TextDecoder does).
 
 import { getMany } from 'tern:plugin/kv@0.2.0';
 import { get as setting } from 'tern:plugin/config@0.2.0';
 import { log } from 'tern:plugin/log@0.2.0';
 
 const U32_MAX = 2 ** 32 - 1;
-const utf8 = new TextDecoder('utf-8', { fatal: true });
+const utf8 =
+  typeof TextDecoder === 'function'
+    ? new TextDecoder('utf-8', { fatal: true })
+    : {
+        // Bytes as one char each, then UTF-8 decoded: decodeURIComponent throws a URIError on invalid UTF-8.
+        decode(bytes) {
+          let binary = '';
+          for (let i = 0; i < bytes.length; i += 4096) {
+            binary += String.fromCharCode.apply(null, bytes.slice(i, i + 4096));
+          }
+          return decodeURIComponent(escape(binary));
+        },
+      };
 
 function describe(error) {
   const e = error?.payload ?? error;
@@ -78,7 +94,7 @@ function fetch(name) {
     fill(setting('route_key') ?? routeBeside(certKey)),
   ];
   const ttlKey = setting('ttl_key');
-  if (ttlKey !== undefined) keys.push(fill(ttlKey));
+  if (ttlKey != null) keys.push(fill(ttlKey));
   let values;
   try {
     values = getMany(keys);
@@ -86,10 +102,10 @@ function fetch(name) {
     throw describe(error);
   }
   const [chain, key, route, ttl] = values;
-  const parsed = route === undefined ? {} : parseRoute(text(route, 'route', name), name);
-  if (parsed.passthrough === undefined && (chain === undefined || key === undefined)) return undefined;
+  const parsed = route == null ? {} : parseRoute(text(route, 'route', name), name);
+  if (parsed.passthrough === undefined && (chain == null || key == null)) return undefined;
   let ttlSeconds;
-  if (ttl !== undefined) {
+  if (ttl != null) {
     const raw = text(ttl, 'ttl', name).trim();
     if (!/^[0-9]+$/.test(raw)) throw `ttl of ${name}: expected whole seconds, got ${JSON.stringify(raw)}`;
     ttlSeconds = Math.min(Number(raw), U32_MAX); // what WIT's u32 holds; the host caps the TTL anyway
@@ -111,9 +127,9 @@ function wildcardOf(name) {
 export function selectCertificate({ servername }) {
   let found = fetch(servername);
   const pattern = wildcardOf(servername);
-  if (found === undefined && (setting('wildcard') ?? 'true') === 'true' && pattern !== undefined) {
+  if (found == null && (setting('wildcard') ?? 'true') === 'true' && pattern !== undefined) {
     found = fetch(pattern);
-    if (found !== undefined) log('debug', `serving wildcard ${pattern}`);
+    if (found != null) log('debug', `serving wildcard ${pattern}`);
   }
   return found ?? { tag: 'not-found' };
 }
