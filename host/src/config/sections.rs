@@ -42,12 +42,14 @@ impl Validator<'_> {
     ) -> Result<PluginSettings, ConfigError> {
         let key = format!("plugin {:?}", p.name);
         let timeout = self.deadline(&format!("{key}.timeout"), p.timeout.as_ref(), defaults::PLUGIN_TIMEOUT)?;
-        let memory_limit =
-            self.size(&format!("{key}.memory_limit"), p.memory_limit.as_ref(), defaults::PLUGIN_MEMORY_LIMIT as u64)?;
         // Below one Wasm page nothing can run; above 4 GiB is beyond 32-bit linear memory.
-        if !(64 << 10..=4 << 30).contains(&memory_limit) {
-            return Err(self.err(format!("{key}.memory_limit"), "must be between 64KiB and 4GiB"));
-        }
+        let memory_limit = self.size_within(
+            &format!("{key}.memory_limit"),
+            p.memory_limit.as_ref(),
+            defaults::PLUGIN_MEMORY_LIMIT as u64,
+            64 << 10..=4 << 30,
+            "must be between 64KiB and 4GiB",
+        )?;
         let max_concurrency = self.positive(
             &format!("{key}.max_concurrency"),
             p.max_concurrency.unwrap_or(defaults::PLUGIN_MAX_CONCURRENCY),

@@ -49,6 +49,19 @@ impl Validator<'_> {
         }
     }
 
+    /// A size (`default` when unset) that must lie in `allowed`; outside it, `message` names what does.
+    pub(super) fn size_within(
+        &self,
+        key: &str,
+        raw: Option<&raw::Size>,
+        default: u64,
+        allowed: std::ops::RangeInclusive<u64>,
+        message: &str,
+    ) -> Result<u64, ConfigError> {
+        let size = self.size(key, raw, default)?;
+        if allowed.contains(&size) { Ok(size) } else { Err(self.err(key, message)) }
+    }
+
     /// A count between 1 and `ceiling`: what the runtime can allocate (a semaphore holds at most `usize::MAX >> 3`
     /// permits, for one) is far above any ceiling, so an accepted value never fails at start-up.
     pub(super) fn count(&self, key: &str, value: usize, ceiling: usize) -> Result<usize, ConfigError> {
@@ -65,15 +78,14 @@ impl Validator<'_> {
         if !(1..=10_000).contains(&streams) {
             return Err(self.err("server.h2_max_concurrent_streams", "must be between 1 and 10000"));
         }
-        let header_bytes = self.size(
+        // Below 8 KiB common browsers' heads (cookies) no longer fit; above 1 MiB a head is an attack.
+        let header_bytes = self.size_within(
             "server.max_request_header_bytes",
             raw.max_request_header_bytes.as_ref(),
             u64::from(fallback.max_request_header_bytes),
+            8 << 10..=1 << 20,
+            "must be between 8KiB and 1MiB",
         )?;
-        // Below 8 KiB common browsers' heads (cookies) no longer fit; above 1 MiB a head is an attack.
-        if !(8 << 10..=1 << 20).contains(&header_bytes) {
-            return Err(self.err("server.max_request_header_bytes", "must be between 8KiB and 1MiB"));
-        }
         Ok(ClientLimits {
             request_head_timeout: duration!(
                 self.deadline,
@@ -258,28 +270,22 @@ impl Validator<'_> {
             shutdown_grace: duration!(self.duration, "server", raw.shutdown_grace, defaults::SHUTDOWN_GRACE),
             upgrade_timeout: duration!(self.deadline, "server", raw.upgrade_timeout, defaults::UPGRADE_TIMEOUT),
             client: self.client_limits(raw)?,
-            plugin_memory_total: {
-                let total = self.size(
-                    "server.plugin_memory_total",
-                    raw.plugin_memory_total.as_ref(),
-                    defaults::PLUGIN_MEMORY_TOTAL as u64,
-                )?;
-                if !(1 << 20..=1 << 40).contains(&total) {
-                    return Err(self.err("server.plugin_memory_total", "must be between 1MiB and 1TiB"));
-                }
-                usize::try_from(total).unwrap_or(usize::MAX)
-            },
-            plugin_keep_resident: {
-                let keep = self.size(
-                    "server.plugin_keep_resident",
-                    raw.plugin_keep_resident.as_ref(),
-                    defaults::PLUGIN_KEEP_RESIDENT as u64,
-                )?;
-                if keep > defaults::PLUGIN_KEEP_RESIDENT_CEILING {
-                    return Err(self.err("server.plugin_keep_resident", "must be at most 1GiB (0 keeps nothing)"));
-                }
-                usize::try_from(keep).unwrap_or(usize::MAX)
-            },
+            plugin_memory_total: usize::try_from(self.size_within(
+                "server.plugin_memory_total",
+                raw.plugin_memory_total.as_ref(),
+                defaults::PLUGIN_MEMORY_TOTAL as u64,
+                1 << 20..=1 << 40,
+                "must be between 1MiB and 1TiB",
+            )?)
+            .unwrap_or(usize::MAX),
+            plugin_keep_resident: usize::try_from(self.size_within(
+                "server.plugin_keep_resident",
+                raw.plugin_keep_resident.as_ref(),
+                defaults::PLUGIN_KEEP_RESIDENT as u64,
+                0..=defaults::PLUGIN_KEEP_RESIDENT_CEILING,
+                "must be at most 1GiB (0 keeps nothing)",
+            )?)
+            .unwrap_or(usize::MAX),
             certificate_compression: self.certificate_compression(raw)?,
             ciphers: self.ciphers(raw)?,
         };
@@ -352,14 +358,13 @@ impl Validator<'_> {
             return Err(self.err(entries_key, format!("must be between 1 and {}", defaults::MAX_CONNECTIONS_CEILING)));
         }
         let bytes_key = "server.certificate_compression_cache_bytes";
-        let bytes = self.size(
+        let bytes = self.size_within(
             bytes_key,
             raw.certificate_compression_cache_bytes.as_ref(),
             defaults::CERTIFICATE_COMPRESSION_CACHE_BYTES,
+            64 << 10..=1 << 40,
+            "must be between 64KiB and 1TiB",
         )?;
-        if !(64 << 10..=1 << 40).contains(&bytes) {
-            return Err(self.err(bytes_key, "must be between 64KiB and 1TiB"));
-        }
         if bytes / entries > u64::from(u32::MAX) {
             return Err(self.err(bytes_key, format!("more than 4 GiB per entry on average; raise {entries_key}")));
         }
