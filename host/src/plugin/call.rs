@@ -16,8 +16,7 @@ use crate::sni::ServerName;
 
 /// A compiled, linked plugin, ready to be called.
 pub struct Plugin {
-    pub(super) name: Arc<str>,
-    /// How its instances are made (engine, component, capabilities).
+    /// How its instances are made (engine, component, capabilities, its name).
     pub(super) recipe: Arc<Recipe>,
     /// Instances made ahead of calls (`spare_instances`).
     pub(super) spares: Arc<Spares>,
@@ -71,14 +70,14 @@ impl Pre {
 
 impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Plugin").field("name", &self.name).field("sha256", &self.sha256).finish_non_exhaustive()
+        f.debug_struct("Plugin").field("name", &self.recipe.name).field("sha256", &self.sha256).finish_non_exhaustive()
     }
 }
 
 impl Plugin {
     /// The plugin's configured name.
     pub fn name(&self) -> &Arc<str> {
-        &self.name
+        &self.recipe.name
     }
 
     /// Its call counters.

@@ -215,11 +215,10 @@ impl PluginRuntime {
                 Some(Arc::new(KvAccess { store, prefixes: grant.prefixes.clone() }))
             }
         };
-        let name: Arc<str> = Arc::from(settings.name.as_str());
         let recipe = Recipe {
             runtime: self.clone(),
             pre,
-            name: name.clone(),
+            name: Arc::from(settings.name.as_str()),
             memory_limit: settings.memory_limit,
             files: settings.grants.files.clone(),
             settings: Arc::new(settings.settings.clone()),
@@ -227,7 +226,6 @@ impl PluginRuntime {
             http: settings.grants.http.clone().map(Arc::new),
         };
         Ok(Plugin {
-            name,
             recipe: Arc::new(recipe),
             spares: Arc::new(Spares::new(settings.spare_instances, settings.timeout)),
             sha256: sha256_hex(bytes),

@@ -34,7 +34,7 @@ pub struct SlotStatus {
 
 impl std::fmt::Debug for PluginSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PluginSlot").field("current", &self.current.load().name).finish_non_exhaustive()
+        f.debug_struct("PluginSlot").field("current", self.current.load().name()).finish_non_exhaustive()
     }
 }
 
@@ -46,7 +46,7 @@ impl PluginSlot {
     /// A slot serving `plugin`.
     pub fn new(plugin: Plugin) -> Self {
         let status = SlotStatus {
-            name: plugin.name.to_string(),
+            name: plugin.name().to_string(),
             path: plugin.source.path.clone(),
             sha256: plugin.sha256.clone(),
             loaded_at: unix_now(),
@@ -81,7 +81,7 @@ impl PluginSlot {
         status.loaded_at = unix_now();
         status.swaps += 1;
         plugin.cache_scope =
-            if fresh_cache { Arc::from(format!("{}#{}", plugin.name, status.swaps)) } else { old_scope.clone() };
+            if fresh_cache { Arc::from(format!("{}#{}", plugin.name(), status.swaps)) } else { old_scope.clone() };
         self.current.store(Arc::new(plugin));
         old_scope
     }
