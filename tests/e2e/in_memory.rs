@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use tern::cache::CertCache;
 use tern::config::{CacheSettings, Grants, PluginSettings, StaticCertSettings};
 use tern::failure::{Blame, FailureKind};
@@ -201,10 +202,18 @@ async fn no_plugin_call_sees_what_an_earlier_call_left_in_its_memory() -> anyhow
         let runtime = tern::plugin::runtime_for(std::slice::from_ref(&settings), keep)?;
         let plugin = tern::plugin::load_all(&runtime, &[settings], &tern::store::Stores::new()).await?.remove(0);
         for call in 0..12 {
-            let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            while call > 0 && plugin.spares_ready() < spares {
-                assert!(std::time::Instant::now() < deadline, "call {call}: no spare made within 5 s");
-                tokio::time::sleep(Duration::from_millis(2)).await;
+            if call > 0 {
+                let ready = || {
+                    let ready = plugin.spares_ready() >= spares;
+                    async move { Ok(ready) }
+                };
+                eventually_within(
+                    &format!("call {call}: a spare made"),
+                    Duration::from_secs(5),
+                    Duration::from_millis(2),
+                    ready,
+                )
+                .await?;
             }
             match plugin.select(&name, "memory").await {
                 Err(PluginError::Returned(message)) => {
@@ -216,10 +225,14 @@ async fn no_plugin_call_sees_what_an_earlier_call_left_in_its_memory() -> anyhow
         assert_eq!(plugin.stats().calls_on_spare(), if spares > 0 { 11 } else { 0 });
         // The pages really stayed: the reset above was the in-place one, not a decommit. (With a spare, the slot
         // the last call left is the spare's now, in use, so the pool counts no unused resident bytes.)
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while spares == 0 && runtime.keep_resident() > 0 && runtime.pool_resident_bytes() < (3 << 20) {
-            assert!(std::time::Instant::now() < deadline, "only {} bytes kept resident", runtime.pool_resident_bytes());
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        if spares == 0 && runtime.keep_resident() > 0 {
+            let kept = || {
+                let kept = runtime.pool_resident_bytes() >= 3 << 20;
+                async move { Ok(kept) }
+            };
+            eventually_within("3 MiB kept resident", Duration::from_secs(5), Duration::from_millis(10), kept)
+                .await
+                .with_context(|| format!("only {} bytes kept resident", runtime.pool_resident_bytes()))?;
         }
         if keep == 0 {
             assert_eq!(runtime.pool_resident_bytes(), 0);

@@ -199,21 +199,6 @@ fn route(pki: &Pki, name: &str, line: &str) -> Result<()> {
     Ok(std::fs::write(pki.certs().join(format!("{name}.route")), format!("{line}\n"))?)
 }
 
-/// Polls `check` every 50 ms for up to 10 s.
-async fn eventually<F, Fut>(what: &str, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<bool>>,
-{
-    for _ in 0..200 {
-        if check().await? {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    anyhow::bail!("{what}: not within 10 s")
-}
-
 /// (a) HAProxy behind the listener's backend reads the client's address, the address it connected to and the
 /// SNI from the header tern sends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use rustls::pki_types::pem::PemObject as _;
 use tern_fixtures::TestCa;
 
@@ -275,7 +275,7 @@ async fn a_pool_keeps_answering_when_a_server_dies_and_takes_it_back_when_it_ret
     assert!(during.iter().all(|s| *s == 200), "no failed request while a server died: {during:?}");
     let admin_addr = server.admin_addr();
     let is_up = move |addr: SocketAddr, want: f64| pool_server_up(admin_addr, "blue", addr, want);
-    wait_for(|| is_up(two_addr, 0.0)).await.context("the dead server is reported down")?;
+    eventually("the dead server is reported down", || is_up(two_addr, 0.0)).await?;
     let before = two_hits.load(Ordering::Relaxed);
     assert!(load(12).await?.iter().all(|s| *s == 200));
     assert_eq!(two_hits.load(Ordering::Relaxed), before, "no traffic to a server that is down");
@@ -283,7 +283,7 @@ async fn a_pool_keeps_answering_when_a_server_dies_and_takes_it_back_when_it_ret
     // Another dies while no request is sent: only the active check can notice.
     let three_addr = three.addr;
     let (_, three_hits) = three.stop().await;
-    wait_for(|| is_up(three_addr, 0.0)).await.context("the health check takes out a server that died idle")?;
+    eventually("the health check takes out a server that died idle", || is_up(three_addr, 0.0)).await?;
     let before = three_hits.load(Ordering::Relaxed);
     assert!(load(6).await?.iter().all(|s| *s == 200), "the last server answers everything");
     assert_eq!(three_hits.load(Ordering::Relaxed), before);
@@ -291,8 +291,8 @@ async fn a_pool_keeps_answering_when_a_server_dies_and_takes_it_back_when_it_ret
     // Bring both back on the same addresses: the health checks return them to the rotation.
     let two = Named::start_on("two", two_addr, None, two_hits).await?;
     let three = Named::start_on("three", three_addr, None, three_hits).await?;
-    wait_for(|| is_up(two_addr, 1.0)).await.context("the returning server is reported up")?;
-    wait_for(|| is_up(three_addr, 1.0)).await.context("the other returning server is reported up")?;
+    eventually("the returning server is reported up", || is_up(two_addr, 1.0)).await?;
+    eventually("the other returning server is reported up", || is_up(three_addr, 1.0)).await?;
     let (two_before, three_before) = (two.hits(), three.hits());
     assert!(load(12).await?.iter().all(|s| *s == 200));
     assert!(two.hits() > two_before && three.hits() > three_before, "traffic reaches the returned servers");
@@ -324,19 +324,4 @@ async fn statuses(addr: SocketAddr, client: Arc<rustls::ClientConfig>, name: &st
 async fn pool_server_up(admin_addr: SocketAddr, pool: &str, server: SocketAddr, want: f64) -> Result<bool> {
     let (_, metrics) = admin(admin_addr, "GET", "/metrics", None).await?;
     Ok(sample(&metrics, "tern_upstream_up", &[("pool", pool), ("server", &server.to_string())]) == want)
-}
-
-/// Polls `check` every 50 ms for up to 10 s.
-async fn wait_for<F, Fut>(mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<bool>>,
-{
-    for _ in 0..200 {
-        if check().await? {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    anyhow::bail!("condition not met within 10 s")
 }

@@ -271,6 +271,33 @@ pub async fn eventually_equals(c: &std::sync::atomic::AtomicU64, want: u64) -> u
     counter(c)
 }
 
+/// Polls `check` every 50 ms until it holds, for up to 10 s; `what` names the condition in the error.
+pub async fn eventually<F, Fut>(what: &str, check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    eventually_within(what, Duration::from_secs(10), Duration::from_millis(50), check).await
+}
+
+/// Polls `check` every `every` until it holds, for at most `within`.
+pub async fn eventually_within<F, Fut>(what: &str, within: Duration, every: Duration, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("{what}: not within {within:?}");
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// The `tern` binary under test.
 pub const TERN: &str = env!("CARGO_BIN_EXE_tern-cli-under-test");
 
